@@ -1,0 +1,132 @@
+"""The ``hpo`` command line: parses, calls the library, prints. No logic of its own.
+
+Errors the user can fix (``HpoError``) are printed on one line with exit code 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hpo.commands.options import device_option, gpu_option, storage_option, study_option
+from hpo.errors import HpoError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except HpoError as e:
+            if ctx.meta.get("hpo_debug"):
+                raise
+            click.echo(f"hpo: error: {e}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("hpo: interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="hpo")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Hyperparameter studies for PyTorch on Optuna."""
+    import optuna
+
+    ctx.meta["hpo_debug"] = debug
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@main.command("create-study")
+@click.argument("spec")
+@storage_option
+@click.option("--force", is_flag=True, help="Delete an existing study of the same name first.")
+def create_study(spec: str, storage: str | None, force: bool) -> None:
+    """Create a study from SPEC: a name in studies/ (e.g. regression) or a YAML path."""
+    from hpo import study as studies
+    from hpo.data import embed_csv
+    from hpo.spec import find_spec_file, load_spec_file
+    from hpo.store import mask_url, open_storage, resolve_url
+
+    parsed = embed_csv(load_spec_file(find_spec_file(spec)))
+    created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force)
+    click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "
+               f"({parsed.model}, {parsed.metric}, budget {parsed.budget.n_trials} trials)")
+    click.echo(f"next: hpo worker --study {created.study_name}")
+
+
+@main.command()
+@study_option
+@storage_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="At most N trials from this worker.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S", help="Stop starting trials after S seconds.")
+@gpu_option
+@device_option
+@click.option("--worker-index", type=click.IntRange(min=0), default=0, help="Offsets the sampler seed; give parallel workers distinct indices.")
+@click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
+def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: float | None, gpu: int | None,
+           device: str | None, worker_index: int, data_dir: str | None) -> None:
+    """Run trials of a study; any number of workers may share one store."""
+    from hpo.console import summary_text
+    from hpo.devices import resolve_device
+    from hpo.study import load
+    from hpo.store import open_storage
+    from hpo.worker import run_worker
+
+    summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
+                         n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
+                         echo=click.echo)
+    _, spec = load(study_name, open_storage(storage, heartbeat=False))
+    click.echo(summary_text(summary, spec.metric))
+
+
+@main.command("studies")
+@storage_option
+def list_studies(storage: str | None) -> None:
+    """List the studies in the store with trial counts and best values."""
+    from hpo.console import studies_table
+    from hpo.store import open_storage
+    from hpo.study import SPEC_ATTR, summarize
+
+    import optuna
+
+    store = open_storage(storage, heartbeat=False)
+    rows = []
+    for s in sorted(store.get_all_studies(), key=lambda s: s.study_name):
+        study = optuna.load_study(study_name=s.study_name, storage=store)
+        rows.append((summarize(study), s.user_attrs.get(SPEC_ATTR, {}).get("metric", "value")))
+    click.echo(studies_table(rows))
+
+
+@main.command()
+@study_option
+@storage_option
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def status(study_name: str, storage: str | None, as_json: bool) -> None:
+    """Study statistics: finished, pruned, complete, failed trials, best value and parameters."""
+    from dataclasses import asdict
+
+    from hpo import console
+    from hpo.store import open_storage
+    from hpo.study import load, summarize
+
+    study, spec = load(study_name, open_storage(storage, heartbeat=False))
+    summary = summarize(study)
+    click.echo(console.as_json(asdict(summary)) if as_json else console.summary_text(summary, spec.metric))
+
+
+def _register_stage_commands() -> None:
+    from hpo.commands import dashboard, export, fleet, report, retrain
+
+    for module in (retrain, report, export, dashboard, fleet):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register_stage_commands()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Commands of this stage (not built yet)."""
+
+COMMANDS: list = []

@@ -1,0 +1,68 @@
+"""Plain-text formatting of what the commands print: trial lines and study statistics."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo.study import Summary
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def trial_line(study: optuna.Study, trial: FrozenTrial, metric: str) -> str:
+    """One progress line: number, state, value (or where it was pruned / why it failed), best so far."""
+    if trial.state == TrialState.COMPLETE:
+        value = f"{metric}={trial.value:.4g}"
+    elif trial.state == TrialState.PRUNED and trial.last_step is not None:
+        value = f"{metric}={trial.intermediate_values[trial.last_step]:.4g} at epoch {trial.last_step}"
+    else:
+        value = str(trial.user_attrs.get("fail_reason", ""))[:60]
+    try:
+        best = f"best={study.best_value:.4g} (#{study.best_trial.number})"
+    except ValueError:
+        best = "best=-"
+    seconds = trial.duration.total_seconds() if trial.duration else 0.0
+    return f"trial {trial.number:4d}  {trial.state.name:8s} {value:42s} {best}  {seconds:.1f}s"
+
+
+def summary_text(s: Summary, metric: str) -> str:
+    """The seed-style statistics block."""
+    lines = [
+        f"Study statistics: {s.name} ({s.direction} {metric})",
+        f"  Number of finished trials: {s.finished}",
+        f"  Number of pruned trials:   {s.counts['PRUNED']}",
+        f"  Number of complete trials: {s.counts['COMPLETE']}",
+        f"  Number of failed trials:   {s.counts['FAIL']}",
+    ]
+    if s.counts["RUNNING"] or s.counts["WAITING"]:
+        lines.append(f"  Running / waiting:         {s.counts['RUNNING']} / {s.counts['WAITING']}")
+    if s.wall_seconds is not None:
+        lines.append(f"  Wall time:                 {s.wall_seconds:.1f}s")
+    if s.best_trial is None:
+        lines.append("  Best trial: none complete yet")
+    else:
+        lines.append(f"  Best trial: #{s.best_trial}  value {_num(s.best_value)}")
+        lines.append("  Best params:")
+        lines += [f"    {k}: {v:.6g}" if isinstance(v, float) else f"    {k}: {v}" for k, v in s.best_params.items()]
+    return "\n".join(lines)
+
+
+def studies_table(rows: list[tuple[Summary, str]]) -> str:
+    if not rows:
+        return "no studies in the store (create one with: hpo create-study NAME)"
+    header = f"{'study':24s} {'complete':>8s} {'pruned':>7s} {'fail':>5s} {'running':>7s}  best"
+    out = [header]
+    for s, metric in rows:
+        best = f"{metric}={_num(s.best_value)} (#{s.best_trial})" if s.best_trial is not None else "-"
+        out.append(f"{s.name:24s} {s.counts['COMPLETE']:8d} {s.counts['PRUNED']:7d} {s.counts['FAIL']:5d} "
+                   f"{s.counts['RUNNING']:7d}  {best}")
+    return "\n".join(out)
+
+
+def as_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,169 @@
+"""Data sets as tensors: the whole set is loaded once (onto the device, for workers) and batches are
+taken by index. Splits are seeded index arrays, recorded with the data.
+
+CSV tables are read and checked at ``create-study`` and embedded in the stored spec, so a worker
+on another machine needs no copy of the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hpo.errors import DataError
+from hpo.spec import DataSpec, StudySpec
+
+INLINE_LIMIT_BYTES = 20 * 2**20
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Training pool (``x``/``y``, split into ``train_idx``/``val_idx``) and a held-out test set."""
+
+    task: str
+    x: torch.Tensor
+    y: torch.Tensor
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    in_shape: tuple[int, ...]
+    out_features: int
+    classes: tuple[str, ...] = ()
+    normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]} applied to x
+
+    def to(self, device: torch.device | str) -> "Dataset":
+        return replace(self, **{k: getattr(self, k).to(device) for k in
+                                ("x", "y", "train_idx", "val_idx", "x_test", "y_test")})
+
+    @property
+    def x_train(self) -> torch.Tensor:
+        return self.x[self.train_idx]
+
+    @property
+    def y_train(self) -> torch.Tensor:
+        return self.y[self.train_idx]
+
+    @property
+    def x_val(self) -> torch.Tensor:
+        return self.x[self.val_idx]
+
+    @property
+    def y_val(self) -> torch.Tensor:
+        return self.y[self.val_idx]
+
+
+def split_indices(n: int, *, val_fraction: float, seed: int, labels: np.ndarray | None = None,
+                  train_subset: int | None = None, val_subset: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split of ``range(n)`` (stratified when labels are given), optionally
+    cut to subsets of the given sizes (the seeds searched on 10k/5k, then retrained on all)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    train, val = train_test_split(idx, test_size=val_fraction, random_state=seed, shuffle=True, stratify=labels)
+    if train_subset is not None:
+        train = train[:train_subset]
+    if val_subset is not None:
+        val = val[:val_subset]
+    return np.sort(train), np.sort(val)
+
+
+def read_csv_table(path: str, columns: tuple[str, ...]) -> dict:
+    """Read the named numeric columns of a CSV, refusing missing or non-numeric values.
+
+    Returns ``{"columns": [...], "rows": [[...], ...]}``, the form embedded in the stored spec.
+
+    Raises:
+        DataError: naming the file, the row and the column of the first bad value.
+    """
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: file not found") from e
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read as CSV: {e}") from e
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has {', '.join(map(str, frame.columns))}")
+    if frame.empty:
+        raise DataError(f"{path}: no rows")
+    frame = frame[list(columns)]
+    numeric = frame.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna() | ~np.isfinite(numeric.fillna(0.0))
+    if bad.to_numpy().any():
+        row, col = np.argwhere(bad.to_numpy())[0]
+        raise DataError(f"{path}: row {row + 2}, column {columns[col]!r}: expected a number, got {frame.iat[row, col]!r}")
+    return {"columns": list(columns), "rows": numeric.to_numpy(dtype=float).tolist()}
+
+
+def embed_csv(spec: StudySpec) -> StudySpec:
+    """Read and check a CSV study's tables and put them into the spec (no-op for other sources)."""
+    d = spec.data
+    if d.source != "csv":
+        return spec
+    columns = (*d.features, d.target)
+    tables = {"train": read_csv_table(d.train, columns), "test": read_csv_table(d.test, columns)}
+    if d.task == "classification":
+        for part, table in tables.items():
+            labels = np.asarray(table["rows"])[:, -1]
+            if not np.all(labels == np.round(labels)) or labels.min() < 0:
+                raise DataError(f"{getattr(d, part)}: column {d.target!r} must hold class indices 0..K-1 for a classification study")
+    size = sum(len(t["rows"]) * len(columns) * 8 for t in tables.values())
+    if size > INLINE_LIMIT_BYTES:
+        return spec  # too large to embed: workers read the path themselves
+    return spec.with_data(replace(d, inline=tables))
+
+
+def _csv_arrays(d: DataSpec, part: str) -> tuple[np.ndarray, np.ndarray]:
+    table = d.inline[part] if d.inline else read_csv_table(getattr(d, part), (*d.features, d.target))
+    rows = np.asarray(table["rows"], dtype=np.float32)
+    return rows[:, :-1], rows[:, -1]
+
+
+def _load_csv(spec: StudySpec) -> Dataset:
+    d = spec.data
+    x, y = _csv_arrays(d, "train")
+    x_test, y_test = _csv_arrays(d, "test")
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    classification = d.task == "classification"
+    labels = y.astype(np.int64) if classification else None
+    train_idx, val_idx = split_indices(len(x), val_fraction=d.val_fraction, seed=spec.seed, labels=labels,
+                                       train_subset=d.train_subset, val_subset=d.val_subset)
+    if classification:
+        n_classes = int(max(y.max(), y_test.max())) + 1
+        y_t, y_test_t = torch.from_numpy(y.astype(np.int64)), torch.from_numpy(y_test.astype(np.int64))
+        out, classes = n_classes, tuple(str(i) for i in range(n_classes))
+    else:
+        y_t, y_test_t = torch.from_numpy(y)[:, None], torch.from_numpy(y_test)[:, None]
+        out, classes = 1, ()
+    return Dataset(
+        task=d.task,
+        x=torch.from_numpy((x - mean) / std),
+        y=y_t,
+        train_idx=torch.from_numpy(train_idx),
+        val_idx=torch.from_numpy(val_idx),
+        x_test=torch.from_numpy((x_test - mean) / std),
+        y_test=y_test_t,
+        in_shape=(x.shape[1],),
+        out_features=out,
+        classes=classes,
+        normalization={"mean": mean.tolist(), "std": std.tolist()},
+    )
+
+
+def load_dataset(spec: StudySpec, *, data_dir: str | None = None) -> Dataset:
+    """Load the study's data set as CPU tensors (move it with ``Dataset.to(device)``).
+
+    Raises:
+        DataError: when the data cannot be found or read.
+    """
+    if spec.data.source == "csv":
+        return _load_csv(spec)
+    from hpo.images import load_image_dataset
+
+    return load_image_dataset(spec, data_dir=data_dir)
+

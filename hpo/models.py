@@ -1,0 +1,93 @@
+"""Model builders. They take resolved hyperparameters and shapes; they know nothing of training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpo.errors import TrainingError
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "selu": nn.SELU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    return _ACTIVATIONS[name]()
+
+
+def per_layer(value: Any, n: int, name: str) -> list:
+    """Broadcast a scalar to ``n`` layers; check a list has exactly ``n`` entries."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise TrainingError(f"{name} has {len(value)} values for {n} layers: {list(value)}")
+        return list(value)
+    return [value] * n
+
+
+def init_weights(model: nn.Module, scheme: str, activation_name: str = "relu") -> None:
+    """Initialise every Linear/Conv layer: ``zero``, ``normal`` (std 0.01), ``glorot``, ``kaiming``.
+
+    ``default`` keeps PyTorch's own initialisation. Biases start at zero for every other scheme.
+    """
+    if scheme == "default":
+        return
+    nonlinearity = "leaky_relu" if activation_name == "leaky_relu" else "relu"
+    for module in model.modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        with torch.no_grad():
+            if scheme == "zero":
+                module.weight.zero_()
+            elif scheme == "normal":
+                module.weight.normal_(0.0, 0.01)
+            elif scheme == "glorot":
+                nn.init.xavier_uniform_(module.weight)
+            elif scheme == "kaiming":
+                nn.init.kaiming_normal_(module.weight, nonlinearity=nonlinearity)
+            else:
+                raise ValueError(f"unknown init scheme {scheme!r}")
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+def build_mlp(hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: int) -> nn.Sequential:
+    """An MLP: ``n_layers`` hidden layers of ``width[i]`` units, each followed by the activation and
+    ``dropout[i]``; the input is flattened, so images work too."""
+    n = int(hp["n_layers"])
+    widths = per_layer(hp["width"], n, "width")
+    dropouts = per_layer(hp["dropout"], n, "dropout")
+    layers: list[nn.Module] = [nn.Flatten()]
+    fan_in = math.prod(in_shape)
+    for width, p in zip(widths, dropouts):
+        layers += [nn.Linear(fan_in, int(width)), activation(hp["activation"])]
+        if p > 0:
+            layers.append(nn.Dropout(p))
+        fan_in = int(width)
+    layers.append(nn.Linear(fan_in, out_features))
+    model = nn.Sequential(*layers)
+    init_weights(model, hp["init"], hp["activation"])
+    return model
+
+
+def build_model(family: str, hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    """Build the network of one model family from resolved hyperparameters.
+
+    Raises:
+        TrainingError: when the hyperparameters do not fit the input (e.g. an image shrinks below 1x1).
+    """
+    if family == "mlp":
+        return build_mlp(hp, in_shape=in_shape, out_features=out_features)
+    if family == "cnn":
+        from hpo.cnn import build_cnn
+
+        return build_cnn(hp, in_shape=in_shape, out_features=out_features)
+    raise ValueError(f"unknown model family {family!r}")

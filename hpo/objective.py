@@ -1,0 +1,60 @@
+"""The Optuna objective: sample a configuration, build the model, train it, report and prune.
+
+The only place (with ``space``) that touches the trial: the trainer gets a plain callback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import optuna
+import torch
+
+from hpo.data import Dataset
+from hpo.models import build_model
+from hpo.space import suggest
+from hpo.spec import StudySpec
+from hpo.train import train
+
+
+def trial_seed(spec: StudySpec, trial_number: int) -> int:
+    return spec.seed * 1_000_003 + trial_number
+
+
+def make_objective(spec: StudySpec, data: Dataset) -> Callable[[optuna.Trial], float]:
+    """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
+
+    The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
+    is pruned when the pruner says so. A trial that raises gets its reason in ``fail_reason``.
+    """
+    device = data.x.device
+
+    def objective(trial: optuna.Trial) -> float:
+        hp = suggest(trial, spec)
+        seed = trial_seed(spec, trial.number)
+        torch.manual_seed(seed)
+
+        def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+            done = epoch + 1
+            if done % spec.report_every:
+                return
+            trial.report(stats[spec.metric], done)
+            if trial.should_prune():
+                trial.set_user_attr("epochs_run", done)
+                raise optuna.TrialPruned(f"pruned after {done} epochs")
+
+        try:
+            model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
+            result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
+        except optuna.TrialPruned:
+            raise
+        except Exception as e:
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
+            raise
+        trial.set_user_attr("epochs_run", result.epochs_run)
+        trial.set_user_attr("train_seconds", round(result.seconds, 3))
+        if result.stopped_early:
+            trial.set_user_attr("stopped_early", True)
+        return result.metrics[spec.metric]
+
+    return objective

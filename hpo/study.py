@@ -1,0 +1,124 @@
+"""Studies in the store: create one from a spec, load one (with its spec) by name, summarise it.
+
+The spec lives in the study's user attrs under ``hpo_spec``; sampler and pruner are rebuilt from it
+by every worker, since Optuna does not persist them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hpo.errors import SpecError, StoreError
+from hpo.spec import StudySpec, parse_spec
+
+SPEC_ATTR = "hpo_spec"
+
+
+def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = spec.seed + seed_offset
+    if spec.sampler.kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler.kind == "grid":
+        from hpo.space import grid_space
+
+        return optuna.samplers.GridSampler(grid_space(spec), seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+        multivariate=spec.sampler.multivariate, constant_liar=True)
+
+
+def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    p = spec.pruner
+    if p.kind == "none":
+        return optuna.pruners.NopPruner()
+    if p.kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+                                       interval_steps=p.interval_steps)
+
+
+def _exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    return any(s.study_name == name for s in storage.get_all_studies())
+
+
+def create(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False) -> optuna.Study:
+    """Create the study with its spec stored inside it.
+
+    Raises:
+        StoreError: when a study of that name exists and ``force`` is false.
+    """
+    if _exists(storage, spec.name):
+        if not force:
+            raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over")
+        optuna.delete_study(study_name=spec.name, storage=storage)
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
+                                sampler=build_sampler(spec), pruner=build_pruner(spec))
+    try:
+        study.set_user_attr(SPEC_ATTR, spec.to_dict())
+    except BaseException:
+        # A study without its spec is unusable: never leave one half-created.
+        optuna.delete_study(study_name=spec.name, storage=storage)
+        raise
+    return study
+
+
+def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
+    """Load a study and its spec from the store.
+
+    Raises:
+        StoreError: when there is no such study (listing the ones there are).
+        SpecError: when the study was not created by hpo.
+    """
+    if not _exists(storage, name):
+        names = sorted(s.study_name for s in storage.get_all_studies())
+        raise StoreError(f"no study named {name!r} in the store; studies there: {', '.join(names) or 'none'} "
+                         f"(create one with: hpo create-study NAME)")
+    probe = optuna.load_study(study_name=name, storage=storage)
+    raw = probe.user_attrs.get(SPEC_ATTR)
+    if raw is None:
+        raise SpecError(f"study {name!r} has no hpo spec (it was not created by hpo create-study)")
+    spec = parse_spec(raw, source=f"study {name!r} (stored spec)")
+    study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(spec, seed_offset=seed_offset),
+                              pruner=build_pruner(spec))
+    return study, spec
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    direction: str
+    counts: dict[str, int]  # by TrialState name
+    finished: int
+    best_value: float | None
+    best_trial: int | None
+    best_params: dict[str, Any]
+    wall_seconds: float | None
+
+
+def summarize(study: optuna.Study) -> Summary:
+    """The seed-style statistics: trials by state, finished count, best value and parameters."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name: 0 for state in TrialState}
+    for t in trials:
+        counts[t.state.name] += 1
+    finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
+    best = None
+    if counts["COMPLETE"]:
+        best = study.best_trial
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
+    return Summary(
+        name=study.study_name,
+        direction=study.direction.name.lower(),
+        counts=counts,
+        finished=finished,
+        best_value=best.value if best else None,
+        best_trial=best.number if best else None,
+        best_params=dict(best.params) if best else {},
+        wall_seconds=wall,
+    )

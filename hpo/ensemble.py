@@ -1,0 +1,34 @@
+"""Ensembles of the k fold models' outputs: mean (regression), majority vote and soft vote (classes).
+
+Small pure functions on tensors shaped ``(K, N, C)``: K models, N samples, C outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def mean(outputs: torch.Tensor) -> torch.Tensor:
+    """The models' mean output, ``(N, C)``."""
+    return outputs.mean(dim=0)
+
+
+def soft_vote(logits: torch.Tensor) -> torch.Tensor:
+    """The models' mean class probability, ``(N, C)`` (each row sums to 1)."""
+    return torch.softmax(logits, dim=-1).mean(dim=0)
+
+
+def majority_vote(logits: torch.Tensor, *, tie_breaker: int) -> torch.Tensor:
+    """The class most models predict, ``(N,)``.
+
+    Ties go to the tied class that model ``tie_breaker`` (the best on validation) scores highest,
+    which is its own prediction whenever that is one of the tied classes.
+    """
+    k, _, c = logits.shape
+    if not 0 <= tie_breaker < k:
+        raise ValueError(f"tie_breaker must be a model index in 0..{k - 1}, got {tie_breaker}")
+    votes = torch.nn.functional.one_hot(logits.argmax(dim=-1), c).sum(dim=0)  # (N, C)
+    tied = votes == votes.max(dim=-1, keepdim=True).values
+    preference = logits[tie_breaker].masked_fill(~tied, float("-inf"))
+    return preference.argmax(dim=-1)
+

@@ -5,6 +5,7 @@ The only place (with ``space``) that touches the trial: the trainer gets a plain
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import optuna
@@ -17,15 +18,24 @@ from hpo.spec import StudySpec
 from hpo.train import train
 
 
+class Interrupted(KeyboardInterrupt):
+    """The worker was asked to stop (SIGINT/SIGTERM): the running trial ends as FAIL and is re-queued."""
+
+
 def trial_seed(spec: StudySpec, trial_number: int) -> int:
     return spec.seed * 1_000_003 + trial_number
 
 
-def make_objective(spec: StudySpec, data: Dataset) -> Callable[[optuna.Trial], float]:
+def make_objective(spec: StudySpec, data: Dataset, *,
+                   should_stop: Callable[[], bool] | None = None) -> Callable[[optuna.Trial], float]:
     """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
     is pruned when the pruner says so. A trial that raises gets its reason in ``fail_reason``.
+
+    Args:
+        should_stop: polled after every epoch; when it returns true the trial raises
+            :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
     """
     device = data.x.device
 
@@ -36,6 +46,8 @@ def make_objective(spec: StudySpec, data: Dataset) -> Callable[[optuna.Trial], f
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             done = epoch + 1
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"interrupted after {done} epochs")
             if done % spec.report_every:
                 return
             trial.report(stats[spec.metric], done)
@@ -48,13 +60,25 @@ def make_objective(spec: StudySpec, data: Dataset) -> Callable[[optuna.Trial], f
             result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
         except optuna.TrialPruned:
             raise
+        except Interrupted:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
         except Exception as e:
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
             raise
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("train_seconds", round(result.seconds, 3))
+        path = getattr(result, "path", None)
+        if path is not None:
+            trial.set_user_attr("train_path", path)
+            reason = getattr(result, "path_reason", None) or getattr(result, "reason", None)
+            if reason:
+                trial.set_user_attr("train_path_reason", str(reason)[:200])
         if result.stopped_early:
             trial.set_user_attr("stopped_early", True)
-        return result.metrics[spec.metric]
+        value = result.metrics[spec.metric]
+        if not math.isfinite(value):
+            trial.set_user_attr("fail_reason", f"{spec.metric} is {value}")
+        return value
 
     return objective

@@ -1,28 +1,47 @@
 """The study store: URL resolution, Optuna's RDBStorage tuned for workers, and the artifact store.
 
-URL order: ``--storage`` flag, then ``HPO_STORAGE``, then ``sqlite:///storage/hpo.db``.
-Artifacts (retrain weights, predictions) go to ``--artifacts``, ``HPO_ARTIFACTS``, or
-``artifacts/`` beside a SQLite file (``storage/artifacts`` by default).
+URL order: ``--storage`` flag, then ``HPO_STORAGE``, then ``sqlite:///storage/hpo.db``. Any
+SQLAlchemy URL works: ``sqlite:///``, ``postgresql://`` / ``postgresql+psycopg2://``,
+``mysql+pymysql://``. Artifacts (retrain weights, predictions) go to ``--artifacts``,
+``HPO_ARTIFACTS``, or ``artifacts/`` beside a SQLite file (``storage/artifacts`` by default).
+
+Environment knobs (seconds): ``HPO_HEARTBEAT_INTERVAL`` (10), ``HPO_GRACE_PERIOD`` (30: a RUNNING
+trial without a heartbeat for this long belongs to a dead worker and is re-queued),
+``HPO_STORE_RETRY`` (60: how long a worker retries a store that went away), ``HPO_MAX_RETRY``
+(3: re-runs of one trial), ``HPO_CONNECT_TIMEOUT`` (5).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import os
 import re
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy as sa
 import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore
 
 from hpo.errors import StoreError
 
 DEFAULT_URL = "sqlite:///storage/hpo.db"
-HEARTBEAT_INTERVAL = 10  # seconds between a running trial's heartbeats
-GRACE_PERIOD = 30  # a RUNNING trial without a heartbeat for this long belongs to a dead worker
 SQLITE_TIMEOUT = 60  # seconds a SQLite writer waits for the lock
+
+_log = logging.getLogger("hpo.store")
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise StoreError(f"{name}={raw!r} is not a number of seconds") from None
 
 
 def resolve_url(flag: str | None = None) -> str:
@@ -30,8 +49,9 @@ def resolve_url(flag: str | None = None) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for every log line and error)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The text with every URL password replaced by ``***`` (for every log line and error)."""
+    text = re.sub(r"(\w[\w+.-]*://[^:/@\s]+:)\S*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -58,15 +78,84 @@ def _prepare_sqlite(path: Path) -> None:
 def engine_kwargs(url: str) -> dict:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": SQLITE_TIMEOUT}}
-    # One worker needs one connection (plus one for the heartbeat thread).
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600}
+    connect_timeout = int(_env_seconds("HPO_CONNECT_TIMEOUT", 5))
+    # One worker keeps one idle connection; the heartbeat thread borrows a second one briefly,
+    # so N workers hold about N connections. Pre-ping replaces connections a server restart killed.
+    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 3600,
+            "connect_args": {"connect_timeout": connect_timeout}}
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a dropped or refused connection, or a busy lock."""
+    while error is not None:
+        if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return True
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def call_retrying(seconds: float, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, retried with backoff on transient store errors for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    delay, attempt = 0.5, 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # An earlier attempt committed before the connection dropped: the trial is finished.
+            if attempt and getattr(fn, "__name__", "") == "set_trial_state_values":
+                return True
+            raise
+        except Exception as e:
+            if not is_transient(e) or time.monotonic() + delay > deadline:
+                raise
+            attempt += 1
+            _log.warning("store unreachable (%s); retry %d in %.1fs", mask_url(_reason(e)), attempt, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _retrying(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return call_retrying(self._hpo_retry_seconds, method, self, *args, **kwargs)
+    return wrapper
+
+
+class RetryingRDBStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` whose calls ride out a restarting database: transient errors are retried
+    with backoff for ``HPO_STORE_RETRY`` seconds. Opening the store is never retried, so a wrong
+    URL fails at once."""
+
+    _hpo_retry_seconds = 0.0
+
+
+_RETRIED = (
+    "create_new_trial", "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+    "get_study_system_attrs", "get_all_studies", "get_trial_id_from_study_id_trial_number",
+    "get_trial_number_from_id", "get_trial_param", "get_best_trial", "record_heartbeat",
+    "_get_stale_trial_ids", "set_study_user_attr", "set_study_system_attr",
+)
+for _name in _RETRIED:
+    setattr(RetryingRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name)))
+
+
+def _reason(e: BaseException) -> str:
+    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) and e.__cause__ else e
+    text = str(getattr(cause, "orig", None) or cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__
 
 
 def open_storage(url: str | None = None, *, heartbeat: bool = True) -> optuna.storages.RDBStorage:
     """Open (and on first use create) the store at ``url``.
 
     With ``heartbeat``, running trials send a heartbeat, and a trial whose worker died is failed
-    and re-queued with the same parameters (its retry count is in its system attrs).
+    and re-queued with the same parameters (its retry count is in its system attrs). Once open,
+    the store's calls retry transient connection errors for ``HPO_STORE_RETRY`` seconds.
 
     Raises:
         StoreError: when the store cannot be reached or created (password masked).
@@ -79,15 +168,66 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> optuna.st
     if heartbeat:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         kwargs = {
-            "heartbeat_interval": HEARTBEAT_INTERVAL,
-            "grace_period": GRACE_PERIOD,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+            "heartbeat_interval": max(1, int(_env_seconds("HPO_HEARTBEAT_INTERVAL", 10))),
+            "grace_period": max(1, int(_env_seconds("HPO_GRACE_PERIOD", 30))),
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=int(_env_seconds("HPO_MAX_RETRY", 3))),
         }
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StoreError(f"cannot open the store {mask_url(url)}: {mask_url(reason)}") from e
+        storage = RetryingRDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError,
+            OSError) as e:
+        raise StoreError(f"cannot open the store {mask_url(url)}: {mask_url(_reason(e))}") from e
+    storage._hpo_retry_seconds = _env_seconds("HPO_STORE_RETRY", 60)
+    return storage
+
+
+_ATTRS = sa.table("study_system_attributes", sa.column("study_id"), sa.column("key"), sa.column("value_json"))
+
+
+def _claimed(storage: optuna.storages.RDBStorage, study_id: int, prefix: str) -> set[str]:
+    with storage.engine.connect() as conn:
+        rows = conn.execute(sa.select(_ATTRS.c.key).where(_ATTRS.c.study_id == study_id,
+                                                          _ATTRS.c.key.like(prefix + "%")))
+        return {row[0] for row in rows}
+
+
+def _claim(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, *, limit: int | None = None,
+           value: object = None) -> int | None:
+    taken = _claimed(storage, study_id, prefix)
+    k = 0
+    while limit is None or k < limit:
+        key = f"{prefix}{k}"
+        if key not in taken:
+            try:
+                with storage.engine.begin() as conn:
+                    conn.execute(sa.insert(_ATTRS).values(study_id=study_id, key=key, value_json=json.dumps(value)))
+                return k
+            except sqlalchemy.exc.IntegrityError:
+                pass  # another worker got there first; try the next number
+        k += 1
+    return None
+
+
+def _release(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, k: int) -> None:
+    with storage.engine.begin() as conn:
+        conn.execute(sa.delete(_ATTRS).where(_ATTRS.c.study_id == study_id, _ATTRS.c.key == f"{prefix}{k}"))
+
+
+def claim(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, *, limit: int | None = None,
+          value: object = None) -> int | None:
+    """Atomically claim the lowest free number ``k`` (below ``limit``) under the study key ``prefix + k``.
+
+    The store's unique (study, key) constraint makes the claim atomic on every backend: two
+    workers never hold the same number. Returns ``None`` when all numbers below ``limit`` are taken.
+    """
+    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), _claim, storage, study_id, prefix,
+                         limit=limit, value=value)
+
+
+def release(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, k: int) -> None:
+    """Give back number ``k`` taken with :func:`claim`."""
+    call_retrying(getattr(storage, "_hpo_retry_seconds", 0), _release, storage, study_id, prefix, k)
 
 
 def artifact_dir(url: str | None = None, flag: str | None = None) -> Path:

@@ -1,12 +1,25 @@
 """A worker: loads the study and its spec from the store, puts the data on its device once, and
 runs trials until the study's budget (or this worker's own limit) is reached.
 
-Any number of workers may run against one store; the budget counts trials of the whole study.
+Any number of workers may share one store. The spec's ``budget.n_trials`` counts trials of the
+whole study, exactly: before creating a trial a worker claims one of ``n_trials`` numbered
+places (``hpo:budget:K`` study system attrs, unique in the store, so the claim is atomic on
+every backend). A retry of a trial whose worker died or was interrupted (Optuna's
+``failed_trial`` system attr) takes over its original's place, so a retried FAIL is never
+counted twice. When the places are gone a worker still runs re-queued retries and waits for the
+study's running trials, so a trial lost with a dead worker is finished by a live one.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
 import time
+import warnings
 from typing import Callable
 
 import optuna
@@ -15,16 +28,154 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo.console import trial_line
 from hpo.data import load_dataset
-from hpo.objective import make_objective
-from hpo.store import open_storage
+from hpo.objective import Interrupted, make_objective
+from hpo.store import claim, mask_url, open_storage, release
 from hpo.study import Summary, load, summarize
 
-# Trials that use up budget. RUNNING and WAITING count too, or N workers overshoot it together.
-BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)
+BUDGET_PREFIX = "hpo:budget:"
+WORKER_PREFIX = "hpo:worker:"
+SEED_STRIDE = 10_007  # seed offset = worker number in the store + SEED_STRIDE * --worker-index
+
+_log = logging.getLogger("hpo.worker")
 
 
-def budget_used(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
+def is_retry(trial: FrozenTrial) -> bool:
+    """A re-queued copy of a trial that failed by no fault of its own (dead or interrupted worker)."""
+    return "failed_trial" in trial.system_attrs
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials that were re-queued (their FAIL does not use up budget)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+class _StopSignal:
+    """First SIGINT/SIGTERM: finish cleanly after the current epoch. Second: exit at once."""
+
+    def __init__(self, echo: Callable[[str], None]):
+        self.requested = False
+        self._echo = echo
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            os.write(2, b"hpo: second signal, exiting now\n")
+            os._exit(128 + signum)
+        self.requested = True
+        self._echo(f"got {signal.Signals(signum).name}: stopping after the current epoch (again to exit now)")
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat every interval in a thread; a store outage only skips beats."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int):
+        self._storage, self._trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        interval = self._storage.get_heartbeat_interval()
+        while True:
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception as e:  # noqa: BLE001 - the store's own retries are exhausted; try next beat
+                _log.warning("heartbeat failed: %s", mask_url(str(e).splitlines()[0] if str(e) else repr(e)))
+            if self._stop.wait(interval):
+                return
+
+    def __enter__(self) -> None:
+        self._thread.start()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _requeue(study: optuna.Study, frozen: FrozenTrial) -> None:
+    """Queue a copy of ``frozen`` with the same parameters, marked the way Optuna marks its retries."""
+    system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
+    system_attrs["retry_history"] = [*system_attrs["retry_history"], frozen.number]
+    user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("fail_reason", "retry_of", "retries")}
+    study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=frozen.params,
+                                        distributions=frozen.distributions, user_attrs=user_attrs,
+                                        system_attrs=system_attrs))
+
+
+class _Worker:
+    def __init__(self, study: optuna.Study, storage: optuna.storages.RDBStorage, study_id: int,
+                 budget: int | None, label: str):
+        self.study, self.storage, self.study_id, self.budget, self.label = study, storage, study_id, budget, label
+
+    def _trial(self, trial_id: int) -> FrozenTrial:
+        return self.storage.get_trial(trial_id)
+
+    def pop_retry(self) -> optuna.Trial | None:
+        """Take a re-queued retry (WAITING → RUNNING is atomic in the store), if there is one."""
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            if not is_retry(t):
+                continue
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+            try:
+                if self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return optuna.Trial(self.study, trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    def next_trial(self) -> optuna.Trial | None:
+        """A retry if one waits, else a new trial within the budget; ``None`` when the budget is used."""
+        trial = self.pop_retry()
+        if trial is not None:
+            return trial
+        place = None
+        if self.budget is not None:
+            place = claim(self.storage, self.study_id, BUDGET_PREFIX, limit=self.budget, value=self.label)
+            if place is None:
+                return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat ourselves
+            trial = self.study.ask()
+        if place is not None and is_retry(self._trial(trial._trial_id)):
+            release(self.storage, self.study_id, BUDGET_PREFIX, place)  # a retry keeps its original's place
+        return trial
+
+    def in_flight(self) -> bool:
+        """Whether trials of others still run (or retries wait): one may come back if its worker died."""
+        return any(t.state == TrialState.RUNNING or is_retry(t) for t in self.study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+    def run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
+        frozen = self._trial(trial._trial_id)
+        if is_retry(frozen):
+            trial.set_user_attr("retry_of", frozen.system_attrs["failed_trial"])
+            trial.set_user_attr("retries", len(frozen.system_attrs.get("retry_history", ())))
+        value, state = None, TrialState.COMPLETE
+        with _Heartbeat(self.storage, trial._trial_id):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except Interrupted:
+                _requeue(self.study, self._trial(trial._trial_id))
+                self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of one trial must not end the worker
+                state = TrialState.FAIL
+                if "fail_reason" not in self._trial(trial._trial_id).user_attrs:
+                    trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
+        if state == TrialState.COMPLETE:
+            return self.study.tell(trial, value, skip_if_finished=True)
+        return self.study.tell(trial, state=state, skip_if_finished=True)
 
 
 def run_worker(
@@ -40,38 +191,60 @@ def run_worker(
 ) -> Summary:
     """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards.
 
+    SIGINT/SIGTERM end the running trial as FAIL (``fail_reason`` "interrupted"), re-queue it,
+    close the store's connections and return; a second signal exits at once.
+
     Args:
         n_trials: at most this many trials from this worker (the spec's budget still holds).
         timeout: stop starting trials after this many seconds (the spec's timeout still holds).
-        worker_index: offsets the sampler seed, so parallel workers do not draw the same points.
+        worker_index: a further sampler-seed offset. Each worker also takes the next free worker
+            number of the study in the store, so concurrently started workers draw different
+            points while the first worker of a fresh study always uses the spec's seed.
+
+    Raises:
+        StoreError: when the store cannot be opened or has no such study.
     """
     storage = open_storage(storage_url)
-    study, spec = load(study_name, storage, seed_offset=worker_index)
+    _, spec = load(study_name, storage)
+    study_id = storage.get_study_id_from_name(study_name)
+    label = f"{socket.gethostname()}:{os.getpid()}"
+    number = claim(storage, study_id, WORKER_PREFIX, value=label)
+    study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)
     data = load_dataset(spec, data_dir=data_dir).to(device)
     if device.type == "cpu" and data.x[0].numel() < 1024:
         # Tiny models: thread hand-offs cost more than the arithmetic they would split.
         torch.set_num_threads(1)
     budget = spec.budget.n_trials
     timeouts = [t for t in (timeout, spec.budget.timeout) if t is not None]
+    deadline = time.monotonic() + min(timeouts) if timeouts else None
+    poll = min(2.0, storage.get_heartbeat_interval() or 2.0)
+    worker = _Worker(study, storage, study_id, budget, label)
 
-    def stop_at_budget(study: optuna.Study, trial: FrozenTrial) -> None:
-        if budget is not None and budget_used(study) >= budget:
-            study.stop()
-
-    def progress(study: optuna.Study, trial: FrozenTrial) -> None:
-        echo(trial_line(study, trial, spec.metric))
-
-    if budget is not None and budget_used(study) >= budget:
-        echo(f"study {study_name!r} has used its budget of {budget} trials; nothing to do")
-        return summarize(study)
-    echo(f"worker on {device} for study {study_name!r} ({spec.model}, {spec.metric}, budget {budget} trials)")
-    start = time.perf_counter()
-    study.optimize(
-        make_objective(spec, data),
-        n_trials=n_trials,
-        timeout=min(timeouts) if timeouts else None,
-        catch=(Exception,),
-        callbacks=[progress, stop_at_budget],
-    )
-    echo(f"worker done in {time.perf_counter() - start:.1f}s")
-    return summarize(study)
+    echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
+         f"budget {budget} trials)")
+    start, ran = time.perf_counter(), 0
+    with _StopSignal(echo) as stop:
+        objective = make_objective(spec, data, should_stop=lambda: stop.requested)
+        try:
+            while not stop.requested and (n_trials is None or ran < n_trials):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                optuna.storages.fail_stale_trials(study)
+                trial = worker.next_trial()
+                if trial is None:
+                    if not worker.in_flight():
+                        echo(f"study {study_name!r} has used its budget of {budget} trials")
+                        break
+                    time.sleep(poll)
+                    continue
+                frozen = worker.run(trial, objective)
+                ran += 1
+                echo(trial_line(study, frozen, spec.metric))
+        except Interrupted:
+            echo("interrupted: the running trial is re-queued")
+        summary = summarize(study)
+        storage.remove_session()
+        storage.engine.dispose()
+    echo(f"worker {number} done in {time.perf_counter() - start:.1f}s ({ran} trials)")
+    sys.stdout.flush()
+    return summary

@@ -95,7 +95,9 @@ def read_csv_table(path: str, columns: tuple[str, ...]) -> dict:
     bad = numeric.isna() | ~np.isfinite(numeric.fillna(0.0))
     if bad.to_numpy().any():
         row, col = np.argwhere(bad.to_numpy())[0]
-        raise DataError(f"{path}: row {row + 2}, column {columns[col]!r}: expected a number, got {frame.iat[row, col]!r}")
+        value = frame.iat[row, col]
+        problem = "missing value" if pd.isna(value) else f"expected a number, got {value!r}"
+        raise DataError(f"{path}: row {row + 2}, column {columns[col]!r}: {problem}")
     return {"columns": list(columns), "rows": numeric.to_numpy(dtype=float).tolist()}
 
 

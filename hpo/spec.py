@@ -342,7 +342,8 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         SpecError: naming the file, the field, the bad value and what is allowed.
     """
     c = _Checker(source)
-    raw = c.mapping(raw, "top level")
+    if not isinstance(raw, dict):
+        raise c.fail("top level", f"expected a mapping of spec fields (name, data, model, space, ...), got {raw!r}")
     c.unknown_keys(raw, ("name", "description", "direction", "metric", "seed", "data", "model", "space",
                          "fixed", "sampler", "pruner", "budget", "retrain", "report_every"), "")
     name = raw.get("name")

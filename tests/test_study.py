@@ -1,0 +1,76 @@
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import small_regression_spec
+from hpo.data import embed_csv
+from hpo.errors import StoreError
+from hpo.spec import load_spec_file
+from hpo.store import open_storage
+from hpo.study import SPEC_ATTR, create, load, summarize
+from hpo.worker import run_worker
+
+
+def created(tmp_path, store_url, **overrides):
+    spec = embed_csv(load_spec_file(small_regression_spec(tmp_path, **overrides)))
+    create(spec, open_storage(store_url, heartbeat=False))
+    return spec
+
+
+def test_spec_and_data_travel_inside_the_store(tmp_path, store_url):
+    spec = created(tmp_path, store_url)
+    study, loaded = load("regression", open_storage(store_url))
+    assert loaded == spec
+    assert len(loaded.data.inline["train"]["rows"]) == 100
+    assert study.user_attrs[SPEC_ATTR]["name"] == "regression"
+
+
+def test_create_refuses_to_overwrite_unless_forced(tmp_path, store_url):
+    spec = created(tmp_path, store_url)
+    storage = open_storage(store_url, heartbeat=False)
+    with pytest.raises(StoreError, match="already exists; pass --force"):
+        create(spec, storage)
+    study = optuna.load_study(study_name="regression", storage=storage)
+    study.enqueue_trial({"lr": 0.001})
+    create(spec, storage, force=True)
+    assert optuna.load_study(study_name="regression", storage=storage).get_trials() == []
+
+
+def test_worker_runs_real_trials_with_pruning(tmp_path, store_url):
+    created(tmp_path, store_url, budget={"n_trials": 14})
+    lines = []
+    summary = run_worker("regression", storage_url=store_url, echo=lines.append)
+    assert summary.finished == 14
+    assert summary.counts["PRUNED"] >= 1 and summary.counts["COMPLETE"] >= 1
+    assert summary.counts["FAIL"] == 0
+    assert sum(line.startswith("trial ") for line in lines) == 14
+    study = optuna.load_study(study_name="regression", storage=open_storage(store_url))
+    pruned = study.get_trials(states=(TrialState.PRUNED,))[0]
+    assert pruned.user_attrs["epochs_run"] == pruned.last_step
+    # The budget is the study's: a second worker finds nothing to do.
+    assert run_worker("regression", storage_url=store_url, echo=lines.append).finished == 14
+
+
+def test_same_seed_one_worker_same_parameter_sequence(tmp_path):
+    def params(folder):
+        folder.mkdir()
+        url = f"sqlite:///{folder / 'hpo.db'}"
+        created(folder, url, budget={"n_trials": 8})
+        run_worker("regression", storage_url=url, echo=lambda _: None)
+        study = optuna.load_study(study_name="regression", storage=open_storage(url))
+        return [t.params for t in study.get_trials()]
+
+    first, second = params(tmp_path / "a"), params(tmp_path / "b")
+    assert first == second and len(first) == 8
+    assert len({tuple(sorted(p.items())) for p in first}) == 8
+
+
+def test_summary_counts(tmp_path, store_url):
+    created(tmp_path, store_url)
+    study, _ = load("regression", open_storage(store_url))
+    for value in (0.5, 0.2):
+        trial = study.ask()
+        study.tell(trial, value)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    s = summarize(study)
+    assert (s.finished, s.counts["COMPLETE"], s.counts["PRUNED"], s.best_value, s.best_trial) == (3, 2, 1, 0.2, 1)

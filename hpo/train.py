@@ -2,12 +2,17 @@
 objective (which reports and prunes) and the k-fold retrain reuse it unchanged.
 
 The data are already on the device; batches are taken by index from a seeded permutation,
-with no DataLoader and no per-sample work on the CPU.
+with no DataLoader and no per-sample work on the CPU. Two paths run the same batches:
+- ``cuda_graph``: on a CUDA device the whole step (forward, loss, backward, optimizer update,
+  augmentation included) is captured once per batch shape in a CUDA graph and replayed, with
+  capturable optimizers and static input buffers filled by ``index_select``;
+- ``eager``: the same step run op by op, on the CPU always and on CUDA when capture is not
+  possible (the reason is recorded in ``TrainResult.path_reason``).
+No per-step host syncs: the training loss is summed on the device and read once per epoch.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,8 +25,10 @@ from hpo.data import Dataset
 from hpo.errors import TrainingError
 
 EVAL_BATCH = 8192
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy optimizer state, cuDNN autotuning)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
@@ -31,20 +38,34 @@ class TrainResult:
     epochs_run: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
+    path: str = "eager"  # "cuda_graph" | "eager"
+    path_reason: str = ""  # why the eager path ran, when it did
 
 
 def loss_function(task: str) -> nn.Module:
     return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
 
 
-def make_optimizer(params, hp: dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(params, hp: dict[str, Any], *, capturable: bool = False) -> torch.optim.Optimizer:
+    """The optimizer named by ``hp``.
+
+    Args:
+        capturable: build it for CUDA-graph capture: Adam/RMSprop with ``capturable=True`` and the
+            lr as a device tensor that schedulers update in place. SGD keeps no host-side state and
+            needs nothing (but its lr is then read on the host: see ``graph_problem``).
+    """
+    params = list(params)
     name, lr, wd = hp["optimizer"], float(hp["lr"]), float(hp["weight_decay"])
+    extra: dict[str, Any] = {}
+    if capturable and name in ("Adam", "RMSprop"):
+        lr = torch.tensor(lr, device=params[0].device)
+        extra["capturable"] = True
     if name == "Adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **extra)
     if name == "SGD":
         return torch.optim.SGD(params, lr=lr, momentum=float(hp["momentum"]), weight_decay=wd)
     if name == "RMSprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=float(hp["momentum"]), weight_decay=wd)
+        return torch.optim.RMSprop(params, lr=lr, momentum=float(hp["momentum"]), weight_decay=wd, **extra)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -81,6 +102,89 @@ def evaluate(model: nn.Module, task: str, x: torch.Tensor, y: torch.Tensor) -> d
     return score(task, predict(model, x), y)
 
 
+def graph_problem(device: torch.device, hp: dict[str, Any]) -> str:
+    """Why the training step cannot be captured in a CUDA graph here ("" when it can be tried)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, the data are on {device.type}"
+    if hp["optimizer"] == "SGD" and hp["scheduler"] != "none":
+        return "SGD reads its lr on the host, so an lr scheduler could not reach a captured step"
+    return ""
+
+
+def batch_augmenter(data: Dataset, hp: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The on-device augmentation when ``hp["augment"]`` is on, else None.
+
+    Raises:
+        TrainingError: when augmentation is asked for on data that are not images.
+    """
+    if not hp.get("augment"):
+        return None
+    if len(data.in_shape) != 3:
+        raise TrainingError(f"augment: true needs image data (channels, height, width), got input shape {data.in_shape}")
+    from hpo.images import make_augmenter
+
+    return make_augmenter(data.normalization)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def restore(model: nn.Module, saved: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Put back saved weights in place (a captured graph keeps pointing at the same tensors) and
+    zero the optimizer's state in place, which equals a fresh optimizer for Adam, RMSprop and SGD
+    (SGD's first momentum buffer is the gradient itself, i.e. ``0 * momentum + grad``)."""
+    for k, v in model.state_dict().items():
+        v.copy_(saved[k])
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+
+
+def warm_up(step: Step, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, *, steps: int = WARMUP_STEPS) -> None:
+    """Run a few real steps so that lazily created state (optimizer moments, cuDNN plans) exists
+    before capture; the caller restores the weights afterwards."""
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        step(x, y)
+
+
+class _Graphs:
+    """One captured step per batch size (the full batch and the last, shorter one)."""
+
+    def __init__(self, step: Step, optimizer: torch.optim.Optimizer, model: nn.Module,
+                 x: torch.Tensor, y: torch.Tensor, sizes: list[int]):
+        self.x, self.y = x, y
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        saved = snapshot(model)
+        try:
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                for size in sizes:
+                    warm_up(step, x[:size], y[:size], optimizer)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            for size in sizes:
+                sx, sy = x[:size].clone(), y[:size].clone()
+                # Gradients are allocated inside the graph's private pool and overwritten on replay.
+                optimizer.zero_grad(set_to_none=True)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step(sx, sy)
+                self.buffers[size] = (sx, sy, graph)
+        finally:
+            restore(model, saved, optimizer)
+
+    def run(self, idx: torch.Tensor) -> None:
+        sx, sy, graph = self.buffers[len(idx)]
+        torch.index_select(self.x, 0, idx, out=sx)
+        torch.index_select(self.y, 0, idx, out=sy)
+        graph.replay()
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -90,22 +194,25 @@ def train(
     train_idx: torch.Tensor | None = None,
     val_idx: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
+    cuda_graph: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` (already on the model's device).
 
     Args:
-        hp: resolved hyperparameters (optimizer, lr, batch_size, epochs, scheduler, early_stopping, ...).
+        hp: resolved hyperparameters (optimizer, lr, batch_size, epochs, scheduler, early_stopping,
+            augment, ...).
         seed: seeds the batch order.
         train_idx, val_idx: index arrays into ``data.x`` (default: the data set's own split).
         on_epoch: called after every epoch with ``(epoch, stats)``; stats hold ``train_loss`` and
             ``val_<name>`` for every validation metric. It may raise to stop training (pruning).
+        cuda_graph: try to capture the step in a CUDA graph on a CUDA device (False: always eager).
 
     Returns:
-        The history, and the validation metrics of the final model (the best epoch's weights when
-        early stopping is on).
+        The history, the validation metrics of the final model (the best epoch's weights when
+        early stopping is on), and which path ran (``path``, ``path_reason``).
 
     Raises:
-        TrainingError: when the loss becomes NaN or infinite.
+        TrainingError: when the loss becomes NaN or infinite, or augmentation is asked for on non-images.
     """
     start = time.perf_counter()
     train_idx = data.train_idx if train_idx is None else train_idx
@@ -115,31 +222,57 @@ def train(
     x_val, y_val = data.x[val_idx], data.y[val_idx]
     n, batch_size, epochs = len(x_train), int(hp["batch_size"]), int(hp["epochs"])
     patience = int(hp["early_stopping"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     loss_fn = loss_function(data.task)
-    optimizer = make_optimizer(model.parameters(), hp)
+    augment = batch_augmenter(data, hp)
+    total = torch.zeros((), device=device)
+
+    def make_step(optimizer: torch.optim.Optimizer) -> Step:
+        def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+            loss = loss_fn(model(augment(xb) if augment else xb), yb)
+            loss.backward()
+            optimizer.step()
+            total.add_(loss.detach() * len(xb))
+        return step
+
+    result = TrainResult()
+    graphs = None
+    result.path_reason = graph_problem(device, hp) if cuda_graph else "cuda_graph=False"
+    if not result.path_reason:
+        optimizer = make_optimizer(model.parameters(), hp, capturable=True)
+        try:
+            sizes = sorted({min(batch_size, n), n % batch_size} - {0}, reverse=True)
+            graphs = _Graphs(make_step(optimizer), optimizer, model, x_train, y_train, sizes)
+            result.path = "cuda_graph"
+        except Exception as e:  # capture refuses host syncs and some ops: fall back, and say why
+            result.path_reason = f"capture failed: {type(e).__name__}: {e}"[:300]
+            torch.cuda.synchronize(device)
+    if graphs is None:
+        optimizer = make_optimizer(model.parameters(), hp)
+        eager_step = make_step(optimizer)
     scheduler = make_scheduler(optimizer, hp)
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    result = TrainResult()
     best_loss, best_state, since_best = math.inf, None, 0
     model.train()
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=generator, device=device)
-        total = torch.zeros((), device=device)
+        total.zero_()
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            loss = loss_fn(model(x_train[idx]), y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(idx)
+            if graphs is not None:
+                graphs.run(idx)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                eager_step(x_train[idx], y_train[idx])
         train_loss = total.item() / n
         if not math.isfinite(train_loss):
             raise TrainingError(f"training loss became {train_loss} at epoch {epoch}; stopped (lower lr?)")
         val = evaluate(model, data.task, x_val, y_val)
         stats = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
-                 "lr": optimizer.param_groups[0]["lr"]}
+                 "lr": float(optimizer.param_groups[0]["lr"])}
         result.history.append(stats)
         result.epochs_run = epoch + 1
 
@@ -151,7 +284,7 @@ def train(
         if patience:
             if val["loss"] < best_loss:
                 best_loss, since_best = val["loss"], 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = snapshot(model)
             else:
                 since_best += 1
         if on_epoch is not None:
@@ -161,9 +294,9 @@ def train(
             break
 
     if best_state is not None:
-        model.load_state_dict(best_state)
+        restore(model, best_state)
         result.metrics = {f"val_{k}": v for k, v in evaluate(model, data.task, x_val, y_val).items()}
-    else:
+    elif result.history:
         result.metrics = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
     result.seconds = time.perf_counter() - start
     return result

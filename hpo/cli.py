@@ -47,7 +47,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def create_study(spec: str, storage: str | None, force: bool) -> None:
     """Create a study from SPEC: a name in studies/ (e.g. regression) or a YAML path."""
     from hpo import study as studies
-    from hpo.data import embed_csv
+    from hpo.tables import embed_csv
     from hpo.spec import find_spec_file, load_spec_file
     from hpo.store import mask_url, open_storage, resolve_url
 

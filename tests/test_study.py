@@ -3,7 +3,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import small_regression_spec
-from hpo.data import embed_csv
+from hpo.tables import embed_csv
 from hpo.errors import StoreError
 from hpo.spec import load_spec_file
 from hpo.store import open_storage

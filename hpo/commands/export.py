@@ -1,3 +1,58 @@
-"""Commands of this stage (not built yet)."""
+"""``hpo export-best`` and ``hpo predict``: the best trial as a folder, and that folder put to use."""
 
-COMMANDS: list = []
+from pathlib import Path
+
+import click
+
+from hpo.commands.options import artifacts_option, storage_option, study_option
+
+
+@click.command("export-best")
+@study_option
+@storage_option
+@artifacts_option
+@click.option("--out", default=None, metavar="DIR|-",
+              help="Folder to write (default: exports/<study>); '-' prints the best parameters alone.")
+@click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True,
+              help="Format of the params, spec and statistics files (and of '--out -').")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--retrain", "retrain_id", default=None, metavar="ID", help="Export this retrain (default: the newest of the best trial).")
+@click.option("--ensemble", type=click.Choice(["soft_vote", "majority_vote"]), default=None,
+              help="Ensemble rule of a classifier (default soft_vote; regression always averages).")
+def export_best(study_name: str, storage: str | None, artifacts: str | None, out: str | None, fmt: str,
+                force: bool, retrain_id: str | None, ensemble: str | None) -> None:
+    """Export the best trial: parameters, spec, statistics and, after a retrain, the fold models."""
+    import json
+
+    from hpo.export import MANIFEST, best_params_text, export_best as export
+
+    if out == "-":
+        click.echo(best_params_text(study_name, storage_url=storage, fmt=fmt), nl=False)
+        return
+    folder = export(study_name, storage_url=storage, artifacts=artifacts, out=Path(out or Path("exports") / study_name),
+                    fmt=fmt, force=force, retrain_id=retrain_id, ensemble=ensemble)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    click.echo(f"exported trial {manifest['trial_number']} of study {study_name!r} to {folder} "
+               f"({len(manifest['files'])} files)")
+    if manifest["weights"]:
+        click.echo(f"weights of retrain {manifest['retrain_id']} ({manifest['ensemble']} ensemble); "
+                   f"load with: hpo.load({str(folder)!r}) or hpo predict --model {folder} --input FILE")
+    else:
+        click.echo(f"no weights: {manifest['note']}")
+
+
+@click.command()
+@click.option("--model", "model_dir", required=True, metavar="DIR", help="A folder written by hpo export-best.")
+@click.option("--input", "input_path", required=True, metavar="FILE", help="CSV (feature columns by name), .npy or IDX file.")
+@click.option("--output", "output_path", default=None, metavar="FILE",
+              help="Where to write the predictions: .csv or .npy (default: <input>.predictions.csv).")
+@click.option("--fold", type=click.IntRange(min=0), default=None, metavar="K", help="Use fold K's model alone instead of the ensemble.")
+def predict(model_dir: str, input_path: str, output_path: str | None, fold: int | None) -> None:
+    """Predict with an exported model on a file of raw inputs."""
+    from hpo.loading import predict_file
+
+    written = predict_file(model_dir, input_path, output_path, fold=fold)
+    click.echo(f"wrote predictions to {written}")
+
+
+COMMANDS = [export_best, predict]

@@ -82,38 +82,42 @@ class StackedOptimizer:
 
     @torch.no_grad()
     def update(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
-        self.steps += active
+        # In-place updates whose coefficients are zero for frozen models (no torch.where copies):
+        # the CPU path is bound by memory traffic, and on the GPU this is what the graph replays.
+        on_k = active.to(self.lr.dtype)
+        self.steps += on_k
+        step = self.steps.clamp(min=1)  # frozen models may still be at step 0
+        if self.name == "Adam":
+            beta1, beta2, eps = 0.9, 0.999, 1e-8
+            step_size_k = on_k * self.lr / (1 - beta1 ** step)
+            bc2_sqrt_k = (1 - beta2 ** step).sqrt()
         for name, p in params.items():
             shape = (-1,) + (1,) * (p.dim() - 1)
-            on, lr = active.view(shape), self.lr.view(shape)
+            on = on_k.view(shape)
             g = grads[name]
             if self.weight_decay:
-                g = g + self.weight_decay * p
+                g = g.add(p, alpha=self.weight_decay)
             state = self.state[name]
             if self.name == "Adam":
-                beta1, beta2, eps = 0.9, 0.999, 1e-8
-                m = state[0].lerp(g, 1 - beta1)
-                v = state[1] * beta2 + (1 - beta2) * g * g
-                step = self.steps.clamp(min=1).view(shape)  # frozen models may be at step 0
-                denom = v.sqrt() / (1 - beta2 ** step).sqrt() + eps
-                new = p - (lr / (1 - beta1 ** step)) * m / denom
-                new_state = [m, v]
-            elif self.name == "SGD":
-                new_state = [self.momentum * state[0] + g] if self.momentum else []
-                new = p - lr * (new_state[0] if self.momentum else g)
+                m, v = state
+                m.add_((g - m).mul_(on * (1 - beta1)))
+                v.add_((g * g - v).mul_(on * (1 - beta2)))
+                denom = v.sqrt().div_(bc2_sqrt_k.view(shape)).add_(eps)
+                p.sub_(m.div(denom).mul_(step_size_k.view(shape)))
+                continue
+            lr = (on_k * self.lr).view(shape)
+            if self.name == "SGD":
+                direction = g
             else:
                 alpha, eps = 0.99, 1e-8
-                sq = alpha * state[0] + (1 - alpha) * g * g
-                direction = g / (sq.sqrt() + eps)
-                new_state = [sq]
-                if self.momentum:
-                    buf = self.momentum * state[1] + direction
-                    new_state.append(buf)
-                    direction = buf
-                new = p - lr * direction
-            p.copy_(torch.where(on, new, p))
-            for old, fresh in zip(state, new_state):
-                old.copy_(torch.where(on, fresh, old))
+                sq = state[0]
+                sq.add_((g * g - sq).mul_(on * (1 - alpha)))
+                direction = g / sq.sqrt().add_(eps)
+            if self.momentum:
+                buf = state[-1]
+                buf.mul_(torch.where(on > 0, self.momentum, 1.0)).add_(direction * on)
+                direction = buf
+            p.sub_(direction * lr)
 
 
 class _Schedules:

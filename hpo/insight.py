@@ -1,0 +1,217 @@
+"""Looking inside the retrained models: weight histograms, CNN filters and feature maps, MLP
+receptive fields and activation-maximisation images, regression activation profiles.
+
+Models are rebuilt from a retrain's ``model.json`` and ``fold_<i>.pt``. Each figure function
+returns a plotly figure; weights are binned here, never shipped raw to the page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+from torch import nn
+
+from hpo.models import _ACTIVATIONS, build_model
+
+MAX_TILES = 16
+NEURONS_PER_LAYER = 8
+
+
+def load_fold_model(folder: Path, fold: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild fold ``fold``'s model from a retrain folder; returns it (eval mode, CPU) and model.json."""
+    info = json.loads((folder / "model.json").read_text())
+    model = build_model(info["family"], info["hyperparams"], in_shape=tuple(info["in_shape"]),
+                        out_features=int(info["out_features"]))
+    model.load_state_dict(torch.load(folder / f"fold_{fold}.pt", map_location="cpu", weights_only=True))
+    return model.eval(), info
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def weight_histograms(model: nn.Module, *, bins: int = 60) -> go.Figure:
+    """One histogram per Linear/Conv layer's weights (binned here)."""
+    layers = _layers(model)
+    cols = min(len(layers), 3)
+    rows = math.ceil(len(layers) / cols)
+    titles = [f"{name} {type(m).__name__} {tuple(m.weight.shape)}" for name, m in layers]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles)
+    for i, (_, m) in enumerate(layers):
+        counts, edges = np.histogram(m.weight.detach().cpu().numpy().ravel(), bins=bins)
+        fig.add_trace(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), showlegend=False,
+                             marker_color="#1f77b4", hovertemplate="%{x:.3g}: %{y}<extra></extra>"),
+                      row=i // cols + 1, col=i % cols + 1)
+    fig.update_layout(title="Weights of each layer", height=300 * rows, bargap=0)
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: list[str], *, title: str, cols: int = 8,
+               colorscale: str = "RdBu", symmetric: bool = True) -> go.Figure:
+    """Small heatmaps side by side (filters, feature maps, receptive fields); ``images`` is N×H×W."""
+    n = len(images)
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.01,
+                        vertical_spacing=0.12 / max(rows, 1))
+    for i, img in enumerate(images):
+        limit = float(np.abs(img).max()) or 1.0
+        bounds = dict(zmin=-limit, zmax=limit, zmid=0) if symmetric else {}
+        fig.add_trace(go.Heatmap(z=img, colorscale=colorscale, showscale=False, **bounds,
+                                 hovertemplate="%{z:.3g}<extra></extra>"), row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
+    fig.update_annotations(font_size=10)
+    fig.update_layout(title=title, height=max(160 * rows, 260), margin=dict(l=10, r=10, t=70, b=10))
+    return fig
+
+
+def first_layer_filters(model: nn.Module) -> go.Figure:
+    """The first conv layer's filters (averaged over input channels)."""
+    conv = next(m for _, m in _layers(model) if isinstance(m, nn.Conv2d))
+    w = conv.weight.detach().cpu().numpy().mean(axis=1)[:MAX_TILES * 2]
+    return image_grid(w, [f"filter {i}" for i in range(len(w))], title="First-layer filters")
+
+
+@torch.no_grad()
+def feature_maps(model: nn.Module, image: torch.Tensor, *, per_block: int = 8) -> go.Figure:
+    """The first channels of each conv layer's output for one test image (the image itself first)."""
+    outputs: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.append((name, out[0])))
+             for name, m in _layers(model) if isinstance(m, nn.Conv2d)]
+    try:
+        model(image[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    tiles, titles = [image.mean(0).numpy()], ["input"]
+    tiles_per_row = per_block
+    for name, out in outputs:
+        maps = out[:per_block].numpy()
+        tiles += list(maps)
+        titles += [f"{name} ch {c}" for c in range(len(maps))]
+        # Each block starts a new row of the grid.
+        while len(tiles) % tiles_per_row:
+            tiles.append(np.zeros_like(maps[0]))
+            titles.append("")
+    shapes = {t.shape for t in tiles}
+    if len(shapes) > 1:
+        # Blocks shrink the image: pad each map to the largest so one grid holds them all.
+        h = max(s[0] for s in shapes)
+        w = max(s[1] for s in shapes)
+        tiles = [np.pad(t, ((0, h - t.shape[0]), (0, w - t.shape[1])), constant_values=np.nan) for t in tiles]
+    return image_grid(np.stack(tiles), titles, title="Feature maps of one test image, per conv layer",
+                      cols=tiles_per_row, colorscale="Viridis", symmetric=False)
+
+
+def receptive_fields(model: nn.Module, in_shape: tuple[int, ...], *, seed: int = 0) -> go.Figure:
+    """Products of the weight matrices (W_k ··· W_1, ignoring the nonlinearities, as the seed did)
+    for sampled neurons of each hidden layer and every output neuron, shown as images."""
+    linears = [m for _, m in _layers(model) if isinstance(m, nn.Linear)]
+    rng = np.random.default_rng(seed)
+    product = None
+    tiles, titles = [], []
+    for depth, layer in enumerate(linears, start=1):
+        w = layer.weight.detach().cpu().double()
+        product = w if product is None else w @ product
+        last = depth == len(linears)
+        picks = np.arange(min(len(product), 10)) if last else np.sort(
+            rng.choice(len(product), size=min(NEURONS_PER_LAYER, len(product)), replace=False))
+        for j in picks:
+            tiles.append(product[j].reshape(in_shape).mean(0).numpy())
+            titles.append(f"out {j}" if last else f"L{depth} n{j}")
+    return image_grid(np.stack(tiles), titles, title="Receptive fields (products of weight matrices)",
+                      cols=NEURONS_PER_LAYER if len(linears) > 1 else 10)
+
+
+def activation_maximisation(model: nn.Module, in_shape: tuple[int, ...], *, steps: int = 150,
+                            lr: float = 0.05, l2: float = 1e-2) -> go.Figure:
+    """Inputs that maximise each output neuron, by gradient ascent on the input from a blank image."""
+    n_out = _layers(model)[-1][1].weight.shape[0]
+    x = torch.zeros((n_out, *in_shape), requires_grad=True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    rows = torch.arange(n_out)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _ in range(steps):
+        out = model(x)
+        objective = out[rows, rows].sum() - l2 * (x ** 2).sum()
+        optimizer.zero_grad()
+        (-objective).backward()
+        optimizer.step()
+    images = x.detach().mean(1).numpy()
+    return image_grid(images, [f"class {i}" for i in range(n_out)], cols=min(n_out, 10),
+                      title="Activation maximisation: input that most excites each output neuron")
+
+
+@torch.no_grad()
+def activation_profiles(model: nn.Module, inputs: torch.Tensor, labels: list[str]) -> go.Figure:
+    """Each hidden layer's activations (after the nonlinearity) for a few inputs, units on the x axis."""
+    acts: list[tuple[str, torch.Tensor]] = []
+    kinds = tuple(_ACTIVATIONS.values())
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: acts.append((name, out)))
+             for name, m in model.named_modules() if isinstance(m, kinds)]
+    try:
+        model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    fig = make_subplots(rows=len(acts), cols=1, subplot_titles=[f"layer {n} ({out.shape[1]} units)" for n, out in acts])
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    for row, (_, out) in enumerate(acts, start=1):
+        for i, label in enumerate(labels):
+            fig.add_trace(go.Scatter(y=out[i].numpy(), mode="lines", name=label, legendgroup=label,
+                                     showlegend=row == 1, line=dict(color=colours[i % len(colours)], width=1)),
+                          row=row, col=1)
+    fig.update_xaxes(title_text="unit")
+    fig.update_layout(title="Activation profiles of each hidden layer for a few inputs", height=260 * len(acts) + 80)
+    return fig
+
+
+def _test_image(spec) -> torch.Tensor:
+    from hpo.data import load_dataset
+
+    return load_dataset(spec).x_test[0].float().cpu()
+
+
+def insight_section(page, folder: Path, metrics: dict[str, Any], spec) -> None:
+    """The model-insight section: the best fold's model, rebuilt from the retrain folder.
+
+    ``page`` is a ``hpo.report.Page``.
+    """
+    sec = page.section("insight", "Model insight")
+    fold = int(metrics.get("best_fold") or 0)
+    try:
+        model, info = load_fold_model(folder, fold)
+    except Exception as e:
+        sec.parts.append(page.note(f"the model of fold {fold} cannot be rebuilt ({type(e).__name__}: {e}); "
+                                   f"run: hpo retrain --study {spec.name}"))
+        return
+    in_shape = tuple(info["in_shape"])
+    n_params = sum(p.numel() for p in model.parameters())
+    sec.parts.append(f"<p>The best fold model (fold {fold}): {info['family']}, input {in_shape}, "
+                     f"{info['out_features']} outputs, {n_params:,} parameters.</p>")
+    sec.parts.append(page.figure(lambda: weight_histograms(model), "weight histograms"))
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        sec.parts.append(page.figure(lambda: first_layer_filters(model), "first-layer filters"))
+        sec.parts.append(page.figure(lambda: feature_maps(model, _test_image(spec)), "feature maps"))
+    elif len(in_shape) == 3:
+        sec.parts.append(page.figure(lambda: receptive_fields(model, in_shape), "receptive fields"))
+        sec.parts.append(page.figure(lambda: activation_maximisation(model, in_shape), "activation maximisation"))
+    elif info.get("task") == "regression" and len(in_shape) == 1 and in_shape[0] == 1:
+        sec.parts.append(page.figure(lambda: _regression_profiles(model, info), "activation profiles"))
+
+
+def _regression_profiles(model: nn.Module, info: dict[str, Any]) -> go.Figure:
+    norm = info.get("normalization") or {}
+    mean, std = float((norm.get("mean") or [0.0])[0]), float((norm.get("std") or [1.0])[0])
+    z = torch.linspace(-1.5, 1.5, 5)  # normalised inputs across the bulk of the training data
+    labels = [f"x = {float(v) * std + mean:.3g}" for v in z]
+    return activation_profiles(model, z[:, None], labels)

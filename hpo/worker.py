@@ -156,6 +156,7 @@ class _Worker:
 
     def run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
         frozen = self._trial(trial._trial_id)
+        trial.set_user_attr("worker", self.label)
         if is_retry(frozen):
             trial.set_user_attr("retry_of", frozen.system_attrs["failed_trial"])
             trial.set_user_attr("retries", len(frozen.system_attrs.get("retry_history", ())))

@@ -1,0 +1,171 @@
+"""The store: URLs and masking, clear errors, atomic claims, transient-error retries, on every backend."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import optuna
+import pytest
+import sqlalchemy.exc
+
+from conftest import run_hpo
+from hpo.errors import StoreError
+from hpo.store import call_retrying, claim, engine_kwargs, is_transient, mask_url, open_storage, release
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+MYSQL_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+def _pg_conn(dbname: str = "test"):
+    import psycopg2
+
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=dbname, connect_timeout=3)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"PostgreSQL unreachable: {e}")
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture
+def pg_url():
+    """A freshly created PostgreSQL database, dropped afterwards."""
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    conn = _pg_conn()
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    conn.close()
+
+
+def pg_connections(url: str) -> int:
+    """Client connections to the database of ``url`` right now (pg_stat_activity)."""
+    conn = _pg_conn()
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (url.rsplit("/", 1)[1],))
+        (n,) = cur.fetchone()
+    conn.close()
+    return n
+
+
+@pytest.fixture
+def mysql_url():
+    """A freshly created MariaDB database, dropped afterwards."""
+    import pymysql
+
+    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    try:
+        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
+                               autocommit=True)
+    except pymysql.err.OperationalError as e:
+        pytest.skip(f"MariaDB unreachable: {e}")
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name}")
+    conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mysql", marks=pytest.mark.mysql)])
+def any_url(request, store_url):
+    if request.param == "sqlite":
+        return store_url
+    return request.getfixturevalue("pg_url" if request.param == "postgres" else "mysql_url")
+
+
+@pytest.mark.parametrize("url, masked", [
+    ("postgresql://u:s3cret@db:5432/hpo", "postgresql://u:***@db:5432/hpo"),
+    ("postgresql+psycopg2://u:p@ss/w@rd@db/hpo", "postgresql+psycopg2://u:***@db/hpo"),
+    ("mysql+pymysql://root:pw@127.0.0.1:3306/x", "mysql+pymysql://root:***@127.0.0.1:3306/x"),
+    ("error at postgresql://u:pw@h/d; retry", "error at postgresql://u:***@h/d; retry"),
+    ("postgresql://h/d?user=u&password=pw&sslmode=require", "postgresql://h/d?user=u&password=***&sslmode=require"),
+    ("sqlite:///storage/hpo.db", "sqlite:///storage/hpo.db"),
+    ("postgresql://u@h/d", "postgresql://u@h/d"),
+])
+def test_mask_url(url, masked):
+    assert mask_url(url) == masked
+
+
+def test_server_engines_are_sized_for_one_worker():
+    kw = engine_kwargs("postgresql://u@h/d")
+    assert kw["pool_pre_ping"] and kw["pool_size"] == 1 and kw["connect_args"]["connect_timeout"] > 0
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("postgresql+psycopg2://nobody:s3cretPW@127.0.0.1:5432/test", "s3cretPW"),  # unknown role
+    ("postgresql://u:s3cretPW@127.0.0.1:1/test", "s3cretPW"),  # nothing listens on port 1
+    ("mysql+pymysql://root:s3cretPW@127.0.0.1:3306/test", "s3cretPW"),  # wrong password
+])
+def test_bad_store_is_one_masked_line_and_exit_2(url, secret, cli_env):
+    start = time.monotonic()
+    proc = run_hpo("studies", "--storage", url, env=cli_env, check=2)
+    assert time.monotonic() - start < 20
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpo: error: cannot open the store"), proc.stderr
+    assert secret not in proc.stderr + proc.stdout and "***" in lines[0]
+
+
+def test_claims_are_atomic_and_bounded(any_url):
+    storage = open_storage(any_url)
+    optuna.create_study(study_name="claims", storage=storage)
+    study_id = storage.get_study_id_from_name("claims")
+    got: list[int | None] = []
+
+    def grab():
+        got.append(claim(open_storage(any_url), study_id, "hpo:budget:", limit=5, value="t"))
+
+    threads = [threading.Thread(target=grab) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(k for k in got if k is not None) == [0, 1, 2, 3, 4]
+    assert got.count(None) == 3
+    release(storage, study_id, "hpo:budget:", 2)
+    assert claim(storage, study_id, "hpo:budget:", limit=5) == 2
+    assert claim(storage, study_id, "hpo:budget:", limit=5) is None
+    assert claim(storage, study_id, "hpo:worker:") == 0
+    assert {k for k in storage.get_study_system_attrs(study_id) if k.startswith("hpo:budget:")} == {f"hpo:budget:{k}" for k in range(5)}
+
+
+def test_transient_errors_are_retried_then_given_up():
+    calls = []
+    dropped = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise optuna.exceptions.StorageInternalError("commit failed") from dropped
+        return "ok"
+
+    assert is_transient(optuna.exceptions.StorageInternalError("x").with_traceback(None)) is False
+    assert call_retrying(10, flaky) == "ok" and len(calls) == 3
+
+    def always():
+        raise dropped
+
+    start = time.monotonic()
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        call_retrying(1.0, always)
+    assert time.monotonic() - start < 3
+
+    def bug():
+        calls.append(1)
+        raise ValueError("not a store problem")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        call_retrying(10, bug)
+    assert len(calls) == 1
+
+
+def test_bad_environment_knob_is_a_store_error(store_url, monkeypatch):
+    monkeypatch.setenv("HPO_GRACE_PERIOD", "soon")
+    with pytest.raises(StoreError, match="HPO_GRACE_PERIOD"):
+        open_storage(store_url)

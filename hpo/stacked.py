@@ -14,7 +14,7 @@ same initial weights and fold seeds:
 - the optimizers (Adam, SGD, RMSprop, with weight decay and momentum) are written on the stacked
   tensors with per-model learning rates and step counts, so ReduceLROnPlateau and early stopping act
   per model; a stopped model's updates are masked off while the others go on.
-Not bit-identical: dropout masks (the random stream differs), and batch-norm statistics of a last
+Not bit-identical: dropout masks and augmentation (the random stream differs), and batch-norm statistics of a last
 batch that holds padding (only with uneven folds).
 """
 
@@ -33,7 +33,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from hpo.data import Dataset
 from hpo.errors import TrainingError
-from hpo.train import EVAL_BATCH, TrainResult, evaluate, make_scheduler, score
+from hpo.train import EVAL_BATCH, TrainResult, batch_augmenter, evaluate, make_scheduler, score
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]  # (fold, epoch, stats)
 
@@ -202,8 +202,13 @@ def train_stacked(
     schedules = _Schedules(hp, k)
     x, y = data.x, data.y
 
+    augment = batch_augmenter(data, hp)
+
     def step(idx: torch.Tensor, mask: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        per = _per_sample_loss(task, forward(params, buffers, x[idx]), y[idx]) * mask
+        xb = x[idx]
+        if augment is not None:
+            xb = augment(xb.flatten(0, 1)).view_as(xb)
+        per = _per_sample_loss(task, forward(params, buffers, xb), y[idx]) * mask
         count = mask.sum(dim=1)
         losses = per.sum(dim=1) / count.clamp(min=1)
         grads = torch.autograd.grad(losses.sum(), [params[n] for n in names])

@@ -16,7 +16,6 @@ stored), and applies the stored normalisation itself:
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpo import ensemble as ens
 from hpo.errors import DataError, HpoError
 from hpo.export import EXPORT_FORMAT, MANIFEST, MODEL, sha256
 
@@ -76,22 +76,20 @@ class ExportedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = self.fold_outputs(x)
         if self.task == "regression":
-            return outputs.mean(0)
+            return ens.mean(outputs)
         if self.rule == "majority_vote":
             return nn.functional.one_hot(outputs.argmax(-1), outputs.shape[-1]).float().mean(0)
-        return outputs.softmax(-1).mean(0)
+        return ens.soft_vote(outputs)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predictions: values (N, 1) for regression, class indices (N,) for classification."""
         outputs = self.fold_outputs(x)
         if self.task == "regression":
-            return outputs.mean(0)
-        if self.rule != "majority_vote":
-            return outputs.softmax(-1).mean(0).argmax(-1)
-        votes = nn.functional.one_hot(outputs.argmax(-1), outputs.shape[-1]).sum(0)
-        tied = votes == votes.max(-1, keepdim=True).values
-        return outputs[self.tie_breaker].masked_fill(~tied, float("-inf")).argmax(-1)
+            return ens.mean(outputs)
+        if self.rule == "majority_vote":
+            return ens.majority_vote(outputs, tie_breaker=self.tie_breaker)
+        return ens.soft_vote(outputs).argmax(-1)
 
 
 def verify(folder: Path) -> dict:
@@ -167,23 +165,6 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
     return ExportedModel(models, description=description, rule=rule).to(device).eval()
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST format, optionally gzipped) as an array."""
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in dtypes:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    ndim = raw[3]
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
-    dtype = np.dtype(dtypes[raw[2]])
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != math.prod(shape) * dtype.itemsize:
-        raise DataError(f"{path}: IDX file is truncated: header says shape {shape}")
-    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(shape).astype(np.float32)
-
-
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
     """Inputs from a CSV (feature columns by name), .npy or IDX file; also the CSV frame, if any."""
     import pandas as pd
@@ -208,7 +189,9 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
         except (ValueError, OSError) as e:
             raise DataError(f"{path}: cannot read as .npy: {e}") from e
     if "idx" in name or name.endswith("-ubyte") or name.endswith(".gz"):
-        return read_idx(path), None
+        from hpo.images import read_idx
+
+        return read_idx(path).astype(np.float32), None
     raise DataError(f"--input: {path}: unknown file type; use .csv, .npy or an IDX file (e.g. t10k-images-idx3-ubyte.gz)")
 
 
@@ -232,7 +215,7 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
     model = load(model_dir, fold=fold, device=device)
     x, frame = read_inputs(input_path, model)
     with torch.no_grad():
-        pred = torch.cat([model.predict(torch.from_numpy(x[i:i + 8192])) for i in range(0, len(x), 8192)]).cpu().numpy()
+        pred = torch.cat([model.predict(torch.tensor(x[i:i + 8192])) for i in range(0, len(x), 8192)]).cpu().numpy()
     if model.task == "regression":
         pred = pred[:, 0]
     output_path.parent.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,7 @@ class _Graphs:
                 # Gradients are allocated inside the graph's private pool and overwritten on replay.
                 optimizer.zero_grad(set_to_none=True)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     step(sx, sy)
                 self.buffers[size] = (sx, sy, graph)
         finally:

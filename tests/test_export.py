@@ -289,3 +289,52 @@ def test_bad_input_exits_2(tmp_path, trained):
     with pytest.raises(HpoError, match="has no retrain 'r0'"):
         export_best("regression", storage_url=env["HPO_STORAGE"], out=tmp_path / "z", retrain_id="r0")
     assert not (tmp_path / "z").exists()
+
+
+def test_image_export_takes_raw_idx_pixels(tmp_path):
+    """An image retrain's model.json (normalisation of the /255 pixels) becomes a module that takes
+    raw 0..255 pixels; ``hpo predict`` reads a gzipped IDX file."""
+    import gzip
+
+    import torch
+
+    import hpo
+    from hpo.export import EXPORT_FORMAT, MANIFEST, _model_description, sha256
+    from hpo.images import SOURCES
+    from hpo.loading import predict_file
+    from hpo.models import build_model
+    from hpo.results import RetrainRecord
+    from hpo.spec import parse_spec
+
+    spec = parse_spec({"name": "fm", "data": {"source": "fashion_mnist"}, "model": "mlp"})
+    src = SOURCES["fashion_mnist"]
+    hp = {"n_layers": 1, "width": 8, "dropout": 0.0, "activation": "relu", "init": "default"}
+    retrain_files = tmp_path / "retrain"
+    retrain_files.mkdir()
+    (retrain_files / "model.json").write_text(json.dumps({
+        "family": "mlp", "in_shape": [1, 28, 28], "out_features": 10, "task": "classification", "hyperparams": hp,
+        "normalization": {"mean": [src.mean], "std": [src.std]}, "classes": list(src.classes)}))
+    record = RetrainRecord(id="r", trial_number=0, folds=1, created="", files={}, summary={})
+    description = _model_description(retrain_files, record, spec, None)
+    assert description["normalization"]["scale"] == pytest.approx(1 / 255)
+
+    export = tmp_path / "export"
+    export.mkdir()
+    torch.manual_seed(0)
+    net = build_model("mlp", hp, in_shape=(1, 28, 28), out_features=10).eval()
+    torch.save(net.state_dict(), export / "fold_0.pt")
+    (export / "model.json").write_text(json.dumps(description))
+    (export / MANIFEST).write_text(json.dumps({"format": EXPORT_FORMAT, "weights": True, "files": {
+        p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in export.iterdir()}}))
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    header = b"\x00\x00\x08\x03" + np.array([5, 28, 28], dtype=">i4").tobytes()
+    (tmp_path / "images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels.tobytes()))
+    expected = net((torch.from_numpy(pixels).float()[:, None] / 255 - src.mean) / src.std).softmax(-1)
+
+    module = hpo.load(export)
+    np.testing.assert_allclose(module(torch.from_numpy(pixels)).detach(), expected.detach(), **TOL)
+    written = predict_file(export, tmp_path / "images-idx3-ubyte.gz", tmp_path / "labels.csv")
+    frame = pd.read_csv(written)
+    np.testing.assert_array_equal(frame["prediction"], expected.argmax(-1).numpy())
+    assert list(frame["class"]) == [src.classes[i] for i in expected.argmax(-1)]

@@ -29,6 +29,15 @@ def fast_spec(tmp_path: Path, n_trials: int, *, epochs=(5, 15), name: str = "reg
     return path
 
 
+def create(spec_path: Path, url: str) -> None:
+    """Create the study in-process (a CLI process would only add a torch import to each test)."""
+    from hpo import study as studies
+    from hpo.data import embed_csv
+    from hpo.spec import load_spec_file
+
+    studies.create(embed_csv(load_spec_file(spec_path)), open_storage(url, heartbeat=False), force=True)
+
+
 def start_worker(env: dict, study: str, log: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([*HPO, "worker", "--study", study, *args], cwd=REPO, env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -43,7 +52,7 @@ def budget_trials(url: str, study: str) -> list[optuna.trial.FrozenTrial]:
 
 def run_parallel(tmp_path: Path, url: str, *, workers: int, n_trials: int, sample=None) -> tuple[float, list[str], list]:
     env = dict(os.environ, HPO_STORAGE=url, PYTHONUNBUFFERED="1")
-    run_hpo("create-study", str(fast_spec(tmp_path, n_trials)), env=env, check=0)
+    create(fast_spec(tmp_path, n_trials), url)
     start = time.monotonic()
     logs = [tmp_path / f"w{i}.log" for i in range(workers)]
     procs = [start_worker(env, "regression", log) for log in logs]
@@ -100,12 +109,7 @@ def test_two_workers_on_mariadb_finish_exactly_the_budget(tmp_path, mysql_url):
 
 def _params(tmp_path: Path, name: str) -> list[dict]:
     url = f"sqlite:///{tmp_path / name / 'hpo.db'}"
-    from hpo import study as studies
-    from hpo.data import embed_csv
-    from hpo.spec import load_spec_file
-
-    spec = embed_csv(load_spec_file(fast_spec(tmp_path, 8)))
-    studies.create(spec, open_storage(url, heartbeat=False))
+    create(fast_spec(tmp_path, 8), url)
     run_worker("regression", storage_url=url, echo=lambda line: None)
     trials = optuna.load_study(study_name="regression", storage=open_storage(url, heartbeat=False)).get_trials()
     return [t.params for t in trials]
@@ -117,13 +121,8 @@ def test_one_worker_is_reproducible(tmp_path):
 
 
 def test_a_second_worker_draws_other_points(tmp_path, store_url):
-    from hpo import study as studies
-    from hpo.data import embed_csv
-    from hpo.spec import load_spec_file
-
-    spec = embed_csv(load_spec_file(fast_spec(tmp_path, 4)))
+    create(fast_spec(tmp_path, 4), store_url)
     storage = open_storage(store_url, heartbeat=False)
-    studies.create(spec, storage)
     run_worker("regression", storage_url=store_url, n_trials=2, echo=lambda line: None)
     run_worker("regression", storage_url=store_url, n_trials=2, echo=lambda line: None)
     trials = optuna.load_study(study_name="regression", storage=storage).get_trials()

@@ -62,8 +62,8 @@ def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, 
     from hpo.store import open_storage
     from hpo.study import load
 
-    load(study_name, open_storage(storage, heartbeat=False))  # fail fast, once, on a bad store or name
     members = plan(gpus=gpus, per_gpu=per_gpu, device=device, workers=workers)
+    load(study_name, open_storage(storage, heartbeat=False))  # fail fast, once, on a bad store or name
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     for index, (visible, dev) in enumerate(members):

@@ -39,8 +39,8 @@ PROBE_TIMEOUT_S = 3.0
 class ImageSource:
     title: str
     torchvision: str  # the torchvision class, also its folder name under a root
-    debian: str  # folder under /usr/share/datasets
-    mirror: str  # host probed before trying a download
+    debian: str | None  # Debian's package dataset-<name>, installed under /usr/share/datasets/<name>
+    mirror: tuple[str, int]  # (host, port) probed before trying a download
     mean: float
     std: float
     classes: tuple[str, ...]
@@ -48,11 +48,11 @@ class ImageSource:
 
 SOURCES = {
     "fashion_mnist": ImageSource(
-        "Fashion-MNIST", "FashionMNIST", "fashion-mnist", "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+        "Fashion-MNIST", "FashionMNIST", "fashion-mnist", ("fashion-mnist.s3-website.eu-central-1.amazonaws.com", 80),
         0.2860, 0.3530,
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
     "mnist": ImageSource(
-        "MNIST", "MNIST", "mnist", "ossci-datasets.s3.amazonaws.com",
+        "MNIST", "MNIST", None, ("ossci-datasets.s3.amazonaws.com", 443),
         0.1307, 0.3081, tuple(str(i) for i in range(10))),
 }
 
@@ -108,13 +108,14 @@ def candidate_folders(source: str, *, spec_dir: str | None = None) -> list[Path]
     roots = [Path(p).expanduser() for p in (spec_dir, os.environ.get("HPO_DATA_DIR")) if p]
     roots += [Path.cwd() / "data", DOWNLOAD_ROOT]
     folders = [f for root in roots for f in _folders(root, src)]
-    folders.append(Path("/usr/share/datasets") / src.debian)
+    if src.debian:
+        folders.append(Path("/usr/share/datasets") / src.debian)
     return list(dict.fromkeys(folders))
 
 
-def _network_allows(host: str) -> bool:
+def _network_allows(address: tuple[str, int]) -> bool:
     try:
-        socket.create_connection((host, 80), timeout=PROBE_TIMEOUT_S).close()
+        socket.create_connection(address, timeout=PROBE_TIMEOUT_S).close()
         return True
     except OSError:
         return False
@@ -122,7 +123,7 @@ def _network_allows(host: str) -> bool:
 
 def _download(src: ImageSource) -> tuple[dict[str, Path] | None, str]:
     if not _network_allows(src.mirror):
-        return None, f"download skipped ({src.mirror} not reachable)"
+        return None, f"download skipped ({src.mirror[0]} not reachable)"
     import torchvision
 
     try:
@@ -162,9 +163,9 @@ def find_idx_files(source: str, *, data_dir: str | None = None, spec_dir: str | 
             return found
         looked.append(how)
     names = ", ".join(f"{s}[.gz]" for s in PARTS.values())
+    hint = f", or on Debian: apt-get install dataset-{src.debian}" if src.debian else ""
     raise DataError(f"{src.title} IDX files ({names}) not found; looked in: {'; '.join(looked)}. "
-                    f"Point --data-dir or HPO_DATA_DIR at a folder holding them, or on Debian: "
-                    f"apt-get install dataset-{src.debian}")
+                    f"Point --data-dir or HPO_DATA_DIR at a folder holding them{hint}")
 
 
 def _images_and_labels(files: dict[str, Path], split: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

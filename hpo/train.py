@@ -248,7 +248,7 @@ def train(
             result.path = "cuda_graph"
         except Exception as e:  # capture refuses host syncs and some ops: fall back, and say why
             result.path_reason = f"capture failed: {type(e).__name__}: {e}"[:300]
-            torch.cuda.synchronize(device)
+            graphs = None
     if graphs is None:
         optimizer = make_optimizer(model.parameters(), hp)
         eager_step = make_step(optimizer)

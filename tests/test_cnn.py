@@ -132,6 +132,7 @@ def test_worker_survives_configurations_that_do_not_fit(tmp_path, cli_env):
     assert all(t.user_attrs["fail_reason"].startswith("TrainingError: cnn: conv block") for t in failed), [t.user_attrs for t in failed]
 
 
+@pytest.mark.slow
 def test_gpu_that_does_not_exist_is_exit_2(cli_env):
     proc = run_hpo("worker", "--study", "fmnist", "--gpu", "3", env=cli_env, check=2)
     assert proc.stderr.strip() == "hpo: error: --gpu: GPU 3 does not exist; available: none (no CUDA device visible)" \

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import run_hpo
+from hpo import images
 from hpo.errors import DataError
 from hpo.images import PARTS, SOURCES, find_idx_files, load_image_dataset, make_augmenter, read_idx
 from hpo.spec import parse_spec
@@ -103,6 +104,7 @@ def test_torchvision_layout_and_env_var(tmp_path, monkeypatch):
     write_idx_set(tmp_path / "root" / "FashionMNIST" / "raw", gz=True)
     monkeypatch.setenv("HPO_DATA_DIR", str(tmp_path / "root"))
     files = find_idx_files("fashion_mnist", download=False)
+    assert images.candidate_folders("fashion_mnist")[-1] == DEBIAN
     assert files["train_images"] == tmp_path / "root" / "FashionMNIST" / "raw" / f"{PARTS['train_images']}.gz"
     # the spec's data_dir comes before HPO_DATA_DIR
     write_idx_set(tmp_path / "spec_dir")
@@ -113,13 +115,17 @@ def test_torchvision_layout_and_env_var(tmp_path, monkeypatch):
 def test_error_lists_every_place_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("HPO_DATA_DIR", str(tmp_path / "nowhere"))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(images, "_network_allows", lambda address: False)  # offline: no download attempt
     with pytest.raises(DataError) as e:
-        find_idx_files("mnist", spec_dir=str(tmp_path / "spec_dir"), download=False)
+        find_idx_files("mnist", spec_dir=str(tmp_path / "spec_dir"))
     message = str(e.value)
-    assert "\n" not in message and "MNIST IDX files" in message
-    for place in (tmp_path / "spec_dir", tmp_path / "nowhere" / "MNIST" / "raw", tmp_path / "data",
-                  Path("/usr/share/datasets/mnist")):
+    assert "\n" not in message and message.startswith("MNIST IDX files")
+    assert "download skipped (ossci-datasets.s3.amazonaws.com not reachable)" in message
+    for place in (tmp_path / "spec_dir", tmp_path / "nowhere" / "MNIST" / "raw", tmp_path / "data"):
         assert str(place) in message
+    assert "apt-get" not in message  # Debian packages Fashion-MNIST only
+    with pytest.raises(DataError, match="or on Debian: apt-get install dataset-fashion-mnist$"):
+        find_idx_files("fashion_mnist", data_dir=str(tmp_path / "nowhere"))
 
 
 def test_an_explicit_data_dir_is_searched_alone(tmp_path):
@@ -166,6 +172,7 @@ def test_augmentation_keeps_shapes_labels_and_background():
     torch.testing.assert_close(make_augmenter(norm)(x), out)  # seeded: the same draw again
 
 
+@pytest.mark.slow
 def test_cli_worker_with_a_data_dir_without_the_files(tmp_path, cli_env):
     spec = tmp_path / "img.yaml"
     spec.write_text("name: img\nmodel: cnn\ndata: {source: fashion_mnist}\nbudget: {n_trials: 1}\n")

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import json
-import mimetypes
 import socket
 import sys
 from typing import Callable
 
 from hpo.errors import HpoError
-
-ARTIFACT_PREFIX = "artifacts:"  # optuna.artifacts' key, on a study or a trial
-DASHBOARD_PREFIX = "dashboard:artifacts:"  # optuna-dashboard's per-trial key on the study
-
 
 def is_loopback(host: str) -> bool:
     """Whether every address ``host`` names is a loopback address (``localhost``, 127.x, ::1)."""
@@ -57,41 +51,6 @@ def study_url(study_name: str, *, storage_url: str | None = None, host: str = "1
     return f"http://{shown}:{port}/dashboard/studies/{study._study_id}"
 
 
-def link_retrain_artifacts(storage) -> int:
-    """Show each retrain's files in its trial's view, not only the study's.
-
-    Optuna refuses new artifacts on a finished trial, so a retrain attaches its files to the study;
-    optuna-dashboard also lists, in a trial's view, the artifacts recorded in the study's system
-    attrs under ``dashboard:artifacts:<trial_id>:<artifact_id>``. This adds those keys (metadata
-    only; the files are not copied) and is idempotent. Returns the number of links added.
-    """
-    from hpo.results import RECORD_PREFIX, RetrainRecord
-
-    added = 0
-    for frozen in storage.get_all_studies():
-        records = [RetrainRecord(**v) for k, v in frozen.user_attrs.items() if k.startswith(RECORD_PREFIX)]
-        if not records:
-            continue
-        study_id = frozen._study_id
-        system_attrs = storage.get_study_system_attrs(study_id)
-        trials = {t.number: t for t in storage.get_all_trials(study_id, deepcopy=False)}
-        for record in records:
-            trial = trials.get(record.trial_number)
-            if trial is None:
-                continue
-            for name, artifact_id in record.files.items():
-                key = f"{DASHBOARD_PREFIX}{trial._trial_id}:{artifact_id}"
-                if key in system_attrs or f"{ARTIFACT_PREFIX}{artifact_id}" in trial.system_attrs:
-                    continue
-                meta = system_attrs.get(f"{ARTIFACT_PREFIX}{artifact_id}")
-                meta = json.loads(meta) if meta else {
-                    "artifact_id": artifact_id, "filename": name,
-                    "mimetype": mimetypes.guess_type(name)[0] or "application/octet-stream", "encoding": None}
-                storage.set_study_system_attr(study_id, key, json.dumps(meta))
-                added += 1
-    return added
-
-
 def serve(*, storage_url: str | None = None, artifacts: str | None = None, host: str = "127.0.0.1",
           port: int = 8080, study_name: str | None = None, echo: Callable[[str], None] = print) -> None:
     """Run optuna-dashboard until interrupted, after echoing its URL (that of ``study_name``'s page
@@ -117,7 +76,6 @@ def serve(*, storage_url: str | None = None, artifacts: str | None = None, host:
         line = f"study {study_name}: {study_url(study_name, storage_url=storage_url, host=host, port=port)}"
     else:
         line = f"dashboard: http://{f'[{host}]' if ':' in host else host}:{port}/dashboard"
-    link_retrain_artifacts(storage)
     echo(line)
     optuna_dashboard.run_server(storage, host=host, port=port,
                                 artifact_store=open_artifact_store(storage_url, artifacts))

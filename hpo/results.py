@@ -1,7 +1,8 @@
 """Retrain results as artifacts of the study: written by ``hpo retrain``, read by report and export.
 
-Each retrain is a set of files uploaded to the artifact store and attached to the retrained trial
-(so optuna-dashboard shows them in that trial's view). The study's user attrs record them:
+Each retrain is a set of files uploaded to the artifact store. Optuna refuses artifacts on a
+finished trial, so they are attached to the study and linked to the retrained trial under
+optuna-dashboard's ``dashboard:artifacts:<trial_id>:<artifact_id>`` key (shown in that trial's view). The study's user attrs record them:
 ``hpo_retrain:<id>`` holds the record below, ``hpo_retrain_latest`` the newest id. A new retrain
 never overwrites an older one.
 
@@ -32,6 +33,8 @@ from optuna.artifacts import download_artifact, upload_artifact
 
 from hpo.errors import HpoError
 
+ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts' study system-attr key
+DASHBOARD_TRIAL_PREFIX = "dashboard:artifacts:"  # optuna-dashboard's per-trial link
 RECORD_PREFIX = "hpo_retrain:"
 LATEST_ATTR = "hpo_retrain_latest"
 
@@ -49,11 +52,15 @@ class RetrainRecord:
 def save_retrain(study: optuna.Study, artifact_store, *, trial_number: int, folds: int, files: dict[str, Path],
                  summary: dict[str, Any]) -> RetrainRecord:
     """Upload the files of one retrain and record them in the study. Returns the new record."""
-    trial = study.get_trials(deepcopy=False)[trial_number]
+    storage = study._storage
+    study_id = study._study_id
+    trial_id = study.get_trials(deepcopy=False)[trial_number]._trial_id
     artifact_ids = {}
     for name, path in files.items():
-        artifact_ids[name] = upload_artifact(artifact_store=artifact_store, file_path=str(path),
-                                             study_or_trial=trial, storage=study._storage)
+        artifact_id = upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=study)
+        meta = storage.get_study_system_attrs(study_id)[ARTIFACTS_ATTR_PREFIX + artifact_id]
+        storage.set_study_system_attr(study_id, f"{DASHBOARD_TRIAL_PREFIX}{trial_id}:{artifact_id}", meta)
+        artifact_ids[name] = artifact_id
     record = RetrainRecord(
         id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6],
         trial_number=trial_number,

@@ -32,7 +32,8 @@ def fold_scores(metrics: dict[str, Any], metric_name: str) -> go.Figure:
     best = metrics.get("best_fold")
     ensemble = metrics.get("ensemble", {})
     panels = [("test_metric", f"test {metric_name}")]
-    if all(f.get("test_loss") is not None for f in per_fold):
+    # Regression scores by MSE, which is its loss too: one panel then.
+    if all(f.get("test_loss") not in (None, f["test_metric"]) for f in per_fold):
         panels.append(("test_loss", "test loss"))
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[1] for p in panels])
     folds = [f"fold {f['fold']}" for f in per_fold]
@@ -116,14 +117,13 @@ def confusion(metrics: dict[str, Any]) -> go.Figure:
     return fig
 
 
-def gaps(x: np.ndarray, *, factor: float = 5.0) -> list[tuple[float, float]]:
-    """Intervals of x with no training data: spaces between neighbours wider than ``factor`` times
-    the median spacing (the seeds' "dark intervals")."""
+def gaps(x: np.ndarray, *, share: float = 0.08) -> list[tuple[float, float]]:
+    """Intervals of x with no training data: spaces between neighbours wider than ``share`` of the
+    range of x (the seeds' "dark intervals")."""
     xs = np.sort(np.asarray(x, dtype=float).ravel())
-    if len(xs) < 3:
+    if len(xs) < 3 or xs[-1] == xs[0]:
         return []
-    d = np.diff(xs)
-    wide = np.flatnonzero(d > factor * np.median(d[d > 0]) if np.any(d > 0) else [])
+    wide = np.flatnonzero(np.diff(xs) > share * (xs[-1] - xs[0]))
     return [(float(xs[i]), float(xs[i + 1])) for i in wide]
 
 

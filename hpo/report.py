@@ -14,6 +14,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,7 +77,10 @@ class Page:
 
     def figure(self, build: Callable[[], go.Figure], what: str) -> str:
         try:
-            fig = build()
+            with warnings.catch_warnings():
+                # Optuna warns about thin data (few trials per regime): the figure still says enough.
+                warnings.simplefilter("ignore")
+                fig = build()
         except Exception as e:  # one figure that cannot be drawn must not cost the whole report
             return missing(f"{what}: not drawn ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         if not fig.data:

@@ -36,7 +36,9 @@ def pg_url():
     conn = _pg_conn()
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
+    conn.close()
     yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    conn = _pg_conn()  # a new connection: the test may have restarted the server
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     conn.close()

@@ -242,6 +242,9 @@ def make_augmenter(normalization: dict, *, degrees: float = 10.0, translate: flo
     mean = torch.tensor(normalization.get("mean", [0.0]), dtype=torch.float32)
     std = torch.tensor(normalization.get("std", [1.0]), dtype=torch.float32)
     background = (-mean / std).view(1, -1, 1, 1)
+    # Moved to the batch's device once, on the first (eager) call: a copy from the host inside a
+    # CUDA-graph capture would be refused.
+    on_device: dict[tuple, torch.Tensor] = {}
 
     def augment(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -254,7 +257,10 @@ def make_augmenter(normalization: dict, *, degrees: float = 10.0, translate: flo
             torch.stack([sin, sin * tan + cos, u[:, 3] * 2 * translate], 1),
         ], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        bg = background.to(x.device, x.dtype)
+        key = (x.device, x.dtype)
+        if key not in on_device:
+            on_device[key] = background.to(x.device, x.dtype)
+        bg = on_device[key]
         return F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + bg
 
     return augment

@@ -13,6 +13,8 @@ No per-step host syncs: the training loss is summed on the device and read once 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -152,37 +154,53 @@ def warm_up(step: Step, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim
         step(x, y)
 
 
+def _cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
+    """Capture ``fn`` in a CUDA graph; returns its replay (which keeps the graph alive)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return graph.replay
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """Warm-up before capture runs on a side stream (as torch.cuda.graph requires); no-op off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
 class _Graphs:
-    """One captured step per batch size (the full batch and the last, shorter one)."""
+    """One captured step per batch size (the full batch and the last, shorter one), fed through
+    static input buffers."""
 
     def __init__(self, step: Step, optimizer: torch.optim.Optimizer, model: nn.Module,
                  x: torch.Tensor, y: torch.Tensor, sizes: list[int]):
         self.x, self.y = x, y
-        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor, Callable[[], None]]] = {}
         saved = snapshot(model)
         try:
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
+            with _side_stream(x.device):
                 for size in sizes:
                     warm_up(step, x[:size], y[:size], optimizer)
-            torch.cuda.current_stream(x.device).wait_stream(side)
             for size in sizes:
                 sx, sy = x[:size].clone(), y[:size].clone()
                 # Gradients are allocated inside the graph's private pool and overwritten on replay.
                 optimizer.zero_grad(set_to_none=True)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    step(sx, sy)
-                self.buffers[size] = (sx, sy, graph)
+                self.buffers[size] = (sx, sy, _cuda_capture(functools.partial(step, sx, sy)))
         finally:
             restore(model, saved, optimizer)
 
     def run(self, idx: torch.Tensor) -> None:
-        sx, sy, graph = self.buffers[len(idx)]
+        sx, sy, replay = self.buffers[len(idx)]
         torch.index_select(self.x, 0, idx, out=sx)
         torch.index_select(self.y, 0, idx, out=sy)
-        graph.replay()
+        replay()
 
 
 def train(
@@ -239,6 +257,7 @@ def train(
 
     result = TrainResult()
     graphs = None
+    model.train()  # before capture: the graph bakes in train-mode dropout and batch-norm
     result.path_reason = graph_problem(device, hp) if cuda_graph else "cuda_graph=False"
     if not result.path_reason:
         optimizer = make_optimizer(model.parameters(), hp, capturable=True)
@@ -256,7 +275,6 @@ def train(
     generator = torch.Generator(device=device).manual_seed(seed)
 
     best_loss, best_state, since_best = math.inf, None, 0
-    model.train()
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=generator, device=device)
         total.zero_()

@@ -17,6 +17,7 @@ from hpo.hyperparams import resolve
 from hpo.models import build_model
 from hpo.spec import parse_spec
 from hpo.train import graph_problem, make_optimizer, make_scheduler, restore, snapshot, train, warm_up
+from hpo import train as train_module
 from hpo.images import load_image_dataset
 from test_images import write_idx_set
 
@@ -163,3 +164,56 @@ def test_short_fmnist_study_with_pruning(tmp_path, cli_env):
         if t.state.name == "COMPLETE" and "train_path" in t.user_attrs:
             assert t.user_attrs["train_path"] == "eager"
         assert ("momentum" in t.params) == (t.params["optimizer"] != "Adam")
+
+
+def fake_capture(model):
+    """Stands in for CUDA-graph capture on the CPU: 'replay' runs the step again. A real graph
+    overwrites the gradients it allocated at capture, so the stand-in clears them first."""
+    def capture(fn):
+        def replay():
+            model.zero_grad(set_to_none=True)
+            fn()
+        return replay
+    return capture
+
+
+def test_graph_path_plumbing_gives_the_eager_results(images, monkeypatch):
+    """The graph path's warm-up, restore, static buffers (full and last partial batch) and replay
+    loop, run on the CPU with a stand-in for capture, train exactly as the eager loop does."""
+    hp = resolve({**SMALL_CNN, "optimizer": "SGD", "momentum": 0.9, "weight_decay": 1e-3, "batch_norm": True,
+                  "batch_size": 24, "epochs": 3})  # 80 images: batches of 24, 24, 24, 8
+
+    def run(graph: bool):
+        torch.manual_seed(0)
+        model = build_model("cnn", hp, in_shape=images.in_shape, out_features=10)
+        if graph:
+            monkeypatch.setattr(train_module, "graph_problem", lambda device, hp: "")
+            monkeypatch.setattr(train_module, "_cuda_capture", fake_capture(model))
+        result = train(model, images, hp, seed=0, cuda_graph=graph)
+        monkeypatch.undo()
+        return model, result
+
+    (eager_model, eager), (graph_model, graphed) = run(False), run(True)
+    assert graphed.path == "cuda_graph" and graphed.path_reason == "" and eager.path == "eager"
+    assert [h["train_loss"] for h in graphed.history] == pytest.approx([h["train_loss"] for h in eager.history])
+    for (name, a), b in zip(eager_model.state_dict().items(), graph_model.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)
+
+
+def test_failed_capture_falls_back_to_eager_and_says_why(images, monkeypatch):
+    def refuse(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    hp = resolve({**SMALL_CNN, "optimizer": "SGD", "momentum": 0.9})
+    torch.manual_seed(0)
+    reference = build_model("cnn", hp, in_shape=images.in_shape, out_features=10)
+    expected = train(reference, images, hp, seed=0).history
+    torch.manual_seed(0)
+    model = build_model("cnn", hp, in_shape=images.in_shape, out_features=10)
+    monkeypatch.setattr(train_module, "graph_problem", lambda device, hp: "")
+    monkeypatch.setattr(train_module, "_cuda_capture", refuse)
+    result = train(model, images, hp, seed=0)
+    assert result.path == "eager"
+    assert result.path_reason == "capture failed: RuntimeError: operation not permitted when stream is capturing"
+    # the warm-up steps taken before the failed capture were undone
+    assert [h["train_loss"] for h in result.history] == pytest.approx([h["train_loss"] for h in expected])

@@ -61,11 +61,12 @@ def save_retrain(study: optuna.Study, artifact_store, *, trial_number: int, fold
         meta = storage.get_study_system_attrs(study_id)[ARTIFACTS_ATTR_PREFIX + artifact_id]
         storage.set_study_system_attr(study_id, f"{DASHBOARD_TRIAL_PREFIX}{trial_id}:{artifact_id}", meta)
         artifact_ids[name] = artifact_id
+    now = datetime.now(timezone.utc)
     record = RetrainRecord(
-        id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6],
+        id=now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6],
         trial_number=trial_number,
         folds=folds,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=now.isoformat(timespec="microseconds"),
         files=artifact_ids,
         summary=summary,
     )

@@ -14,16 +14,12 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-import uuid
-from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import optuna
 import torch
-from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
 from hpo import ensemble
@@ -31,7 +27,7 @@ from hpo.data import Dataset, load_dataset
 from hpo.errors import HpoError
 from hpo.models import build_model
 from hpo.objective import trial_seed
-from hpo.results import LATEST_ATTR, RECORD_PREFIX, RetrainRecord, save_retrain
+from hpo.results import RetrainRecord, save_retrain
 from hpo.space import hyperparams_from_params
 from hpo.spec import StudySpec
 from hpo.stacked import Fold, stack_problem, train_stacked
@@ -200,7 +196,7 @@ def run_retrain(
         summary = {"metric": metric_name, "path": metrics["path"], "train_seconds": round(seconds, 3),
                    "best_fold": best, "best_fold_test_metric": per_fold[best]["test_metric"],
                    **{f"{name}_test_metric": e["test_metric"] for name, e in metrics["ensemble"].items()}}
-        return _save(study, artifact_store, trial_number=trial.number, folds=k, files=files, summary=summary)
+        return save_retrain(study, artifact_store, trial_number=trial.number, folds=k, files=files, summary=summary)
 
 
 def fold_models(spec: StudySpec, hp: dict[str, Any], data: Dataset, *, seeds: list[int],
@@ -269,25 +265,3 @@ def _write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics
         torch.save({n: t.detach().cpu() for n, t in model.state_dict().items()}, path)
         files[path.name] = path
     return files
-
-
-def _save(study: optuna.Study, artifact_store, *, trial_number: int, folds: int, files: dict[str, Path],
-          summary: dict[str, Any]) -> RetrainRecord:
-    """``hpo.results.save_retrain``, or the same record with the files attached to the study.
-
-    Optuna refuses new artifacts on a finished trial (UpdateFinishedTrialError, raised before any
-    file is written), and a retrained trial is always finished: then attach them to the study.
-    """
-    try:
-        return save_retrain(study, artifact_store, trial_number=trial_number, folds=folds, files=files,
-                            summary=summary)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
-    ids = {name: upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=study)
-           for name, path in files.items()}
-    now = datetime.now(timezone.utc)
-    record = RetrainRecord(id=now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6], trial_number=trial_number,
-                           folds=folds, created=now.isoformat(timespec="seconds"), files=ids, summary=summary)
-    study.set_user_attr(RECORD_PREFIX + record.id, asdict(record))
-    study.set_user_attr(LATEST_ATTR, record.id)
-    return record

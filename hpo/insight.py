@@ -53,85 +53,94 @@ def weight_histograms(model: nn.Module, *, bins: int = 60) -> go.Figure:
     return fig
 
 
-def image_grid(images: np.ndarray, titles: list[str], *, title: str, cols: int = 8,
+def image_grid(rows: list[list[np.ndarray | None]], titles: list[list[str]], *, title: str,
                colorscale: str = "RdBu", symmetric: bool = True) -> go.Figure:
-    """Small heatmaps side by side (filters, feature maps, receptive fields); ``images`` is N×H×W."""
-    n = len(images)
-    cols = min(cols, n)
-    rows = math.ceil(n / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.01,
-                        vertical_spacing=0.12 / max(rows, 1))
-    for i, img in enumerate(images):
-        limit = float(np.abs(img).max()) or 1.0
-        bounds = dict(zmin=-limit, zmax=limit, zmid=0) if symmetric else {}
-        fig.add_trace(go.Heatmap(z=img, colorscale=colorscale, showscale=False, **bounds,
-                                 hovertemplate="%{z:.3g}<extra></extra>"), row=i // cols + 1, col=i % cols + 1)
+    """Small heatmaps in a grid (filters, feature maps, receptive fields): one list per row, ``None``
+    for an empty cell. Each tile keeps its own shape, so maps of different sizes share one grid."""
+    cols = max(len(r) for r in rows)
+    flat_titles = [t for r, ts in zip(rows, titles) for t in (list(ts) + [""] * (cols - len(r)))]
+    fig = make_subplots(rows=len(rows), cols=cols, subplot_titles=flat_titles, horizontal_spacing=0.01,
+                        vertical_spacing=0.1 / max(len(rows), 1))
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            if img is None:
+                continue
+            limit = float(np.nanmax(np.abs(img))) or 1.0
+            bounds = dict(zmin=-limit, zmax=limit, zmid=0) if symmetric else {}
+            fig.add_trace(go.Heatmap(z=img, colorscale=colorscale, showscale=False, **bounds,
+                                     hovertemplate="%{z:.3g}<extra></extra>"), row=i + 1, col=j + 1)
     fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x")
+    fig.update_yaxes(visible=False, autorange="reversed")
+    for name in list(fig.layout):
+        if name.startswith("yaxis"):
+            # Each tile keeps its own aspect: anchor every y axis to its own x axis.
+            fig.layout[name].scaleanchor = "x" + name[len("yaxis"):]
     fig.update_annotations(font_size=10)
-    fig.update_layout(title=title, height=max(160 * rows, 260), margin=dict(l=10, r=10, t=70, b=10))
+    # Square tiles on a ~1100 px wide page, plus room for the tile titles.
+    fig.update_layout(title=title, height=len(rows) * (1100 // cols + 30) + 70, margin=dict(l=10, r=10, t=70, b=10))
     return fig
+
+
+def _chunks(items: list, titles: list[str], size: int) -> tuple[list[list], list[list[str]]]:
+    return ([items[i:i + size] for i in range(0, len(items), size)],
+            [titles[i:i + size] for i in range(0, len(titles), size)])
 
 
 def first_layer_filters(model: nn.Module) -> go.Figure:
     """The first conv layer's filters (averaged over input channels)."""
     conv = next(m for _, m in _layers(model) if isinstance(m, nn.Conv2d))
-    w = conv.weight.detach().cpu().numpy().mean(axis=1)[:MAX_TILES * 2]
-    return image_grid(w, [f"filter {i}" for i in range(len(w))], title="First-layer filters")
+    w = list(conv.weight.detach().cpu().numpy().mean(axis=1)[:MAX_TILES * 2])
+    return image_grid(*_chunks(w, [f"filter {i}" for i in range(len(w))], 8), title="First-layer filters")
 
 
 @torch.no_grad()
 def feature_maps(model: nn.Module, image: torch.Tensor, *, per_block: int = 8) -> go.Figure:
-    """The first channels of each conv layer's output for one test image (the image itself first)."""
-    outputs: list[tuple[str, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.append((name, out[0])))
-             for name, m in _layers(model) if isinstance(m, nn.Conv2d)]
+    """The test image, then a row per conv layer with the first channels of its output."""
+    outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out[0]))
+             for _, m in _layers(model) if isinstance(m, nn.Conv2d)]
     try:
         model(image[None])
     finally:
         for h in hooks:
             h.remove()
-    tiles, titles = [image.mean(0).numpy()], ["input"]
-    tiles_per_row = per_block
-    for name, out in outputs:
+    rows: list[list] = [[image.mean(0).numpy()]]
+    titles = [["test image"]]
+    for block, out in enumerate(outputs, start=1):
         maps = out[:per_block].numpy()
-        tiles += list(maps)
-        titles += [f"{name} ch {c}" for c in range(len(maps))]
-        # Each block starts a new row of the grid.
-        while len(tiles) % tiles_per_row:
-            tiles.append(np.zeros_like(maps[0]))
-            titles.append("")
-    shapes = {t.shape for t in tiles}
-    if len(shapes) > 1:
-        # Blocks shrink the image: pad each map to the largest so one grid holds them all.
-        h = max(s[0] for s in shapes)
-        w = max(s[1] for s in shapes)
-        tiles = [np.pad(t, ((0, h - t.shape[0]), (0, w - t.shape[1])), constant_values=np.nan) for t in tiles]
-    return image_grid(np.stack(tiles), titles, title="Feature maps of one test image, per conv layer",
-                      cols=tiles_per_row, colorscale="Viridis", symmetric=False)
+        rows.append(list(maps))
+        titles.append([f"conv {block} ({out.shape[1]}×{out.shape[2]}) ch {c}" if c == 0 else f"ch {c}" for c in range(len(maps))])
+    return image_grid(rows, titles, title="Feature maps of one test image, per conv layer",
+                      colorscale="Viridis", symmetric=False)
 
 
-def receptive_fields(model: nn.Module, in_shape: tuple[int, ...], *, seed: int = 0) -> go.Figure:
+def receptive_fields(model: nn.Module, in_shape: tuple[int, ...], classes: list[str], *, seed: int = 0) -> go.Figure:
     """Products of the weight matrices (W_k ··· W_1, ignoring the nonlinearities, as the seed did)
-    for sampled neurons of each hidden layer and every output neuron, shown as images."""
+    for sampled neurons of each hidden layer (a row each) and every output neuron, shown as images."""
     linears = [m for _, m in _layers(model) if isinstance(m, nn.Linear)]
     rng = np.random.default_rng(seed)
     product = None
-    tiles, titles = [], []
+    rows, titles = [], []
     for depth, layer in enumerate(linears, start=1):
         w = layer.weight.detach().cpu().double()
         product = w if product is None else w @ product
-        last = depth == len(linears)
-        picks = np.arange(min(len(product), 10)) if last else np.sort(
-            rng.choice(len(product), size=min(NEURONS_PER_LAYER, len(product)), replace=False))
-        for j in picks:
-            tiles.append(product[j].reshape(in_shape).mean(0).numpy())
-            titles.append(f"out {j}" if last else f"L{depth} n{j}")
-    return image_grid(np.stack(tiles), titles, title="Receptive fields (products of weight matrices)",
-                      cols=NEURONS_PER_LAYER if len(linears) > 1 else 10)
+        if depth == len(linears):
+            picks = np.arange(min(len(product), 20))
+            names = [f"out {_label(classes, j)}" for j in picks]
+        else:
+            picks = np.sort(rng.choice(len(product), size=min(NEURONS_PER_LAYER, len(product)), replace=False))
+            names = [f"layer {depth} n{j}" for j in picks]
+        chunk_rows, chunk_titles = _chunks([product[j].reshape(in_shape).mean(0).numpy() for j in picks], names, 10)
+        rows += chunk_rows
+        titles += chunk_titles
+    return image_grid(rows, titles, title="Receptive fields (products of weight matrices)")
 
 
-def activation_maximisation(model: nn.Module, in_shape: tuple[int, ...], *, steps: int = 150,
+def _label(classes: list[str], i: int) -> str:
+    return str(classes[i]) if i < len(classes) else str(i)
+
+
+def activation_maximisation(model: nn.Module, in_shape: tuple[int, ...], classes: list[str], *, steps: int = 150,
                             lr: float = 0.1, l2: float = 1e-2) -> go.Figure:
     """Inputs that maximise each output neuron, by gradient ascent on the input from a blank image."""
     n_out = _layers(model)[-1][1].weight.shape[0]
@@ -145,8 +154,8 @@ def activation_maximisation(model: nn.Module, in_shape: tuple[int, ...], *, step
         (grad,) = torch.autograd.grad(objective, x)
         with torch.no_grad():
             x += lr * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * len(in_shape))
-    images = x.detach().mean(1).numpy()
-    return image_grid(images, [f"class {i}" for i in range(n_out)], cols=min(n_out, 10),
+    images = list(x.detach().mean(1).numpy())
+    return image_grid(*_chunks(images, [_label(classes, i) for i in range(n_out)], 10),
                       title="Activation maximisation: input that most excites each output neuron")
 
 
@@ -204,8 +213,8 @@ def insight_section(page, folder: Path, metrics: dict[str, Any], spec) -> None:
         sec.parts.append(page.figure(lambda: first_layer_filters(model), "first-layer filters"))
         sec.parts.append(page.figure(lambda: feature_maps(model, _test_image(spec)), "feature maps"))
     elif len(in_shape) == 3:
-        sec.parts.append(page.figure(lambda: receptive_fields(model, in_shape), "receptive fields"))
-        sec.parts.append(page.figure(lambda: activation_maximisation(model, in_shape), "activation maximisation"))
+        sec.parts.append(page.figure(lambda: receptive_fields(model, in_shape, info.get("classes") or []), "receptive fields"))
+        sec.parts.append(page.figure(lambda: activation_maximisation(model, in_shape, info.get("classes") or []), "activation maximisation"))
     elif info.get("task") == "regression" and len(in_shape) == 1 and in_shape[0] == 1:
         sec.parts.append(page.figure(lambda: _regression_profiles(model, info), "activation profiles"))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import run_hpo, small_regression_spec
-from hpo.models import build_mlp
+from hpo.models import build_model
 from hpo.results import save_retrain
 from hpo.store import open_artifact_store, open_storage
 from hpo.study import load
@@ -25,7 +25,7 @@ FIGURE_DIV = re.compile(r'<div id="figure-\d+" class="plotly-graph-div"')
 
 def write_contract_retrain(study: optuna.Study, artifact_store, folder: Path, *, folds: int, task: str,
                            in_shape: tuple[int, ...], classes: list[str] | None = None, epochs: int = 30,
-                           n_test: int = 100, hp: dict | None = None, seed: int = 0) -> None:
+                           n_test: int = 100, hp: dict | None = None, family: str = "mlp", seed: int = 0) -> None:
     """A retrain that follows hpo.results' file contract, recorded with save_retrain (no training)."""
     rng = np.random.default_rng(seed)
     hp = hp or MLP_HP
@@ -34,7 +34,7 @@ def write_contract_retrain(study: optuna.Study, artifact_store, folder: Path, *,
     files = {}
     for i in range(folds):
         torch.manual_seed(seed + i)
-        model = build_mlp(hp, in_shape=in_shape, out_features=out_features)
+        model = build_model(family, hp, in_shape=in_shape, out_features=out_features)
         torch.save(model.state_dict(), folder / f"fold_{i}.pt")
         files[f"fold_{i}.pt"] = folder / f"fold_{i}.pt"
     per_fold = [{"fold": i, "val_loss": float(rng.uniform(0.2, 0.4)), "val_metric": float(rng.uniform(0.8, 0.9)),
@@ -66,7 +66,7 @@ def write_contract_retrain(study: optuna.Study, artifact_store, folder: Path, *,
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "curves.json").write_text(json.dumps(curves))
     (folder / "model.json").write_text(json.dumps({
-        "family": "mlp", "in_shape": list(in_shape), "out_features": out_features, "task": task,
+        "family": family, "in_shape": list(in_shape), "out_features": out_features, "task": task,
         "hyperparams": hp, "normalization": {"mean": [0.5], "std": [1.2]}, "classes": classes or []}))
     for name in ("metrics.json", "curves.json", "predictions.npz", "model.json"):
         files[name] = folder / name
@@ -164,7 +164,32 @@ def test_images_classification_retrain_sections(tmp_path, store_url):
     assert '"two"' in text  # class names label the heatmaps
 
 
-def _synthetic_study(storage, name: str, *, n_trials: int, steps: int, seed: int = 0) -> optuna.Study:
+def test_cnn_insight_on_fashion_mnist(tmp_path, store_url):
+    """A CNN retrain: first-layer filters and feature maps of a real Fashion-MNIST test image."""
+    from hpo.images import find_idx_files
+    from hpo.space import hyperparams_from_params
+    from hpo.study import load
+
+    try:
+        find_idx_files("fashion_mnist", download=False)
+    except Exception as e:
+        pytest.skip(f"Fashion-MNIST files not found: {e}")
+    storage = open_storage(store_url, heartbeat=False)
+    study = _synthetic_study(storage, "cnn", n_trials=12, steps=3, spec_name="fmnist-cnn")
+    _, spec = load("cnn", storage)
+    hp = hyperparams_from_params(spec, study.best_trial.params)
+    write_contract_retrain(study, open_artifact_store(store_url), tmp_path / "retrain", folds=2, family="cnn",
+                           hp=hp, task="classification", in_shape=(1, 28, 28), classes=[f"c{i}" for i in range(10)])
+    from hpo.report import write_report
+
+    text = report_text(write_report("cnn", storage_url=store_url, out=tmp_path / "cnn.html"))
+    for title in ("First-layer filters", "Feature maps of one test image", "Weights of each layer"):
+        assert title in text
+    assert "Receptive fields" not in text
+
+
+def _synthetic_study(storage, name: str, *, n_trials: int, steps: int, seed: int = 0,
+                     spec_name: str = "regression") -> optuna.Study:
     """A study of the regression spec filled with fake values by ask/tell (no training): built in
     memory, then copied into the store in one go."""
     from dataclasses import replace
@@ -174,7 +199,7 @@ def _synthetic_study(storage, name: str, *, n_trials: int, steps: int, seed: int
     from hpo.spec import find_spec_file, load_spec_file
     from hpo.study import create
 
-    spec = embed_csv(load_spec_file(find_spec_file("regression")))
+    spec = embed_csv(load_spec_file(find_spec_file(spec_name)))
     rng = np.random.default_rng(seed)
     scratch = optuna.create_study(direction=spec.direction, sampler=optuna.samplers.RandomSampler(seed=seed))
     for i in range(n_trials):
@@ -218,3 +243,14 @@ def test_300_trials_10_folds_is_light_and_fast(tmp_path, store_url):
     print(f"300 trials + 10-fold retrain: {seconds:.1f} s, {size / 1e6:.2f} MB")
     report_text(path)
     assert seconds < 30 and size < 15e6
+
+
+def test_one_trial_degrades_to_plain_messages(tmp_path, store_url):
+    _synthetic_study(open_storage(store_url, heartbeat=False), "one", n_trials=1, steps=3)
+    from hpo.report import write_report
+
+    text = report_text(write_report("one", storage_url=store_url, out=tmp_path / "one.html"))
+    assert "parameter importances need at least 2 complete trials" in text
+    assert "the contour needs two parameters" in text
+    assert "parallel coordinates need at least 2 complete trials" in text
+    assert len(FIGURE_DIV.findall(text)) == 3  # history, intermediate values, timeline

@@ -29,7 +29,8 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.objective import Interrupted, make_objective
-from hpo.store import claim, mask_url, open_storage, release
+from hpo.errors import StoreError
+from hpo.store import claim, is_transient, mask_url, open_storage, release, resolve_url
 from hpo.study import Summary, load, summarize
 
 BUDGET_PREFIX = "hpo:budget:"
@@ -142,9 +143,14 @@ class _Worker:
             place = claim(self.storage, self.study_id, BUDGET_PREFIX, limit=self.budget, value=self.label)
             if place is None:
                 return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat ourselves
-            trial = self.study.ask()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat ourselves
+                trial = self.study.ask()
+        except BaseException:
+            if place is not None:
+                release(self.storage, self.study_id, BUDGET_PREFIX, place)  # no trial, no place taken
+            raise
         if place is not None and is_retry(self._trial(trial._trial_id)):
             release(self.storage, self.study_id, BUDGET_PREFIX, place)  # a retry keeps its original's place
         return trial
@@ -243,6 +249,11 @@ def run_worker(
                 echo(trial_line(study, frozen, spec.metric))
         except Interrupted:
             echo("interrupted: the running trial is re-queued")
+        except Exception as e:
+            if is_transient(e):
+                raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "
+                                 f"retry window (HPO_STORE_RETRY): {mask_url(str(e).splitlines()[0])}") from e
+            raise
         summary = summarize(study)
         storage.remove_session()
         storage.engine.dispose()

@@ -141,6 +141,7 @@ def test_workers_survive_a_postgres_restart(tmp_path, pg_url):
     assert all(t.state.is_finished() for t in trials)
 
 
+@pytest.mark.slow
 def test_fleet_runs_workers_and_stops_them_on_sigterm(tmp_path, store_url):
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
     create(slow_spec(tmp_path, 3), store_url)

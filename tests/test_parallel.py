@@ -35,7 +35,9 @@ def create(spec_path: Path, url: str) -> None:
     from hpo.data import embed_csv
     from hpo.spec import load_spec_file
 
-    studies.create(embed_csv(load_spec_file(spec_path)), open_storage(url, heartbeat=False), force=True)
+    storage = open_storage(url, heartbeat=False)
+    studies.create(embed_csv(load_spec_file(spec_path)), storage, force=True)
+    storage.engine.dispose()  # so that the connections counted in a test are the workers' own
 
 
 def start_worker(env: dict, study: str, log: Path, *args: str) -> subprocess.Popen:
@@ -90,7 +92,8 @@ def test_four_workers_on_postgres_finish_exactly_the_budget(tmp_path, pg_url):
                                            sample=lambda: pg_connections(pg_url))
     check_study(pg_url, 40, texts)
     # One idle connection per worker, a second one only while a heartbeat is written.
-    assert max(samples) <= 4 * 2, samples
+    samples = samples[2:]  # skip samples from before the workers connected
+    assert sorted(samples)[len(samples) // 2] <= 4 and max(samples) <= 4 + 3, samples
     print(f"postgres 4 workers, 40 trials: {elapsed:.1f}s; connections max {max(samples)}")
 
 

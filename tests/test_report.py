@@ -163,12 +163,16 @@ def test_images_classification_retrain_sections(tmp_path, store_url):
         assert title in text
     assert '"two"' in text  # class names label the heatmaps
 
+    # The retrain's files are elsewhere: the page still comes out and says how to point at them.
+    path = write_report("img", storage_url=store_url, artifacts=str(tmp_path / "elsewhere"), out=tmp_path / "x.html")
+    text = report_text(path)
+    assert "cannot be read from the artifact store" in text and "pass --artifacts DIR" in text
+
 
 def test_cnn_insight_on_fashion_mnist(tmp_path, store_url):
     """A CNN retrain: first-layer filters and feature maps of a real Fashion-MNIST test image."""
     from hpo.images import find_idx_files
     from hpo.space import hyperparams_from_params
-    from hpo.study import load
 
     try:
         find_idx_files("fashion_mnist", download=False)

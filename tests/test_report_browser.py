@@ -149,3 +149,15 @@ def test_real_study_report_renders_in_chromium(tmp_path, cli_env, browser):
     assert len(figures) == text.count('class="plotly-graph-div"') == 11
     assert all(f["drawn"] > 0 and f["height"] > 100 for f in figures), figures
     assert (ARTIFACTS / "report-regression.png").stat().st_size > 50_000
+
+
+def test_error_trap_sees_a_broken_page(tmp_path, browser):
+    """The checks above can fail: a page with a script error and an empty figure div is caught."""
+    page = tmp_path / "broken.html"
+    page.write_text('<html><body><div class="plotly-graph-div" id="f"></div>'
+                    '<script>console.error("boom"); no_such_function();</script></body></html>')
+    browser.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_TRAP})
+    browser.s("POST", "/url", {"url": page.as_uri()})
+    errors = browser.script("return window.__errors;")
+    assert any("boom" in e for e in errors) and any("no_such_function" in e for e in errors), errors
+    assert browser.script(FIGURE_STATE)[0]["drawn"] == 0

@@ -52,7 +52,14 @@ def create_study(spec: str, storage: str | None, force: bool) -> None:
     from hpo.store import mask_url, open_storage, resolve_url
 
     parsed = embed_csv(load_spec_file(find_spec_file(spec)))
+    warning = None
+    if parsed.model == "cnn":
+        from hpo.cnn import check_cnn_spec
+
+        warning = check_cnn_spec(parsed)  # raises when no configuration fits the images
     created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "
                f"({parsed.model}, {parsed.metric}, budget {parsed.budget.n_trials} trials)")
     click.echo(f"next: hpo worker --study {created.study_name}")

@@ -54,7 +54,7 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "n_conv": Hyperparameter(int, families=_CNN),
     "filters": Hyperparameter(int, per_layer=True, families=_CNN),
     "kernel_size": Hyperparameter(int, families=_CNN),
-    "padding": Hyperparameter(int, families=_CNN),
+    "padding": Hyperparameter(int, per_layer=True, families=_CNN),  # one number pads the first conv only
     "batch_norm": Hyperparameter(bool, families=_CNN),
     "pooling": Hyperparameter(str, POOLINGS, families=_CNN),
     "conv_dropout": Hyperparameter(float, families=_CNN),

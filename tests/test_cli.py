@@ -114,3 +114,15 @@ def test_bad_device_and_debug_traceback(cli_env):
     assert "--device" in err
     proc = run_hpo("--debug", "worker", "--study", "nope", env=cli_env)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_create_study_refuses_cnn_layers_that_never_fit(tmp_path, cli_env):
+    import yaml
+
+    raw = yaml.safe_load((STUDIES / "fmnist.yaml").read_text())
+    raw["fixed"].update(n_conv=4, filters=8)
+    path = tmp_path / "fmnist.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    err = one_error_line(run_hpo("create-study", str(path), env=cli_env, check=2))
+    assert "no configuration fits a 28x28 image" in err
+    assert "no studies in the store" in studies_listed(cli_env)

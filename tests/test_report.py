@@ -74,25 +74,8 @@ def write_contract_retrain(study: optuna.Study, artifact_store, folder: Path, *,
 
 
 def record_retrain(study: optuna.Study, artifact_store, *, trial_number: int, folds: int, files: dict) -> None:
-    try:
-        save_retrain(study, artifact_store, trial_number=trial_number, folds=folds, files=files,
-                     summary={"ensemble_test_metric": 0.9})
-    except optuna.exceptions.UpdateFinishedTrialError:
-        # hpo.results attaches the files to the (finished, hence read-only) trial; until that is
-        # fixed, attach them to the study and write the same record (see the report to the lead).
-        import uuid
-        from dataclasses import asdict
-
-        from optuna.artifacts import upload_artifact
-
-        from hpo.results import LATEST_ATTR, RECORD_PREFIX, RetrainRecord
-
-        ids = {name: upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=study)
-               for name, path in files.items()}
-        record = RetrainRecord(id="20260101T000000Z-" + uuid.uuid4().hex[:6], trial_number=trial_number,
-                               folds=folds, created="2026-01-01T00:00:00+00:00", files=ids, summary={})
-        study.set_user_attr(RECORD_PREFIX + record.id, asdict(record))
-        study.set_user_attr(LATEST_ATTR, record.id)
+    save_retrain(study, artifact_store, trial_number=trial_number, folds=folds, files=files,
+                 summary={"ensemble_test_metric": 0.9})
 
 
 TINY_SPACE = {
@@ -198,7 +181,7 @@ def _synthetic_study(storage, name: str, *, n_trials: int, steps: int, seed: int
     memory, then copied into the store in one go."""
     from dataclasses import replace
 
-    from hpo.data import embed_csv
+    from hpo.tables import embed_csv
     from hpo.space import suggest
     from hpo.spec import find_spec_file, load_spec_file
     from hpo.study import create

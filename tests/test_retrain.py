@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from hpo import ensemble
-from hpo.data import Dataset, embed_csv, load_dataset
+from hpo.data import Dataset, load_dataset
+from hpo.tables import embed_csv
 from hpo.errors import HpoError
 from hpo.models import build_model
 from hpo.results import fetch_files, list_retrains, load_retrain, read_json

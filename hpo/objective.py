@@ -71,9 +71,8 @@ def make_objective(spec: StudySpec, data: Dataset, *,
         path = getattr(result, "path", None)
         if path is not None:
             trial.set_user_attr("train_path", path)
-            reason = getattr(result, "path_reason", None) or getattr(result, "reason", None)
-            if reason:
-                trial.set_user_attr("train_path_reason", str(reason)[:200])
+            if getattr(result, "path_reason", ""):
+                trial.set_user_attr("train_path_reason", result.path_reason[:200])
         if result.stopped_early:
             trial.set_user_attr("stopped_early", True)
         value = result.metrics[spec.metric]

@@ -53,9 +53,8 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
 class _StopSignal:
     """First SIGINT/SIGTERM: finish cleanly after the current epoch. Second: exit at once."""
 
-    def __init__(self, echo: Callable[[str], None]):
+    def __init__(self):
         self.requested = False
-        self._echo = echo
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "_StopSignal":
@@ -73,7 +72,9 @@ class _StopSignal:
             os.write(2, b"hpo: second signal, exiting now\n")
             os._exit(128 + signum)
         self.requested = True
-        self._echo(f"got {signal.Signals(signum).name}: stopping after the current epoch (again to exit now)")
+        # os.write: a print here could land inside another print of the main thread and raise.
+        os.write(2, f"hpo: got {signal.Signals(signum).name}: stopping after the current epoch "
+                    f"(again to exit now)\n".encode())
 
 
 class _Heartbeat:
@@ -230,7 +231,7 @@ def run_worker(
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
          f"budget {budget} trials)")
     start, ran = time.perf_counter(), 0
-    with _StopSignal(echo) as stop:
+    with _StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested)
         try:
             while not stop.requested and (n_trials is None or ran < n_trials):

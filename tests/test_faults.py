@@ -100,6 +100,17 @@ def test_sigterm_fails_and_requeues_the_running_trial_then_exits_0(tmp_path, sto
     assert len(budget_trials(store_url, "regression")) == 1
 
 
+def test_second_signal_exits_at_once(tmp_path, store_url):
+    env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
+    create(slow_spec(tmp_path, 1), store_url)
+    proc = start_worker(env, "regression", tmp_path / "w.log")
+    wait_for(lambda: running_with_reports(store_url))
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert "second signal, exiting now" in (tmp_path / "w.log").read_text()
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_killed_worker_trial_is_retried_with_its_parameters(tmp_path, pg_url):

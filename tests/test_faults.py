@@ -172,6 +172,23 @@ def test_fleet_runs_workers_and_stops_them_on_sigterm(tmp_path, store_url):
     assert len(budget_trials(store_url, "regression")) == 3 and len(trials_of(store_url)) == 5
 
 
+@pytest.mark.slow
+def test_fleet_restarts_a_crashed_worker_and_finishes_the_budget(tmp_path, store_url):
+    env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
+    create(slow_spec(tmp_path, 3), store_url)
+    fleet = subprocess.Popen([*HPO, "fleet", "--study", "regression", "--workers", "2"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim = wait_for(lambda: running_with_reports(store_url))
+    os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    out, _ = fleet.communicate(timeout=120)
+    assert fleet.returncode == 0 and "restarted (pid" in out, out
+    trials = {t.number: t for t in trials_of(store_url)}
+    assert trials[victim.number].state == TrialState.FAIL
+    assert any(t.system_attrs.get("failed_trial") == victim.number and t.state == TrialState.COMPLETE
+               for t in trials.values())
+    assert len(budget_trials(store_url, "regression")) == 3
+
+
 def test_fleet_rejects_bad_gpu_lists(tmp_path, cli_env):
     proc = run_hpo("fleet", "--study", "x", "--gpus", "0,a", env=cli_env, check=2)
     assert "--gpus: '0,a' is not a list of GPU indices" in proc.stderr

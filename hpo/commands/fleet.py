@@ -53,36 +53,44 @@ def _pump(proc: subprocess.Popen, prefix: str) -> None:
 @click.option("--n-trials", type=click.IntRange(min=1), default=None, help="At most N trials per worker.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S", help="Stop starting trials after S seconds.")
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Restart a crashed worker at most this many times.")
 def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, device: str | None,
-          workers: int | None, n_trials: int | None, timeout: float | None, data_dir: str | None) -> None:
+          workers: int | None, n_trials: int | None, timeout: float | None, data_dir: str | None,
+          max_restarts: int) -> None:
     """Start several `hpo worker` processes on this machine and supervise them.
 
     Ctrl-C or SIGTERM stops them all cleanly (running trials are re-queued); a second one kills them.
+    A worker that crashes is restarted (--max-restarts).
     """
     from hpo.store import open_storage
     from hpo.study import load
 
     members = plan(gpus=gpus, per_gpu=per_gpu, device=device, workers=workers)
     load(study_name, open_storage(storage, heartbeat=False))  # fail fast, once, on a bad store or name
+    base = [sys.executable, "-m", "hpo.cli", "worker", "--study", study_name]
+    for flag, value in (("--storage", storage), ("--n-trials", n_trials), ("--timeout", timeout),
+                        ("--data-dir", data_dir)):
+        if value is not None:
+            base += [flag, str(value)]
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
-    for index, (visible, dev) in enumerate(members):
-        cmd = [sys.executable, "-m", "hpo.cli", "worker", "--study", study_name, "--device", dev,
-               "--worker-index", str(index)]
-        for flag, value in (("--storage", storage), ("--n-trials", n_trials), ("--timeout", timeout),
-                            ("--data-dir", data_dir)):
-            if value is not None:
-                cmd += [flag, str(value)]
+
+    def spawn(index: int) -> subprocess.Popen:
+        visible, dev = members[index]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible
         # Own session: a Ctrl-C on the terminal reaches the fleet only, which forwards one SIGTERM.
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        procs.append(proc)
+        proc = subprocess.Popen([*base, "--device", dev, "--worker-index", str(index)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         prefix = f"[w{index}{'' if visible is None else f' gpu{visible}'}]"
         pumps.append(threading.Thread(target=_pump, args=(proc, prefix), daemon=True))
         pumps[-1].start()
+        return proc
+
+    procs = [spawn(i) for i in range(len(members))]
+    restarts = [0] * len(procs)
     click.echo(f"fleet: {len(procs)} workers on study {study_name!r} (pids {' '.join(str(p.pid) for p in procs)})")
 
     signals = []
@@ -98,6 +106,14 @@ def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while any(p.poll() is None for p in procs):
+            for i, p in enumerate(procs):
+                # A crashed worker (not a clean exit, not bad input) is replaced; its trial is re-queued
+                # by the heartbeat and run by whichever worker is free.
+                if p.returncode not in (None, 0, 2) and not signals and restarts[i] < max_restarts:
+                    restarts[i] += 1
+                    procs[i] = spawn(i)
+                    click.echo(f"fleet: w{i} exited with {p.returncode}; restarted (pid {procs[i].pid}, "
+                               f"restart {restarts[i]} of {max_restarts})", err=True)
             time.sleep(0.2)
     finally:
         for s, handler in previous.items():

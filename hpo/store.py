@@ -14,6 +14,7 @@ trial without a heartbeat for this long belongs to a dead worker and is re-queue
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -52,6 +53,17 @@ def mask_url(url: str) -> str:
     """The text with every URL password replaced by ``***`` (for every log line and error)."""
     text = re.sub(r"(\w[\w+.-]*://[^:/@\s]+:)\S*@", r"\1***@", url)
     return re.sub(r"(password=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)
+
+
+def driver_url(url: str) -> str:
+    """``url`` with a driver that is installed: a bare ``postgresql://`` (or ``postgres://``) means
+    psycopg 3 to SQLAlchemy 2.1, so it goes to psycopg2 when only that one is there."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -174,7 +186,7 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> optuna.st
                 max_retry=int(_env_seconds("HPO_MAX_RETRY", 3))),
         }
     try:
-        storage = RetryingRDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+        storage = RetryingRDBStorage(driver_url(url), engine_kwargs=engine_kwargs(url), **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError,
             OSError) as e:
         raise StoreError(f"cannot open the store {mask_url(url)}: {mask_url(_reason(e))}") from e
@@ -228,6 +240,28 @@ def claim(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, *, li
 def release(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, k: int) -> None:
     """Give back number ``k`` taken with :func:`claim`."""
     call_retrying(getattr(storage, "_hpo_retry_seconds", 0), _release, storage, study_id, prefix, k)
+
+
+_TRIALS = sa.table("trials", sa.column("trial_id"), sa.column("study_id"),
+                   sa.column("state", sa.Enum(optuna.trial.TrialState, name="trialstate")),
+                   sa.column("datetime_start", sa.DateTime))
+_BEATS = sa.table("trial_heartbeats", sa.column("trial_id"))
+
+
+def silent_trials(storage: optuna.storages.RDBStorage, study_id: int) -> list[tuple[int, object]]:
+    """(trial id, start time) of RUNNING trials that never sent a heartbeat.
+
+    A worker killed between creating a trial and its first heartbeat leaves one; Optuna's
+    stale-trial check skips those, so the caller fails them once they are older than the grace period.
+    """
+    def query():
+        with storage.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(_TRIALS.c.trial_id, _TRIALS.c.datetime_start)
+                .select_from(_TRIALS.outerjoin(_BEATS, _BEATS.c.trial_id == _TRIALS.c.trial_id))
+                .where(_TRIALS.c.study_id == study_id, _TRIALS.c.state == optuna.trial.TrialState.RUNNING, _BEATS.c.trial_id.is_(None)))
+            return [tuple(row) for row in rows]
+    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), query)
 
 
 def artifact_dir(url: str | None = None, flag: str | None = None) -> Path:

@@ -12,6 +12,7 @@ study's running trials, so a trial lost with a dead worker is finished by a live
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.objective import Interrupted, make_objective
 from hpo.errors import StoreError
-from hpo.store import claim, is_transient, mask_url, open_storage, release, resolve_url
+from hpo.store import claim, is_transient, mask_url, open_storage, release, resolve_url, silent_trials
 from hpo.study import Summary, load, summarize
 
 BUDGET_PREFIX = "hpo:budget:"
@@ -156,19 +157,34 @@ class _Worker:
             release(self.storage, self.study_id, BUDGET_PREFIX, place)  # a retry keeps its original's place
         return trial
 
+    def fail_stale(self) -> None:
+        """Fail (and so re-queue) trials of dead workers: Optuna's heartbeat check, plus trials whose
+        worker died before their first heartbeat."""
+        optuna.storages.fail_stale_trials(self.study)
+        grace = datetime.timedelta(seconds=self.storage.grace_period or 0)
+        for trial_id, started in silent_trials(self.storage, self.study_id):
+            if started is None or datetime.datetime.now() - started <= grace:
+                continue
+            try:
+                if not self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            self.storage.get_heartbeat_stale_trial_callback()(self.study, self._trial(trial_id))
+
     def in_flight(self) -> bool:
         """Whether trials of others still run (or retries wait): one may come back if its worker died."""
         return any(t.state == TrialState.RUNNING or is_retry(t) for t in self.study.get_trials(
             deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
 
     def run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
-        frozen = self._trial(trial._trial_id)
-        trial.set_user_attr("worker", self.label)
-        if is_retry(frozen):
-            trial.set_user_attr("retry_of", frozen.system_attrs["failed_trial"])
-            trial.set_user_attr("retries", len(frozen.system_attrs.get("retry_history", ())))
         value, state = None, TrialState.COMPLETE
         with _Heartbeat(self.storage, trial._trial_id):
+            frozen = self._trial(trial._trial_id)
+            trial.set_user_attr("worker", self.label)
+            if is_retry(frozen):
+                trial.set_user_attr("retry_of", frozen.system_attrs["failed_trial"])
+                trial.set_user_attr("retries", len(frozen.system_attrs.get("retry_history", ())))
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
@@ -237,7 +253,7 @@ def run_worker(
             while not stop.requested and (n_trials is None or ran < n_trials):
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                optuna.storages.fail_stale_trials(study)
+                worker.fail_stale()
                 trial = worker.next_trial()
                 if trial is None:
                     if not worker.in_flight():

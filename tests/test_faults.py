@@ -79,6 +79,29 @@ def test_failing_trials_are_fail_with_reason_and_the_worker_goes_on(tmp_path, st
     assert any("CUDA out of memory" in line for line in lines)
 
 
+def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, store_url, monkeypatch):
+    from hpo.store import claim
+    from hpo.worker import BUDGET_PREFIX
+
+    monkeypatch.setenv("HPO_GRACE_PERIOD", "1")
+    create(fast_spec(tmp_path, 2), store_url)
+    storage = open_storage(store_url)
+    study_id = storage.get_study_id_from_name("regression")
+    # What a worker killed right after `ask` leaves: a budget place and a RUNNING trial without heartbeat.
+    assert claim(storage, study_id, BUDGET_PREFIX, limit=2) == 0
+    study = optuna.load_study(study_name="regression", storage=storage)
+    study.enqueue_trial({"n_layers": 1, "width_l0": 130, "batch_size": 20, "epochs": 5, "lr": 1e-3,
+                         "weight_decay": 1e-5, "optimizer": "Adam"})
+    orphan_id = storage.get_trial_id_from_study_id_trial_number(study_id, 0)
+    storage.set_trial_state_values(orphan_id, state=TrialState.RUNNING)
+    time.sleep(1.5)
+    run_worker("regression", storage_url=store_url, echo=lambda line: None)
+    trials = trials_of(store_url)
+    assert trials[0].state == TrialState.FAIL
+    assert [t.system_attrs.get("failed_trial") for t in trials].count(0) == 1
+    assert len(budget_trials(store_url, "regression")) == 2 and len(trials) == 3
+
+
 def test_sigterm_fails_and_requeues_the_running_trial_then_exits_0(tmp_path, store_url):
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
     create(slow_spec(tmp_path, 1), env["HPO_STORAGE"])

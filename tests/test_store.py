@@ -94,6 +94,15 @@ def test_mask_url(url, masked):
     assert mask_url(url) == masked
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "postgresql+psycopg2"])
+def test_plain_postgresql_urls_work(scheme, pg_url):
+    storage = open_storage(pg_url.replace("postgresql+psycopg2", scheme))
+    optuna.create_study(study_name="plain", storage=storage)
+    assert [s.study_name for s in storage.get_all_studies()] == ["plain"]
+    storage.engine.dispose()
+
+
 def test_server_engines_are_sized_for_one_worker():
     kw = engine_kwargs("postgresql://u@h/d")
     assert kw["pool_pre_ping"] and kw["pool_size"] == 1 and kw["connect_args"]["connect_timeout"] > 0

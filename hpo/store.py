@@ -252,7 +252,7 @@ def silent_trials(storage: optuna.storages.RDBStorage, study_id: int) -> list[tu
     """(trial id, start time) of RUNNING trials that never sent a heartbeat.
 
     A worker killed between creating a trial and its first heartbeat leaves one; Optuna's
-    stale-trial check skips those, so the caller fails them once they are older than the grace period.
+    stale-trial check skips those, so the caller fails them once silent for the grace period.
     """
     def query():
         with storage.engine.connect() as conn:

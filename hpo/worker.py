@@ -12,7 +12,6 @@ study's running trials, so a trial lost with a dead worker is finished by a live
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import signal
@@ -118,6 +117,7 @@ class _Worker:
     def __init__(self, study: optuna.Study, storage: optuna.storages.RDBStorage, study_id: int,
                  budget: int | None, label: str):
         self.study, self.storage, self.study_id, self.budget, self.label = study, storage, study_id, budget, label
+        self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
 
     def _trial(self, trial_id: int) -> FrozenTrial:
         return self.storage.get_trial(trial_id)
@@ -161,9 +161,13 @@ class _Worker:
         """Fail (and so re-queue) trials of dead workers: Optuna's heartbeat check, plus trials whose
         worker died before their first heartbeat."""
         optuna.storages.fail_stale_trials(self.study)
-        grace = datetime.timedelta(seconds=self.storage.grace_period or 0)
-        for trial_id, started in silent_trials(self.storage, self.study_id):
-            if started is None or datetime.datetime.now() - started <= grace:
+        now = time.monotonic()
+        # Timed on this worker's own clock: other machines' clocks and time zones do not matter.
+        silent = {trial_id: self._silent_since.get(trial_id, now) for trial_id, _ in silent_trials(
+            self.storage, self.study_id)}
+        self._silent_since = silent
+        for trial_id, since in silent.items():
+            if now - since <= (self.storage.grace_period or 0):
                 continue
             try:
                 if not self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):

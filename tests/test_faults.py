@@ -94,7 +94,6 @@ def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, 
                          "weight_decay": 1e-5, "optimizer": "Adam"})
     orphan_id = storage.get_trial_id_from_study_id_trial_number(study_id, 0)
     storage.set_trial_state_values(orphan_id, state=TrialState.RUNNING)
-    time.sleep(1.5)
     run_worker("regression", storage_url=store_url, echo=lambda line: None)
     trials = trials_of(store_url)
     assert trials[0].state == TrialState.FAIL

@@ -81,8 +81,8 @@ def check_study(url: str, n_trials: int, texts: list[str]) -> None:
     # Constant liar + distinct worker seeds: no point is sampled twice.
     points = [tuple(sorted(t.params.items())) for t in trials]
     assert len(set(points)) == len(points)
-    workers = {t.user_attrs["worker"] for t in trials}
-    assert len(workers) == len(texts)
+    # The work was shared (a worker that started late may find the budget gone, hence not ==).
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2
 
 
 @pytest.mark.postgres

@@ -105,7 +105,7 @@ def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, 
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # poll every one: it sets returncode
             for i, p in enumerate(procs):
                 # A crashed worker (not a clean exit, not bad input) is replaced; its trial is re-queued
                 # by the heartbeat and run by whichever worker is free.

@@ -72,7 +72,7 @@ def create_study(spec: str, storage: str | None, force: bool) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S", help="Stop starting trials after S seconds.")
 @gpu_option
 @device_option
-@click.option("--worker-index", type=click.IntRange(min=0), default=0, help="Offsets the sampler seed; give parallel workers distinct indices.")
+@click.option("--worker-index", type=click.IntRange(min=0), default=0, help="Extra sampler-seed offset; workers already get distinct seeds from the store.")
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: float | None, gpu: int | None,
            device: str | None, worker_index: int, data_dir: str | None) -> None:

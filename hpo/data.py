@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hpo.spec import DataSpec, StudySpec
-from hpo.tables import embed_csv, read_csv_table  # noqa: F401  (re-exported)
+from hpo.tables import read_csv_table
 
 @dataclass(frozen=True)
 class Dataset:

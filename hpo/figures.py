@@ -153,7 +153,7 @@ def regression_fit(*, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
 
 
 def _raw_table(spec, part: str) -> tuple[np.ndarray, np.ndarray]:
-    from hpo.data import read_csv_table
+    from hpo.tables import read_csv_table
 
     d = spec.data
     table = d.inline[part] if d.inline else read_csv_table(getattr(d, part), (*d.features, d.target))

@@ -38,6 +38,7 @@ def make_objective(spec: StudySpec, data: Dataset, *,
             :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
     """
     device = data.x.device
+    device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
 
     def objective(trial: optuna.Trial) -> float:
         hp = suggest(trial, spec)
@@ -57,6 +58,7 @@ def make_objective(spec: StudySpec, data: Dataset, *,
 
         try:
             model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
+            trial.set_user_attr("device", device_name)
             result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
         except optuna.TrialPruned:
             raise

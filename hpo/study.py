@@ -99,13 +99,20 @@ class Summary:
     wall_seconds: float | None
 
 
+def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of the trials that were re-queued (their FAIL does not use up budget)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
 def summarize(study: optuna.Study) -> Summary:
     """The seed-style statistics: trials by state, finished count, best value and parameters."""
     trials = study.get_trials(deepcopy=False)
     counts = {state.name: 0 for state in TrialState}
     for t in trials:
         counts[t.state.name] += 1
-    finished = counts["COMPLETE"] + counts["PRUNED"] + counts["FAIL"]
+    retried = retried_numbers(trials)
+    finished = counts["COMPLETE"] + counts["PRUNED"] + sum(
+        1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
     best = None
     if counts["COMPLETE"]:
         best = study.best_trial

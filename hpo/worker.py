@@ -45,11 +45,6 @@ def is_retry(trial: FrozenTrial) -> bool:
     return "failed_trial" in trial.system_attrs
 
 
-def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
-    """Numbers of the trials that were re-queued (their FAIL does not use up budget)."""
-    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-
-
 class _StopSignal:
     """First SIGINT/SIGTERM: finish cleanly after the current epoch. Second: exit at once."""
 

@@ -18,7 +18,7 @@ from hpo.errors import TrainingError
 from hpo.store import open_storage
 from hpo.worker import run_worker
 from test_parallel import budget_trials, create, fast_spec, start_worker
-from test_store import pg_url  # noqa: F401 - fixture
+
 
 FAST_HEARTBEAT = {"HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": "2", "PYTHONUNBUFFERED": "1"}
 

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import HPO, REPO, run_hpo, small_regression_spec
+from conftest import HPO, REPO, pg_connections, small_regression_spec
 from hpo.store import open_storage
-from hpo.worker import retried_numbers, run_worker
-from test_store import mysql_url, pg_connections, pg_url  # noqa: F401 - fixtures
+from hpo.study import retried_numbers
+from hpo.worker import run_worker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -32,7 +32,7 @@ def fast_spec(tmp_path: Path, n_trials: int, *, epochs=(5, 15), name: str = "reg
 def create(spec_path: Path, url: str) -> None:
     """Create the study in-process (a CLI process would only add a torch import to each test)."""
     from hpo import study as studies
-    from hpo.data import embed_csv
+    from hpo.tables import embed_csv
     from hpo.spec import load_spec_file
 
     storage = open_storage(url, heartbeat=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import optuna
 import pytest
@@ -16,61 +15,6 @@ from hpo.store import call_retrying, claim, engine_kwargs, is_transient, mask_ur
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 MYSQL_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/test"
-
-
-def _pg_conn(dbname: str = "test"):
-    import psycopg2
-
-    try:
-        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=dbname, connect_timeout=3)
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"PostgreSQL unreachable: {e}")
-    conn.autocommit = True
-    return conn
-
-
-@pytest.fixture
-def pg_url():
-    """A freshly created PostgreSQL database, dropped afterwards."""
-    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
-    conn = _pg_conn()
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    conn.close()
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    conn = _pg_conn()  # a new connection: the test may have restarted the server
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.close()
-
-
-def pg_connections(url: str) -> int:
-    """Client connections to the database of ``url`` right now (pg_stat_activity)."""
-    conn = _pg_conn()
-    with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (url.rsplit("/", 1)[1],))
-        (n,) = cur.fetchone()
-    conn.close()
-    return n
-
-
-@pytest.fixture
-def mysql_url():
-    """A freshly created MariaDB database, dropped afterwards."""
-    import pymysql
-
-    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
-    try:
-        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
-                               autocommit=True)
-    except pymysql.err.OperationalError as e:
-        pytest.skip(f"MariaDB unreachable: {e}")
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-    conn.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),

@@ -47,6 +47,7 @@ def test_worker_runs_real_trials_with_pruning(tmp_path, store_url):
     study = optuna.load_study(study_name="regression", storage=open_storage(store_url))
     pruned = study.get_trials(states=(TrialState.PRUNED,))[0]
     assert pruned.user_attrs["epochs_run"] == pruned.last_step
+    assert {t.user_attrs["device"] for t in study.get_trials()} == {"cpu"}
     # The budget is the study's: a second worker finds nothing to do.
     assert run_worker("regression", storage_url=store_url, echo=lines.append).finished == 14
 
@@ -74,3 +75,11 @@ def test_summary_counts(tmp_path, store_url):
     study.tell(study.ask(), state=TrialState.PRUNED)
     s = summarize(study)
     assert (s.finished, s.counts["COMPLETE"], s.counts["PRUNED"], s.best_value, s.best_trial) == (3, 2, 1, 0.2, 1)
+    # A FAIL whose retry was re-queued does not count as finished; the retry does once it ends.
+    failed = study.ask()
+    study.tell(failed, state=TrialState.FAIL)
+    retry = study.ask()
+    study._storage.set_trial_system_attr(retry._trial_id, "retry_history", [failed.number])
+    assert summarize(study).finished == 3
+    study.tell(retry, 0.3)
+    assert summarize(study).finished == 4

@@ -261,6 +261,9 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is an ordinary file
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

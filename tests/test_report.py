@@ -4,6 +4,7 @@ size and speed of a 300-trial study with a 10-fold retrain."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -123,6 +124,7 @@ def test_report_without_retrain_then_with(tmp_path, cli_env, store_url):
     from hpo.report import write_report
 
     text = report_text(write_report("rep", storage_url=store_url, out=out))
+    assert out.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044  # readable as umask allows
     assert "run: hpo retrain" not in text
     for section in ("retrain", "curves", "fit", "insight"):
         assert f'<section id="{section}">' in text

@@ -18,7 +18,8 @@ def results_table(metrics: dict) -> str:
     for ens, e in metrics["ensemble"].items():
         loss = f"{e['test_loss']:10.4g}" if "test_loss" in e else f"{'-':>10s}"
         lines.append(f"{ens:16s} {'':6s} {'':10s} {'':12s} {loss} {e['test_metric']:13.4g}")
-    lines.append("* best fold on validation (breaks majority-vote ties)")
+    tie_note = " (breaks majority-vote ties)" if "majority_vote" in metrics["ensemble"] else ""
+    lines.append(f"* best fold on validation{tie_note}")
     return "\n".join(lines)
 
 

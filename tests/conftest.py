@@ -17,6 +17,18 @@ HPO = [sys.executable, "-m", "hpo.cli"]
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny models: thread hand-offs on a shared 2-core machine cost more than the arithmetic they split
+    (the worker does the same)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def store_url(tmp_path: Path) -> str:
     """A fresh SQLite store in the test's temporary folder."""
     return f"sqlite:///{tmp_path / 'store' / 'hpo.db'}"

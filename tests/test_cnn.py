@@ -17,13 +17,7 @@ LENET = {"n_conv": 2, "filters": [6, 16], "kernel_size": 5, "padding": 2, "pooli
          "n_dense": 2, "dense_width": [120, 84], "conv_dropout": 0.4, "dropout": 0.2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: thread hand-offs on a shared 2-core machine cost more than they split."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def n_params(model: nn.Module) -> int:

@@ -26,12 +26,7 @@ from tests.conftest import run_hpo, small_regression_spec
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blobs_spec(tmp_path: Path) -> Path:

@@ -11,13 +11,7 @@ from hpo.stacked import Fold, StackedOptimizer, stack_problem, train_stacked
 from hpo.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: thread hand-offs cost more than the arithmetic (as the worker does it).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_data(task: str, n: int = 53, in_shape: tuple[int, ...] = (3,)) -> Dataset:

@@ -26,13 +26,7 @@ SMALL_CNN = {"n_conv": 2, "filters": [4, 8], "kernel_size": 5, "padding": 2, "n_
              "epochs": 2, "batch_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions: thread hand-offs on a shared 2-core machine cost more than they split."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

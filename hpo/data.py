@@ -28,7 +28,7 @@ class Dataset:
     in_shape: tuple[int, ...]
     out_features: int
     classes: tuple[str, ...] = ()
-    normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]} applied to x
+    normalization: dict = field(default_factory=dict)  # raw x -> (x * scale - mean) / std; scale defaults to 1
 
     def to(self, device: torch.device | str) -> "Dataset":
         return replace(self, **{k: getattr(self, k).to(device) for k in

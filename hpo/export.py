@@ -152,9 +152,6 @@ def _model_description(folder: Path, record: RetrainRecord, spec: StudySpec, ens
         model["tie_breaker"] = int(read_json(folder, "metrics.json").get("best_fold", 0))
     if spec.data.source == "csv":
         model.update(features=list(spec.data.features), target=spec.data.target)
-    else:
-        # Raw IDX pixels are 0..255; the image loader divides by 255 before normalising.
-        model["normalization"] = {"scale": 1 / 255, **(model.get("normalization") or {})}
     return model
 
 

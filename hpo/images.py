@@ -221,7 +221,7 @@ def load_image_dataset(spec: StudySpec, *, data_dir: str | None = None) -> Datas
         in_shape=(1, *images.shape[1:]),
         out_features=len(src.classes),
         classes=src.classes,
-        normalization={"mean": [src.mean], "std": [src.std]},
+        normalization={"scale": 1 / 255, "mean": [src.mean], "std": [src.std]},  # raw pixels x -> (x*scale - mean) / std
     )
 
 

@@ -292,8 +292,8 @@ def test_bad_input_exits_2(tmp_path, trained):
 
 
 def test_image_export_takes_raw_idx_pixels(tmp_path):
-    """An image retrain's model.json (normalisation of the /255 pixels) becomes a module that takes
-    raw 0..255 pixels; ``hpo predict`` reads a gzipped IDX file."""
+    """An image retrain's model.json (the loader's normalisation: scale 1/255, mean, std) becomes a
+    module that takes raw 0..255 pixels; ``hpo predict`` reads a gzipped IDX file."""
     import gzip
 
     import torch
@@ -313,7 +313,7 @@ def test_image_export_takes_raw_idx_pixels(tmp_path):
     retrain_files.mkdir()
     (retrain_files / "model.json").write_text(json.dumps({
         "family": "mlp", "in_shape": [1, 28, 28], "out_features": 10, "task": "classification", "hyperparams": hp,
-        "normalization": {"mean": [src.mean], "std": [src.std]}, "classes": list(src.classes)}))
+        "normalization": {"scale": 1 / 255, "mean": [src.mean], "std": [src.std]}, "classes": list(src.classes)}))
     record = RetrainRecord(id="r", trial_number=0, folds=1, created="", files={}, summary={})
     description = _model_description(retrain_files, record, spec, None)
     assert description["normalization"]["scale"] == pytest.approx(1 / 255)

@@ -75,7 +75,7 @@ def test_load_tiny_dataset(tmp_path, source, gz):
     assert data.x.shape == (60, 1, 28, 28) and data.x.dtype == torch.float32
     assert data.y.dtype == torch.int64 and data.x_test.shape == (20, 1, 28, 28)
     assert data.in_shape == (1, 28, 28) and data.out_features == 10 and data.classes == src.classes
-    assert data.normalization == {"mean": [src.mean], "std": [src.std]}
+    assert data.normalization == {"scale": 1 / 255, "mean": [src.mean], "std": [src.std]}
     # pixel value v becomes (v/255 - mean) / std, and each image still matches its label
     expected = (torch.from_numpy(arrays["train_labels"]).float() * 20 / 255 - src.mean) / src.std
     torch.testing.assert_close(data.x[:, 0, 5, 5], expected)

@@ -1,0 +1,153 @@
+"""Store overhead per trial, and the sampler's time per trial at 1,000 finished trials.
+
+Overhead: N worker processes run the worker's real per-trial path (stale-trial check, budget claim,
+ask, heartbeat, 20 intermediate reports, tell) with a trivial objective, against SQLite and
+PostgreSQL. Printed: wall time of the whole run divided by the trials (the cost per trial the
+study pays) and each worker's own time per trial.
+
+Sampler: a study with 1,000 finished trials of the regression space (each with 20 intermediate
+values); the time TPE takes to sample one new configuration, and the median pruner's check.
+
+    python benchmarks/bench_store.py                       # SQLite + postgresql://postgres@127.0.0.1/test
+    python benchmarks/bench_store.py --pg URL --workers 1,4,8 --trials 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import optuna  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+from hpo.spec import load_spec_file  # noqa: E402
+from hpo.space import suggest  # noqa: E402
+from hpo.store import open_storage  # noqa: E402
+from hpo.study import build_pruner, build_sampler  # noqa: E402
+from hpo.worker import _Worker  # noqa: E402
+
+REPORTS = 20
+REGRESSION = Path(__file__).resolve().parent.parent / "studies" / "regression.yaml"
+
+
+def _objective(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", 0.0, 1.0)
+    for step in range(REPORTS):
+        trial.report(x, step)
+    return x
+
+
+def _work(url: str, name: str, per_worker: int, queue) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    worker = _Worker(study, storage, storage.get_study_id_from_name(name), budget=None, label=f"bench-{name}")
+    start = time.perf_counter()
+    for _ in range(per_worker):
+        worker.fail_stale()
+        worker.run(worker.next_trial(), _objective)
+    queue.put((time.perf_counter() - start) / per_worker)
+    storage.engine.dispose()
+
+
+def overhead(url: str, workers: int, per_worker: int) -> dict:
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(url)
+    optuna.create_study(study_name=name, storage=storage)
+    storage.engine.dispose()
+    queue = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=_work, args=(url, name, per_worker, queue)) for _ in range(workers)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    per = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - start
+    optuna.delete_study(study_name=name, storage=open_storage(url, heartbeat=False))
+    # wall includes process start-up (imports): report the workers' own loop time as the main figure
+    return {"workers": workers, "ms_per_trial_study": round(1000 * statistics.mean(per) / workers, 1),
+            "ms_per_trial_worker": round(1000 * statistics.mean(per), 1),
+            "wall_s_incl_startup": round(wall, 1)}
+
+
+def sampler_time(url: str, finished: int = 1000, samples: int = 20) -> dict:
+    spec = load_spec_file(REGRESSION)
+    storage = open_storage(url, heartbeat=False)
+    name = f"bench-sampler-{uuid.uuid4().hex[:8]}"
+    seed_study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
+    donor = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = []
+    for i in range(finished):
+        t = donor.ask()
+        suggest(t, spec)
+        value = 0.2 + (i % 97) / 100
+        trials.append(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=value,
+                                                intermediate_values={s * 10: value * (1 + 1 / (s + 1)) for s in range(REPORTS)}))
+        donor.tell(t, value)
+    seed_study.add_trials(trials)
+    study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(spec), pruner=build_pruner(spec))
+    ask, prune = [], []
+    for _ in range(samples):
+        start = time.perf_counter()
+        trial = study.ask()
+        suggest(trial, spec)
+        ask.append(time.perf_counter() - start)
+        trial.report(0.5, 100)
+        start = time.perf_counter()
+        trial.should_prune()
+        prune.append(time.perf_counter() - start)
+        study.tell(trial, 0.5)
+    optuna.delete_study(study_name=name, storage=storage)
+    return {"finished": finished, "tpe_ms_per_trial": round(1000 * statistics.median(ask), 1),
+            "median_pruner_check_ms": round(1000 * statistics.median(prune), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--workers", default="1,4,8")
+    parser.add_argument("--trials", type=int, default=40, help="trials per worker")
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--no-sampler", action="store_true", help="skip the 1,000-trial sampler timing")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tmp = tempfile.mkdtemp(prefix="hpo-bench-store-")
+    backends = {"sqlite": f"sqlite:///{tmp}/bench.db", "postgresql": args.pg}
+    backends = {k: v for k, v in backends.items() if k in args.backends.split(",")}
+    try:
+        sa.create_engine(args.pg).connect().close()
+    except Exception as e:  # noqa: BLE001 - a benchmark just skips what it cannot reach
+        print(f"PostgreSQL unreachable ({type(e).__name__}); SQLite only")
+        backends.pop("postgresql", None)
+    results = []
+    for backend, url in backends.items():
+        for n in map(int, args.workers.split(",")):
+            row = {"backend": backend, **overhead(url, n, args.trials)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        if not args.no_sampler:
+            row = {"backend": backend, **sampler_time(url)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    print("\nbackend      workers  study ms/trial  worker ms/trial")
+    for r in results:
+        if "workers" in r:
+            print(f"{r['backend']:12s} {r['workers']:7d} {r['ms_per_trial_study']:15.1f} {r['ms_per_trial_worker']:16.1f}")
+    for r in results:
+        if "tpe_ms_per_trial" in r:
+            print(f"{r['backend']}: TPE {r['tpe_ms_per_trial']} ms per trial at {r['finished']} finished trials, "
+                  f"median-pruner check {r['median_pruner_check_ms']} ms")
+
+
+if __name__ == "__main__":
+    main()

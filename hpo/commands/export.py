@@ -12,7 +12,7 @@ from hpo.commands.options import artifacts_option, storage_option, study_option
 @storage_option
 @artifacts_option
 @click.option("--out", default=None, metavar="DIR|-",
-              help="Folder to write (default: exports/<study>); '-' prints the best parameters alone.")
+              help="Folder to write (default: storage/exports/<study>); '-' prints the best parameters alone.")
 @click.option("--format", "fmt", type=click.Choice(["json", "yaml"]), default="json", show_default=True,
               help="Format of the params, spec and statistics files (and of '--out -').")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
@@ -29,7 +29,8 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
     if out == "-":
         click.echo(best_params_text(study_name, storage_url=storage, fmt=fmt), nl=False)
         return
-    folder = export(study_name, storage_url=storage, artifacts=artifacts, out=Path(out or Path("exports") / study_name),
+    out_dir = Path(out) if out else Path("storage") / "exports" / study_name
+    folder = export(study_name, storage_url=storage, artifacts=artifacts, out=out_dir,
                     fmt=fmt, force=force, retrain_id=retrain_id, ensemble=ensemble)
     manifest = json.loads((folder / MANIFEST).read_text())
     click.echo(f"exported trial {manifest['trial_number']} of study {study_name!r} to {folder} "

@@ -85,8 +85,9 @@ def grid_space(spec: StudySpec) -> dict[str, list]:
                 grid[f"{p.name}_schedule"] = ["constant", "decreasing"]
             if p.schedule in ("constant", "search"):
                 grid[p.name] = values
-            for i in range(max_count[p.per_layer]):
-                grid[f"{p.name}_l{i}"] = values
+            if p.schedule != "constant":  # a constant schedule suggests only the one shared value
+                for i in range(max_count[p.per_layer]):
+                    grid[f"{p.name}_l{i}"] = values
         else:
             grid[p.name] = values
     return grid

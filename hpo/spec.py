@@ -375,8 +375,10 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     sampler = SamplerSpec(
         kind=c.one_of(sampler_raw.get("kind", "tpe"), SAMPLERS, "sampler.kind"),
         n_startup_trials=c.integer(sampler_raw.get("n_startup_trials", 10), "sampler.n_startup_trials", minimum=0),
-        multivariate=bool(sampler_raw.get("multivariate", False)),
+        multivariate=sampler_raw.get("multivariate", False),
     )
+    if not isinstance(sampler.multivariate, bool):
+        raise c.fail("sampler.multivariate", f"expected true or false, got {sampler.multivariate!r}")
     if sampler.kind == "grid":
         for p in space:
             if p.kind == "float" and p.step is None:

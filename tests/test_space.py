@@ -99,3 +99,19 @@ def test_grid_space_covers_per_layer_names():
                       "optimizer": {"choice": ["Adam", "SGD"]}}, sampler={"kind": "grid"})
     grid = grid_space(spec)
     assert grid == {"n_layers": [1, 2], "width_l0": [16, 32], "width_l1": [16, 32], "optimizer": ["Adam", "SGD"]}
+
+
+def test_grid_with_constant_schedule_has_no_duplicate_points():
+    spec = spec_with({"n_layers": {"int": [1, 3]}, "width": {"int": [32, 64], "step": 32, "per_layer": "n_layers",
+                                                             "schedule": "constant"}}, sampler={"kind": "grid"})
+    assert grid_space(spec) == {"n_layers": [1, 2, 3], "width": [32, 64]}
+    study = optuna.create_study(sampler=build_sampler(spec))
+    seen = []
+
+    def objective(trial):
+        hp = suggest(trial, spec)
+        seen.append((hp["n_layers"], tuple(hp["width"])))
+        return 0.0
+
+    study.optimize(objective, n_trials=20)  # the grid sampler stops the study once the grid is done
+    assert len(seen) == 6 and len(set(seen)) == 6

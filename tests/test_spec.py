@@ -66,6 +66,7 @@ def test_categorical_values_are_canonicalised():
         (lambda r: r.update(colour="blue"), r"colour: unknown key"),
         (lambda r: r["fixed"].update(lr=0.1), r"space.*|fixed.lr: is also in space"),
         (lambda r: r.update(name="my study"), r"name: expected a study name without spaces"),
+        (lambda r: r["sampler"].update(multivariate="no"), r"sampler.multivariate: expected true or false, got 'no'"),
     ],
 )
 def test_bad_specs_name_field_value_and_allowed(mutate, message):

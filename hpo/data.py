@@ -58,7 +58,13 @@ def split_indices(n: int, *, val_fraction: float, seed: int, labels: np.ndarray 
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(n)
-    train, val = train_test_split(idx, test_size=val_fraction, random_state=seed, shuffle=True, stratify=labels)
+    try:
+        train, val = train_test_split(idx, test_size=val_fraction, random_state=seed, shuffle=True, stratify=labels)
+    except ValueError:
+        if labels is None:
+            raise
+        # A class too rare to stratify (a handful of rows): split without stratification.
+        train, val = train_test_split(idx, test_size=val_fraction, random_state=seed, shuffle=True)
     if train_subset is not None:
         train = train[:train_subset]
     if val_subset is not None:

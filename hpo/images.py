@@ -204,12 +204,8 @@ def load_image_dataset(spec: StudySpec, *, data_dir: str | None = None) -> Datas
     test_images, test_labels = _images_and_labels(files, "test", len(src.classes))
     if len(labels) < 2:
         raise DataError(f"{files['train_images']}: needs at least 2 training images, has {len(labels)}")
-    try:
-        train_idx, val_idx = split_indices(len(labels), val_fraction=d.val_fraction, seed=spec.seed, labels=labels,
-                                           train_subset=d.train_subset, val_subset=d.val_subset)
-    except ValueError:  # a class too rare to stratify (tiny hand-made files): split unstratified
-        train_idx, val_idx = split_indices(len(labels), val_fraction=d.val_fraction, seed=spec.seed,
-                                           train_subset=d.train_subset, val_subset=d.val_subset)
+    train_idx, val_idx = split_indices(len(labels), val_fraction=d.val_fraction, seed=spec.seed, labels=labels,
+                                       train_subset=d.train_subset, val_subset=d.val_subset)
     return Dataset(
         task="classification",
         x=_to_tensor(images, src),

@@ -91,6 +91,7 @@ def run_retrain(
     data_dir: str | None = None,
     stacked: bool | None = None,
     echo: Callable[[str], None] | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
 ) -> RetrainRecord:
     """Retrain a trial's configuration on K folds and save the results as artifacts of the study.
 
@@ -100,6 +101,7 @@ def run_retrain(
         stacked: train the K models together (True), one after another (False), or decide (None:
             stacked on a CUDA device whenever the models can be stacked, else sequential).
         echo: where progress lines go (default: nowhere).
+        on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
 
     Returns:
         The new record (``hpo.results.load_retrain`` reads it back); a re-run makes a new one.
@@ -196,7 +198,10 @@ def run_retrain(
         summary = {"metric": metric_name, "path": metrics["path"], "train_seconds": round(seconds, 3),
                    "best_fold": best, "best_fold_test_metric": per_fold[best]["test_metric"],
                    **{f"{name}_test_metric": e["test_metric"] for name, e in metrics["ensemble"].items()}}
-        return save_retrain(study, artifact_store, trial_number=trial.number, folds=k, files=files, summary=summary)
+        saved = save_retrain(study, artifact_store, trial_number=trial.number, folds=k, files=files, summary=summary)
+    if on_metrics:
+        on_metrics(metrics)
+    return saved
 
 
 def fold_models(spec: StudySpec, hp: dict[str, Any], data: Dataset, *, seeds: list[int],

@@ -212,8 +212,11 @@ def test_cli_retrain_exits_2_without_a_complete_trial_then_prints_the_table(tmp_
     proc = run_hpo("retrain", "--study", "blobs", "--artifacts", str(artifacts), env=cli_env, check=2)
     assert proc.stderr.strip() == "hpo: error: study 'blobs' has no complete trial; run hpo worker --study blobs first"
     run_hpo("worker", "--study", "blobs", "--n-trials", "1", env=cli_env, check=0)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     proc = run_hpo("retrain", "--study", "blobs", "--folds", "2", "--stacked", "--artifacts", str(artifacts),
-                   env=cli_env, check=0)
+                   env={**cli_env, "TMPDIR": str(scratch)}, check=0)
     for text in ("fold 0", "fold 1", "majority_vote", "soft_vote", "trained 2 models (stacked)", "saved retrain"):
         assert text in proc.stdout
     assert len([p for p in artifacts.rglob("*") if p.is_file()]) == 6  # 4 files + 2 fold weights
+    assert not list(scratch.glob("hpo-retrain-*"))  # the table comes from the run itself: nothing downloaded, nothing left

@@ -40,15 +40,13 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
             stacked: bool | None, data_dir: str | None, storage: str | None, artifacts: str | None) -> None:
     """Retrain a trial on K folds of all training data; save fold models, predictions and ensembles."""
     from hpo.devices import resolve_device
-    from hpo.results import fetch_files, read_json
     from hpo.retrain import run_retrain
-    from hpo.store import open_artifact_store
 
+    saved: list[dict] = []
     record = run_retrain(study_name, storage_url=storage, artifacts=artifacts, folds=folds, trial_number=trial_number,
                          device=resolve_device(gpu=gpu, device=device), data_dir=data_dir,
-                         stacked=stacked, echo=click.echo)
-    folder = fetch_files(open_artifact_store(storage, artifacts), record)
-    metrics = read_json(folder, "metrics.json")
+                         stacked=stacked, echo=click.echo, on_metrics=saved.append)
+    metrics = saved[0]
     click.echo(results_table(metrics))
     rate = metrics["model_epochs_per_s"]
     click.echo(f"trained {metrics['folds']} models ({metrics['path']}) in {metrics['train_seconds']:.1f}s"

@@ -165,6 +165,9 @@ def run_retrain(
                                  on_epoch=lambda epoch, stats, i=i: record(i, epoch, stats)))
             echo(f"  fold {i}: {results[-1].epochs_run} epochs, val {metric_name} "
                  f"{results[-1].metrics[f'val_{metric_name}']:.4g}")
+        cuda_graph = all(r.path == "cuda_graph" for r in results)
+        if device.type == "cuda":
+            notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

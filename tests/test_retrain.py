@@ -180,6 +180,29 @@ def test_regression_ensemble_mean_and_grid(tmp_path, store_url):
     assert np.allclose(preds["grid_best"], grid[metrics["best_fold"]], atol=1e-4)
 
 
+def test_sequential_retrain_records_the_path_its_folds_took(tmp_path, store_url, monkeypatch):
+    import hpo.retrain
+
+    make_study(blobs_spec(tmp_path), store_url, n_trials=1)
+    artifacts = tmp_path / "artifacts"
+    seen: list[dict] = []
+    run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False,
+                on_metrics=seen.append)
+    assert seen[0]["cuda_graph"] is False  # eager on the CPU
+
+    real_train = hpo.retrain.train
+
+    def graphed(*args, **kwargs):  # what train() reports after a CUDA-graph run
+        result = real_train(*args, **kwargs)
+        result.path, result.path_reason = "cuda_graph", ""
+        return result
+
+    monkeypatch.setattr(hpo.retrain, "train", graphed)
+    run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False,
+                on_metrics=seen.append)
+    assert seen[1]["cuda_graph"] is True
+
+
 def test_rerun_makes_a_new_record_and_keeps_the_old_one(tmp_path, store_url):
     make_study(blobs_spec(tmp_path), store_url, n_trials=2)
     artifacts = tmp_path / "artifacts"

@@ -10,8 +10,9 @@ stored), and applies the stored normalisation itself:
 - regression: ``model(x)`` is the prediction, shape (N, 1): the mean over folds (or one fold's).
 - classification: ``model(x)`` gives class scores (N, C): the mean of the folds' softmax
   probabilities for ``soft_vote`` (or one fold), the share of folds voting for each class for
-  ``majority_vote``; ``model.predict(x)`` gives class indices (N,), ties going to the lower index;
-  ``model.classes`` names them.
+  ``majority_vote``; ``model.predict(x)`` gives class indices (N,), majority-vote ties going to
+  the best-on-validation fold's choice as in the retrain (so ``model(x).argmax(-1)``, which takes
+  the lowest tied index, may differ from ``predict`` on ties); ``model.classes`` names them.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class ExportedModel(nn.Module):
         if self.task == "regression":
             return ens.mean(outputs)
         if self.rule == "majority_vote":
-            return nn.functional.one_hot(outputs.argmax(-1), outputs.shape[-1]).float().mean(0)
+            return ens.vote_shares(outputs)
         return ens.soft_vote(outputs)
 
     @torch.no_grad()

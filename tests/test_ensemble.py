@@ -55,3 +55,24 @@ def test_soft_vote_is_the_mean_probability_and_can_differ_from_the_majority():
 def test_mean_of_regression_outputs():
     outputs = torch.tensor([[[1.0], [2.0]], [[3.0], [6.0]]])
     assert ensemble.mean(outputs).tolist() == [[2.0], [4.0]]
+
+
+def test_exported_majority_vote_predict_follows_the_tie_breaker_forward_gives_shares():
+    from hpo.loading import ExportedModel
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = torch.tensor([logits])
+
+        def forward(self, x):
+            return self.logits.expand(len(x), -1)
+
+    models = [Fixed([0.0, 1.0, 5.0]), Fixed([5.0, 1.0, 0.0])]  # fold 0 votes 2, fold 1 votes 0: a tie
+    model = ExportedModel(models, description={"task": "classification", "in_shape": [1], "tie_breaker": 0},
+                          rule="majority_vote").eval()
+    x = torch.zeros(1, 1)
+    shares = model(x)
+    assert shares.tolist() == [[0.5, 0.0, 0.5]] == ensemble.vote_shares(model.fold_outputs(x)).tolist()
+    assert model.predict(x).tolist() == [2]  # the best-on-validation fold (0) breaks the tie
+    assert shares.argmax(-1).tolist() == [0]  # documented: argmax of the shares takes the lowest tied index

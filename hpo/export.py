@@ -1,7 +1,8 @@
 """Export a study's best result as a self-contained folder that ``hpo.load`` turns into a module.
 
 The folder holds:
-- ``params.<fmt>``: the best trial's number, value and parameters (and the resolved hyperparameters);
+- ``params.<fmt>``: the exported trial's number, value and parameters (and the resolved
+  hyperparameters): the best trial's, or the retrained trial's when a retrain is exported;
 - ``spec.<fmt>``: the full study spec; ``study.<fmt>``: the study statistics;
 - when a retrain of the best trial exists: ``fold_<i>.pt`` (state dicts), ``metrics.json`` (the
   retrain's numbers) and ``model.json`` (family, shapes, hyperparameters, normalisation, classes,
@@ -200,11 +201,14 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
         raise HpoError(f"--out: {out} already exists; pass --force to replace it")
     study, spec, best = open_study(study_name, storage_url)
     record, note = _pick_retrain(study, best.number, retrain_id)
+    # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
+    trial = best if record is None or record.trial_number == best.number \
+        else study.get_trials(deepcopy=False)[record.trial_number]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        (staging / f"params.{fmt}").write_text(dumps(best_params(study, spec, best), fmt))
+        (staging / f"params.{fmt}").write_text(dumps(best_params(study, spec, trial), fmt))
         (staging / f"spec.{fmt}").write_text(dumps(spec.to_dict(), fmt))
         (staging / f"study.{fmt}").write_text(dumps(asdict(summarize(study)), fmt))
         model = None
@@ -213,7 +217,7 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
         manifest = {
             "format": EXPORT_FORMAT,
             "study": study.study_name,
-            "trial_number": best.number if record is None else record.trial_number,
+            "trial_number": trial.number,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "weights": record is not None,
             "retrain_id": record.id if record else None,

@@ -138,6 +138,27 @@ def test_export_without_retrain_gives_params_and_spec(tmp_path, trained):
         hpo.load(out)
 
 
+def test_export_of_a_retrain_of_another_trial_gives_that_trials_params(tmp_path, trained):
+    import torch
+
+    from hpo.export import export_best
+    from hpo.retrain import run_retrain
+    from hpo.store import open_storage
+    from hpo.study import load
+
+    shutil.copytree(trained / "store", tmp_path / "store")
+    url = store_env(tmp_path)["HPO_STORAGE"]
+    study, _ = load("regression", open_storage(url, heartbeat=False))
+    other = next(t for t in study.trials if t.number != study.best_trial.number)
+    record = run_retrain("regression", storage_url=url, folds=2, trial_number=other.number,
+                         device=torch.device("cpu"), stacked=False)
+    out = export_best("regression", storage_url=url, out=tmp_path / "export", retrain_id=record.id)
+    params = json.loads((out / "params.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert params["trial_number"] == manifest["trial_number"] == other.number != study.best_trial.number
+    assert params["params"] == other.params and params["value"] == other.value
+
+
 def test_regression_round_trip_in_fresh_process(tmp_path, retrained):
     from hpo.errors import HpoError
     from hpo.loading import predict_file

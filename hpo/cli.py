@@ -79,15 +79,12 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
     """Run trials of a study; any number of workers may share one store."""
     from hpo.console import summary_text
     from hpo.devices import resolve_device
-    from hpo.study import load
-    from hpo.store import open_storage
     from hpo.worker import run_worker
 
     summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
                          n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
                          echo=click.echo)
-    _, spec = load(study_name, open_storage(storage, heartbeat=False))
-    click.echo(summary_text(summary, spec.metric))
+    click.echo(summary_text(summary))
 
 
 @main.command("studies")
@@ -96,16 +93,13 @@ def list_studies(storage: str | None) -> None:
     """List the studies in the store with trial counts and best values."""
     from hpo.console import studies_table
     from hpo.store import open_storage
-    from hpo.study import SPEC_ATTR, summarize
+    from hpo.study import summarize
 
     import optuna
 
     store = open_storage(storage, heartbeat=False)
-    rows = []
-    for s in sorted(store.get_all_studies(), key=lambda s: s.study_name):
-        study = optuna.load_study(study_name=s.study_name, storage=store)
-        rows.append((summarize(study), s.user_attrs.get(SPEC_ATTR, {}).get("metric", "value")))
-    click.echo(studies_table(rows))
+    names = sorted(s.study_name for s in store.get_all_studies())
+    click.echo(studies_table([summarize(optuna.load_study(study_name=n, storage=store)) for n in names]))
 
 
 @main.command()
@@ -120,9 +114,9 @@ def status(study_name: str, storage: str | None, as_json: bool) -> None:
     from hpo.store import open_storage
     from hpo.study import load, summarize
 
-    study, spec = load(study_name, open_storage(storage, heartbeat=False))
+    study, _ = load(study_name, open_storage(storage, heartbeat=False))
     summary = summarize(study)
-    click.echo(console.as_json(asdict(summary)) if as_json else console.summary_text(summary, spec.metric))
+    click.echo(console.as_json(asdict(summary)) if as_json else console.summary_text(summary))
 
 
 def _register_stage_commands() -> None:

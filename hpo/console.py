@@ -23,17 +23,18 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, metric: str) -> str:
     else:
         value = str(trial.user_attrs.get("fail_reason", ""))[:60]
     try:
-        best = f"best={study.best_value:.4g} (#{study.best_trial.number})"
+        best_trial = study.best_trial
+        best = f"best={best_trial.value:.4g} (#{best_trial.number})"
     except ValueError:
         best = "best=-"
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     return f"trial {trial.number:4d}  {trial.state.name:8s} {value:42s} {best}  {seconds:.1f}s"
 
 
-def summary_text(s: Summary, metric: str) -> str:
+def summary_text(s: Summary) -> str:
     """The seed-style statistics block."""
     lines = [
-        f"Study statistics: {s.name} ({s.direction} {metric})",
+        f"Study statistics: {s.name} ({s.direction} {s.metric})",
         f"  Number of finished trials: {s.finished}",
         f"  Number of pruned trials:   {s.counts['PRUNED']}",
         f"  Number of complete trials: {s.counts['COMPLETE']}",
@@ -52,13 +53,13 @@ def summary_text(s: Summary, metric: str) -> str:
     return "\n".join(lines)
 
 
-def studies_table(rows: list[tuple[Summary, str]]) -> str:
+def studies_table(rows: list[Summary]) -> str:
     if not rows:
         return "no studies in the store (create one with: hpo create-study NAME)"
     header = f"{'study':24s} {'complete':>8s} {'pruned':>7s} {'fail':>5s} {'running':>7s}  best"
     out = [header]
-    for s, metric in rows:
-        best = f"{metric}={_num(s.best_value)} (#{s.best_trial})" if s.best_trial is not None else "-"
+    for s in rows:
+        best = f"{s.metric}={_num(s.best_value)} (#{s.best_trial})" if s.best_trial is not None else "-"
         out.append(f"{s.name:24s} {s.counts['COMPLETE']:8d} {s.counts['PRUNED']:7d} {s.counts['FAIL']:5d} "
                    f"{s.counts['RUNNING']:7d}  {best}")
     return "\n".join(out)

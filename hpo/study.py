@@ -41,8 +41,26 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
                                        interval_steps=p.interval_steps)
 
 
+def study_id(storage: optuna.storages.BaseStorage, name: str) -> int:
+    """The id of study ``name``.
+
+    Raises:
+        StoreError: when there is no such study (listing the ones there are).
+    """
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        names = sorted(s.study_name for s in storage.get_all_studies())
+        raise StoreError(f"no study named {name!r} in the store; studies there: {', '.join(names) or 'none'} "
+                         f"(create one with: hpo create-study NAME)") from None
+
+
 def _exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
-    return any(s.study_name == name for s in storage.get_all_studies())
+    try:
+        storage.get_study_id_from_name(name)
+        return True
+    except KeyError:
+        return False
 
 
 def create(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False) -> optuna.Study:
@@ -73,12 +91,7 @@ def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 
         StoreError: when there is no such study (listing the ones there are).
         SpecError: when the study was not created by hpo.
     """
-    if not _exists(storage, name):
-        names = sorted(s.study_name for s in storage.get_all_studies())
-        raise StoreError(f"no study named {name!r} in the store; studies there: {', '.join(names) or 'none'} "
-                         f"(create one with: hpo create-study NAME)")
-    probe = optuna.load_study(study_name=name, storage=storage)
-    raw = probe.user_attrs.get(SPEC_ATTR)
+    raw = storage.get_study_user_attrs(study_id(storage, name)).get(SPEC_ATTR)
     if raw is None:
         raise SpecError(f"study {name!r} has no hpo spec (it was not created by hpo create-study)")
     spec = parse_spec(raw, source=f"study {name!r} (stored spec)")
@@ -91,6 +104,7 @@ def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 
 class Summary:
     name: str
     direction: str
+    metric: str  # what the value measures (the spec's metric)
     counts: dict[str, int]  # by TrialState name
     finished: int
     best_value: float | None
@@ -113,15 +127,16 @@ def summarize(study: optuna.Study) -> Summary:
     retried = retried_numbers(trials)
     finished = counts["COMPLETE"] + counts["PRUNED"] + sum(
         1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
-    best = None
-    if counts["COMPLETE"]:
-        best = study.best_trial
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
+    best = pick(complete, key=lambda t: t.value) if complete else None
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
     return Summary(
         name=study.study_name,
         direction=study.direction.name.lower(),
+        metric=study.user_attrs.get(SPEC_ATTR, {}).get("metric", "value"),
         counts=counts,
         finished=finished,
         best_value=best.value if best else None,

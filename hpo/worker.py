@@ -31,6 +31,7 @@ from hpo.data import load_dataset
 from hpo.objective import Interrupted, make_objective
 from hpo.errors import StoreError
 from hpo.store import claim, is_transient, mask_url, open_storage, release, resolve_url, silent_trials
+from hpo import study as studies
 from hpo.study import Summary, load, summarize
 
 BUDGET_PREFIX = "hpo:budget:"
@@ -228,8 +229,7 @@ def run_worker(
         StoreError: when the store cannot be opened or has no such study.
     """
     storage = open_storage(storage_url)
-    _, spec = load(study_name, storage)
-    study_id = storage.get_study_id_from_name(study_name)
+    study_id = studies.study_id(storage, study_name)
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
     study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)

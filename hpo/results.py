@@ -50,17 +50,22 @@ class RetrainRecord:
 
 
 def save_retrain(study: optuna.Study, artifact_store, *, trial_number: int, folds: int, files: dict[str, Path],
-                 summary: dict[str, Any]) -> RetrainRecord:
-    """Upload the files of one retrain and record them in the study. Returns the new record."""
+                 summary: dict[str, Any], trial_id: int | None = None) -> RetrainRecord:
+    """Upload the files of one retrain and record them in the study. Returns the new record.
+
+    Args:
+        trial_id: the storage id of trial ``trial_number``, when the caller has it (saves a look-up).
+    """
     storage = study._storage
     study_id = study._study_id
-    trial_id = study.get_trials(deepcopy=False)[trial_number]._trial_id
-    artifact_ids = {}
-    for name, path in files.items():
-        artifact_id = upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=study)
-        meta = storage.get_study_system_attrs(study_id)[ARTIFACTS_ATTR_PREFIX + artifact_id]
+    if trial_id is None:
+        trial_id = study.get_trials(deepcopy=False)[trial_number]._trial_id
+    artifact_ids = {name: upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=study)
+                    for name, path in files.items()}
+    system_attrs = storage.get_study_system_attrs(study_id)
+    for artifact_id in artifact_ids.values():
+        meta = system_attrs[ARTIFACTS_ATTR_PREFIX + artifact_id]
         storage.set_study_system_attr(study_id, f"{DASHBOARD_TRIAL_PREFIX}{trial_id}:{artifact_id}", meta)
-        artifact_ids[name] = artifact_id
     now = datetime.now(timezone.utc)
     record = RetrainRecord(
         id=now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6],

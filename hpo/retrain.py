@@ -201,7 +201,8 @@ def run_retrain(
         summary = {"metric": metric_name, "path": metrics["path"], "train_seconds": round(seconds, 3),
                    "best_fold": best, "best_fold_test_metric": per_fold[best]["test_metric"],
                    **{f"{name}_test_metric": e["test_metric"] for name, e in metrics["ensemble"].items()}}
-        saved = save_retrain(study, artifact_store, trial_number=trial.number, folds=k, files=files, summary=summary)
+        saved = save_retrain(study, artifact_store, trial_number=trial.number, trial_id=trial._trial_id,
+                             folds=k, files=files, summary=summary)
     if on_metrics:
         on_metrics(metrics)
     return saved

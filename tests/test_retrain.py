@@ -117,6 +117,8 @@ def test_classification_retrain_artifacts_reproduce_the_metrics(tmp_path, store_
     assert loaded == record and record.folds == 3 and record.trial_number == study.best_trial.number
     assert set(record.files) == {"metrics.json", "curves.json", "predictions.npz", "model.json",
                                  "fold_0.pt", "fold_1.pt", "fold_2.pt"}
+    trial_id = study.best_trial._trial_id  # each file is linked to the retrained trial in optuna-dashboard
+    assert {f"dashboard:artifacts:{trial_id}:{a}" for a in record.files.values()} <= set(study._storage.get_study_system_attrs(study._study_id))
 
     metrics = read_json(folder, "metrics.json")
     assert metrics["path"] == ("stacked" if stacked else "sequential")

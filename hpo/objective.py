@@ -31,7 +31,7 @@ def make_objective(spec: StudySpec, data: Dataset, *,
     """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
-    is pruned when the pruner says so. A trial that raises gets its reason in ``fail_reason``.
+    is pruned when the pruner says so.
 
     Args:
         should_stop: polled after every epoch; when it returns true the trial raises
@@ -56,25 +56,15 @@ def make_objective(spec: StudySpec, data: Dataset, *,
                 trial.set_user_attr("epochs_run", done)
                 raise optuna.TrialPruned(f"pruned after {done} epochs")
 
-        try:
-            model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
-            trial.set_user_attr("device", device_name)
-            result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
-        except optuna.TrialPruned:
-            raise
-        except Interrupted:
-            trial.set_user_attr("fail_reason", "interrupted")
-            raise
-        except Exception as e:
-            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
-            raise
+        # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
+        model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
+        trial.set_user_attr("device", device_name)
+        result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("train_seconds", round(result.seconds, 3))
-        path = getattr(result, "path", None)
-        if path is not None:
-            trial.set_user_attr("train_path", path)
-            if getattr(result, "path_reason", ""):
-                trial.set_user_attr("train_path_reason", result.path_reason[:200])
+        trial.set_user_attr("train_path", result.path)
+        if result.path_reason:
+            trial.set_user_attr("train_path_reason", result.path_reason[:200])
         if result.stopped_early:
             trial.set_user_attr("stopped_early", True)
         value = result.metrics[spec.metric]

@@ -123,7 +123,7 @@ class _Worker:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             if not is_retry(t):
                 continue
-            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, t.number)
+            trial_id = t._trial_id
             try:
                 if self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                     return optuna.Trial(self.study, trial_id)
@@ -190,13 +190,13 @@ class _Worker:
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
             except Interrupted:
+                trial.set_user_attr("fail_reason", "interrupted")
                 _requeue(self.study, self._trial(trial._trial_id))
                 self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of one trial must not end the worker
                 state = TrialState.FAIL
-                if "fail_reason" not in self._trial(trial._trial_id).user_attrs:
-                    trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
+                trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
         if state == TrialState.COMPLETE:
             return self.study.tell(trial, value, skip_if_finished=True)
         return self.study.tell(trial, state=state, skip_if_finished=True)

@@ -34,22 +34,6 @@ class Dataset:
         return replace(self, **{k: getattr(self, k).to(device) for k in
                                 ("x", "y", "train_idx", "val_idx", "x_test", "y_test")})
 
-    @property
-    def x_train(self) -> torch.Tensor:
-        return self.x[self.train_idx]
-
-    @property
-    def y_train(self) -> torch.Tensor:
-        return self.y[self.train_idx]
-
-    @property
-    def x_val(self) -> torch.Tensor:
-        return self.x[self.val_idx]
-
-    @property
-    def y_val(self) -> torch.Tensor:
-        return self.y[self.val_idx]
-
 
 def split_indices(n: int, *, val_fraction: float, seed: int, labels: np.ndarray | None = None,
                   train_subset: int | None = None, val_subset: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from hpo.hyperparams import canonical_choice, resolve
+from hpo.hyperparams import resolve
 from hpo.spec import ParamSpec, StudySpec
 
 
@@ -41,8 +41,7 @@ def _suggest_layers(trial: optuna.trial.BaseTrial, p: ParamSpec, n: int) -> list
 
 
 def _active(p: ParamSpec, chosen: dict) -> bool:
-    return all(canonical_choice(k, chosen.get(k)) in [canonical_choice(k, v) for v in allowed]
-               for k, allowed in p.when.items())
+    return all(chosen.get(k) in allowed for k, allowed in p.when.items())  # spellings canonical since parsing
 
 
 def suggest(trial: optuna.trial.BaseTrial, spec: StudySpec) -> dict[str, Any]:

@@ -223,10 +223,7 @@ def _check_value(c: _Checker, name: str, value: Any, where: str) -> Any:
             raise c.fail(where, f"expected true or false, got {value!r}")
         return value
     if hp.type is int:
-        c.integer(value, where)
-        if value < 0:
-            raise c.fail(where, f"must be >= 0, got {value}")
-        return value
+        return c.integer(value, where, minimum=0)
     c.number(value, where)
     if value < 0:
         raise c.fail(where, f"must be >= 0, got {value}")
@@ -289,7 +286,8 @@ def _parse_param(c: _Checker, name: str, raw: Any, family: str) -> ParamSpec:
                 raise c.fail(f"{where}.step", "step and log cannot be combined (Optuna samples either)")
         spec.update(low=low, high=high, step=step, log=log)
     when = c.mapping(raw.get("when"), f"{where}.when")
-    spec["when"] = {k: tuple(v if isinstance(v, list) else [v]) for k, v in when.items()}
+    spec["when"] = {k: tuple(canonical_choice(k, x) for x in (v if isinstance(v, list) else [v]))
+                    for k, v in when.items()}
     per_layer = raw.get("per_layer")
     if per_layer is not None:
         if not hp.per_layer:
@@ -315,7 +313,7 @@ def _check_references(c: _Checker, space: tuple[ParamSpec, ...], fixed: dict) ->
                 ref = seen[other]
                 if ref.kind == "choice":
                     for v in allowed:
-                        if canonical_choice(other, v) not in ref.choices:
+                        if v not in ref.choices:
                             raise c.fail(where, f"{v!r} is not among {other}'s choices {list(ref.choices)}")
             elif other not in fixed:
                 raise c.fail(where, f"{other!r} must be searched above {p.name!r} or fixed")

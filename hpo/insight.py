@@ -18,7 +18,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import nn
 
-from hpo.models import _ACTIVATIONS, build_model
+from hpo.models import _ACTIVATIONS, rebuild
 
 MAX_TILES = 16
 NEURONS_PER_LAYER = 8
@@ -27,10 +27,7 @@ NEURONS_PER_LAYER = 8
 def load_fold_model(folder: Path, fold: int) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild fold ``fold``'s model from a retrain folder; returns it (eval mode, CPU) and model.json."""
     info = json.loads((folder / "model.json").read_text())
-    model = build_model(info["family"], info["hyperparams"], in_shape=tuple(info["in_shape"]),
-                        out_features=int(info["out_features"]))
-    model.load_state_dict(torch.load(folder / f"fold_{fold}.pt", map_location="cpu", weights_only=True))
-    return model.eval(), info
+    return rebuild(info, folder / f"fold_{fold}.pt"), info
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -132,7 +132,7 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         HpoError: bad checksums, an export without weights (saying to run ``hpo retrain``), or a
             fold or ensemble rule that the export does not have.
     """
-    from hpo.models import build_model
+    from hpo.models import rebuild
 
     folder = Path(path)
     manifest = verify(folder)
@@ -155,14 +155,12 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         rule = "soft_vote"  # one fold: its own probabilities
     models = []
     for name in weights:
-        model = build_model(description["family"], description["hyperparams"],
-                            in_shape=tuple(description["in_shape"]), out_features=int(description["out_features"]))
         try:
-            state = torch.load(folder / name, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
+            models.append(rebuild(description, folder / name))
+        except HpoError:
+            raise
         except Exception as e:  # unpickling refused, or weights that do not fit the described model
             raise HpoError(f"{folder / name}: cannot load the weights: {str(e).splitlines()[0]}") from e
-        models.append(model)
     return ExportedModel(models, description=description, rule=rule).to(device).eval()
 
 

@@ -91,3 +91,16 @@ def build_model(family: str, hp: dict[str, Any], *, in_shape: tuple[int, ...], o
 
         return build_cnn(hp, in_shape=in_shape, out_features=out_features)
     raise ValueError(f"unknown model family {family!r}")
+
+
+def rebuild(info: dict[str, Any], weights_path: Any) -> nn.Module:
+    """A retrained fold model from its ``model.json`` description and ``fold_<i>.pt`` state dict,
+    read with ``weights_only=True``, on the CPU and in eval mode. ``weights_path``: a str or Path.
+
+    Raises:
+        TrainingError / ValueError: as ``build_model``; torch's errors for unreadable or unfitting weights.
+    """
+    model = build_model(info["family"], info["hyperparams"], in_shape=tuple(info["in_shape"]),
+                        out_features=int(info["out_features"]))
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return model.eval()

@@ -13,7 +13,7 @@ from hpo import ensemble
 from hpo.data import Dataset, load_dataset
 from hpo.tables import embed_csv
 from hpo.errors import HpoError
-from hpo.models import build_model
+from hpo.models import rebuild
 from hpo.results import fetch_files, list_retrains, load_retrain, read_json
 from hpo.retrain import run_retrain, split_folds
 from hpo.spec import load_spec_file
@@ -73,13 +73,7 @@ def read_back(store_url: str, artifacts: Path, name: str, retrain_id: str | None
 
 def rebuilt_models(folder: Path, folds: int) -> list[torch.nn.Module]:
     info = read_json(folder, "model.json")
-    models = []
-    for i in range(folds):
-        model = build_model(info["family"], info["hyperparams"], in_shape=tuple(info["in_shape"]),
-                            out_features=info["out_features"])
-        model.load_state_dict(torch.load(folder / f"fold_{i}.pt", weights_only=True))
-        models.append(model.eval())
-    return models
+    return [rebuild(info, folder / f"fold_{i}.pt") for i in range(folds)]
 
 
 def test_stratified_folds_keep_class_balance():

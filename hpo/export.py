@@ -164,7 +164,7 @@ def _write_weights(staging: Path, record: RetrainRecord, artifact_store, spec: S
     if missing:
         raise HpoError(f"retrain {record.id} lacks {', '.join(missing)}; run hpo retrain again")
     with tempfile.TemporaryDirectory(prefix="hpo-export-") as tmp:
-        fetched = fetch_files(artifact_store, record, Path(tmp))
+        fetched = fetch_files(artifact_store, record, Path(tmp), names=[*needed, "metrics.json"])
         model = _model_description(fetched, record, spec, ensemble)
         for name in model["weights"] + (["metrics.json"] if "metrics.json" in record.files else []):
             shutil.copyfile(fetched / name, staging / name)

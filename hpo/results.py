@@ -26,7 +26,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import optuna
 from optuna.artifacts import download_artifact, upload_artifact
@@ -104,11 +104,16 @@ def load_retrain(study: optuna.Study, retrain_id: str | None = None) -> RetrainR
     return RetrainRecord(**raw)
 
 
-def fetch_files(artifact_store, record: RetrainRecord, dest: Path | None = None) -> Path:
-    """Download every file of a retrain into ``dest`` (a new temporary folder by default)."""
+def fetch_files(artifact_store, record: RetrainRecord, dest: Path | None = None, *,
+                names: Iterable[str] | None = None) -> Path:
+    """Download the files of a retrain (all, or those of ``names`` it has) into ``dest`` (a new
+    temporary folder by default)."""
     dest = Path(dest or tempfile.mkdtemp(prefix=f"hpo-retrain-{record.id}-"))
     dest.mkdir(parents=True, exist_ok=True)
+    wanted = None if names is None else set(names)
     for name, artifact_id in record.files.items():
+        if wanted is not None and name not in wanted:
+            continue
         target = dest / name
         if target.exists():
             target.unlink()

@@ -210,6 +210,9 @@ def test_rerun_makes_a_new_record_and_keeps_the_old_one(tmp_path, store_url):
     assert {r.id for r in list_retrains(study)} == {first.id, second.id}
     old = fetch_files(open_artifact_store(store_url, str(artifacts)), load_retrain(study, first.id))
     assert read_json(old, "metrics.json")["folds"] == 2
+    some = fetch_files(open_artifact_store(store_url, str(artifacts)), second, tmp_path / "some",
+                       names=["model.json", "fold_1.pt", "no-such-file"])
+    assert sorted(p.name for p in some.iterdir()) == ["fold_1.pt", "model.json"]
     assert set(first.files.values()).isdisjoint(second.files.values())
 
 

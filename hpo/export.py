@@ -68,10 +68,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def read_json(folder: Path, name: str) -> Any:
-    return json.loads((folder / name).read_text())
-
-
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise HpoError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -123,16 +119,19 @@ def _pick_retrain(study: optuna.Study, best_number: int, retrain_id: str | None)
 
     if retrain_id is not None:
         return load_retrain(study, retrain_id), ""
-    of_best = [r for r in list_retrains(study) if r.trial_number == best_number]
+    retrains = list_retrains(study)
+    of_best = [r for r in retrains if r.trial_number == best_number]
     if of_best:
         return of_best[-1], ""
-    others = sorted({r.trial_number for r in list_retrains(study)})
+    others = sorted({r.trial_number for r in retrains})
     why = (f"the retrains are of trial(s) {', '.join(map(str, others))}, not of the best trial {best_number}"
            if others else "the study has no retrain yet")
     return None, f"{why}; weights come from: hpo retrain --study {study.study_name}"
 
 
 def _model_description(folder: Path, record: RetrainRecord, spec: StudySpec, ensemble: str | None) -> dict:
+    from hpo.results import read_json
+
     model = read_json(folder, MODEL)
     task = model.get("task", spec.task)
     rules = ENSEMBLE_RULES[task]

@@ -253,7 +253,7 @@ def _ensembles(data: Dataset, outputs: torch.Tensor, best: int, metrics: dict, m
         grid_in = ((grid_x - m) / s)[:, None]
         grid = torch.stack([predict(model, grid_in) for model in models]).reshape(len(models), -1)
         arrays.update(grid_x=grid_x.cpu().numpy(), grid_best=grid[best].cpu().numpy(),
-                      grid_mean=grid.mean(0).cpu().numpy(),
+                      grid_mean=ensemble.mean(grid).cpu().numpy(),
                       x_test=(data.x_test.reshape(-1) * s + m).cpu().numpy())
     return arrays
 

@@ -37,8 +37,12 @@ def check_port(host: str, port: int) -> None:
             raise HpoError(f"--host/--port: cannot bind {host}:{port}: {e.strerror}") from e
 
 
-def study_url(study_name: str, *, storage_url: str | None = None, host: str = "127.0.0.1", port: int = 8080) -> str:
+def study_url(study_name: str, *, storage_url: str | None = None, storage=None, host: str = "127.0.0.1",
+              port: int = 8080) -> str:
     """The dashboard page of one study.
+
+    Args:
+        storage: an open storage (default: open ``storage_url``).
 
     Raises:
         StoreError: no such study.
@@ -46,7 +50,7 @@ def study_url(study_name: str, *, storage_url: str | None = None, host: str = "1
     from hpo.store import open_storage
     from hpo.study import load
 
-    study, _ = load(study_name, open_storage(storage_url, heartbeat=False))
+    study, _ = load(study_name, storage if storage is not None else open_storage(storage_url, heartbeat=False))
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/dashboard/studies/{study._study_id}"
 
@@ -73,7 +77,7 @@ def serve(*, storage_url: str | None = None, artifacts: str | None = None, host:
     check_port(host, port)
     storage = open_storage(storage_url, heartbeat=False)
     if study_name is not None:
-        line = f"study {study_name}: {study_url(study_name, storage_url=storage_url, host=host, port=port)}"
+        line = f"study {study_name}: {study_url(study_name, storage=storage, host=host, port=port)}"
     else:
         line = f"dashboard: http://{f'[{host}]' if ':' in host else host}:{port}/dashboard"
     echo(line)

@@ -56,7 +56,8 @@ def split_indices(n: int, *, val_fraction: float, seed: int, labels: np.ndarray 
     return np.sort(train), np.sort(val)
 
 
-def _csv_arrays(d: DataSpec, part: str) -> tuple[np.ndarray, np.ndarray]:
+def csv_arrays(d: DataSpec, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and target of a CSV study's ``train`` or ``test`` table, in raw units."""
     table = d.inline[part] if d.inline else read_csv_table(getattr(d, part), (*d.features, d.target))
     rows = np.asarray(table["rows"], dtype=np.float32)
     return rows[:, :-1], rows[:, -1]
@@ -64,8 +65,8 @@ def _csv_arrays(d: DataSpec, part: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_csv(spec: StudySpec) -> Dataset:
     d = spec.data
-    x, y = _csv_arrays(d, "train")
-    x_test, y_test = _csv_arrays(d, "test")
+    x, y = csv_arrays(d, "train")
+    x_test, y_test = csv_arrays(d, "test")
     mean, std = x.mean(axis=0), x.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     classification = d.task == "classification"

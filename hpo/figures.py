@@ -152,15 +152,6 @@ def regression_fit(*, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarr
     return fig
 
 
-def _raw_table(spec, part: str) -> tuple[np.ndarray, np.ndarray]:
-    from hpo.tables import read_csv_table
-
-    d = spec.data
-    table = d.inline[part] if d.inline else read_csv_table(getattr(d, part), (*d.features, d.target))
-    rows = np.asarray(table["rows"], dtype=float)
-    return rows[:, :-1], rows[:, -1]
-
-
 def _retrain_table(record, metrics: dict[str, Any], metric_name: str) -> list[tuple[str, object]]:
     rows = [("retrain", f"{record.id} (created {record.created})"), ("trial", f"#{record.trial_number}"),
             ("folds", record.folds), ("device", metrics.get("device", "not recorded")),
@@ -241,8 +232,10 @@ def _fit(page, folder, spec, metrics: dict[str, Any]) -> str:
         return page.note("this retrain's predictions.npz holds no grid_x / grid_best / grid_mean")
 
     def build() -> go.Figure:
-        x_train, y_train = _raw_table(spec, "train")
-        x_test, y_test = _raw_table(spec, "test")
+        from hpo.data import csv_arrays
+
+        x_train, y_train = csv_arrays(spec.data, "train")
+        x_test, y_test = csv_arrays(spec.data, "test")
         return regression_fit(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                               grid_x=pred["grid_x"], grid_best=pred["grid_best"], grid_mean=pred["grid_mean"],
                               best_fold=metrics.get("best_fold"))

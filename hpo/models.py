@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,9 +94,9 @@ def build_model(family: str, hp: dict[str, Any], *, in_shape: tuple[int, ...], o
     raise ValueError(f"unknown model family {family!r}")
 
 
-def rebuild(info: dict[str, Any], weights_path: Any) -> nn.Module:
+def rebuild(info: dict[str, Any], weights_path: str | Path) -> nn.Module:
     """A retrained fold model from its ``model.json`` description and ``fold_<i>.pt`` state dict,
-    read with ``weights_only=True``, on the CPU and in eval mode. ``weights_path``: a str or Path.
+    read with ``weights_only=True``, on the CPU and in eval mode.
 
     Raises:
         TrainingError / ValueError: as ``build_model``; torch's errors for unreadable or unfitting weights.

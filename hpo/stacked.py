@@ -33,7 +33,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from hpo.data import Dataset
 from hpo.errors import TrainingError
-from hpo.train import EVAL_BATCH, TrainResult, batch_augmenter, evaluate, make_scheduler, score
+from hpo.train import (EVAL_BATCH, WARMUP_STEPS, TrainResult, batch_augmenter, evaluate, make_scheduler, score,
+                       side_stream, step_scheduler)
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]  # (fold, epoch, stats)
 
@@ -132,13 +133,9 @@ class _Schedules:
         return self.optimizers[k].param_groups[0]["lr"]
 
     def step(self, k: int, val_loss: float) -> float:
-        scheduler = self.schedulers[k]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": the stand-in never steps
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val_loss)
-            elif scheduler is not None:
-                scheduler.step()
+            step_scheduler(self.schedulers[k], val_loss)
         return self.lr(k)
 
 
@@ -334,12 +331,9 @@ def _capture(step, k: int, width: int, device: torch.device, buffers: dict[str, 
     s_mask = torch.ones((k, width), device=device)
     s_active = torch.zeros(k, dtype=torch.bool, device=device)
     saved = {n: b.clone() for n, b in buffers.items()}
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
+    with side_stream(device):
+        for _ in range(WARMUP_STEPS):
             step(s_idx, s_mask, s_active)
-    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         s_out = step(s_idx, s_mask, s_active)

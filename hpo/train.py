@@ -81,6 +81,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any]):
     return None
 
 
+def step_scheduler(scheduler, val_loss: float) -> None:
+    """One epoch's step: ReduceLROnPlateau watches the validation loss, the others just count."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(val_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch: int = EVAL_BATCH) -> torch.Tensor:
     """Model outputs for ``x`` in large batches, in eval mode."""
@@ -163,7 +171,7 @@ def _cuda_capture(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def _side_stream(device: torch.device):
+def side_stream(device: torch.device):
     """Warm-up before capture runs on a side stream (as torch.cuda.graph requires); no-op off CUDA."""
     if device.type != "cuda":
         yield
@@ -185,7 +193,7 @@ class _Graphs:
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor, Callable[[], None]]] = {}
         saved = snapshot(model)
         try:
-            with _side_stream(x.device):
+            with side_stream(x.device):
                 for size in sizes:
                     warm_up(step, x[:size], y[:size], optimizer)
             for size in sizes:
@@ -294,10 +302,7 @@ def train(
         result.history.append(stats)
         result.epochs_run = epoch + 1
 
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["loss"])
-        elif scheduler is not None:
-            scheduler.step()
+        step_scheduler(scheduler, val["loss"])
 
         if patience:
             if val["loss"] < best_loss:

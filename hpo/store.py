@@ -120,6 +120,11 @@ def call_retrying(seconds: float, fn, *args, **kwargs):
             if attempt and getattr(fn, "__name__", "") == "set_trial_state_values":
                 return True
             raise
+        except sqlalchemy.exc.IntegrityError:
+            # Likewise for a parameter: the earlier attempt stored it (unique trial/param pair).
+            if attempt and getattr(fn, "__name__", "") == "_set_trial_param":
+                return None
+            raise
         except Exception as e:
             if not is_transient(e) or time.monotonic() + delay > deadline:
                 raise
@@ -151,6 +156,8 @@ _RETRIED = (
     "get_study_system_attrs", "get_all_studies", "get_trial_id_from_study_id_trial_number",
     "get_trial_number_from_id", "get_trial_param", "get_best_trial", "record_heartbeat",
     "_get_stale_trial_ids", "set_study_user_attr", "set_study_system_attr",
+    # Optuna wraps the storage in its _CachedStorage, which calls these private methods directly.
+    "_get_trials", "_get_best_trial_id", "_create_new_trial", "_set_trial_param",
 )
 for _name in _RETRIED:
     setattr(RetryingRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name)))

@@ -124,3 +124,21 @@ def test_bad_environment_knob_is_a_store_error(store_url, monkeypatch):
     monkeypatch.setenv("HPO_GRACE_PERIOD", "soon")
     with pytest.raises(StoreError, match="HPO_GRACE_PERIOD"):
         open_storage(store_url)
+
+
+def test_every_backend_call_of_optunas_cache_is_retried():
+    """Optuna wraps the storage in _CachedStorage, which calls the RDB backend's private methods
+    directly; each one that touches the database must go through the retry wrapper, or a restart
+    of the server in the middle of it ends the worker (seen once in CI before they were wrapped)."""
+    import inspect
+    import re
+
+    from optuna.storages import _cached_storage
+
+    from hpo.store import RetryingRDBStorage
+
+    called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
+    not_db = {"create_new_study", "delete_study", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+    assert called - not_db, "no backend calls found: Optuna's cache changed shape"
+    unwrapped = sorted(name for name in called - not_db if not hasattr(getattr(RetryingRDBStorage, name), "__wrapped__"))
+    assert unwrapped == []

@@ -187,9 +187,11 @@ def test_fleet_runs_workers_and_stops_them_on_sigterm(tmp_path, store_url):
     assert fleet.returncode == 0, out
     assert out.count("interrupted: the running trial is re-queued") == 2, out
     assert "[w0]" in out and "[w1]" in out and "all exit 0" in out
-    trials = trials_of(store_url)
-    assert sorted(t.state.name for t in trials) == ["FAIL", "FAIL", "WAITING", "WAITING"]
-    # The two re-queued copies and one new trial make up the budget of three; nothing more.
+    states = sorted(t.state.name for t in trials_of(store_url))
+    # The two running trials were interrupted and re-queued. A worker that started seconds before the
+    # other (torch import under load) may already have completed a trial: that one stays COMPLETE.
+    assert states in (["FAIL", "FAIL", "WAITING", "WAITING"], ["COMPLETE", "FAIL", "FAIL", "WAITING", "WAITING"])
+    # The re-queued copies plus finished or new trials make up the budget of three; nothing more.
     run_worker("regression", storage_url=store_url, echo=lambda line: None)
     assert len(budget_trials(store_url, "regression")) == 3 and len(trials_of(store_url)) == 5
 

@@ -28,6 +28,11 @@ def _paddings(value: Any, n: int) -> list[int]:
     return [int(value)] + [0] * (n - 1)
 
 
+def _conv_geometry(hp: dict[str, Any], n: int) -> tuple[int, int, list[int]]:
+    """Kernel size, conv stride and per-block padding: one source for the shape check and the builder."""
+    return int(hp["kernel_size"]), 2 if hp["pooling"] == "stride2" else 1, _paddings(hp["padding"], n)
+
+
 def conv_shapes(hp: dict[str, Any], *, in_shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """The (channels, height, width) after each conv block.
 
@@ -39,9 +44,8 @@ def conv_shapes(hp: dict[str, Any], *, in_shape: tuple[int, ...]) -> list[tuple[
         raise TrainingError(f"model cnn needs image input (channels, height, width), got shape {tuple(in_shape)}")
     n = int(hp["n_conv"])
     filters = per_layer(hp["filters"], n, "filters")
-    paddings = _paddings(hp["padding"], n)
-    k, pooling = int(hp["kernel_size"]), hp["pooling"]
-    stride = 2 if pooling == "stride2" else 1
+    k, stride, paddings = _conv_geometry(hp, n)
+    pooling = hp["pooling"]
     _, h, w = in_shape
     shapes = []
     for i in range(n):
@@ -66,13 +70,12 @@ def build_cnn(hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: in
         TrainingError: when the layers do not fit the input image.
     """
     shapes = conv_shapes(hp, in_shape=in_shape)
-    n = len(shapes)
-    paddings = _paddings(hp["padding"], n)
-    k, pooling, bn = int(hp["kernel_size"]), hp["pooling"], bool(hp["batch_norm"])
+    k, stride, paddings = _conv_geometry(hp, len(shapes))
+    pooling, bn = hp["pooling"], bool(hp["batch_norm"])
     layers: list[nn.Module] = []
     channels = in_shape[0]
     for (filters, _, _), p in zip(shapes, paddings):
-        layers.append(nn.Conv2d(channels, filters, k, stride=2 if pooling == "stride2" else 1, padding=p, bias=not bn))
+        layers.append(nn.Conv2d(channels, filters, k, stride=stride, padding=p, bias=not bn))
         if bn:
             layers.append(nn.BatchNorm2d(filters))
         layers.append(activation(hp["activation"]))

@@ -1,15 +1,18 @@
 """Store overhead per trial, and the sampler's time per trial at 1,000 finished trials.
 
-Overhead: N worker processes run the worker's real per-trial path (stale-trial check, budget claim,
-ask, heartbeat, 20 intermediate reports, tell) with a trivial objective, against SQLite and
-PostgreSQL. Printed: wall time of the whole run divided by the trials (the cost per trial the
-study pays) and each worker's own time per trial.
+Overhead: a study is seeded with 1,000 finished trials (20 intermediate values each, and their
+budget places), then N worker processes run the worker's real per-trial path (stale-trial check,
+budget claim, ask, heartbeat, 20 intermediate reports, tell) with a trivial objective, against
+SQLite and PostgreSQL; the rounds of 1, 4, 8 workers run one after another on the same study, so
+every round starts at 1,000 trials or more. Each worker first runs one untimed trial (its first
+read of the study's trials, printed as start-up). Printed: the workers' loop time divided by
+the trials (the cost per trial the study pays) and each worker's own time per trial.
 
 Sampler: a study with 1,000 finished trials of the regression space (each with 20 intermediate
 values); the time TPE takes to sample one new configuration, and the median pruner's check.
 
     python benchmarks/bench_store.py                       # SQLite + postgresql://postgres@127.0.0.1/test
-    python benchmarks/bench_store.py --pg URL --workers 1,4,8 --trials 50
+    python benchmarks/bench_store.py --pg URL --workers 1,4,8 --trials 50 --finished 1000
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from hpo.spec import load_spec_file  # noqa: E402
 from hpo.space import suggest  # noqa: E402
 from hpo.store import open_storage  # noqa: E402
 from hpo.study import build_pruner, build_sampler  # noqa: E402
-from hpo.worker import _Worker  # noqa: E402
+from hpo.store import _ATTRS  # noqa: E402
+from hpo.worker import BUDGET_PREFIX, _Worker  # noqa: E402
 
 REPORTS = 20
+BUDGET = 1_000_000
 REGRESSION = Path(__file__).resolve().parent.parent / "studies" / "regression.yaml"
 
 
@@ -46,38 +51,60 @@ def _objective(trial: optuna.Trial) -> float:
     return x
 
 
-def _work(url: str, name: str, per_worker: int, queue) -> None:
+def _work(url: str, name: str, per_worker: int, ready, go, queue) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url)
     study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
-    worker = _Worker(study, storage, storage.get_study_id_from_name(name), budget=None, label=f"bench-{name}")
+    worker = _Worker(study, storage, storage.get_study_id_from_name(name), budget=BUDGET, label=f"bench-{name}")
+    start = time.perf_counter()
+    worker.fail_stale()
+    worker.run(worker.next_trial(), _objective)  # the first read of the study's trials fills the cache
+    startup = time.perf_counter() - start
+    ready.release()
+    go.wait()
     start = time.perf_counter()
     for _ in range(per_worker):
         worker.fail_stale()
         worker.run(worker.next_trial(), _objective)
-    queue.put((time.perf_counter() - start) / per_worker)
+    loop = time.perf_counter() - start
     storage.engine.dispose()
+    queue.put((loop, startup))
 
 
-def overhead(url: str, workers: int, per_worker: int) -> dict:
+def seed(url: str, finished: int) -> str:
+    """A study with ``finished`` complete trials (20 intermediate values each) and their budget places."""
     name = f"bench-{uuid.uuid4().hex[:8]}"
-    storage = open_storage(url)
-    optuna.create_study(study_name=name, storage=storage)
+    storage = open_storage(url, heartbeat=False)
+    study = optuna.create_study(study_name=name, storage=storage)
+    study.add_trials([optuna.trial.create_trial(
+        params={"x": i / finished}, distributions={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        value=i / finished, intermediate_values={s: i / finished for s in range(REPORTS)}) for i in range(finished)])
+    study_id = storage.get_study_id_from_name(name)
+    with storage.engine.begin() as conn:
+        conn.execute(sa.insert(_ATTRS), [{"study_id": study_id, "key": f"{BUDGET_PREFIX}{k}", "value_json": '"seed"'}
+                                         for k in range(finished)])
     storage.engine.dispose()
-    queue = mp.get_context("spawn").Queue()
-    procs = [mp.get_context("spawn").Process(target=_work, args=(url, name, per_worker, queue)) for _ in range(workers)]
-    start = time.perf_counter()
+    return name
+
+
+def overhead(url: str, name: str, workers: int, per_worker: int) -> dict:
+    ctx = mp.get_context("spawn")
+    queue, ready, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
+    procs = [ctx.Process(target=_work, args=(url, name, per_worker, ready, go, queue)) for _ in range(workers)]
     for p in procs:
         p.start()
-    per = [queue.get() for _ in procs]
+    for _ in procs:
+        ready.acquire()  # every worker has imported, connected and read the study once
+    start = time.perf_counter()
+    go.set()
+    results = [queue.get() for _ in procs]
+    wall = time.perf_counter() - start
     for p in procs:
         p.join()
-    wall = time.perf_counter() - start
-    optuna.delete_study(study_name=name, storage=open_storage(url, heartbeat=False))
-    # wall includes process start-up (imports): report the workers' own loop time as the main figure
-    return {"workers": workers, "ms_per_trial_study": round(1000 * statistics.mean(per) / workers, 1),
-            "ms_per_trial_worker": round(1000 * statistics.mean(per), 1),
-            "wall_s_incl_startup": round(wall, 1)}
+    loops = [loop for loop, _ in results]
+    return {"workers": workers, "ms_per_trial_study": round(1000 * wall / (workers * per_worker), 1),
+            "ms_per_trial_worker": round(1000 * statistics.mean(loops) / per_worker, 1),
+            "startup_s": round(statistics.mean(s for _, s in results), 2)}
 
 
 def sampler_time(url: str, finished: int = 1000, samples: int = 20) -> dict:
@@ -117,6 +144,7 @@ def main() -> None:
     parser.add_argument("--pg", default="postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     parser.add_argument("--workers", default="1,4,8")
     parser.add_argument("--trials", type=int, default=40, help="trials per worker")
+    parser.add_argument("--finished", type=int, default=1000, help="finished trials in the study before the first round")
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--no-sampler", action="store_true", help="skip the 1,000-trial sampler timing")
     args = parser.parse_args()
@@ -131,18 +159,23 @@ def main() -> None:
         backends.pop("postgresql", None)
     results = []
     for backend, url in backends.items():
+        start = time.perf_counter()
+        name = seed(url, args.finished)
+        print(f"{backend}: seeded {args.finished} trials in {time.perf_counter() - start:.1f}s", flush=True)
         for n in map(int, args.workers.split(",")):
-            row = {"backend": backend, **overhead(url, n, args.trials)}
+            row = {"backend": backend, "finished_before": args.finished, **overhead(url, name, n, args.trials)}
             results.append(row)
             print(json.dumps(row), flush=True)
+        optuna.delete_study(study_name=name, storage=open_storage(url, heartbeat=False))
         if not args.no_sampler:
             row = {"backend": backend, **sampler_time(url)}
             results.append(row)
             print(json.dumps(row), flush=True)
-    print("\nbackend      workers  study ms/trial  worker ms/trial")
+    print(f"\nbackend      workers  study ms/trial  worker ms/trial  start-up s   (study at >= {args.finished} trials)")
     for r in results:
         if "workers" in r:
-            print(f"{r['backend']:12s} {r['workers']:7d} {r['ms_per_trial_study']:15.1f} {r['ms_per_trial_worker']:16.1f}")
+            print(f"{r['backend']:12s} {r['workers']:7d} {r['ms_per_trial_study']:15.1f} {r['ms_per_trial_worker']:16.1f}"
+                  f" {r['startup_s']:11.2f}")
     for r in results:
         if "tpe_ms_per_trial" in r:
             print(f"{r['backend']}: TPE {r['tpe_ms_per_trial']} ms per trial at {r['finished']} finished trials, "

@@ -6,6 +6,8 @@ by every worker, since Optuna does not persist them.
 
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +33,50 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
         multivariate=spec.sampler.multivariate, constant_liar=True)
 
 
+class _RecentTrials:
+    """``study`` whose trial list is read from the store at most every ``max_age`` seconds."""
+
+    def __init__(self, study: optuna.Study, max_age: float):
+        self._study, self._max_age = study, max_age
+        self._trials: list[optuna.trial.FrozenTrial] = []
+        self._read_at = -float("inf")
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
+        now = time.monotonic()
+        if now - self._read_at > self._max_age:
+            self._trials, self._read_at = self._study.get_trials(deepcopy=False), now
+        trials = [t for t in self._trials if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+class MedianPruner(optuna.pruners.MedianPruner):
+    """Optuna's median pruner, comparing against the study's trials as read at most ``max_age``
+    seconds ago. Each check otherwise re-reads every running trial of the study from the store:
+    with short epochs that is most of a worker's store traffic, for medians that barely move."""
+
+    def __init__(self, *args, max_age: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_age = max_age
+        self._recent: dict[int, _RecentTrials] = {}
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        recent = self._recent.get(study._study_id)
+        if recent is None or recent._study is not study:
+            recent = self._recent[study._study_id] = _RecentTrials(study, self._max_age)
+        return super().prune(recent, trial)
+
+
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.kind == "none":
         return optuna.pruners.NopPruner()
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
-    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
-                                       interval_steps=p.interval_steps)
+    return MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+                        interval_steps=p.interval_steps)
 
 
 def study_id(storage: optuna.storages.BaseStorage, name: str) -> int:

@@ -7,7 +7,7 @@ from hpo.tables import embed_csv
 from hpo.errors import StoreError
 from hpo.spec import load_spec_file
 from hpo.store import open_storage
-from hpo.study import SPEC_ATTR, create, load, summarize
+from hpo.study import SPEC_ATTR, MedianPruner, create, load, summarize
 from hpo.worker import run_worker
 
 
@@ -83,3 +83,32 @@ def test_summary_counts(tmp_path, store_url):
     assert summarize(study).finished == 3
     study.tell(retry, 0.3)
     assert summarize(study).finished == 4
+
+
+def _finished_trial(value: float, curve: list[float]) -> optuna.trial.FrozenTrial:
+    return optuna.trial.create_trial(
+        params={}, distributions={}, value=value, intermediate_values=dict(enumerate(curve)))
+
+
+def test_median_pruner_decides_as_optunas_and_reads_the_study_at_most_once_a_second(store_url):
+    storage = open_storage(store_url, heartbeat=False)
+    study = optuna.create_study(study_name="prune", storage=storage)
+    study.add_trials([_finished_trial(v, [v + 1, v + 0.5, v]) for v in (0.1, 0.2, 0.3, 0.4, 0.5)])
+    reads = []
+    real_get_trials = study.get_trials
+    study.get_trials = lambda *a, **k: reads.append(1) or real_get_trials(*a, **k)
+    ours = MedianPruner(n_startup_trials=5, max_age=1.0)
+    theirs = optuna.pruners.MedianPruner(n_startup_trials=5)
+    for curve in ([1.0, 0.6, 0.2], [1.5, 1.4, 1.3], [1.2, 0.5]):
+        probe = _finished_trial(curve[-1], curve)
+        for step in range(len(curve)):
+            probe.intermediate_values = dict(enumerate(curve[:step + 1]))
+            assert ours.prune(study, probe) == theirs.prune(study, probe), (curve, step)
+    n_theirs = 8  # Optuna's pruner read the study at each of its 8 checks
+    assert len(reads) == 1 + n_theirs
+    # A trial completed since is seen once the second has passed.
+    study.add_trials([_finished_trial(v, [0.0, 0.0, 0.0]) for v in range(6)])
+    late = _finished_trial(0.05, [0.05, 0.05, 0.05])
+    assert not ours.prune(study, late)
+    ours._recent[study._study_id]._read_at -= 1.1
+    assert ours.prune(study, late) and len(reads) == 1 + n_theirs + 1

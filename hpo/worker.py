@@ -12,6 +12,8 @@ study's running trials, so a trial lost with a dead worker is finished by a live
 
 from __future__ import annotations
 
+import copy
+import datetime
 import logging
 import os
 import signal
@@ -24,19 +26,22 @@ from typing import Callable
 
 import optuna
 import torch
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.objective import Interrupted, make_objective
 from hpo.errors import StoreError
-from hpo.store import claim, is_transient, mask_url, open_storage, release, resolve_url, silent_trials
+from hpo.store import (WorkerStorage, claim, is_transient, mask_url, open_storage, release, resolve_url,
+                       silent_trials, waiting_trials)
 from hpo import study as studies
 from hpo.study import Summary, load, summarize
 
 BUDGET_PREFIX = "hpo:budget:"
 WORKER_PREFIX = "hpo:worker:"
 SEED_STRIDE = 10_007  # seed offset = worker number in the store + SEED_STRIDE * --worker-index
+STALE_CHECK_EVERY = 1.0  # seconds
 
 _log = logging.getLogger("hpo.worker")
 
@@ -44,6 +49,12 @@ _log = logging.getLogger("hpo.worker")
 def is_retry(trial: FrozenTrial) -> bool:
     """A re-queued copy of a trial that failed by no fault of its own (dead or interrupted worker)."""
     return "failed_trial" in trial.system_attrs
+
+
+def _frozen(trial: optuna.Trial) -> FrozenTrial:
+    """The trial as read from the store when the ``Trial`` was made, kept up to date by Optuna
+    with its own suggestions, reports and attrs: no round trip."""
+    return trial._cached_frozen_trial
 
 
 class _StopSignal:
@@ -74,22 +85,24 @@ class _StopSignal:
 
 
 class _Heartbeat:
-    """Records the trial's heartbeat every interval in a thread; a store outage only skips beats."""
+    """Every interval, in a thread: writes the trial's pending reports and attrs (so the dashboard
+    follows a running trial) and records its heartbeat. A store outage only skips beats."""
 
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int):
+    def __init__(self, storage: WorkerStorage, trial_id: int):
         self._storage, self._trial_id = storage, trial_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        # The first beat comes after one interval: a trial shorter than that costs no heartbeat
+        # writes, and a worker that dies before it is caught by the silent-trial check instead.
         interval = self._storage.get_heartbeat_interval()
-        while True:
+        while not self._stop.wait(interval):
             try:
+                self._storage.flush(self._trial_id)
                 self._storage.record_heartbeat(self._trial_id)
             except Exception as e:  # noqa: BLE001 - the store's own retries are exhausted; try next beat
                 _log.warning("heartbeat failed: %s", mask_url(str(e).splitlines()[0] if str(e) else repr(e)))
-            if self._stop.wait(interval):
-                return
 
     def __enter__(self) -> None:
         self._thread.start()
@@ -110,20 +123,18 @@ def _requeue(study: optuna.Study, frozen: FrozenTrial) -> None:
 
 
 class _Worker:
-    def __init__(self, study: optuna.Study, storage: optuna.storages.RDBStorage, study_id: int,
+    def __init__(self, study: optuna.Study, storage: WorkerStorage, study_id: int,
                  budget: int | None, label: str):
         self.study, self.storage, self.study_id, self.budget, self.label = study, storage, study_id, budget, label
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
+        self._stale_checked = -float("inf")
 
     def _trial(self, trial_id: int) -> FrozenTrial:
         return self.storage.get_trial(trial_id)
 
-    def pop_retry(self) -> optuna.Trial | None:
-        """Take a re-queued retry (WAITING → RUNNING is atomic in the store), if there is one."""
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            if not is_retry(t):
-                continue
-            trial_id = t._trial_id
+    def pop_retry(self, retries: list[int]) -> optuna.Trial | None:
+        """Take one of the re-queued ``retries`` (WAITING → RUNNING is atomic in the store), if one still waits."""
+        for trial_id in retries:
             try:
                 if self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                     return optuna.Trial(self.study, trial_id)
@@ -133,7 +144,8 @@ class _Worker:
 
     def next_trial(self) -> optuna.Trial | None:
         """A retry if one waits, else a new trial within the budget; ``None`` when the budget is used."""
-        trial = self.pop_retry()
+        waiting = waiting_trials(self.storage, self.study_id)
+        trial = self.pop_retry([trial_id for trial_id, retry in waiting if retry])
         if trial is not None:
             return trial
         place = None
@@ -142,22 +154,36 @@ class _Worker:
             if place is None:
                 return None
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat ourselves
-                trial = self.study.ask()
+            if waiting:  # enqueued trials, or retries others took meanwhile: Optuna pops what is left
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "heartbeat is meant for optimize": we beat ourselves
+                    trial = self.study.ask()
+            else:
+                trial = self._new_trial()
         except BaseException:
             if place is not None:
                 release(self.storage, self.study_id, BUDGET_PREFIX, place)  # no trial, no place taken
             raise
-        if place is not None and is_retry(self._trial(trial._trial_id)):
+        if place is not None and is_retry(_frozen(trial)):
             release(self.storage, self.study_id, BUDGET_PREFIX, place)  # a retry keeps its original's place
         return trial
 
+    def _new_trial(self) -> optuna.Trial:
+        """``study.ask()`` for a study that holds no waiting trial. Optuna's ask first re-reads
+        every unfinished trial of the study to look for one, which is most of its store traffic
+        with many workers; this is the rest of it."""
+        self.study._thread_local.cached_all_trials = None
+        return optuna.Trial(self.study, self.study._storage.create_new_trial(self.study_id))
+
     def fail_stale(self) -> None:
         """Fail (and so re-queue) trials of dead workers: Optuna's heartbeat check, plus trials whose
-        worker died before their first heartbeat."""
-        optuna.storages.fail_stale_trials(self.study)
+        worker died before their first heartbeat. At most once a second: a trial only turns stale
+        after the grace period, and short trials would otherwise pay this check each."""
         now = time.monotonic()
+        if now - self._stale_checked < STALE_CHECK_EVERY:
+            return
+        self._stale_checked = now
+        optuna.storages.fail_stale_trials(self.study)
         # Timed on this worker's own clock: other machines' clocks and time zones do not matter.
         silent = {trial_id: self._silent_since.get(trial_id, now) for trial_id, _ in silent_trials(
             self.storage, self.study_id)}
@@ -180,7 +206,7 @@ class _Worker:
     def run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
         value, state = None, TrialState.COMPLETE
         with _Heartbeat(self.storage, trial._trial_id):
-            frozen = self._trial(trial._trial_id)
+            frozen = _frozen(trial)
             trial.set_user_attr("worker", self.label)
             if is_retry(frozen):
                 trial.set_user_attr("retry_of", frozen.system_attrs["failed_trial"])
@@ -197,9 +223,16 @@ class _Worker:
             except Exception as e:  # noqa: BLE001 - any failure of one trial must not end the worker
                 state = TrialState.FAIL
                 trial.set_user_attr("fail_reason", f"{type(e).__name__}: {e}"[:500])
-        if state == TrialState.COMPLETE:
-            return self.study.tell(trial, value, skip_if_finished=True)
-        return self.study.tell(trial, state=state, skip_if_finished=True)
+        return self._tell(trial, value, state)
+
+    def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> FrozenTrial:
+        """``study.tell`` (skipping a trial finished elsewhere) less its final re-read of the trial:
+        the finished trial returned is Optuna's own copy of it with the state and values told."""
+        state, values, _ = _tell_with_warning(self.study, trial, value if state == TrialState.COMPLETE else None,
+                                              state, skip_if_finished=True)
+        frozen = copy.deepcopy(_frozen(trial))
+        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()
+        return frozen
 
 
 def run_worker(

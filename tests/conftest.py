@@ -123,3 +123,12 @@ def mysql_url():
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS {name}")
     conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("mysql", marks=pytest.mark.mysql)])
+def any_url(request, store_url):
+    """The same test on SQLite, the real PostgreSQL and the real MariaDB."""
+    if request.param == "sqlite":
+        return store_url
+    return request.getfixturevalue("pg_url" if request.param == "postgres" else "mysql_url")

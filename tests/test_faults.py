@@ -24,8 +24,9 @@ FAST_HEARTBEAT = {"HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": "2", "PYTHO
 
 
 def slow_spec(tmp_path: Path, n_trials: int) -> Path:
-    """Trials of a few seconds without pruning, so a signal lands in the middle of one."""
-    path = fast_spec(tmp_path, n_trials, epochs=(60, 100), pruner={"kind": "none"})
+    """Trials of several seconds without pruning, so a signal lands in the middle of one (a running
+    trial's reports reach the store at its heartbeats, every second here)."""
+    path = fast_spec(tmp_path, n_trials, epochs=(150, 200), pruner={"kind": "none"})
     raw = yaml.safe_load(path.read_text())
     raw["space"]["batch_size"] = {"int": [4, 5]}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -17,14 +17,6 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 MYSQL_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-                        pytest.param("mysql", marks=pytest.mark.mysql)])
-def any_url(request, store_url):
-    if request.param == "sqlite":
-        return store_url
-    return request.getfixturevalue("pg_url" if request.param == "postgres" else "mysql_url")
-
-
 @pytest.mark.parametrize("url, masked", [
     ("postgresql://u:s3cret@db:5432/hpo", "postgresql://u:***@db:5432/hpo"),
     ("postgresql+psycopg2://u:p@ss/w@rd@db/hpo", "postgresql+psycopg2://u:***@db/hpo"),

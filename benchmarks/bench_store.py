@@ -12,7 +12,7 @@ Sampler: a study with 1,000 finished trials of the regression space (each with 2
 values); the time TPE takes to sample one new configuration, and the median pruner's check.
 
     python benchmarks/bench_store.py                       # SQLite + postgresql://postgres@127.0.0.1/test
-    python benchmarks/bench_store.py --pg URL --workers 1,4,8 --trials 50 --finished 1000
+    python benchmarks/bench_store.py --pg URL --workers 1,4,8 --trials 50 --finished 1000 --prune
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import sqlalchemy as sa  # noqa: E402
 from hpo.spec import load_spec_file  # noqa: E402
 from hpo.space import suggest  # noqa: E402
 from hpo.store import open_storage  # noqa: E402
-from hpo.study import build_pruner, build_sampler  # noqa: E402
+from hpo.study import MedianPruner, build_pruner, build_sampler  # noqa: E402
 from hpo.store import _ATTRS  # noqa: E402
 from hpo.worker import BUDGET_PREFIX, _Worker  # noqa: E402
 
@@ -51,21 +51,33 @@ def _objective(trial: optuna.Trial) -> float:
     return x
 
 
-def _work(url: str, name: str, per_worker: int, ready, go, queue) -> None:
+def _objective_pruned(trial: optuna.Trial) -> float:
+    """As a real worker's objective: a median-pruning check after every report (it never prunes:
+    the seeded curves are flat at the trial's own value, and x is drawn from the same range)."""
+    x = trial.suggest_float("x", 0.0, 1.0)
+    for step in range(REPORTS):
+        trial.report(x, step)
+        trial.should_prune()
+    return x
+
+
+def _work(url: str, name: str, per_worker: int, prune: bool, ready, go, queue) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url)
-    study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler())
+    study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
+                              pruner=MedianPruner())
+    objective = _objective_pruned if prune else _objective
     worker = _Worker(study, storage, storage.get_study_id_from_name(name), budget=BUDGET, label=f"bench-{name}")
     start = time.perf_counter()
     worker.fail_stale()
-    worker.run(worker.next_trial(), _objective)  # the first read of the study's trials fills the cache
+    worker.run(worker.next_trial(), objective)  # the first read of the study's trials fills the cache
     startup = time.perf_counter() - start
     ready.release()
     go.wait()
     start = time.perf_counter()
     for _ in range(per_worker):
         worker.fail_stale()
-        worker.run(worker.next_trial(), _objective)
+        worker.run(worker.next_trial(), objective)
     loop = time.perf_counter() - start
     storage.engine.dispose()
     queue.put((loop, startup))
@@ -87,10 +99,22 @@ def seed(url: str, finished: int) -> str:
     return name
 
 
-def overhead(url: str, name: str, workers: int, per_worker: int) -> dict:
+def vacuum(url: str) -> None:
+    """VACUUM ANALYZE a PostgreSQL store, so every round starts from the same table state even on
+    a server whose autovacuum is off (the CI machines' is): dead rows of earlier rounds slow scans."""
+    if not url.startswith("postgresql"):
+        return
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text("VACUUM ANALYZE"))
+    engine.dispose()
+
+
+def overhead(url: str, name: str, workers: int, per_worker: int, prune: bool = False) -> dict:
+    vacuum(url)
     ctx = mp.get_context("spawn")
     queue, ready, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
-    procs = [ctx.Process(target=_work, args=(url, name, per_worker, ready, go, queue)) for _ in range(workers)]
+    procs = [ctx.Process(target=_work, args=(url, name, per_worker, prune, ready, go, queue)) for _ in range(workers)]
     for p in procs:
         p.start()
     for _ in procs:
@@ -102,7 +126,7 @@ def overhead(url: str, name: str, workers: int, per_worker: int) -> dict:
     for p in procs:
         p.join()
     loops = [loop for loop, _ in results]
-    return {"workers": workers, "ms_per_trial_study": round(1000 * wall / (workers * per_worker), 1),
+    return {"workers": workers, "prune_checks": prune, "ms_per_trial_study": round(1000 * wall / (workers * per_worker), 1),
             "ms_per_trial_worker": round(1000 * statistics.mean(loops) / per_worker, 1),
             "startup_s": round(statistics.mean(s for _, s in results), 2)}
 
@@ -146,6 +170,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="trials per worker")
     parser.add_argument("--finished", type=int, default=1000, help="finished trials in the study before the first round")
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--prune", action="store_true",
+                        help="also run every round with a median-pruning check after each report")
     parser.add_argument("--no-sampler", action="store_true", help="skip the 1,000-trial sampler timing")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -162,20 +188,22 @@ def main() -> None:
         start = time.perf_counter()
         name = seed(url, args.finished)
         print(f"{backend}: seeded {args.finished} trials in {time.perf_counter() - start:.1f}s", flush=True)
-        for n in map(int, args.workers.split(",")):
-            row = {"backend": backend, "finished_before": args.finished, **overhead(url, name, n, args.trials)}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+        for prune in (False, True) if args.prune else (False,):
+            for n in map(int, args.workers.split(",")):
+                row = {"backend": backend, "finished_before": args.finished, **overhead(url, name, n, args.trials, prune)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
         optuna.delete_study(study_name=name, storage=open_storage(url, heartbeat=False))
         if not args.no_sampler:
             row = {"backend": backend, **sampler_time(url)}
             results.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nbackend      workers  study ms/trial  worker ms/trial  start-up s   (study at >= {args.finished} trials)")
+    print(f"\nbackend      workers  prune checks  study ms/trial  worker ms/trial  start-up s"
+          f"   (study at >= {args.finished} trials)")
     for r in results:
         if "workers" in r:
-            print(f"{r['backend']:12s} {r['workers']:7d} {r['ms_per_trial_study']:15.1f} {r['ms_per_trial_worker']:16.1f}"
-                  f" {r['startup_s']:11.2f}")
+            print(f"{r['backend']:12s} {r['workers']:7d} {'20' if r['prune_checks'] else '-':>13s} "
+                  f"{r['ms_per_trial_study']:15.1f} {r['ms_per_trial_worker']:16.1f} {r['startup_s']:11.2f}")
     for r in results:
         if "tpe_ms_per_trial" in r:
             print(f"{r['backend']}: TPE {r['tpe_ms_per_trial']} ms per trial at {r['finished']} finished trials, "

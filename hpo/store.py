@@ -13,6 +13,7 @@ trial without a heartbeat for this long belongs to a dead worker and is re-queue
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import json
@@ -199,15 +200,20 @@ def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: tupl
 
 
 class WorkerStorage(RetryingRDBStorage):
-    """A worker's store: a running trial's intermediate values and user attrs are written behind.
+    """A worker's store: the trials it creates are written behind and read back from memory.
 
-    They wait in memory and go to the store together, in one transaction, when the trial is read
-    back (``get_trial``), before its state changes (``set_trial_state_values``, so a finished
-    trial always carries all of them), and at every :meth:`flush` (the worker's heartbeat).
-    This is the persistence contract Optuna's own ``_CachedStorage`` states, applied to the two
-    writes a trial makes most: a report costs no round trip, and 20 reports plus the worker's
-    attrs cost one transaction instead of about a hundred statements. Writes of a trial that
-    another worker has finished meanwhile (failed as stale) are refused as Optuna refuses them.
+    Intermediate values and user attrs wait in memory and go to the store together, in one
+    transaction, when the trial is read back (``get_trial``), before its state changes
+    (``set_trial_state_values``, so a finished trial always carries all of them), and at every
+    :meth:`flush` (the worker's heartbeat). This is the persistence contract Optuna's own
+    ``_CachedStorage`` states, applied to the two writes a trial makes most: a report costs no
+    round trip, and 20 reports plus the worker's attrs cost one transaction instead of about a
+    hundred statements. Writes of a trial that another worker has finished meanwhile (failed as
+    stale) are refused as Optuna refuses them.
+
+    A running trial this process created changes elsewhere only in its state (another worker
+    fails it when it looks dead), so reading it back costs one query for the state instead of
+    six for the whole trial: the rest is what this process wrote.
     """
 
     def __init__(self, *args, **kwargs):
@@ -219,10 +225,11 @@ class WorkerStorage(RetryingRDBStorage):
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flush at a time, so an older batch never lands after a state change
         self._finished: set[int] = set()
+        self._own: dict[int, optuna.trial.FrozenTrial] = {}  # running trials this process created, as written
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for key in ("_pending", "_pending_lock", "_flush_lock", "_finished"):
+        for key in ("_pending", "_pending_lock", "_flush_lock", "_finished", "_own"):
             state.pop(key, None)
         return state
 
@@ -238,37 +245,75 @@ class WorkerStorage(RetryingRDBStorage):
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         with self._pending_lock:
             self._buffer(trial_id)[0][step] = intermediate_value
+            if trial_id in self._own:
+                self._own[trial_id].intermediate_values[step] = intermediate_value
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         json.dumps(value)  # a value the store cannot hold fails here, in the caller, not at the flush
         with self._pending_lock:
             self._buffer(trial_id)[1][key] = value
+            if trial_id in self._own:
+                self._own[trial_id].user_attrs[key] = copy.deepcopy(value)
 
-    def flush(self, trial_id: int) -> None:
-        """Write ``trial_id``'s pending values and user attrs (retrying transient errors)."""
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        super().set_trial_system_attr(trial_id, key, value)
+        with self._pending_lock:
+            if trial_id in self._own:
+                self._own[trial_id].system_attrs[key] = copy.deepcopy(value)
+
+    def _set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float, distribution,
+                         previous_distribution) -> None:
+        super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+        with self._pending_lock:
+            if trial_id in self._own:
+                self._own[trial_id].distributions[param_name] = distribution
+                self._own[trial_id].params[param_name] = distribution.to_external_repr(param_value_internal)
+
+    def _create_new_trial(self, study_id: int, template_trial=None) -> optuna.trial.FrozenTrial:
+        frozen = super()._create_new_trial(study_id, template_trial)
+        if template_trial is None:  # a trial to run here (a template is someone's finished or queued trial)
+            with self._pending_lock:
+                self._own[frozen._trial_id] = copy.deepcopy(frozen)
+        return frozen
+
+    def _disown(self, trial_id: int) -> None:
+        with self._pending_lock:
+            self._finished.add(trial_id)
+            self._own.pop(trial_id, None)
+
+    def flush(self, trial_id: int) -> TrialState | None:
+        """Write ``trial_id``'s pending values and user attrs (retrying transient errors).
+
+        Returns the trial's state as the write found it, or ``None`` when nothing was pending.
+        """
         with self._flush_lock:
             with self._pending_lock:
                 values, attrs = self._pending.pop(trial_id, ({}, {}))
             if not values and not attrs:
-                return
+                return None
             try:
-                written = call_retrying(self._hpo_retry_seconds, self._write, trial_id, values, attrs)
+                state = call_retrying(self._hpo_retry_seconds, self._write, trial_id, values, attrs)
             except BaseException:
                 with self._pending_lock:  # keep them for the next flush, under any newer ones
                     newer_values, newer_attrs = self._pending.get(trial_id, ({}, {}))
                     self._pending[trial_id] = ({**values, **newer_values}, {**attrs, **newer_attrs})
                 raise
-            if not written:
-                self._finished.add(trial_id)
+            if state.is_finished():
+                self._disown(trial_id)
+            return state
 
-    def _write(self, trial_id: int, values: dict[int, float], attrs: dict[str, Any]) -> bool:
+    def _state(self, trial_id: int) -> TrialState:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)).scalar_one()
+
+    def _write(self, trial_id: int, values: dict[int, float], attrs: dict[str, Any]) -> TrialState:
         with self.engine.begin() as conn:
             state = conn.execute(sa.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)
                                  .with_for_update()).scalar_one()
             if state.is_finished():
                 _log.warning("trial id %d was finished elsewhere; dropped %d values and %d attrs",
                              trial_id, len(values), len(attrs))
-                return False
+                return state
             if values:
                 rows = []
                 for step, value in values.items():
@@ -279,17 +324,25 @@ class WorkerStorage(RetryingRDBStorage):
             if attrs:
                 _upsert(conn, _USER_ATTRS, [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
                                             for key, value in attrs.items()], ("trial_id", "key"))
-        return True
+        return state
 
     def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
-        self.flush(trial_id)
+        state = self.flush(trial_id)
+        if trial_id in self._own:
+            if state is None:
+                state = call_retrying(self._hpo_retry_seconds, self._state, trial_id)
+            with self._pending_lock:
+                own = self._own.get(trial_id)
+                if state == TrialState.RUNNING and own is not None:
+                    return copy.deepcopy(own)
+            self._disown(trial_id)
         return super().get_trial(trial_id)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         self.flush(trial_id)
         changed = super().set_trial_state_values(trial_id, state=state, values=values)
         if changed and state.is_finished():
-            self._finished.add(trial_id)
+            self._disown(trial_id)
         return changed
 
 

@@ -92,6 +92,32 @@ def test_writes_to_a_trial_finished_elsewhere_are_refused(any_url):
     assert stored.state == TrialState.FAIL and stored.intermediate_values == {}
 
 
+def test_a_running_trial_read_back_from_memory_is_the_stored_one(any_url):
+    storage, study = _study(any_url)
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.suggest_categorical("act", ["relu", "tanh"])
+    trial.report(0.5, 10)
+    trial.set_user_attr("worker", "w1")
+    storage.set_trial_system_attr(trial._trial_id, "note", {"a": [1, 2]})
+    statements = Statements(storage.engine)
+    mine = storage.get_trial(trial._trial_id)
+    assert statements.n <= 4  # the flush (state, values, attrs), no six-table read
+    stored = _stored(any_url, trial._trial_id)
+    for field in ("number", "state", "params", "distributions", "user_attrs", "system_attrs", "intermediate_values"):
+        assert getattr(mine, field) == getattr(stored, field), field
+    assert abs((mine.datetime_start - stored.datetime_start).total_seconds()) < 1  # MariaDB keeps whole seconds
+    before = statements.n
+    storage.get_trial(trial._trial_id)
+    assert statements.n == before + 1  # nothing pending: the state only
+
+    # Failed elsewhere: the state is the store's, and it is read whole again.
+    assert open_storage(any_url, heartbeat=False).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    assert storage.get_trial(trial._trial_id).state == TrialState.FAIL
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        trial.set_user_attr("late", 1)
+
+
 def test_a_failed_flush_keeps_its_writes_for_the_next(store_url, monkeypatch):
     storage, study = _study(store_url)
     trial = study.ask()

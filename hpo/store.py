@@ -370,9 +370,14 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> optuna.st
     kwargs = {}
     if heartbeat:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        interval = max(1, int(_env_seconds("HPO_HEARTBEAT_INTERVAL", 10)))
+        grace = max(1, int(_env_seconds("HPO_GRACE_PERIOD", 30)))
+        if grace <= interval:
+            # A live trial would look dead between two beats (and before its first one).
+            raise StoreError(f"HPO_GRACE_PERIOD={grace} must be longer than HPO_HEARTBEAT_INTERVAL={interval} seconds")
         kwargs = {
-            "heartbeat_interval": max(1, int(_env_seconds("HPO_HEARTBEAT_INTERVAL", 10))),
-            "grace_period": max(1, int(_env_seconds("HPO_GRACE_PERIOD", 30))),
+            "heartbeat_interval": interval,
+            "grace_period": grace,
             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=int(_env_seconds("HPO_MAX_RETRY", 3))),
         }
@@ -391,6 +396,11 @@ def _claimed(storage: optuna.storages.RDBStorage, study_id: int, prefix: str) ->
         rows = conn.execute(sa.select(_ATTRS.c.key).where(_ATTRS.c.study_id == study_id,
                                                           _ATTRS.c.key.like(prefix + "%")))
         return {row[0] for row in rows}
+
+
+def claimed(storage: optuna.storages.RDBStorage, study_id: int, prefix: str) -> set[str]:
+    """The study keys ``prefix + k`` taken with :func:`claim`."""
+    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), _claimed, storage, study_id, prefix)
 
 
 def _insert_claim(storage: optuna.storages.RDBStorage, study_id: int, key: str, value: object) -> bool:

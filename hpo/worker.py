@@ -33,10 +33,10 @@ from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.objective import Interrupted, make_objective
 from hpo.errors import StoreError
-from hpo.store import (WorkerStorage, claim, is_transient, mask_url, open_storage, release, resolve_url,
-                       silent_trials, waiting_trials)
+from hpo.store import (WorkerStorage, claim, claimed, is_transient, mask_url, open_storage, release,
+                       resolve_url, silent_trials, waiting_trials)
 from hpo import study as studies
-from hpo.study import Summary, load, summarize
+from hpo.study import Summary, load, retried_numbers, summarize
 
 BUDGET_PREFIX = "hpo:budget:"
 WORKER_PREFIX = "hpo:worker:"
@@ -128,6 +128,7 @@ class _Worker:
         self.study, self.storage, self.study_id, self.budget, self.label = study, storage, study_id, budget, label
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
         self._stale_checked = -float("inf")
+        self._surplus_since: float | None = None
 
     def _trial(self, trial_id: int) -> FrozenTrial:
         return self.storage.get_trial(trial_id)
@@ -199,9 +200,37 @@ class _Worker:
             self.storage.get_heartbeat_stale_trial_callback()(self.study, self._trial(trial_id))
 
     def in_flight(self) -> bool:
-        """Whether trials of others still run (or retries wait): one may come back if its worker died."""
-        return any(t.state == TrialState.RUNNING or is_retry(t) for t in self.study.get_trials(
-            deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+        """Whether trials of others still run (or retries wait), or budget places are held by no
+        trial yet: either may come back to this worker if the worker behind it died."""
+        if any(t.state == TrialState.RUNNING or is_retry(t) for t in self.study.get_trials(
+                deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))):
+            return True
+        return self.budget is not None and self.orphan_places() > 0
+
+    def orphan_places(self) -> int:
+        """Budget places that no trial holds: a worker between its claim and its trial, or one
+        killed right there. Once the surplus has lasted the grace period (on this worker's own
+        clock) its worker is dead and the places are released for live workers to use."""
+        trials = self.study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        holders = sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried)
+                      and not (t.state == TrialState.WAITING and not is_retry(t)))  # enqueued: not claimed yet
+        places = claimed(self.storage, self.study_id, BUDGET_PREFIX)
+        surplus = len(places) - holders
+        now = time.monotonic()
+        if surplus <= 0:
+            self._surplus_since = None
+            return 0
+        if self._surplus_since is None:
+            self._surplus_since = now
+        if now - self._surplus_since <= (self.storage.grace_period or 0):
+            return surplus
+        for key in sorted(places, key=lambda k: int(k[len(BUDGET_PREFIX):]))[-surplus:]:
+            release(self.storage, self.study_id, BUDGET_PREFIX, int(key[len(BUDGET_PREFIX):]))
+        _log.warning("released %d budget place(s) held by no trial for %ss (a worker died before its trial began)",
+                     surplus, self.storage.grace_period)
+        self._surplus_since = None
+        return surplus
 
     def run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
         value, state = None, TrialState.COMPLETE

@@ -84,7 +84,8 @@ def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, 
     from hpo.store import claim
     from hpo.worker import BUDGET_PREFIX
 
-    monkeypatch.setenv("HPO_GRACE_PERIOD", "1")
+    monkeypatch.setenv("HPO_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("HPO_GRACE_PERIOD", "2")
     create(fast_spec(tmp_path, 2), store_url)
     storage = open_storage(store_url)
     study_id = storage.get_study_id_from_name("regression")
@@ -100,6 +101,23 @@ def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, 
     assert trials[0].state == TrialState.FAIL
     assert [t.system_attrs.get("failed_trial") for t in trials].count(0) == 1
     assert len(budget_trials(store_url, "regression")) == 2 and len(trials) == 3
+
+
+def test_place_of_a_worker_dead_between_claim_and_trial_is_released(tmp_path, store_url, monkeypatch, caplog):
+    from hpo.store import claim
+    from hpo.worker import BUDGET_PREFIX
+
+    monkeypatch.setenv("HPO_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("HPO_GRACE_PERIOD", "2")
+    create(fast_spec(tmp_path, 2), store_url)
+    storage = open_storage(store_url)
+    # What a worker killed between its budget claim and its ask leaves: a place and no trial.
+    assert claim(storage, storage.get_study_id_from_name("regression"), BUDGET_PREFIX, limit=2) == 0
+    start = time.monotonic()
+    run_worker("regression", storage_url=store_url, echo=lambda line: None)
+    assert time.monotonic() - start > 2  # it waited the grace period before taking the place over
+    assert len(budget_trials(store_url, "regression")) == 2 and len(trials_of(store_url)) == 2
+    assert "released 1 budget place" in caplog.text
 
 
 def test_sigterm_fails_and_requeues_the_running_trial_then_exits_0(tmp_path, store_url):

@@ -112,8 +112,10 @@ def test_transient_errors_are_retried_then_given_up():
     assert len(calls) == 1
 
 
-def test_bad_environment_knob_is_a_store_error(store_url, monkeypatch):
-    monkeypatch.setenv("HPO_GRACE_PERIOD", "soon")
+@pytest.mark.parametrize("interval, grace", [("10", "soon"), ("10", "10"), ("5", "3")])
+def test_bad_environment_knob_is_a_store_error(store_url, monkeypatch, interval, grace):
+    monkeypatch.setenv("HPO_HEARTBEAT_INTERVAL", interval)
+    monkeypatch.setenv("HPO_GRACE_PERIOD", grace)
     with pytest.raises(StoreError, match="HPO_GRACE_PERIOD"):
         open_storage(store_url)
 

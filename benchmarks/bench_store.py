@@ -133,7 +133,8 @@ def overhead(url: str, name: str, workers: int, per_worker: int, prune: bool = F
 
 def sampler_time(url: str, finished: int = 1000, samples: int = 20) -> dict:
     spec = load_spec_file(REGRESSION)
-    storage = open_storage(url, heartbeat=False)
+    # url None: in memory, the sampler's own arithmetic without any store
+    storage = optuna.storages.InMemoryStorage() if url is None else open_storage(url, heartbeat=False)
     name = f"bench-sampler-{uuid.uuid4().hex[:8]}"
     seed_study = optuna.create_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(seed=0))
     donor = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -198,6 +199,10 @@ def main() -> None:
             row = {"backend": backend, **sampler_time(url)}
             results.append(row)
             print(json.dumps(row), flush=True)
+    if not args.no_sampler:
+        row = {"backend": "in-memory", **sampler_time(None)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
     print(f"\nbackend      workers  prune checks  study ms/trial  worker ms/trial  start-up s"
           f"   (study at >= {args.finished} trials)")
     for r in results:

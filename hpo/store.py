@@ -42,6 +42,7 @@ from hpo.errors import StoreError
 DEFAULT_URL = "sqlite:///storage/hpo.db"
 SQLITE_TIMEOUT = 60  # seconds a SQLite writer waits for the lock
 CLAIM_TRIES = 8  # claims tried upwards from the count of taken numbers before reading them all
+FRESH = 1.0  # seconds: a trial this young cannot be stale (grace period > heartbeat interval >= 1 s)
 
 _log = logging.getLogger("hpo.store")
 
@@ -226,10 +227,11 @@ class WorkerStorage(RetryingRDBStorage):
         self._flush_lock = threading.Lock()  # one flush at a time, so an older batch never lands after a state change
         self._finished: set[int] = set()
         self._own: dict[int, optuna.trial.FrozenTrial] = {}  # running trials this process created, as written
+        self._born: dict[int, float] = {}  # their creation, on this process's clock
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        for key in ("_pending", "_pending_lock", "_flush_lock", "_finished", "_own"):
+        for key in ("_pending", "_pending_lock", "_flush_lock", "_finished", "_own", "_born"):
             state.pop(key, None)
         return state
 
@@ -274,12 +276,14 @@ class WorkerStorage(RetryingRDBStorage):
         if template_trial is None:  # a trial to run here (a template is someone's finished or queued trial)
             with self._pending_lock:
                 self._own[frozen._trial_id] = copy.deepcopy(frozen)
+                self._born[frozen._trial_id] = time.monotonic()
         return frozen
 
     def _disown(self, trial_id: int) -> None:
         with self._pending_lock:
             self._finished.add(trial_id)
             self._own.pop(trial_id, None)
+            self._born.pop(trial_id, None)
 
     def flush(self, trial_id: int) -> TrialState | None:
         """Write ``trial_id``'s pending values and user attrs (retrying transient errors).
@@ -329,6 +333,10 @@ class WorkerStorage(RetryingRDBStorage):
     def get_trial(self, trial_id: int) -> optuna.trial.FrozenTrial:
         state = self.flush(trial_id)
         if trial_id in self._own:
+            if state is None and time.monotonic() - self._born.get(trial_id, -float("inf")) < FRESH:
+                # Younger than any grace period (> heartbeat interval >= 1 s): no live worker
+                # can have failed it yet, so it still runs (Optuna's Trial reads it right after ask).
+                state = TrialState.RUNNING
             if state is None:
                 state = call_retrying(self._hpo_retry_seconds, self._state, trial_id)
             with self._pending_lock:

@@ -42,6 +42,7 @@ BUDGET_PREFIX = "hpo:budget:"
 WORKER_PREFIX = "hpo:worker:"
 SEED_STRIDE = 10_007  # seed offset = worker number in the store + SEED_STRIDE * --worker-index
 STALE_CHECK_EVERY = 1.0  # seconds
+WAITING_CHECK_EVERY = 1.0  # seconds
 
 _log = logging.getLogger("hpo.worker")
 
@@ -129,6 +130,7 @@ class _Worker:
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
         self._stale_checked = -float("inf")
         self._surplus_since: float | None = None
+        self._none_waiting_at: float | None = None
 
     def _trial(self, trial_id: int) -> FrozenTrial:
         return self.storage.get_trial(trial_id)
@@ -145,7 +147,7 @@ class _Worker:
 
     def next_trial(self) -> optuna.Trial | None:
         """A retry if one waits, else a new trial within the budget; ``None`` when the budget is used."""
-        waiting = waiting_trials(self.storage, self.study_id)
+        waiting = self._waiting()
         trial = self.pop_retry([trial_id for trial_id, retry in waiting if retry])
         if trial is not None:
             return trial
@@ -168,6 +170,16 @@ class _Worker:
         if place is not None and is_retry(_frozen(trial)):
             release(self.storage, self.study_id, BUDGET_PREFIX, place)  # a retry keeps its original's place
         return trial
+
+    def _waiting(self) -> list[tuple[int, bool]]:
+        """The study's waiting trials, read at most once a second while none waits: a re-queued or
+        enqueued trial may wait that much longer, and short trials skip a query each."""
+        now = time.monotonic()
+        if self._none_waiting_at is not None and now - self._none_waiting_at < WAITING_CHECK_EVERY:
+            return []
+        waiting = waiting_trials(self.storage, self.study_id)
+        self._none_waiting_at = None if waiting else now
+        return waiting
 
     def _new_trial(self) -> optuna.Trial:
         """``study.ask()`` for a study that holds no waiting trial. Optuna's ask first re-reads

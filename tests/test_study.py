@@ -112,3 +112,8 @@ def test_median_pruner_decides_as_optunas_and_reads_the_study_at_most_once_a_sec
     assert not ours.prune(study, late)
     ours._recent[study._study_id]._read_at -= 1.1
     assert ours.prune(study, late) and len(reads) == 1 + n_theirs + 1
+    # The first check of another trial reads afresh.
+    next_trial = _finished_trial(0.05, [0.05, 0.05, 0.05])
+    next_trial.number = late.number + 1
+    ours.prune(study, next_trial)
+    assert len(reads) == 1 + n_theirs + 2

@@ -18,6 +18,7 @@ values); the time TPE takes to sample one new configuration, and the median prun
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import statistics
@@ -44,20 +45,14 @@ BUDGET = 1_000_000
 REGRESSION = Path(__file__).resolve().parent.parent / "studies" / "regression.yaml"
 
 
-def _objective(trial: optuna.Trial) -> float:
+def _objective(trial: optuna.Trial, prune: bool = False) -> float:
+    """Suggest one value and report it 20 times; with ``prune``, as a real worker's objective, a
+    median-pruning check after every report (its decision is not acted on)."""
     x = trial.suggest_float("x", 0.0, 1.0)
     for step in range(REPORTS):
         trial.report(x, step)
-    return x
-
-
-def _objective_pruned(trial: optuna.Trial) -> float:
-    """As a real worker's objective: a median-pruning check after every report (it never prunes:
-    the seeded curves are flat at the trial's own value, and x is drawn from the same range)."""
-    x = trial.suggest_float("x", 0.0, 1.0)
-    for step in range(REPORTS):
-        trial.report(x, step)
-        trial.should_prune()
+        if prune:
+            trial.should_prune()
     return x
 
 
@@ -66,7 +61,7 @@ def _work(url: str, name: str, per_worker: int, prune: bool, ready, go, queue) -
     storage = open_storage(url)
     study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
                               pruner=MedianPruner())
-    objective = _objective_pruned if prune else _objective
+    objective = functools.partial(_objective, prune=prune)
     worker = _Worker(study, storage, storage.get_study_id_from_name(name), budget=BUDGET, label=f"bench-{name}")
     start = time.perf_counter()
     worker.fail_stale()

@@ -144,6 +144,11 @@ def call_retrying(seconds: float, fn, *args, **kwargs):
             delay = min(delay * 2, 5.0)
 
 
+def _retried(storage: optuna.storages.RDBStorage, fn, *args, **kwargs):
+    """:func:`call_retrying` within ``storage``'s retry window (none for a plain RDBStorage)."""
+    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), fn, *args, **kwargs)
+
+
 def _retrying(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -179,6 +184,11 @@ _USER_ATTRS = models.TrialUserAttributeModel.__table__
 _ATTRS = models.StudySystemAttributeModel.__table__
 _TRIAL_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
 _BEATS = models.TrialHeartbeatModel.__table__
+RETRY_ATTR = "failed_trial"  # trial system attr of a re-queued retry (set by Optuna's retry callback): the original's number
+
+
+def _state_of(trial_id: int) -> sa.Select:
+    return sa.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)
 
 
 def _upsert(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: tuple[str, str]) -> None:
@@ -308,12 +318,11 @@ class WorkerStorage(RetryingRDBStorage):
 
     def _state(self, trial_id: int) -> TrialState:
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)).scalar_one()
+            return conn.execute(_state_of(trial_id)).scalar_one()
 
     def _write(self, trial_id: int, values: dict[int, float], attrs: dict[str, Any]) -> TrialState:
         with self.engine.begin() as conn:
-            state = conn.execute(sa.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)
-                                 .with_for_update()).scalar_one()
+            state = conn.execute(_state_of(trial_id).with_for_update()).scalar_one()
             if state.is_finished():
                 _log.warning("trial id %d was finished elsewhere; dropped %d values and %d attrs",
                              trial_id, len(values), len(attrs))
@@ -408,7 +417,7 @@ def _claimed(storage: optuna.storages.RDBStorage, study_id: int, prefix: str) ->
 
 def claimed(storage: optuna.storages.RDBStorage, study_id: int, prefix: str) -> set[str]:
     """The study keys ``prefix + k`` taken with :func:`claim`."""
-    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), _claimed, storage, study_id, prefix)
+    return _retried(storage, _claimed, storage, study_id, prefix)
 
 
 def _insert_claim(storage: optuna.storages.RDBStorage, study_id: int, key: str, value: object) -> bool:
@@ -453,13 +462,12 @@ def claim(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, *, li
     workers never hold the same number. Returns ``None`` only when every number below ``limit``
     is taken (checked against the full list).
     """
-    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), _claim, storage, study_id, prefix,
-                         limit=limit, value=value)
+    return _retried(storage, _claim, storage, study_id, prefix, limit=limit, value=value)
 
 
 def release(storage: optuna.storages.RDBStorage, study_id: int, prefix: str, k: int) -> None:
     """Give back number ``k`` taken with :func:`claim`."""
-    call_retrying(getattr(storage, "_hpo_retry_seconds", 0), _release, storage, study_id, prefix, k)
+    _retried(storage, _release, storage, study_id, prefix, k)
 
 
 def silent_trials(storage: optuna.storages.RDBStorage, study_id: int) -> list[tuple[int, object]]:
@@ -475,7 +483,7 @@ def silent_trials(storage: optuna.storages.RDBStorage, study_id: int) -> list[tu
                 .select_from(_TRIALS.outerjoin(_BEATS, _BEATS.c.trial_id == _TRIALS.c.trial_id))
                 .where(_TRIALS.c.study_id == study_id, _TRIALS.c.state == TrialState.RUNNING, _BEATS.c.trial_id.is_(None)))
             return [tuple(row) for row in rows]
-    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), query)
+    return _retried(storage, query)
 
 
 def waiting_trials(storage: optuna.storages.RDBStorage, study_id: int) -> list[tuple[int, bool]]:
@@ -483,14 +491,14 @@ def waiting_trials(storage: optuna.storages.RDBStorage, study_id: int) -> list[t
     carries Optuna's ``failed_trial`` system attr; the others were enqueued."""
     def query():
         retry = (sa.select(_TRIAL_SYSTEM_ATTRS.c.trial_id)
-                 .where(_TRIAL_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _TRIAL_SYSTEM_ATTRS.c.key == "failed_trial")
+                 .where(_TRIAL_SYSTEM_ATTRS.c.trial_id == _TRIALS.c.trial_id, _TRIAL_SYSTEM_ATTRS.c.key == RETRY_ATTR)
                  .exists())
         with storage.engine.connect() as conn:
             rows = conn.execute(sa.select(_TRIALS.c.trial_id, retry)
                                 .where(_TRIALS.c.study_id == study_id, _TRIALS.c.state == TrialState.WAITING)
                                 .order_by(_TRIALS.c.trial_id))
             return [(row[0], bool(row[1])) for row in rows]
-    return call_retrying(getattr(storage, "_hpo_retry_seconds", 0), query)
+    return _retried(storage, query)
 
 
 def artifact_dir(url: str | None = None, flag: str | None = None) -> Path:
@@ -504,4 +512,3 @@ def open_artifact_store(url: str | None = None, flag: str | None = None) -> File
     path = artifact_dir(url, flag)
     path.mkdir(parents=True, exist_ok=True)
     return FileSystemArtifactStore(str(path))
-

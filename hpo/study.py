@@ -40,7 +40,13 @@ class _RecentTrials:
         self._study, self._max_age = study, max_age
         self._trials: list[optuna.trial.FrozenTrial] = []
         self._read_at = -float("inf")
-        self.trial_number: int | None = None  # the trial of the last check
+        self._trial_number: int | None = None  # the trial of the last check
+
+    def checking(self, trial_number: int) -> "_RecentTrials":
+        """This view for a check of trial ``trial_number``; a trial's first check reads afresh."""
+        if trial_number != self._trial_number:
+            self._trial_number, self._read_at = trial_number, -float("inf")
+        return self
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
         now = time.monotonic()
@@ -55,8 +61,9 @@ class _RecentTrials:
 
 class MedianPruner(optuna.pruners.MedianPruner):
     """Optuna's median pruner, comparing against the study's trials as read at a trial's first
-    check and at most ``max_age`` seconds ago after that. Each check otherwise re-reads every running trial of the study from the store:
-    with short epochs that is most of a worker's store traffic, for medians that barely move."""
+    check and at most ``max_age`` seconds ago after that. Each check otherwise re-reads every
+    running trial of the study from the store: with short epochs that is most of a worker's
+    store traffic, for medians that barely move."""
 
     def __init__(self, *args, max_age: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,11 +74,9 @@ class MedianPruner(optuna.pruners.MedianPruner):
         recent = self._recent.get(study._study_id)
         if recent is None or recent._study is not study:
             recent = self._recent[study._study_id] = _RecentTrials(study, self._max_age)
-        if trial.number != recent.trial_number:
-            # A trial's first check reads afresh: a lone worker then prunes exactly as Optuna would,
-            # whatever the machine's speed, so its runs stay reproducible.
-            recent.trial_number, recent._read_at = trial.number, -float("inf")
-        return super().prune(recent, trial)
+        # A trial's first check reads afresh: a lone worker then prunes exactly as Optuna would,
+        # whatever the machine's speed, so its runs stay reproducible.
+        return super().prune(recent.checking(trial.number), trial)
 
 
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

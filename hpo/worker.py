@@ -33,7 +33,7 @@ from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.objective import Interrupted, make_objective
 from hpo.errors import StoreError
-from hpo.store import (WorkerStorage, claim, claimed, is_transient, mask_url, open_storage, release,
+from hpo.store import (RETRY_ATTR, WorkerStorage, claim, claimed, is_transient, mask_url, open_storage, release,
                        resolve_url, silent_trials, waiting_trials)
 from hpo import study as studies
 from hpo.study import Summary, load, retried_numbers, summarize
@@ -49,7 +49,7 @@ _log = logging.getLogger("hpo.worker")
 
 def is_retry(trial: FrozenTrial) -> bool:
     """A re-queued copy of a trial that failed by no fault of its own (dead or interrupted worker)."""
-    return "failed_trial" in trial.system_attrs
+    return RETRY_ATTR in trial.system_attrs
 
 
 def _frozen(trial: optuna.Trial) -> FrozenTrial:
@@ -115,7 +115,7 @@ class _Heartbeat:
 
 def _requeue(study: optuna.Study, frozen: FrozenTrial) -> None:
     """Queue a copy of ``frozen`` with the same parameters, marked the way Optuna marks its retries."""
-    system_attrs = {"failed_trial": frozen.number, "retry_history": [], **frozen.system_attrs}
+    system_attrs = {RETRY_ATTR: frozen.number, "retry_history": [], **frozen.system_attrs}
     system_attrs["retry_history"] = [*system_attrs["retry_history"], frozen.number]
     user_attrs = {k: v for k, v in frozen.user_attrs.items() if k not in ("fail_reason", "retry_of", "retries")}
     study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=frozen.params,
@@ -237,8 +237,8 @@ class _Worker:
             self._surplus_since = now
         if now - self._surplus_since <= (self.storage.grace_period or 0):
             return surplus
-        for key in sorted(places, key=lambda k: int(k[len(BUDGET_PREFIX):]))[-surplus:]:
-            release(self.storage, self.study_id, BUDGET_PREFIX, int(key[len(BUDGET_PREFIX):]))
+        for k in sorted(int(key[len(BUDGET_PREFIX):]) for key in places)[-surplus:]:
+            release(self.storage, self.study_id, BUDGET_PREFIX, k)
         _log.warning("released %d budget place(s) held by no trial for %ss (a worker died before its trial began)",
                      surplus, self.storage.grace_period)
         self._surplus_since = None
@@ -250,7 +250,7 @@ class _Worker:
             frozen = _frozen(trial)
             trial.set_user_attr("worker", self.label)
             if is_retry(frozen):
-                trial.set_user_attr("retry_of", frozen.system_attrs["failed_trial"])
+                trial.set_user_attr("retry_of", frozen.system_attrs[RETRY_ATTR])
                 trial.set_user_attr("retries", len(frozen.system_attrs.get("retry_history", ())))
             try:
                 value = objective(trial)

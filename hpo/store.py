@@ -381,11 +381,8 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> optuna.st
         StoreError: when the store cannot be reached or created (password masked).
     """
     url = resolve_url(url)
-    path = sqlite_path(url)
-    if path is not None:
-        _prepare_sqlite(path)
     kwargs = {}
-    if heartbeat:
+    if heartbeat:  # knobs first: a bad one leaves no store file behind
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         interval = max(1, int(_env_seconds("HPO_HEARTBEAT_INTERVAL", 10)))
         grace = max(1, int(_env_seconds("HPO_GRACE_PERIOD", 30)))
@@ -398,6 +395,9 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> optuna.st
             "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=int(_env_seconds("HPO_MAX_RETRY", 3))),
         }
+    path = sqlite_path(url)
+    if path is not None:
+        _prepare_sqlite(path)
     try:
         cls = WorkerStorage if heartbeat else RetryingRDBStorage
         storage = cls(driver_url(url), engine_kwargs=engine_kwargs(url), **kwargs)

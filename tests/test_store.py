@@ -11,7 +11,8 @@ import sqlalchemy.exc
 
 from conftest import run_hpo
 from hpo.errors import StoreError
-from hpo.store import call_retrying, claim, engine_kwargs, is_transient, mask_url, open_storage, release
+from hpo.store import (call_retrying, claim, engine_kwargs, is_transient, mask_url, open_storage, release,
+                       sqlite_path)
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 MYSQL_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/test"
@@ -118,6 +119,7 @@ def test_bad_environment_knob_is_a_store_error(store_url, monkeypatch, interval,
     monkeypatch.setenv("HPO_GRACE_PERIOD", grace)
     with pytest.raises(StoreError, match="HPO_GRACE_PERIOD"):
         open_storage(store_url)
+    assert not sqlite_path(store_url).parent.exists()  # nothing written
 
 
 def test_every_backend_call_of_optunas_cache_is_retried():

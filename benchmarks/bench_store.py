@@ -37,7 +37,7 @@ from hpo.spec import load_spec_file  # noqa: E402
 from hpo.space import suggest  # noqa: E402
 from hpo.store import open_storage  # noqa: E402
 from hpo.study import MedianPruner, build_pruner, build_sampler  # noqa: E402
-from hpo.store import _ATTRS  # noqa: E402
+from hpo.optuna_private import STUDY_SYSTEM_ATTRS  # noqa: E402
 from hpo.worker import BUDGET_PREFIX, _Worker  # noqa: E402
 
 REPORTS = 20
@@ -88,7 +88,7 @@ def seed(url: str, finished: int) -> str:
         value=i / finished, intermediate_values={s: i / finished for s in range(REPORTS)}) for i in range(finished)])
     study_id = storage.get_study_id_from_name(name)
     with storage.engine.begin() as conn:
-        conn.execute(sa.insert(_ATTRS), [{"study_id": study_id, "key": f"{BUDGET_PREFIX}{k}", "value_json": '"seed"'}
+        conn.execute(sa.insert(STUDY_SYSTEM_ATTRS), [{"study_id": study_id, "key": f"{BUDGET_PREFIX}{k}", "value_json": '"seed"'}
                                          for k in range(finished)])
     storage.engine.dispose()
     return name

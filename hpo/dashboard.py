@@ -8,6 +8,7 @@ import socket
 import sys
 from typing import Callable
 
+from hpo import optuna_private
 from hpo.errors import HpoError
 
 def is_loopback(host: str) -> bool:
@@ -52,7 +53,7 @@ def study_url(study_name: str, *, storage_url: str | None = None, storage=None, 
 
     study, _ = load(study_name, storage if storage is not None else open_storage(storage_url, heartbeat=False))
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}/dashboard/studies/{study._study_id}"
+    return f"http://{shown}:{port}/dashboard/studies/{optuna_private.study_id(study)}"
 
 
 def serve(*, storage_url: str | None = None, artifacts: str | None = None, host: str = "127.0.0.1",

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.artifacts import download_artifact, upload_artifact
 
+from hpo import optuna_private
 from hpo.errors import HpoError
 
 ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts' study system-attr key
@@ -56,10 +57,10 @@ def save_retrain(study: optuna.Study, artifact_store, *, trial_number: int, fold
     Args:
         trial_id: the storage id of trial ``trial_number``, when the caller has it (saves a look-up).
     """
-    storage = study._storage
-    study_id = study._study_id
+    storage = optuna_private.study_storage(study)
+    study_id = optuna_private.study_id(study)
     if trial_id is None:
-        trial_id = study.get_trials(deepcopy=False)[trial_number]._trial_id
+        trial_id = optuna_private.trial_id(study.get_trials(deepcopy=False)[trial_number])
     artifact_ids = {name: upload_artifact(artifact_store=artifact_store, file_path=str(path), study_or_trial=study)
                     for name, path in files.items()}
     system_attrs = storage.get_study_system_attrs(study_id)

@@ -31,6 +31,7 @@ from hpo.results import RetrainRecord, save_retrain
 from hpo.space import hyperparams_from_params
 from hpo.spec import StudySpec
 from hpo.stacked import Fold, stack_problem, train_stacked
+from hpo import optuna_private
 from hpo.store import open_artifact_store, open_storage
 from hpo.study import load
 from hpo.train import predict, score, train
@@ -201,7 +202,7 @@ def run_retrain(
         summary = {"metric": metric_name, "path": metrics["path"], "train_seconds": round(seconds, 3),
                    "best_fold": best, "best_fold_test_metric": per_fold[best]["test_metric"],
                    **{f"{name}_test_metric": e["test_metric"] for name, e in metrics["ensemble"].items()}}
-        saved = save_retrain(study, artifact_store, trial_number=trial.number, trial_id=trial._trial_id,
+        saved = save_retrain(study, artifact_store, trial_number=trial.number, trial_id=optuna_private.trial_id(trial),
                              folds=k, files=files, summary=summary)
     if on_metrics:
         on_metrics(metrics)

@@ -34,10 +34,12 @@ import sqlalchemy.dialects.postgresql
 import sqlalchemy.dialects.sqlite
 import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
 from hpo.errors import StoreError
+from hpo.optuna_private import (STUDY_SYSTEM_ATTRS as _ATTRS, TRIAL_HEARTBEATS as _BEATS,
+                                 TRIAL_INTERMEDIATE_VALUES as _VALUES, TRIAL_SYSTEM_ATTRS as _TRIAL_SYSTEM_ATTRS,
+                                 TRIAL_USER_ATTRS as _USER_ATTRS, TRIALS as _TRIALS, stored_intermediate_value)
 
 DEFAULT_URL = "sqlite:///storage/hpo.db"
 SQLITE_TIMEOUT = 60  # seconds a SQLite writer waits for the lock
@@ -178,12 +180,6 @@ for _name in _RETRIED:
     setattr(RetryingRDBStorage, _name, _retrying(getattr(optuna.storages.RDBStorage, _name)))
 
 
-_TRIALS = models.TrialModel.__table__
-_VALUES = models.TrialIntermediateValueModel.__table__
-_USER_ATTRS = models.TrialUserAttributeModel.__table__
-_ATTRS = models.StudySystemAttributeModel.__table__
-_TRIAL_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
-_BEATS = models.TrialHeartbeatModel.__table__
 RETRY_ATTR = "failed_trial"  # trial system attr of a re-queued retry (set by Optuna's retry callback): the original's number
 
 
@@ -330,7 +326,7 @@ class WorkerStorage(RetryingRDBStorage):
             if values:
                 rows = []
                 for step, value in values.items():
-                    stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+                    stored, kind = stored_intermediate_value(value)
                     rows.append({"trial_id": trial_id, "step": step, "intermediate_value": stored,
                                  "intermediate_value_type": kind})
                 _upsert(conn, _VALUES, rows, ("trial_id", "step"))

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from hpo import optuna_private
 from hpo.errors import SpecError, StoreError
 from hpo.spec import StudySpec, parse_spec
 
@@ -71,9 +72,9 @@ class MedianPruner(optuna.pruners.MedianPruner):
         self._recent: dict[int, _RecentTrials] = {}
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        recent = self._recent.get(study._study_id)
+        recent = self._recent.get(optuna_private.study_id(study))
         if recent is None or recent._study is not study:
-            recent = self._recent[study._study_id] = _RecentTrials(study, self._max_age)
+            recent = self._recent[optuna_private.study_id(study)] = _RecentTrials(study, self._max_age)
         # A trial's first check reads afresh: a lone worker then prunes exactly as Optuna would,
         # whatever the machine's speed, so its runs stay reproducible.
         return super().prune(recent.checking(trial.number), trial)

@@ -26,7 +26,6 @@ from typing import Callable
 
 import optuna
 import torch
-from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.console import trial_line
@@ -35,6 +34,7 @@ from hpo.objective import Interrupted, make_objective
 from hpo.errors import StoreError
 from hpo.store import (RETRY_ATTR, WorkerStorage, claim, claimed, is_transient, mask_url, open_storage, release,
                        resolve_url, silent_trials, waiting_trials)
+from hpo import optuna_private
 from hpo import study as studies
 from hpo.study import Summary, load, retried_numbers, summarize
 
@@ -55,7 +55,7 @@ def is_retry(trial: FrozenTrial) -> bool:
 def _frozen(trial: optuna.Trial) -> FrozenTrial:
     """The trial as read from the store when the ``Trial`` was made, kept up to date by Optuna
     with its own suggestions, reports and attrs: no round trip."""
-    return trial._cached_frozen_trial
+    return optuna_private.cached_frozen_trial(trial)
 
 
 class _StopSignal:
@@ -185,8 +185,8 @@ class _Worker:
         """``study.ask()`` for a study that holds no waiting trial. Optuna's ask first re-reads
         every unfinished trial of the study to look for one, which is most of its store traffic
         with many workers; this is the rest of it."""
-        self.study._thread_local.cached_all_trials = None
-        return optuna.Trial(self.study, self.study._storage.create_new_trial(self.study_id))
+        optuna_private.forget_cached_trials(self.study)
+        return optuna.Trial(self.study, optuna_private.study_storage(self.study).create_new_trial(self.study_id))
 
     def fail_stale(self) -> None:
         """Fail (and so re-queue) trials of dead workers: Optuna's heartbeat check, plus trials whose
@@ -246,7 +246,7 @@ class _Worker:
 
     def run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial:
         value, state = None, TrialState.COMPLETE
-        with _Heartbeat(self.storage, trial._trial_id):
+        with _Heartbeat(self.storage, optuna_private.trial_id(trial)):
             frozen = _frozen(trial)
             trial.set_user_attr("worker", self.label)
             if is_retry(frozen):
@@ -258,7 +258,7 @@ class _Worker:
                 state = TrialState.PRUNED
             except Interrupted:
                 trial.set_user_attr("fail_reason", "interrupted")
-                _requeue(self.study, self._trial(trial._trial_id))
+                _requeue(self.study, self._trial(optuna_private.trial_id(trial)))
                 self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of one trial must not end the worker
@@ -269,8 +269,7 @@ class _Worker:
     def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> FrozenTrial:
         """``study.tell`` (skipping a trial finished elsewhere) less its final re-read of the trial:
         the finished trial returned is Optuna's own copy of it with the state and values told."""
-        state, values, _ = _tell_with_warning(self.study, trial, value if state == TrialState.COMPLETE else None,
-                                              state, skip_if_finished=True)
+        state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None, state)
         frozen = copy.deepcopy(_frozen(trial))
         frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()
         return frozen

@@ -68,6 +68,28 @@ def small_regression_spec(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+def sqlite_locked_error(tmp_path: Path):
+    """A real "database is locked" from SQLite: another connection holds the write lock."""
+    import sqlite3
+
+    import sqlalchemy
+
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.05})
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+    except sqlalchemy.exc.OperationalError as e:
+        return e
+    finally:
+        holder.close()
+        engine.dispose()
+    raise AssertionError("the write did not wait for the lock")
+
+
 # Real database servers for the shared-store tests: a fresh database per test, dropped afterwards.
 
 def _pg_conn(dbname: str = "test"):

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import sqlalchemy.exc
 
-from conftest import run_hpo
+from conftest import run_hpo, sqlite_locked_error
 from hpo.errors import StoreError
 from hpo.store import (call_retrying, claim, engine_kwargs, is_transient, mask_url, open_storage, release,
                        sqlite_path)
@@ -82,21 +82,22 @@ def test_claims_are_atomic_and_bounded(any_url):
     assert {k for k in storage.get_study_system_attrs(study_id) if k.startswith("hpo:budget:")} == {f"hpo:budget:{k}" for k in range(5)}
 
 
-def test_transient_errors_are_retried_then_given_up():
+def test_transient_errors_are_retried_then_given_up(tmp_path):
     calls = []
-    dropped = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    locked = sqlite_locked_error(tmp_path)
+    assert is_transient(locked)
 
     def flaky():
         calls.append(1)
         if len(calls) < 3:
-            raise optuna.exceptions.StorageInternalError("commit failed") from dropped
+            raise optuna.exceptions.StorageInternalError("commit failed") from locked
         return "ok"
 
     assert is_transient(optuna.exceptions.StorageInternalError("x").with_traceback(None)) is False
     assert call_retrying(10, flaky) == "ok" and len(calls) == 3
 
     def always():
-        raise dropped
+        raise locked
 
     start = time.monotonic()
     with pytest.raises(sqlalchemy.exc.OperationalError):
@@ -124,8 +125,9 @@ def test_bad_environment_knob_is_a_store_error(store_url, monkeypatch, interval,
 
 def test_every_backend_call_of_optunas_cache_is_retried():
     """Optuna wraps the storage in _CachedStorage, which calls the RDB backend's private methods
-    directly; each one that touches the database must go through the retry wrapper, or a restart
-    of the server in the middle of it ends the worker (seen once in CI before they were wrapped)."""
+    directly; each one that touches the database must reach a retried method (through the hook that
+    hpo.optuna_private gives it), or a restart of the server in the middle of it ends the worker
+    (seen once in CI before they were wrapped)."""
     import inspect
     import re
 
@@ -136,5 +138,31 @@ def test_every_backend_call_of_optunas_cache_is_retried():
     called = set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_cached_storage)))
     not_db = {"create_new_study", "delete_study", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
     assert called - not_db, "no backend calls found: Optuna's cache changed shape"
-    unwrapped = sorted(name for name in called - not_db if not hasattr(getattr(RetryingRDBStorage, name), "__wrapped__"))
+    hooks = RetryingRDBStorage.HOOKS
+    unwrapped = sorted(name for name in called - not_db
+                       if not hasattr(getattr(RetryingRDBStorage, hooks.get(name, name)), "__wrapped__"))
     assert unwrapped == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                                     pytest.param("mysql", marks=pytest.mark.mysql)])
+def test_processes_opening_a_fresh_database_together_never_collide(tmp_path, request, backend, cli_env):
+    """SLURM arrays and Kubernetes pods start together: several create-study and other commands on an
+    empty database must not collide while creating the schema (once: a pg_type duplicate key)."""
+    import subprocess
+
+    from conftest import HPO, REPO, small_regression_spec
+
+    url = cli_env["HPO_STORAGE"] if backend == "sqlite" else request.getfixturevalue(
+        "pg_url" if backend == "postgres" else "mysql_url")
+    env = dict(cli_env, HPO_STORAGE=url)
+    spec = str(small_regression_spec(tmp_path))
+    commands = [["create-study", spec]] * 3 + [["studies"]] * 2
+    procs = [subprocess.Popen([*HPO, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args in commands]
+    outs = [p.communicate(timeout=120) for p in procs]
+    codes = [p.returncode for p in procs]
+    text = "\n".join(out + err for out, err in outs)
+    assert sorted(codes[:3]) == [0, 2, 2] and codes[3:] == [0, 0], text
+    assert "Traceback" not in text and "duplicate" not in text.lower(), text
+    assert sum("already exists" in err for _, err in outs[:3]) == 2, text

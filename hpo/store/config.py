@@ -1,0 +1,148 @@
+"""Where the store is and how to reach it: URL resolution and masking, drivers, SQLite files, engine
+settings, and the environment knobs (seconds).
+
+URL order: ``--storage`` flag, then ``HPO_STORAGE``, then ``sqlite:///storage/hpo.db``. Any
+SQLAlchemy URL works: ``sqlite:///``, ``postgresql://`` / ``postgresql+psycopg2://``,
+``mysql+pymysql://``.
+
+Knobs: ``HPO_HEARTBEAT_INTERVAL`` (10) and ``HPO_GRACE_PERIOD`` (30: a RUNNING trial without a
+heartbeat for this long belongs to a dead worker and is re-queued) are the defaults
+``hpo create-study`` stores in a study; its workers use the study's values. ``HPO_STORE_RETRY``
+(60: how long a worker retries a store that went away), ``HPO_MAX_RETRY`` (3: re-runs of one
+trial), ``HPO_CONNECT_TIMEOUT`` (5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpo.errors import StoreError
+
+DEFAULT_URL = "sqlite:///storage/hpo.db"
+SQLITE_TIMEOUT = 20  # seconds a SQLite writer waits for the lock: below the shortest default grace period
+
+
+def env_seconds(name: str, default: float) -> float:
+    """The environment variable ``name`` as a number of seconds (``default`` when unset).
+
+    Raises:
+        StoreError: when it is set to something that is not a finite number >= 0.
+    """
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value != float("inf")):
+        raise StoreError(f"{name}={raw!r} is not a number of seconds >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """How often a running trial beats (``interval``) and how long without a beat makes it dead
+    (``grace``), in whole seconds. Stored in each study so that every worker agrees."""
+
+    interval: int = 10
+    grace: int = 30
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.interval, int) and self.interval >= 1):
+            raise StoreError(f"heartbeat interval: got {self.interval!r}; allowed: a whole number of seconds >= 1")
+        if not (isinstance(self.grace, int) and self.grace > self.interval):
+            # A live trial would look dead between two beats (and before its first one).
+            raise StoreError(f"grace period: got {self.grace!r}; allowed: a whole number of seconds longer than "
+                             f"the heartbeat interval ({self.interval})")
+
+    @classmethod
+    def from_env(cls) -> "Heartbeat":
+        """From ``HPO_HEARTBEAT_INTERVAL`` and ``HPO_GRACE_PERIOD`` (whole seconds), else the defaults.
+
+        Raises:
+            StoreError: a knob that is not a whole number of seconds, or a grace period not longer
+                than the interval (the message echoes the values given).
+        """
+        values = {}
+        for field, name in (("interval", "HPO_HEARTBEAT_INTERVAL"), ("grace", "HPO_GRACE_PERIOD")):
+            raw = os.environ.get(name)
+            if not raw:
+                continue
+            try:
+                values[field] = int(raw)
+            except ValueError:
+                raise StoreError(f"{name}={raw!r}: allowed: a whole number of seconds") from None
+        try:
+            return cls(**values)
+        except StoreError:
+            given = ", ".join(f"{n}={os.environ[n]!r}" for n in ("HPO_HEARTBEAT_INTERVAL", "HPO_GRACE_PERIOD")
+                              if os.environ.get(n))
+            raise StoreError(f"{given}: HPO_GRACE_PERIOD must be longer than HPO_HEARTBEAT_INTERVAL "
+                             f"(whole seconds, interval >= 1)") from None
+
+    def to_dict(self) -> dict[str, int]:
+        return {"interval": self.interval, "grace": self.grace}
+
+
+def resolve_url(flag: str | None = None) -> str:
+    return flag or os.environ.get("HPO_STORAGE") or DEFAULT_URL
+
+
+def mask_url(url: str) -> str:
+    """The text with every URL password replaced by ``***`` (for every log line and error)."""
+    text = re.sub(r"(\w[\w+.-]*://[^:/@\s]+:)\S*@", r"\1***@", url)
+    return re.sub(r"(password=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)
+
+
+def driver_url(url: str) -> str:
+    """``url`` with a driver that is installed: a bare ``postgresql://`` (or ``postgres://``) means
+    psycopg 3 to SQLAlchemy 2.1, so it goes to psycopg2 when only that one is there."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///"):])
+
+
+def prepare_sqlite(path: Path) -> None:
+    """Create the folder, check it is writable, and switch the file to WAL once (it persists).
+
+    Raises:
+        StoreError: when the folder or file cannot be created or written.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the store folder {path.parent}: {e.strerror}") from e
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise StoreError(f"the store {path} is not writable; pass --storage or set HPO_STORAGE")
+    try:
+        with sqlite3.connect(path, timeout=SQLITE_TIMEOUT) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as e:
+        raise StoreError(f"cannot open the SQLite store {path}: {e}") from e
+
+
+def engine_kwargs(url: str, *, sqlite_timeout: float = SQLITE_TIMEOUT) -> dict:
+    """SQLAlchemy engine settings: SQLite waits ``sqlite_timeout`` seconds for its lock; a server
+    store keeps one pooled connection per process, pre-pinged."""
+    if url.startswith("sqlite"):
+        return {"connect_args": {"timeout": sqlite_timeout}}
+    connect_timeout = int(env_seconds("HPO_CONNECT_TIMEOUT", 5))
+    # One worker keeps one idle connection; the heartbeat thread borrows a second one briefly,
+    # so N workers hold about N connections. Pre-ping replaces connections a server restart killed.
+    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 3600,
+            "connect_args": {"connect_timeout": connect_timeout}}

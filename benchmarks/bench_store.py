@@ -38,7 +38,8 @@ from hpo.space import suggest  # noqa: E402
 from hpo.store import open_storage  # noqa: E402
 from hpo.study import MedianPruner, build_pruner, build_sampler  # noqa: E402
 from hpo.optuna_private import STUDY_SYSTEM_ATTRS  # noqa: E402
-from hpo.worker import BUDGET_PREFIX, _Worker  # noqa: E402
+from hpo.budget import BUDGET_PREFIX  # noqa: E402
+from hpo.worker import _Worker  # noqa: E402
 
 REPORTS = 20
 BUDGET = 1_000_000

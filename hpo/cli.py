@@ -44,20 +44,33 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("spec")
 @storage_option
 @click.option("--force", is_flag=True, help="Delete an existing study of the same name first.")
-def create_study(spec: str, storage: str | None, force: bool) -> None:
+@click.option("--heartbeat-interval", type=int, default=None, metavar="S",
+              help="Seconds between a running trial's heartbeats, for every worker of the study "
+                   "(default: $HPO_HEARTBEAT_INTERVAL, else 10).")
+@click.option("--grace-period", type=int, default=None, metavar="S",
+              help="Seconds without a heartbeat after which a trial's worker counts as dead and the trial is "
+                   "re-queued (default: $HPO_GRACE_PERIOD, else 30; longer than the interval).")
+def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval: int | None,
+                 grace_period: int | None) -> None:
     """Create a study from SPEC: a name in studies/ (e.g. regression) or a YAML path."""
+    from dataclasses import replace
+
     from hpo import study as studies
     from hpo.tables import embed_csv
     from hpo.spec import find_spec_file, load_spec_file
-    from hpo.store import mask_url, open_storage, resolve_url
+    from hpo.store import Heartbeat, mask_url, open_storage, resolve_url
 
+    heartbeat = Heartbeat.from_env()
+    if heartbeat_interval is not None or grace_period is not None:
+        heartbeat = replace(heartbeat, **{k: v for k, v in (("interval", heartbeat_interval),
+                                                             ("grace", grace_period)) if v is not None})
     parsed = embed_csv(load_spec_file(find_spec_file(spec)))
     warning = None
     if parsed.model == "cnn":
         from hpo.cnn import check_cnn_spec
 
         warning = check_cnn_spec(parsed)  # raises when no configuration fits the images
-    created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force)
+    created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force, heartbeat=heartbeat)
     if warning:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "

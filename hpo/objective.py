@@ -5,12 +5,12 @@ The only place (with ``space``) that touches the trial: the trainer gets a plain
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import optuna
 import torch
 
+from hpo import optuna_private
 from hpo.data import Dataset
 from hpo.models import build_model
 from hpo.space import suggest
@@ -22,12 +22,16 @@ class Interrupted(KeyboardInterrupt):
     """The worker was asked to stop (SIGINT/SIGTERM): the running trial ends as FAIL and is re-queued."""
 
 
+class Abandoned(Exception):
+    """Another process finished the running trial (failed it as stale, or told it): stop training it."""
+
+
 def trial_seed(spec: StudySpec, trial_number: int) -> int:
     return spec.seed * 1_000_003 + trial_number
 
 
-def make_objective(spec: StudySpec, data: Dataset, *,
-                   should_stop: Callable[[], bool] | None = None) -> Callable[[optuna.Trial], float]:
+def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], bool] | None = None,
+                   is_abandoned: Callable[[int], bool] | None = None) -> Callable[[optuna.Trial], float]:
     """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
@@ -36,12 +40,15 @@ def make_objective(spec: StudySpec, data: Dataset, *,
     Args:
         should_stop: polled after every epoch; when it returns true the trial raises
             :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
+        is_abandoned: polled after every epoch with the trial's store id; when it returns true
+            the trial raises :class:`Abandoned`.
     """
     device = data.x.device
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
 
     def objective(trial: optuna.Trial) -> float:
         hp = suggest(trial, spec)
+        trial_id = optuna_private.trial_id(trial)
         seed = trial_seed(spec, trial.number)
         torch.manual_seed(seed)
 
@@ -49,6 +56,8 @@ def make_objective(spec: StudySpec, data: Dataset, *,
             done = epoch + 1
             if should_stop is not None and should_stop():
                 raise Interrupted(f"interrupted after {done} epochs")
+            if is_abandoned is not None and is_abandoned(trial_id):
+                raise Abandoned(f"finished elsewhere after {done} epochs")
             if done % spec.report_every:
                 return
             trial.report(stats[spec.metric], done)
@@ -67,9 +76,6 @@ def make_objective(spec: StudySpec, data: Dataset, *,
             trial.set_user_attr("train_path_reason", result.path_reason[:200])
         if result.stopped_early:
             trial.set_user_attr("stopped_early", True)
-        value = result.metrics[spec.metric]
-        if not math.isfinite(value):
-            trial.set_user_attr("fail_reason", f"{spec.metric} is {value}")
-        return value
+        return result.metrics[spec.metric]
 
     return objective

@@ -15,10 +15,13 @@ import optuna
 from optuna.trial import TrialState
 
 from hpo import optuna_private
+from hpo.budget import is_finished, retried_numbers
 from hpo.errors import SpecError, StoreError
 from hpo.spec import StudySpec, parse_spec
+from hpo.store import Heartbeat
 
 SPEC_ATTR = "hpo_spec"
+HEARTBEAT_ATTR = "hpo:heartbeat"  # study system attr: the heartbeat interval and grace period every worker uses
 
 
 def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -112,25 +115,40 @@ def _exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
         return False
 
 
-def create(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False) -> optuna.Study:
-    """Create the study with its spec stored inside it.
+def create(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False,
+           heartbeat: Heartbeat | None = None) -> optuna.Study:
+    """Create the study with its spec stored inside it, and the heartbeat settings its workers
+    will share (default: ``HPO_HEARTBEAT_INTERVAL``/``HPO_GRACE_PERIOD``, else 10 s / 30 s).
 
     Raises:
-        StoreError: when a study of that name exists and ``force`` is false.
+        StoreError: when a study of that name exists and ``force`` is false, or a heartbeat
+            knob is bad.
     """
+    heartbeat = heartbeat or Heartbeat.from_env()
     if _exists(storage, spec.name):
         if not force:
             raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over")
         optuna.delete_study(study_name=spec.name, storage=storage)
-    study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
-                                sampler=build_sampler(spec), pruner=build_pruner(spec))
+    try:
+        study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
+                                    sampler=build_sampler(spec), pruner=build_pruner(spec))
+    except optuna.exceptions.DuplicatedStudyError:  # another process created it since the check above
+        raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over") from None
     try:
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        storage.set_study_system_attr(optuna_private.study_id(study), HEARTBEAT_ATTR, heartbeat.to_dict())
     except BaseException:
         # A study without its spec is unusable: never leave one half-created.
         optuna.delete_study(study_name=spec.name, storage=storage)
         raise
     return study
+
+
+def heartbeat_of(storage: optuna.storages.BaseStorage, study_id: int) -> Heartbeat:
+    """The heartbeat settings stored in the study (a study from before they were stored: the
+    environment's, else the defaults)."""
+    stored = storage.get_study_system_attrs(study_id).get(HEARTBEAT_ATTR)
+    return Heartbeat(**stored) if stored else Heartbeat.from_env()
 
 
 def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
@@ -162,11 +180,6 @@ class Summary:
     wall_seconds: float | None
 
 
-def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
-    """Numbers of the trials that were re-queued (their FAIL does not use up budget)."""
-    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-
-
 def summarize(study: optuna.Study) -> Summary:
     """The seed-style statistics: trials by state, finished count, best value and parameters."""
     trials = study.get_trials(deepcopy=False)
@@ -174,8 +187,7 @@ def summarize(study: optuna.Study) -> Summary:
     for t in trials:
         counts[t.state.name] += 1
     retried = retried_numbers(trials)
-    finished = counts["COMPLETE"] + counts["PRUNED"] + sum(
-        1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
+    finished = sum(1 for t in trials if is_finished(t, retried))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
     best = pick(complete, key=lambda t: t.value) if complete else None

@@ -17,10 +17,17 @@ from conftest import HPO, REPO, run_hpo
 from hpo.errors import TrainingError
 from hpo.store import open_storage
 from hpo.worker import run_worker
-from test_parallel import budget_trials, create, fast_spec, start_worker
+from hpo.store import Heartbeat
+from test_parallel import budget_trials, fast_spec, start_worker
+from test_parallel import create as create_study
 
 
 FAST_HEARTBEAT = {"HPO_HEARTBEAT_INTERVAL": "1", "HPO_GRACE_PERIOD": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def create(spec_path: Path, url: str) -> None:
+    """The study, with a heartbeat every second and a grace period of two for its workers."""
+    create_study(spec_path, url, heartbeat=Heartbeat(interval=1, grace=2))
 
 
 def slow_spec(tmp_path: Path, n_trials: int) -> Path:
@@ -80,44 +87,73 @@ def test_failing_trials_are_fail_with_reason_and_the_worker_goes_on(tmp_path, st
     assert any("CUDA out of memory" in line for line in lines)
 
 
-def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, store_url, monkeypatch):
-    from hpo.store import claim
-    from hpo.worker import BUDGET_PREFIX
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_objective_value_is_fail_and_the_worker_goes_on(tmp_path, store_url, monkeypatch, bad):
+    import hpo.objective
+    real_train, calls = hpo.objective.train, []
 
-    monkeypatch.setenv("HPO_HEARTBEAT_INTERVAL", "1")
-    monkeypatch.setenv("HPO_GRACE_PERIOD", "2")
+    def train_with_a_bad_value(*args, **kwargs):
+        calls.append(1)
+        result = real_train(*args, **kwargs)
+        if len(calls) == 2:
+            result.metrics["val_mse"] = bad
+        return result
+
+    monkeypatch.setattr(hpo.objective, "train", train_with_a_bad_value)
+    create(fast_spec(tmp_path, 3, pruner={"kind": "none"}), store_url)
+    run_worker("regression", storage_url=store_url, echo=lambda line: None)
+    trials = trials_of(store_url)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["fail_reason"] == f"objective value is {bad}"
+
+
+def test_a_trial_failed_elsewhere_is_dropped_and_the_worker_goes_on(tmp_path, store_url, monkeypatch, capfd):
+    """Another process fails the running trial (it found it stale during a long store outage, or an
+    operator did): the worker stops training it within a heartbeat, says so in one line, runs on."""
+    import hpo.objective
+    from hpo import budget
+
+    real_train, calls = hpo.objective.train, []
+    other = open_storage(store_url, heartbeat=False)
+
+    def train_while_failed_elsewhere(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            running = [t for t in trials_of(store_url) if t.state == TrialState.RUNNING]
+            assert budget.fail_trial(other, running[0], reason="worker lost: test", requeue=True)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(hpo.objective, "train", train_while_failed_elsewhere)
+    create(slow_spec(tmp_path, 3), store_url)
+    run_worker("regression", storage_url=store_url, echo=lambda line: None)
+    trials = trials_of(store_url)
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["fail_reason"] == "worker lost: test"
+    assert [t.system_attrs.get("failed_trial") for t in trials].count(1) == 1
+    assert len(budget_trials(store_url, "regression")) == 3
+    assert all(t.state.is_finished() for t in trials)
+    err = capfd.readouterr().err
+    assert err.count("was finished elsewhere") == 1 and "Traceback" not in err
+
+
+def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, store_url, monkeypatch):
+    from hpo import budget
+
     create(fast_spec(tmp_path, 2), store_url)
     storage = open_storage(store_url)
     study_id = storage.get_study_id_from_name("regression")
-    # What a worker killed right after `ask` leaves: a budget place and a RUNNING trial without heartbeat.
-    assert claim(storage, study_id, BUDGET_PREFIX, limit=2) == 0
-    study = optuna.load_study(study_name="regression", storage=storage)
-    study.enqueue_trial({"n_layers": 1, "width_l0": 130, "batch_size": 20, "epochs": 5, "lr": 1e-3,
-                         "weight_decay": 1e-5, "optimizer": "Adam"})
-    orphan_id = storage.get_trial_id_from_study_id_trial_number(study_id, 0)
-    storage.set_trial_state_values(orphan_id, state=TrialState.RUNNING)
+    # What a worker killed right after starting its trial leaves: a RUNNING trial holding a budget
+    # place, with its parameters and no heartbeat.
+    orphan = budget.start_trial(storage, study_id, budget=2)
+    for name, dist, value in (("n_layers", optuna.distributions.IntDistribution(1, 3), 1),
+                              ("lr", optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True), 1e-3)):
+        storage.set_trial_param(orphan._trial_id, name, dist.to_internal_repr(value), dist)
+    storage.engine.dispose()
     run_worker("regression", storage_url=store_url, echo=lambda line: None)
     trials = trials_of(store_url)
-    assert trials[0].state == TrialState.FAIL
-    assert [t.system_attrs.get("failed_trial") for t in trials].count(0) == 1
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"].startswith("worker lost")
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retries) == 1 and retries[0].params["n_layers"] == 1 and retries[0].params["lr"] == 1e-3
     assert len(budget_trials(store_url, "regression")) == 2 and len(trials) == 3
-
-
-def test_place_of_a_worker_dead_between_claim_and_trial_is_released(tmp_path, store_url, monkeypatch, caplog):
-    from hpo.store import claim
-    from hpo.worker import BUDGET_PREFIX
-
-    monkeypatch.setenv("HPO_HEARTBEAT_INTERVAL", "1")
-    monkeypatch.setenv("HPO_GRACE_PERIOD", "2")
-    create(fast_spec(tmp_path, 2), store_url)
-    storage = open_storage(store_url)
-    # What a worker killed between its budget claim and its ask leaves: a place and no trial.
-    assert claim(storage, storage.get_study_id_from_name("regression"), BUDGET_PREFIX, limit=2) == 0
-    start = time.monotonic()
-    run_worker("regression", storage_url=store_url, echo=lambda line: None)
-    assert time.monotonic() - start > 2  # it waited the grace period before taking the place over
-    assert len(budget_trials(store_url, "regression")) == 2 and len(trials_of(store_url)) == 2
-    assert "released 1 budget place" in caplog.text
 
 
 def test_sigterm_fails_and_requeues_the_running_trial_then_exits_0(tmp_path, store_url):
@@ -152,6 +188,19 @@ def test_second_signal_exits_at_once(tmp_path, store_url):
     assert "second signal, exiting now" in (tmp_path / "w.log").read_text()
 
 
+def test_the_same_signal_twice_at_once_is_one_stop_request(tmp_path, store_url):
+    """SLURM signals every process of a task and hpo fleet forwards its own copy: a worker that
+    gets SIGTERM twice within a moment still stops cleanly, its trial re-queued."""
+    env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
+    create(slow_spec(tmp_path, 1), store_url)
+    proc = start_worker(env, "regression", tmp_path / "w.log")
+    wait_for(lambda: running_with_reports(store_url))
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, (tmp_path / "w.log").read_text()
+    assert [t.state for t in trials_of(store_url)] == [TrialState.FAIL, TrialState.WAITING]
+
+
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_killed_worker_trial_is_retried_with_its_parameters(tmp_path, pg_url):
@@ -181,7 +230,7 @@ def test_workers_survive_a_postgres_restart(tmp_path, pg_url):
     if cluster is None or subprocess.run(["which", "pg_ctlcluster"], capture_output=True).returncode:
         pytest.skip("pg_ctlcluster not available")
     env = dict(os.environ, HPO_STORAGE=pg_url, PYTHONUNBUFFERED="1")
-    create(fast_spec(tmp_path, 16, epochs=(20, 40)), env["HPO_STORAGE"])
+    create_study(fast_spec(tmp_path, 16, epochs=(20, 40)), env["HPO_STORAGE"])
     procs = [start_worker(env, "regression", tmp_path / f"w{i}.log") for i in range(2)]
     wait_for(lambda: sum(t.state.is_finished() for t in trials_of(pg_url)) >= 3)
     subprocess.run(["pg_ctlcluster", cluster, "main", "restart"], check=True, timeout=60)

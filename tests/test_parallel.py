@@ -13,8 +13,8 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import HPO, REPO, pg_connections, small_regression_spec
-from hpo.store import open_storage
-from hpo.study import retried_numbers
+from hpo.store import Heartbeat, open_storage
+from hpo.budget import retried_numbers
 from hpo.worker import run_worker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -29,14 +29,15 @@ def fast_spec(tmp_path: Path, n_trials: int, *, epochs=(5, 15), name: str = "reg
     return path
 
 
-def create(spec_path: Path, url: str) -> None:
-    """Create the study in-process (a CLI process would only add a torch import to each test)."""
+def create(spec_path: Path, url: str, *, heartbeat: Heartbeat | None = None) -> None:
+    """Create the study in-process (a CLI process would only add a torch import to each test),
+    with ``heartbeat`` settings for its workers (default: the environment's, else 10 s / 30 s)."""
     from hpo import study as studies
     from hpo.tables import embed_csv
     from hpo.spec import load_spec_file
 
     storage = open_storage(url, heartbeat=False)
-    studies.create(embed_csv(load_spec_file(spec_path)), storage, force=True)
+    studies.create(embed_csv(load_spec_file(spec_path)), storage, force=True, heartbeat=heartbeat)
     storage.engine.dispose()  # so that the connections counted in a test are the workers' own
 
 

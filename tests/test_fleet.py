@@ -313,6 +313,28 @@ def test_fleet_stops_its_workers_and_mps_on_sigint(fake_mps, fake_workers, monke
     assert calls(fake_mps) == ["-d", "quit"]
 
 
+# ---------------------------------------------------------------- status and report
+
+
+def test_status_and_report_count_trials_by_gpu_sharing(tmp_path, store_url, cli_env):
+    from hpo import report
+    from hpo.store import open_storage
+    from hpo.study import load, summarize
+
+    create(fast_spec(tmp_path, 5), store_url)
+    study, spec = load("regression", open_storage(store_url, heartbeat=False))
+    for i, mode in enumerate(["mps", "mps", "time-slice", None]):
+        attrs = {"gpu_sharing": mode} if mode else {}
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=float(i), user_attrs=attrs))
+    status = run_hpo("status", "--study", "regression", env=cli_env, check=0).stdout
+    assert "GPU sharing (trials):      mps 2, time-slice 1" in status
+    assert summarize(study).gpu_sharing == {"mps": 2, "time-slice": 1}  # also what status --json prints
+    page = report.Page()
+    report.statistics_section(page, study, spec)
+    html = "".join(page.sections[0].parts)
+    assert "GPU sharing (trials)" in html and "mps 2, time-slice 1" in html
+
+
 # ---------------------------------------------------------------- end to end, real workers
 
 

@@ -31,6 +31,11 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, metric: str) -> str:
     return f"trial {trial.number:4d}  {trial.state.name:8s} {value:42s} {best}  {seconds:.1f}s"
 
 
+def sharing_text(counts: dict[str, int]) -> str:
+    """Trials by how their GPU was shared, e.g. ``mps 12, time-slice 3``."""
+    return ", ".join(f"{mode} {n}" for mode, n in counts.items())
+
+
 def summary_text(s: Summary) -> str:
     """The seed-style statistics block."""
     lines = [
@@ -44,6 +49,8 @@ def summary_text(s: Summary) -> str:
         lines.append(f"  Running / waiting:         {s.counts['RUNNING']} / {s.counts['WAITING']}")
     if s.wall_seconds is not None:
         lines.append(f"  Wall time:                 {s.wall_seconds:.1f}s")
+    if s.gpu_sharing:
+        lines.append(f"  GPU sharing (trials):      {sharing_text(s.gpu_sharing)}")
     if s.best_trial is None:
         lines.append("  Best trial: none complete yet")
     else:

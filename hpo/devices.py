@@ -1,10 +1,14 @@
-"""Which torch device a worker runs on: ``--gpu K`` or ``--device cpu|cuda|cuda:K``."""
+"""Which torch device a worker runs on (``--gpu K`` or ``--device cpu|cuda|cuda:K``) and how its
+GPU is shared with other workers."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from hpo.errors import HpoError
+from hpo.mps import GPU_SHARING_ENV, GPU_SHARING_MODES
 
 
 def resolve_device(*, gpu: int | None = None, device: str | None = None) -> torch.device:
@@ -30,3 +34,13 @@ def resolve_device(*, gpu: int | None = None, device: str | None = None) -> torc
         available = f"0..{count - 1}" if count else "none (no CUDA device visible)"
         raise HpoError(f"--gpu: GPU {index} does not exist; available: {available}")
     return torch.device("cuda", index)
+
+
+def gpu_sharing(device: torch.device) -> str | None:
+    """How the worker's GPU is shared: ``mps``, ``time-slice`` or ``exclusive``, as ``hpo fleet``
+    (or whoever starts the worker) says in ``HPO_GPU_SHARING``; ``None`` on the CPU, or when unset
+    or not one of those."""
+    if device.type != "cuda":
+        return None
+    value = os.environ.get(GPU_SHARING_ENV, "").strip()
+    return value if value in GPU_SHARING_MODES else None

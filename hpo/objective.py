@@ -12,6 +12,7 @@ import torch
 
 from hpo import optuna_private
 from hpo.data import Dataset
+from hpo.devices import gpu_sharing
 from hpo.models import build_model
 from hpo.space import suggest
 from hpo.spec import StudySpec
@@ -45,6 +46,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     """
     device = data.x.device
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
+    sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
 
     def objective(trial: optuna.Trial) -> float:
         hp = suggest(trial, spec)
@@ -68,6 +70,8 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
         model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
         trial.set_user_attr("device", device_name)
+        if sharing:
+            trial.set_user_attr("gpu_sharing", sharing)
         result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("train_seconds", round(result.seconds, 3))

@@ -27,6 +27,7 @@ import yaml
 from optuna.trial import TrialState
 
 import hpo
+from hpo.console import sharing_text
 from hpo.errors import HpoError
 from hpo.figures import retrain_sections
 from hpo.spec import StudySpec
@@ -142,6 +143,8 @@ def statistics_section(page: Page, study: optuna.Study, spec: StudySpec) -> None
             ("best value", f"{_num(s.best_value)}" + (f" (trial #{s.best_trial})" if s.best_trial is not None else "")),
             ("wall time", "-" if s.wall_seconds is None else f"{s.wall_seconds:.1f} s"),
             ("device", _devices(trials)),
+            ("GPU sharing (trials)", sharing_text(s.gpu_sharing) if s.gpu_sharing else "not recorded (CPU trials, "
+                                     "or workers not started by hpo fleet)"),
             ("versions", f"hpo {hpo.__version__}, torch {torch.__version__}, optuna {optuna.__version__}, "
                          f"plotly {_version('plotly')}, python {platform.python_version()}")]
     sec.parts.append(table(rows))

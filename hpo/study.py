@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +179,7 @@ class Summary:
     best_trial: int | None
     best_params: dict[str, Any]
     wall_seconds: float | None
+    gpu_sharing: dict[str, int]  # trials by their gpu_sharing user attr (mps, time-slice, exclusive)
 
 
 def summarize(study: optuna.Study) -> Summary:
@@ -194,6 +196,7 @@ def summarize(study: optuna.Study) -> Summary:
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
+    sharing = Counter(str(t.user_attrs["gpu_sharing"]) for t in trials if "gpu_sharing" in t.user_attrs)
     return Summary(
         name=study.study_name,
         direction=study.direction.name.lower(),
@@ -204,4 +207,5 @@ def summarize(study: optuna.Study) -> Summary:
         best_trial=best.number if best else None,
         best_params=dict(best.params) if best else {},
         wall_seconds=wall,
+        gpu_sharing=dict(sorted(sharing.items())),
     )

@@ -161,6 +161,27 @@ def test_gpu_tasks_share_a_gpu_through_fleet(tmp_path, pg_url):
     assert name == "fleet" and params["device"] == "cuda" and params["workers"] == 4
 
 
+def test_the_url_reaches_sbatch_through_its_environment_only(tmp_path, pg_url):
+    # A stand-in sbatch that records what it was given (the real one is used in the tests below).
+    create(fast_spec(tmp_path, 4), pg_url)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\n'
+                                    f'printf %s "$HPO_STORAGE" > {tmp_path}/url\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = env_for("")
+    del env["HPO_STORAGE"]
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    url = with_password(pg_url)
+    proc = run_hpo("launch", "slurm", "--study", "regression", "--workers", "2", "--storage", url,
+                   "--jobs-dir", str(tmp_path / "jobs"), env=env, check=0)
+    assert (tmp_path / "url").read_text() == url
+    (script,) = (tmp_path / "jobs").glob("*.sbatch")
+    assert (tmp_path / "args").read_text().split() == ["--parsable", str(script)]
+    assert "submitted job 4242" in proc.stdout and "scancel 4242" in proc.stdout
+    assert PASSWORD not in proc.stdout + proc.stderr + script.read_text()
+
+
 @pytest.mark.parametrize("args, env_extra, message", [
     (["--workers", "0"], {}, "--workers 0: need at least 1 worker"),
     (["--workers", "2", "--storage", "sqlite:///storage/x.db"], {}, "cannot share a local SQLite file"),
@@ -244,7 +265,7 @@ def running_trial_of(url: str, label: str) -> optuna.trial.FrozenTrial | None:
 @pytest.mark.timeout(ARRAY_TIMEOUT + 120)
 @pytest.mark.parametrize("how", ["requeue", "scancel"])
 def test_a_preempted_task_loses_nothing(tmp_path, pg_url, slurm, cancel_after, how):
-    n_trials = 6
+    n_trials = 4
     # Longer trials without pruning, so that a task is certainly caught in the middle of one.
     create(fast_spec(tmp_path, n_trials, epochs=(300, 400), pruner={"kind": "none"}), pg_url)
     # A heartbeat a second writes a running trial's worker and epochs while we watch.

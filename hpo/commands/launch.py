@@ -1,0 +1,102 @@
+"""``hpo launch slurm`` and ``hpo launch k8s``: workers as a SLURM job array or a Kubernetes Indexed Job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hpo.commands.options import storage_option, study_option
+from hpo.launch import GRACE
+
+workers_option = click.option("--workers", type=int, required=True, metavar="N", help="Number of workers.")
+gpus_option = click.option("--gpus-per-worker", type=int, default=None, metavar="1",
+                           help="Give each worker one GPU (default: CPU workers).")
+grace_option = click.option("--grace", type=int, default=GRACE, show_default=True, metavar="S",
+                            help="Seconds a stopped worker gets to end its epoch and re-queue its trial.")
+
+
+@click.group()
+def launch() -> None:
+    """Start workers on a cluster engine (SLURM, Kubernetes); the engine places and restarts them."""
+
+
+@launch.command("slurm")
+@study_option
+@workers_option
+@gpus_option
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="cpu (default) or cuda (with --gpus-per-worker 1).")
+@click.option("--workers-per-gpu", type=int, default=1, show_default=True, metavar="K",
+              help="K workers share each task's GPU (hpo fleet inside the task); N/K tasks.")
+@click.option("--partition", default=None, metavar="P")
+@click.option("--time", "time_limit", default=None, metavar="HH:MM:SS", help="Time limit of each task.")
+@click.option("--account", default=None, metavar="A")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG",
+              help="Another sbatch option, e.g. --sbatch-arg=--mem=8G (repeatable).")
+@grace_option
+@click.option("--python", default=None, metavar="PATH", help="Python that runs hpo in the tasks (default: this one).")
+@click.option("--jobs-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Folder for the job script and the tasks' logs (default storage/jobs).")
+@click.option("--allow-sqlite", is_flag=True, help="Accept a SQLite store (only on a filesystem all nodes share).")
+@click.option("--dry-run", is_flag=True, help="Print the job script; write and submit nothing.")
+@storage_option
+def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: str | None, workers_per_gpu: int,
+          partition: str | None, time_limit: str | None, account: str | None, sbatch_args: tuple[str, ...],
+          grace: int, python: str | None, jobs_dir: Path | None, allow_sqlite: bool, dry_run: bool,
+          storage: str | None) -> None:
+    """Submit N workers of a study as a SLURM job array (sbatch)."""
+    from hpo.launch import slurm as sl
+    from hpo.store import mask_url, resolve_url
+
+    p = sl.plan(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker, device=device,
+                workers_per_gpu=workers_per_gpu, partition=partition, time=time_limit, account=account,
+                sbatch_args=sbatch_args, grace=grace, python=python)
+    url = resolve_url(storage)
+    sl.check_shared(url, allow_sqlite=allow_sqlite)
+    sbatch = None if dry_run else sl.sbatch_path()
+    budget = sl.study_budget(url, study_name)
+    jobs_dir = jobs_dir or sl.JOBS_DIR
+    script = sl.job_script(p, log_dir=jobs_dir)
+    what = (f"{p.workers} workers of study {study_name!r} (budget {budget} trials) as {p.tasks} array tasks "
+            f"on {p.device}, store {mask_url(url)}")
+    if dry_run:
+        click.echo(script, nl=False)
+        click.echo(f"# dry run: {what}; nothing submitted", err=True)
+        return
+    path = sl.write_script(script, p, jobs_dir=jobs_dir)
+    job = sl.submit(path, url=url, sbatch=sbatch)
+    click.echo(f"submitted job {job}: {what}")
+    click.echo(f"script: {path}")
+    click.echo(f"logs:   {(jobs_dir / sl.job_name(p)).resolve()}-{job}_<task>.out")
+    click.echo(f"follow: squeue -j {job}   (and: hpo status --study {study_name})")
+    click.echo(f"stop:   scancel {job}   (running trials end after their epoch and are re-queued)")
+
+
+@launch.command("k8s")
+@study_option
+@workers_option
+@gpus_option
+@click.option("--image", default=None, metavar="IMG", help="Worker image (default hpo-worker:latest, the Dockerfile's).")
+@click.option("--namespace", default=None, metavar="NS")
+@click.option("--store-secret", default=None, metavar="NAME",
+              help="Secret holding the store URL (key url; optional key password). Default hpo-store.")
+@grace_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Write the manifest to DIR instead of printing it.")
+def k8s(study_name: str, workers: int, gpus_per_worker: int | None, image: str | None, namespace: str | None,
+        store_secret: str | None, grace: int, out: Path | None) -> None:
+    """Print a Kubernetes Indexed Job of N workers (pipe it to kubectl apply -f -)."""
+    from hpo.launch import k8s as kube
+
+    job = kube.worker_job(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker,
+                          image=image or kube.IMAGE, namespace=namespace,
+                          store_secret=store_secret or kube.STORE_SECRET, grace=grace)
+    if out is None:
+        click.echo(kube.render([job]), nl=False)
+        return
+    path = kube.write([job], out)
+    click.echo(f"wrote {path}: Indexed Job {job['metadata']['name']} of {workers} workers")
+    click.echo(f"next: kubectl apply -f {path}")
+
+
+COMMANDS = [launch]

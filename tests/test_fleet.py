@@ -21,8 +21,8 @@ from conftest import HPO, REPO, run_hpo
 from hpo.devices import GPU_SHARING_ENV, gpu_sharing
 from hpo.fleet import Member, plan, run_fleet, shares_gpu, sharing_modes, worker_env
 from hpo.mps import LOG_ENV, PIPE_ENV, MpsDaemon
-from test_faults import FAST_HEARTBEAT, running_with_reports, slow_spec, trials_of, wait_for
-from test_parallel import budget_trials, create, fast_spec
+from test_faults import FAST_HEARTBEAT, create, running_with_reports, slow_spec, trials_of, wait_for
+from test_parallel import budget_trials, fast_spec
 
 # Answers as NVIDIA's tool does: -d starts a daemon that makes the control pipe; a command finds
 # the daemon by that pipe or says "Cannot find MPS control daemon process" and exits 1.

@@ -24,7 +24,8 @@ from optuna.trial import TrialState
 
 from conftest import REPO, run_hpo
 from hpo.cli import main
-from hpo.store import open_storage
+from hpo.store import Heartbeat, open_storage
+from test_faults import slow_spec
 from test_parallel import budget_trials, create, fast_spec
 
 PASSWORD = "pw-Sl4rm-secret"  # PostgreSQL here trusts local clients, so any password connects
@@ -267,10 +268,10 @@ def running_trial_of(url: str, label: str) -> optuna.trial.FrozenTrial | None:
 @pytest.mark.parametrize("how", ["requeue", "scancel"])
 def test_a_preempted_task_loses_nothing(tmp_path, pg_url, slurm, cancel_after, how):
     n_trials = 4
-    # Longer trials without pruning, so that a task is certainly caught in the middle of one.
-    create(fast_spec(tmp_path, n_trials, epochs=(300, 400), pruner={"kind": "none"}), pg_url)
+    # Trials of several seconds without pruning, so that a task is certainly caught in the middle of one.
     # A heartbeat a second writes a running trial's worker and epochs while we watch.
-    job, _ = launch(tmp_path, pg_url, workers=2, HPO_HEARTBEAT_INTERVAL="1")
+    create(slow_spec(tmp_path, n_trials), pg_url, heartbeat=Heartbeat(interval=1, grace=5))
+    job, _ = launch(tmp_path, pg_url, workers=2)
     cancel_after(job)
     pid = wait_for(lambda: worker_pid(job, 0), 120, "task 0 to run")
     victim = wait_for(lambda: running_trial_of(pg_url, f"{socket.gethostname()}:{pid}"), 120,

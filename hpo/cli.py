@@ -120,9 +120,9 @@ def status(study_name: str, storage: str | None, as_json: bool) -> None:
 
 
 def _register_stage_commands() -> None:
-    from hpo.commands import dashboard, export, fleet, report, retrain
+    from hpo.commands import bench, dashboard, export, fleet, report, retrain
 
-    for module in (retrain, report, export, dashboard, fleet):
+    for module in (retrain, report, export, dashboard, fleet, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -6,6 +6,9 @@ An *operator* is one ATen call made by the step's Python code or by autograd's b
 (``view``, ``t``, ``expand``, ``detach``, ...) launch no kernel on a GPU and are left out. On a
 GPU each operator is roughly one kernel launch (a ``torch._foreach_*`` call one multi-tensor
 kernel), which is what a CUDA graph replays, so the count tracks the step's fixed cost per batch.
+As a cross-check, *kernels* counts the innermost ATen calls that do work (a ``_foreach_*`` call
+once): closer to what runs, but it sees the CPU's own implementations (a convolution there is
+unfold plus matrix products), which a GPU does not share.
 
 Compared: ``hpo.stacked_step.StackedStep`` (10 of hpo's LeNet-5, batch 64 each) and the reference
 step of ``../shared/anchors/gpu_limit.py`` (``graphed_vmap``: 10 LeNet-5 vmapped with
@@ -29,13 +32,17 @@ from torch import nn
 VIEW_OPS = frozenset("""
     alias as_strided chunk contiguous detach detach_ empty empty_like empty_strided expand expand_as
     flatten is_nonzero item _local_scalar_dense lift_fresh narrow permute reshape _reshape_alias
-    resolve_conj resolve_neg select size slice split split_with_sizes squeeze stride t to transpose
+    resolve_conj resolve_neg result_type select size slice split split_with_sizes squeeze stride t to transpose
     unbind unflatten unsqueeze _unsafe_view view view_as
 """.split())
 
-# The anchors' LeNet-5 settings (../shared/anchors/gpu_anchor.py), so the numbers compare.
+# Innermost calls that restride or allocate without writing.
+NO_KERNEL_OPS = VIEW_OPS | {"movedim", "as_strided_", "resize_", "new_empty"}
+
+# The anchors' LeNet-5 and its settings (../shared/anchors/gpu_anchor.py), so the numbers compare:
+# dropout after the conv stack and after fc 120 only, as in the seed.
 LENET5 = {"n_conv": 2, "filters": [6, 16], "kernel_size": 5, "padding": 2, "pooling": "max", "n_dense": 2,
-          "dense_width": [120, 84], "conv_dropout": 0.41, "dropout": 0.24, "optimizer": "Adam", "lr": 2.14e-3,
+          "dense_width": [120, 84], "conv_dropout": 0.41, "dropout": [0.24, 0.0], "optimizer": "Adam", "lr": 2.14e-3,
           "weight_decay": 5.5e-5}
 
 
@@ -54,19 +61,44 @@ def _top_level(event) -> bool:
     return event.name.startswith("aten::")
 
 
+def _kernels(event, out: list[str]) -> bool:
+    """Append the innermost working calls under ``event``; whether there was any."""
+    if event.name.startswith("aten::_foreach_"):
+        out.append(event.name)
+        return True
+    found = False
+    for child in event.cpu_children:
+        found |= _kernels(child, out)
+    if not found and event.name.startswith("aten::") and event.name[6:] not in NO_KERNEL_OPS:
+        out.append(event.name)
+        return True
+    return found
+
+
 def count_operators(fn: Callable[[], object], *, warmup: int = 2) -> collections.Counter:
     """The operators one call of ``fn`` runs (see the module docstring), by name.
 
     ``fn`` is called ``warmup`` times first so that lazily created state (optimizer moments) is
     not counted.
     """
+    return count_work(fn, warmup=warmup)[0]
+
+
+def count_work(fn: Callable[[], object], *, warmup: int = 2) -> tuple[collections.Counter, collections.Counter]:
+    """The operators and the kernels (see the module docstring) of one call of ``fn``, by name."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
         fn()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return collections.Counter(e.name for e in prof.events() if _top_level(e) and _launches_work(e))
+    events = prof.events()
+    kernels: list[str] = []
+    for e in events:
+        if e.cpu_parent is None:
+            _kernels(e, kernels)
+    return (collections.Counter(e.name for e in events if _top_level(e) and _launches_work(e)),
+            collections.Counter(kernels))
 
 
 def _lenet5_models(k: int) -> list[nn.Module]:
@@ -81,9 +113,9 @@ def _lenet5_models(k: int) -> list[nn.Module]:
     return models
 
 
-def stacked_step_operators(*, k: int = 10, batch: int = 64) -> collections.Counter:
+def stacked_step_work(*, k: int = 10, batch: int = 64) -> tuple[collections.Counter, collections.Counter]:
     """Operators of one step of ``hpo.stacked_step.StackedStep``: K LeNet-5 (hpo's, with the
-    anchors' dropout and Adam settings), each on its own batch, on the CPU. A step on a batch
+    anchors' layers, dropout and Adam settings), each on its own batch, on the CPU. A step on a batch
     without padding, as every batch of an epoch but the last is. On a GPU the captured graph is
     fed by one more operator per step (the copy of the batch indices into its input buffer)."""
     from hpo.data import Dataset
@@ -98,12 +130,17 @@ def stacked_step_operators(*, k: int = 10, batch: int = 64) -> collections.Count
                    in_shape=(1, 28, 28), out_features=10)
     step = StackedStep(_lenet5_models(k), data, resolve(LENET5))
     batch_idx = torch.randint(0, n, (k, batch), generator=g)
-    return count_operators(lambda: step(batch_idx))
+    return count_work(lambda: step(batch_idx))
 
 
-def reference_step_operators(*, k: int = 10, batch: int = 64) -> collections.Counter:
+def stacked_step_operators(*, k: int = 10, batch: int = 64) -> collections.Counter:
+    """The operators of ``stacked_step_work``."""
+    return stacked_step_work(k=k, batch=batch)[0]
+
+
+def reference_step_work(*, k: int = 10, batch: int = 64) -> tuple[collections.Counter, collections.Counter]:
     """Operators of the anchors' ``graphed_vmap`` step (gpu_limit.py) on the CPU, with the
-    anchors' own LeNet-5 (one dropout fewer than hpo's), plus the two copies that feed its graph."""
+    anchors' own LeNet-5, plus the two copies that feed its graph."""
     from torch.func import functional_call, grad, stack_module_state, vmap
 
     class LeNet5(nn.Module):  # ../shared/anchors/gpu_anchor.py
@@ -140,7 +177,12 @@ def reference_step_operators(*, k: int = 10, batch: int = 64) -> collections.Cou
             p.grad = grads[name]
         opt.step()
 
-    return count_operators(step)
+    return count_work(step)
+
+
+def reference_step_operators(*, k: int = 10, batch: int = 64) -> collections.Counter:
+    """The operators of ``reference_step_work``."""
+    return reference_step_work(k=k, batch=batch)[0]
 
 
 _READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -210,8 +252,9 @@ def host_syncs_per_epoch(*, k: int = 10) -> dict[str, int]:
 
 def step_report(*, k: int = 10, batch: int = 64) -> dict:
     """Both operator counts and the host syncs per epoch, as ``hpo bench`` and the README give them."""
-    stacked, reference = stacked_step_operators(k=k, batch=batch), reference_step_operators(k=k, batch=batch)
+    (stacked, stacked_k), (reference, reference_k) = stacked_step_work(k=k, batch=batch), reference_step_work(k=k, batch=batch)
     return {"models": k, "batch": batch, "stacked_step_operators": sum(stacked.values()),
             "reference_step_operators": sum(reference.values()),
+            "stacked_step_kernels": sum(stacked_k.values()), "reference_step_kernels": sum(reference_k.values()),
             "stacked_by_name": dict(stacked.most_common()), "reference_by_name": dict(reference.most_common()),
             "host_syncs_per_epoch": host_syncs_per_epoch(k=k)}

@@ -40,9 +40,9 @@ class Plan:
 
 
 PLANS = {
-    # about 5 minutes on one H200
+    # estimated at about 5 minutes on one H200 (not yet run on a GPU)
     "full": Plan(trainer_images=None, test_images=None, trainer_epochs=3, case_images=10000, case_epochs=3,
-                 worker_counts=(1, 2, 4, 8), worker_seconds=20, folds=10, retrain_images=None,
+                 worker_counts=(1, 2, 4, 8), worker_seconds=15, folds=10, retrain_images=None,
                  stacked_epochs=5, sequential_epochs=1),
     # under 2 minutes on 2 shared CPU cores
     "quick": Plan(trainer_images=1024, test_images=1000, trainer_epochs=2, case_images=256, case_epochs=2,
@@ -263,8 +263,9 @@ def format_table(report: dict[str, Any]) -> str:
     if s:
         syncs = s["host_syncs_per_epoch"]
         lines += ["", f"step operators (CPU profiler, {s['models']} LeNet-5, batch {s['batch']}): stacked step "
-                  f"{s['stacked_step_operators']}, reference step (anchors' gpu_limit.py) {s['reference_step_operators']}; "
-                  f"host syncs per epoch of {s['models']} folds: stacked {syncs['stacked']}, sequential {syncs['sequential']}"]
+                  f"{s['stacked_step_operators']} ({s['stacked_step_kernels']} kernels), reference step (anchors' "
+                  f"gpu_limit.py) {s['reference_step_operators']} ({s['reference_step_kernels']} kernels); host syncs "
+                  f"per epoch of {s['models']} folds: stacked {syncs['stacked']}, sequential {syncs['sequential']}"]
     lines.append("")
     lines.append(f"{len(report['rows'])} rows in {report['seconds']:.0f} s; "
                  + ("no problems" if not report["problems"] else f"{len(report['problems'])} problems:"))

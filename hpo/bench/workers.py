@@ -58,6 +58,12 @@ def mps_running() -> bool:
     return False
 
 
+_PROBE = """import subprocess, sys, torch
+torch.ones(1, device=sys.argv[2]).sum().item()
+print(subprocess.run([sys.argv[1]], input="get_server_list\\n", capture_output=True, text=True).stdout.strip())
+"""
+
+
 @contextlib.contextmanager
 def mps_daemon(scratch: Path, device: str) -> Iterator[tuple[dict[str, str] | None, str]]:
     """Start an MPS control daemon of the bench's own and yield the environment its clients need
@@ -77,11 +83,16 @@ def mps_daemon(scratch: Path, device: str) -> Iterator[tuple[dict[str, str] | No
         yield None, f"nvidia-cuda-mps-control -d failed: {(started.stderr or started.stdout).strip()[:200]}"
         return
     try:
-        # The daemon starts its server on the first client: one tiny CUDA client shows whether it can.
-        probe = subprocess.run([sys.executable, "-c", f"import torch; torch.ones(1, device={device!r}).sum().item()"],
-                               env=full_env, capture_output=True, text=True, timeout=120)
+        # The daemon starts a server for the first client, and a client that cannot reach it runs
+        # without MPS, silently (NVIDIA MPS docs): one tiny CUDA client asks the daemon for its
+        # servers while it is connected.
+        probe = subprocess.run([sys.executable, "-c", _PROBE, binary, device], env=full_env, capture_output=True,
+                               text=True, timeout=120)
         if probe.returncode != 0:
-            yield None, f"MPS client failed: {probe.stderr.strip().splitlines()[-1][:200] if probe.stderr else probe.returncode}"
+            lines = probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"]
+            yield None, f"MPS client failed: {lines[-1][:200]}"
+        elif not probe.stdout.strip():
+            yield None, "no MPS server came up for a CUDA client (see the daemon's log in CUDA_MPS_LOG_DIRECTORY)"
         else:
             yield env, ""
     finally:

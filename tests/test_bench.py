@@ -53,9 +53,12 @@ def test_missing_data_set_gives_clearly_labelled_synthetic_images(tmp_path: Path
     assert set(ds.y.tolist()) == set(range(10))
 
 
-def test_bad_device_is_refused_before_anything_runs(tmp_path: Path):
+def test_bad_device_or_json_path_is_refused_before_anything_runs(tmp_path: Path):
     proc = run_hpo("bench", "--device", "tpu", "--json", str(tmp_path / "out.json"), check=2)
     assert "--device: 'tpu'" in proc.stderr and not (tmp_path / "out.json").exists()
+    proc = run_hpo("bench", "--device", "cpu", "--json", str(tmp_path / "no" / "out.json"), check=2)
+    assert proc.stderr.startswith("hpo: error: --json:") and "does not exist" in proc.stderr
+    assert "data:" not in proc.stderr  # refused before the bench began
 
 
 QUICK_CPU_ROWS = [

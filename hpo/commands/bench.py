@@ -25,10 +25,14 @@ def bench(ctx: click.Context, device: str | None, data_dir: str | None, quick: b
 
     from hpo.bench import format_table, run_bench
     from hpo.devices import resolve_device
+    from hpo.errors import HpoError
 
     if device is None:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    report = run_bench(device=resolve_device(device=device), data_dir=data_dir, quick=quick,
+    dev = resolve_device(device=device)
+    if json_out and not Path(json_out).resolve().parent.is_dir():
+        raise HpoError(f"--json: {json_out!r} is in a folder that does not exist; give a path in an existing folder")
+    report = run_bench(device=dev, data_dir=data_dir, quick=quick,
                        echo=lambda line: click.echo(line, err=True))
     click.echo(format_table(report))
     if json_out:

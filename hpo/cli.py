@@ -133,9 +133,9 @@ def status(study_name: str, storage: str | None, as_json: bool) -> None:
 
 
 def _register_stage_commands() -> None:
-    from hpo.commands import dashboard, export, fleet, launch, report, retrain
+    from hpo.commands import bench, dashboard, export, fleet, launch, report, retrain
 
-    for module in (retrain, report, export, dashboard, fleet, launch):
+    for module in (retrain, report, export, dashboard, fleet, launch, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

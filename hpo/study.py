@@ -1,7 +1,9 @@
-"""Studies in the store: create one from a spec, load one (with its spec) by name, summarise it.
+"""Studies in the store: create one from a spec, load one (with its spec) by name, delete one,
+summarise it.
 
 The spec lives in the study's user attrs under ``hpo_spec``; sampler and pruner are rebuilt from it
-by every worker, since Optuna does not persist them.
+by every worker, since Optuna does not persist them. A CSV study's data files live in the store
+beside it (``hpo.datastore``), shared with any other study of the same files.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import optuna_private
+from hpo import datastore, optuna_private
 from hpo.errors import SpecError, StoreError
 from hpo.spec import StudySpec, parse_spec
 
@@ -112,24 +114,48 @@ def _exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
         return False
 
 
-def create(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False) -> optuna.Study:
-    """Create the study with its spec stored inside it.
+def _data_files(spec: StudySpec) -> list[tuple[str, str]]:
+    """(sha256, local path) of each data file the spec refers to."""
+    return [(ref["sha256"], getattr(spec.data, part)) for part, ref in (spec.data.files or {}).items()]
+
+
+def delete(name: str, storage: optuna.storages.RDBStorage, *, sweep: bool = True) -> None:
+    """Delete study ``name`` and, with ``sweep``, the data in the store that no study uses any more.
+
+    Raises:
+        StoreError: when there is no such study.
+    """
+    sid = study_id(storage, name)
+    optuna.delete_study(study_name=name, storage=storage)
+    datastore.release(storage.engine, sid, sweep=sweep)
+
+
+def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool = False) -> optuna.Study:
+    """Create the study with its spec stored inside it, and its data files (``spec.data.files``,
+    read from ``spec.data.train``/``test`` unless the store holds them already) beside it.
 
     Raises:
         StoreError: when a study of that name exists and ``force`` is false.
+        DataError: when a data file to store is missing or changed since ``hpo.tables`` read it.
     """
-    if _exists(storage, spec.name):
+    replaced = _exists(storage, spec.name)
+    if replaced:
         if not force:
             raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over")
-        optuna.delete_study(study_name=spec.name, storage=storage)
+        # Its data stay until the new study refers to them: the same data are not stored again.
+        delete(spec.name, storage, sweep=False)
     study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
                                 sampler=build_sampler(spec), pruner=build_pruner(spec))
     try:
+        if spec.data.files:
+            datastore.attach(storage.engine, optuna_private.study_id(study), _data_files(spec))
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
     except BaseException:
-        # A study without its spec is unusable: never leave one half-created.
-        optuna.delete_study(study_name=spec.name, storage=storage)
+        # A study without its spec or data is unusable: never leave one half-created.
+        delete(spec.name, storage)
         raise
+    if replaced:
+        datastore.delete_unreferenced(storage.engine)
     return study
 
 

@@ -116,8 +116,14 @@ def ensure_tables(engine: sa.Engine) -> None:
     _ready.add(engine)
 
 
-def _refer(conn: sa.Connection, study_id: int, sha256: str) -> bool:
-    """Add the study's reference to a stored content; False when the store lacks the content."""
+def refer(conn: sa.Connection, study_id: int, sha256: str) -> bool:
+    """In the caller's transaction, refer study ``study_id`` to a stored content; False when the
+    store lacks it.
+
+    Raises:
+        sqlalchemy.exc.IntegrityError: the content was deleted meanwhile (PostgreSQL, MySQL), or
+            the reference exists.
+    """
     stmt = sa.insert(REFS).from_select(
         ["sha256", "study_id"],
         sa.select(FILES.c.sha256, sa.literal(study_id, sa.Integer)).where(FILES.c.sha256 == sha256))
@@ -151,7 +157,7 @@ def attach(engine: sa.Engine, study_id: int, files: list[tuple[str, str | Path]]
         for attempt in range(STORE_TRIES):
             try:
                 with engine.begin() as conn:
-                    if _refer(conn, study_id, sha256):
+                    if refer(conn, study_id, sha256):
                         break
                 if not path.is_file():
                     raise DataError(f"{path}: file not found (its data are not in the store yet)")
@@ -197,12 +203,24 @@ def delete_unreferenced(engine: sa.Engine) -> list[str]:
     for sha256 in candidates:
         try:
             with engine.begin() as conn:
-                if conn.execute(sa.delete(FILES).where(FILES.c.sha256 == sha256, ~referenced)).rowcount:
-                    conn.execute(sa.delete(CHUNKS).where(CHUNKS.c.sha256 == sha256))
+                if drop_content(conn, sha256):
                     deleted.append(sha256)
         except sqlalchemy.exc.IntegrityError:
             pass  # a study refers to it now
     return deleted
+
+
+def drop_content(conn: sa.Connection, sha256: str) -> bool:
+    """In the caller's transaction, delete a content unless a study refers to it; True when deleted.
+
+    Raises:
+        sqlalchemy.exc.IntegrityError: a reference to it appeared meanwhile (PostgreSQL, MySQL).
+    """
+    referenced = sa.select(REFS.c.sha256).where(REFS.c.sha256 == FILES.c.sha256).exists()
+    if not conn.execute(sa.delete(FILES).where(FILES.c.sha256 == sha256, ~referenced)).rowcount:
+        return False
+    conn.execute(sa.delete(CHUNKS).where(CHUNKS.c.sha256 == sha256))
+    return True
 
 
 def stored(engine: sa.Engine) -> dict[str, dict]:

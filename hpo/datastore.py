@@ -149,7 +149,8 @@ def attach(engine: sa.Engine, study_id: int, files: list[tuple[str, str | Path]]
 
     Raises:
         DataError: a file to store is missing or changed since it was checked.
-        StoreError: a content could not be stored in :data:`STORE_TRIES` attempts.
+        StoreError: a content could not be stored in :data:`STORE_TRIES` attempts (other processes
+            kept storing or deleting the same content, or the store kept failing).
     """
     ensure_tables(engine)
     for sha256, path in dict(files).items():
@@ -164,13 +165,12 @@ def attach(engine: sa.Engine, study_id: int, files: list[tuple[str, str | Path]]
                 with engine.begin() as conn:
                     _upload(conn, study_id, sha256, path)
                 break
-            except sqlalchemy.exc.IntegrityError:
-                # Another process stored the same content first (duplicate key), or deleted it
-                # between our check and our reference (foreign key): look again.
-                time.sleep(0.05 * attempt)
-        else:
-            raise StoreError(f"could not store {path.name} (sha256 {sha256[:12]}...) in {STORE_TRIES} attempts; "
-                             f"other processes kept adding and deleting the same data")
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
+                # Another process stored the same content first (duplicate key), deleted it
+                # between our check and our reference (foreign key), or deadlocked with us: look again.
+                if attempt == STORE_TRIES - 1:
+                    raise StoreError(f"could not store {path.name} (sha256 {sha256[:12]}...): {e.orig}") from e
+                time.sleep(0.05 * (attempt + 1))
 
 
 def release(engine: sa.Engine, study_id: int, *, sweep: bool = True) -> None:
@@ -207,6 +207,8 @@ def delete_unreferenced(engine: sa.Engine) -> list[str]:
                     deleted.append(sha256)
         except sqlalchemy.exc.IntegrityError:
             pass  # a study refers to it now
+        except sqlalchemy.exc.OperationalError as e:  # a deadlock or lock timeout: the next sweep retries
+            _log.warning("kept unreferenced data %s... for a later sweep: %s", sha256[:12], e.orig)
     return deleted
 
 

@@ -138,8 +138,7 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         StoreError: when a study of that name exists and ``force`` is false.
         DataError: when a data file to store is missing or changed since ``hpo.tables`` read it.
     """
-    replaced = _exists(storage, spec.name)
-    if replaced:
+    if _exists(storage, spec.name):
         if not force:
             raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over")
         # Its data stay until the new study refers to them: the same data are not stored again.
@@ -154,8 +153,7 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         # A study without its spec or data is unusable: never leave one half-created.
         delete(spec.name, storage)
         raise
-    if replaced:
-        datastore.delete_unreferenced(storage.engine)
+    datastore.delete_unreferenced(storage.engine)  # the replaced study's, and any left by Optuna's own delete
     return study
 
 

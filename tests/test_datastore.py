@@ -362,3 +362,15 @@ def test_create_study_refuses_data_over_the_limit_before_writing_anything(tmp_pa
     assert not Path(store_url.removeprefix("sqlite:///")).exists()
     proc = run_hpo("create-study", str(spec), env=dict(cli_env, HPO_MAX_DATA_BYTES="1GB"), check=2)
     assert "HPO_MAX_DATA_BYTES='1GB'" in proc.stderr and "positive number of bytes" in proc.stderr
+
+
+def test_a_file_that_differs_from_its_checksum_is_not_stored_and_missing_data_are_named(tmp_path, any_url, tables):
+    storage = open_storage(any_url, heartbeat=False)
+    train, _ = tables
+    study = optuna.create_study(study_name="plain", storage=storage)
+    wrong = "0" * 64  # as if the file changed after create-study read it
+    with pytest.raises(DataError, match="changed while it was stored"):
+        datastore.attach(storage.engine, storage.get_study_id_from_name(study.study_name), [(wrong, train)])
+    assert wrong not in datastore.stored(storage.engine)
+    with pytest.raises(DataError, match="the store holds no data for train.csv"):
+        local_copy({"sha256": wrong, "name": "train.csv"}, storage.engine)

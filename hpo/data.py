@@ -66,7 +66,8 @@ def csv_arrays(d: DataSpec, part: str, *, storage: "optuna.storages.RDBStorage |
                ) -> tuple[np.ndarray, np.ndarray]:
     """Features ``(n, n_features)`` and target ``(n,)`` (float32, raw units) of a CSV study's
     ``train`` or ``test`` table: from the local copy of the file the spec refers to (fetched from
-    ``storage`` when there is none), from tables embedded in the spec, or from the spec's path.
+    ``storage`` when there is none; without a store, the spec's path serves if its checksum
+    matches), from tables embedded in the spec, or from the spec's path.
 
     Raises:
         DataError: the data cannot be found, fetched or read.
@@ -78,7 +79,7 @@ def csv_arrays(d: DataSpec, part: str, *, storage: "optuna.storages.RDBStorage |
         if d.files:
             from hpo.datacache import local_copy
 
-            path = local_copy(d.files[part], storage.engine if storage is not None else None)
+            path = local_copy(d.files[part], storage.engine if storage is not None else None, original=path)
         table = read_csv_table(str(path), (*d.features, d.target))
     rows = np.asarray(table["rows"], dtype=np.float32)
     return rows[:, :-1], rows[:, -1]

@@ -30,9 +30,11 @@ def cache_dir() -> Path:
     return root / "hpo" / "store"
 
 
-def local_copy(ref: dict, engine: sa.Engine | None) -> Path:
+def local_copy(ref: dict, engine: sa.Engine | None, *, original: str | Path | None = None) -> Path:
     """The path of a verified local copy of the data file ``ref`` (a ``DataSpec.files`` entry),
     fetched from the store behind ``engine`` when there is none yet or the one there is damaged.
+    Without a store, the ``original`` file (the path the study was created from) serves when its
+    sha256 matches.
 
     Raises:
         DataError: no copy here and no store to fetch from; the store lacks the data; the fetched
@@ -47,6 +49,8 @@ def local_copy(ref: dict, engine: sa.Engine | None) -> Path:
         _log.warning("the local copy of %s at %s does not match its sha256: fetching it again", name, path)
         path.unlink(missing_ok=True)
     if engine is None:
+        if original is not None and Path(original).is_file() and sha256_file(original) == sha256:
+            return Path(original)
         raise DataError(f"{name}: no local copy in {folder} and no store to fetch it from")
     try:
         folder.mkdir(parents=True, exist_ok=True)

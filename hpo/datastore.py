@@ -67,7 +67,7 @@ _ready: "weakref.WeakSet[sa.Engine]" = weakref.WeakSet()  # engines whose store 
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    """Hex SHA-256 of a file's bytes, read in blocks (any size)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

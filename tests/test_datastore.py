@@ -179,8 +179,11 @@ def test_second_worker_reads_no_data_from_the_store_and_a_damaged_copy_is_fetche
     assert copy.read_bytes() == train.read_bytes()
     assert float(data.normalization["mean"][0]) == pytest.approx(float(pd.read_csv(train)["a"].mean()), rel=1e-5)
     copy.write_bytes(b"a,b,c,y\n")
+    assert len(load_dataset(spec).x) == 6000  # no store: the file it was created from, same checksum
+    train.write_text(train.read_text().replace(str(MARKER), "1.0"))
+    copy.write_bytes(b"a,b,c,y\n")
     with pytest.raises(DataError, match="no local copy"):
-        load_dataset(spec)  # no store to fetch from
+        load_dataset(spec)  # no store to fetch from, and the original changed
 
 
 def test_studies_share_data_and_force_keeps_what_another_study_uses(tmp_path, any_url, tables, data_cache):

@@ -56,7 +56,7 @@ def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval
     from dataclasses import replace
 
     from hpo import study as studies
-    from hpo.tables import embed_csv
+    from hpo.tables import embed_csv, size_text
     from hpo.spec import find_spec_file, load_spec_file
     from hpo.store import Heartbeat, mask_url, open_storage, resolve_url
 
@@ -75,6 +75,10 @@ def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "
                f"({parsed.model}, {parsed.metric}, budget {parsed.budget.n_trials} trials)")
+    if parsed.data.files:
+        click.echo("data in the store: " + ", ".join(
+            f"{ref['name']} ({ref['rows']} rows, {size_text(ref['size'])}, sha256 {ref['sha256'][:12]})"
+            for ref in parsed.data.files.values()))
     click.echo(f"next: hpo worker --study {created.study_name}")
 
 

@@ -1,18 +1,24 @@
 """Data sets as tensors: the whole set is loaded once (onto the device, for workers) and batches are
 taken by index. Splits are seeded index arrays, recorded with the data.
 
-CSV tables come embedded in the stored spec (``hpo.tables``), so a worker needs no copy of the file.
+A CSV study's files travel in the store (``hpo.datastore``): a worker fetches them once per
+machine into a checksummed local cache (``hpo.datacache``) and needs no copy of its own. Studies
+created before the store kept data carry their tables inside the spec (``DataSpec.inline``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from hpo.spec import DataSpec, StudySpec
 from hpo.tables import read_csv_table
+
+if TYPE_CHECKING:
+    import optuna
 
 @dataclass(frozen=True)
 class Dataset:
@@ -56,17 +62,33 @@ def split_indices(n: int, *, val_fraction: float, seed: int, labels: np.ndarray 
     return np.sort(train), np.sort(val)
 
 
-def csv_arrays(d: DataSpec, part: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features and target of a CSV study's ``train`` or ``test`` table, in raw units."""
-    table = d.inline[part] if d.inline else read_csv_table(getattr(d, part), (*d.features, d.target))
+def csv_arrays(d: DataSpec, part: str, *, storage: "optuna.storages.RDBStorage | None" = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(n, n_features)`` and target ``(n,)`` (float32, raw units) of a CSV study's
+    ``train`` or ``test`` table: from the local copy of the file the spec refers to (fetched from
+    ``storage`` when there is none; without a store, the spec's path serves if its checksum
+    matches), from tables embedded in the spec, or from the spec's path.
+
+    Raises:
+        DataError: the data cannot be found, fetched or read.
+    """
+    if d.inline:
+        table = d.inline[part]
+    else:
+        path = getattr(d, part)
+        if d.files:
+            from hpo.datacache import local_copy
+
+            path = local_copy(d.files[part], storage.engine if storage is not None else None, original=path)
+        table = read_csv_table(str(path), (*d.features, d.target))
     rows = np.asarray(table["rows"], dtype=np.float32)
     return rows[:, :-1], rows[:, -1]
 
 
-def _load_csv(spec: StudySpec) -> Dataset:
+def _load_csv(spec: StudySpec, storage) -> Dataset:
     d = spec.data
-    x, y = csv_arrays(d, "train")
-    x_test, y_test = csv_arrays(d, "test")
+    x, y = csv_arrays(d, "train", storage=storage)
+    x_test, y_test = csv_arrays(d, "test", storage=storage)
     mean, std = x.mean(axis=0), x.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     classification = d.task == "classification"
@@ -95,14 +117,20 @@ def _load_csv(spec: StudySpec) -> Dataset:
     )
 
 
-def load_dataset(spec: StudySpec, *, data_dir: str | None = None) -> Dataset:
+def load_dataset(spec: StudySpec, *, storage: "optuna.storages.RDBStorage | None" = None,
+                 data_dir: str | None = None) -> Dataset:
     """Load the study's data set as CPU tensors (move it with ``Dataset.to(device)``).
+
+    Args:
+        storage: the study's store, where a CSV study's files are fetched from when this machine
+            has no local copy yet (see :func:`csv_arrays`).
+        data_dir: where an image study's files are (see ``hpo.images``).
 
     Raises:
         DataError: when the data cannot be found or read.
     """
     if spec.data.source == "csv":
-        return _load_csv(spec)
+        return _load_csv(spec, storage)
     from hpo.images import load_image_dataset
 
     return load_image_dataset(spec, data_dir=data_dir)

@@ -170,10 +170,11 @@ def _retrain_table(record, metrics: dict[str, Any], metric_name: str) -> list[tu
     return rows
 
 
-def retrain_sections(page, study, spec, *, artifact_store) -> None:
+def retrain_sections(page, study, spec, *, artifact_store, storage=None) -> None:
     """The retrain and model-insight sections of the report, from the study's latest retrain.
 
-    ``page`` is a ``hpo.report.Page``; ``artifact_store`` a callable opening the artifact store.
+    ``page`` is a ``hpo.report.Page``; ``artifact_store`` a callable opening the artifact store;
+    ``storage`` the study's store, where the data to plot come from (``hpo.data``).
     """
     import shutil
 
@@ -216,13 +217,13 @@ def retrain_sections(page, study, spec, *, artifact_store) -> None:
                 sec.parts.append(page.note(f"this retrain recorded no confusion matrices; run: hpo retrain --study {name}"))
         else:
             sec = page.section("fit", "Regression fit")
-            sec.parts.append(_fit(page, folder, spec, metrics))
-        insight_section(page, folder, metrics, spec)
+            sec.parts.append(_fit(page, folder, spec, metrics, storage))
+        insight_section(page, folder, metrics, spec, storage=storage)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fit(page, folder, spec, metrics: dict[str, Any]) -> str:
+def _fit(page, folder, spec, metrics: dict[str, Any], storage) -> str:
     if spec.data.source != "csv" or len(spec.data.features) != 1:
         return page.note("the fit plot needs a regression on one input feature")
     if not (folder / "predictions.npz").exists():
@@ -234,8 +235,8 @@ def _fit(page, folder, spec, metrics: dict[str, Any]) -> str:
     def build() -> go.Figure:
         from hpo.data import csv_arrays
 
-        x_train, y_train = csv_arrays(spec.data, "train")
-        x_test, y_test = csv_arrays(spec.data, "test")
+        x_train, y_train = csv_arrays(spec.data, "train", storage=storage)
+        x_test, y_test = csv_arrays(spec.data, "test", storage=storage)
         return regression_fit(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
                               grid_x=pred["grid_x"], grid_best=pred["grid_best"], grid_mean=pred["grid_mean"],
                               best_fold=metrics.get("best_fold"))

@@ -182,16 +182,16 @@ def activation_profiles(model: nn.Module, inputs: torch.Tensor, labels: list[str
     return fig
 
 
-def _test_image(spec) -> torch.Tensor:
+def _test_image(spec, storage) -> torch.Tensor:
     from hpo.data import load_dataset
 
-    return load_dataset(spec).x_test[0].float().cpu()
+    return load_dataset(spec, storage=storage).x_test[0].float().cpu()
 
 
-def insight_section(page, folder: Path, metrics: dict[str, Any], spec) -> None:
+def insight_section(page, folder: Path, metrics: dict[str, Any], spec, *, storage=None) -> None:
     """The model-insight section: the best fold's model, rebuilt from the retrain folder.
 
-    ``page`` is a ``hpo.report.Page``.
+    ``page`` is a ``hpo.report.Page``; ``storage`` the study's store (for a test image).
     """
     sec = page.section("insight", "Model insight")
     fold = int(metrics.get("best_fold") or 0)
@@ -208,7 +208,7 @@ def insight_section(page, folder: Path, metrics: dict[str, Any], spec) -> None:
     sec.parts.append(page.figure(lambda: weight_histograms(model), "weight histograms"))
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         sec.parts.append(page.figure(lambda: first_layer_filters(model), "first-layer filters"))
-        sec.parts.append(page.figure(lambda: feature_maps(model, _test_image(spec)), "feature maps"))
+        sec.parts.append(page.figure(lambda: feature_maps(model, _test_image(spec, storage)), "feature maps"))
     elif len(in_shape) == 3:
         sec.parts.append(page.figure(lambda: receptive_fields(model, in_shape, info.get("classes") or []), "receptive fields"))
         sec.parts.append(page.figure(lambda: activation_maximisation(model, in_shape, info.get("classes") or []), "activation maximisation"))

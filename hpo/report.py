@@ -247,13 +247,15 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
         HpoError: when the study has no trials yet.
     """
     start = time.perf_counter()
-    study, spec = load(study_name, open_storage(storage_url, heartbeat=False))
+    storage = open_storage(storage_url, heartbeat=False)
+    study, spec = load(study_name, storage)
     if not study.get_trials(deepcopy=False):
         raise HpoError(f"study {study_name!r} has no trials yet; run: hpo worker --study {study_name}")
     page = Page()
     statistics_section(page, study, spec)
     optuna_sections(page, study, study_name)
-    retrain_sections(page, study, spec, artifact_store=lambda: open_artifact_store(storage_url, artifacts))
+    retrain_sections(page, study, spec, artifact_store=lambda: open_artifact_store(storage_url, artifacts),
+                     storage=storage)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = render(page, title=f"hpo report: {study_name}",
                   subtitle=f"generated {created} in {time.perf_counter() - start:.1f} s")

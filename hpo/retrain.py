@@ -121,7 +121,7 @@ def run_retrain(
     artifact_store = open_artifact_store(storage_url, artifacts)
 
     full = replace(spec.data, train_subset=None, val_subset=None)
-    data = load_dataset(spec.with_data(full), data_dir=data_dir).to(device)
+    data = load_dataset(spec.with_data(full), storage=storage, data_dir=data_dir).to(device)
     if device.type == "cpu" and data.x[0].numel() < 1024:
         torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
     splits = split_folds(data, folds=k, seed=spec.seed)

@@ -75,7 +75,9 @@ class DataSpec:
     train_subset: int | None = None
     val_subset: int | None = None
     data_dir: str | None = None
-    inline: dict | None = None  # CSV tables embedded at create-study: {"train": {...}, "test": {...}}
+    # CSV files kept in the store (hpo.datastore), by reference: {"train": {name, size, rows, columns, sha256}, "test": ...}
+    files: dict | None = None
+    inline: dict | None = None  # CSV tables embedded in the spec by hpo before the store kept data; still read
 
     def to_dict(self) -> dict:
         d = {
@@ -85,7 +87,7 @@ class DataSpec:
         }
         if self.source == "csv":
             d.update(train=self.train, test=self.test, features=list(self.features), target=self.target)
-        for key in ("train_subset", "val_subset", "data_dir", "inline"):
+        for key in ("train_subset", "val_subset", "data_dir", "files", "inline"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -445,9 +447,22 @@ def _parse_data(c: _Checker, raw: dict, base_dir: Path | None) -> DataSpec:
         if not isinstance(raw.get("target", "y"), str):
             raise c.fail("data.target", f"expected a column name, got {raw.get('target')!r}")
         kwargs["target"] = raw.get("target", "y")
+        if raw.get("files") is not None:
+            kwargs["files"] = _parse_files(c, raw["files"])
         if raw.get("inline") is not None:
             kwargs["inline"] = c.mapping(raw["inline"], "data.inline")
     return DataSpec(**kwargs)
+
+
+def _parse_files(c: _Checker, raw: Any) -> dict:
+    """References to data files in the store, as ``create-study`` writes them (hpo.tables)."""
+    files = c.mapping(raw, "data.files")
+    c.unknown_keys(files, ("train", "test"), "data.files.")
+    for part, ref in files.items():
+        sha = c.mapping(ref, f"data.files.{part}").get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+            raise c.fail(f"data.files.{part}.sha256", f"expected 64 lowercase hex digits, got {sha!r}")
+    return files
 
 
 def _resolve(path: str, base_dir: Path | None) -> str:

@@ -1,7 +1,9 @@
-"""Studies in the store: create one from a spec, load one (with its spec) by name, summarise it.
+"""Studies in the store: create one from a spec, load one (with its spec) by name, delete one,
+summarise it.
 
 The spec lives in the study's user attrs under ``hpo_spec``; sampler and pruner are rebuilt from it
-by every worker, since Optuna does not persist them.
+by every worker, since Optuna does not persist them. A CSV study's data files live in the store
+beside it (``hpo.datastore``), shared with any other study of the same files.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo import optuna_private
+from hpo import datastore, optuna_private
 from hpo.budget import is_finished, retried_numbers
 from hpo.errors import SpecError, StoreError
 from hpo.spec import StudySpec, parse_spec
@@ -116,32 +118,55 @@ def _exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
         return False
 
 
-def create(spec: StudySpec, storage: optuna.storages.BaseStorage, *, force: bool = False,
+def _data_files(spec: StudySpec) -> list[tuple[str, str]]:
+    """(sha256, local path) of each data file the spec refers to."""
+    return [(ref["sha256"], getattr(spec.data, part)) for part, ref in (spec.data.files or {}).items()]
+
+
+def delete(name: str, storage: optuna.storages.RDBStorage, *, sweep: bool = True) -> None:
+    """Delete study ``name`` and, with ``sweep``, the data in the store that no study uses any more.
+
+    Raises:
+        StoreError: when there is no such study.
+    """
+    sid = study_id(storage, name)
+    optuna.delete_study(study_name=name, storage=storage)
+    datastore.release(storage.engine, sid, sweep=sweep)
+
+
+def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool = False,
            heartbeat: Heartbeat | None = None) -> optuna.Study:
-    """Create the study with its spec stored inside it, and the heartbeat settings its workers
-    will share (default: ``HPO_HEARTBEAT_INTERVAL``/``HPO_GRACE_PERIOD``, else 10 s / 30 s).
+    """Create the study with its spec stored inside it, its data files (``spec.data.files``, read
+    from ``spec.data.train``/``test`` unless the store holds them already) beside it, and the
+    heartbeat settings its workers will share (default: ``HPO_HEARTBEAT_INTERVAL``/``HPO_GRACE_PERIOD``,
+    else 10 s / 30 s).
 
     Raises:
         StoreError: when a study of that name exists and ``force`` is false, or a heartbeat
             knob is bad.
+        DataError: when a data file to store is missing or changed since ``hpo.tables`` read it.
     """
     heartbeat = heartbeat or Heartbeat.from_env()
     if _exists(storage, spec.name):
         if not force:
             raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over")
-        optuna.delete_study(study_name=spec.name, storage=storage)
+        # Its data stay until the new study refers to them: the same data are not stored again.
+        delete(spec.name, storage, sweep=False)
     try:
         study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
                                     sampler=build_sampler(spec), pruner=build_pruner(spec))
     except optuna.exceptions.DuplicatedStudyError:  # another process created it since the check above
         raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over") from None
     try:
+        if spec.data.files:
+            datastore.attach(storage.engine, optuna_private.study_id(study), _data_files(spec))
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         storage.set_study_system_attr(optuna_private.study_id(study), HEARTBEAT_ATTR, heartbeat.to_dict())
     except BaseException:
-        # A study without its spec is unusable: never leave one half-created.
-        optuna.delete_study(study_name=spec.name, storage=storage)
+        # A study without its spec or data is unusable: never leave one half-created.
+        delete(spec.name, storage)
         raise
+    datastore.delete_unreferenced(storage.engine)  # the replaced study's, and any left by Optuna's own delete
     return study
 
 

@@ -268,7 +268,7 @@ def run_worker(
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
     study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)
-    data = load_dataset(spec, data_dir=data_dir).to(device)
+    data = load_dataset(spec, storage=storage, data_dir=data_dir).to(device)
     if device.type == "cpu" and data.x[0].numel() < 1024:
         # Tiny models: thread hand-offs cost more than the arithmetic they would split.
         torch.set_num_threads(1)

@@ -16,6 +16,23 @@ STUDIES = REPO / "studies"
 HPO = [sys.executable, "-m", "hpo.cli"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_data_cache(tmp_path_factory):
+    """Data fetched from the store never land in the user's cache, module-scoped fixtures included."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HPO_CACHE_DIR", str(tmp_path_factory.mktemp("data-cache")))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path: Path, monkeypatch) -> Path:
+    """Each test's own cache of data fetched from the store (HPO_CACHE_DIR; the CLI inherits it)."""
+    folder = tmp_path / "data-cache"
+    monkeypatch.setenv("HPO_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models: thread hand-offs on a shared 2-core machine cost more than the arithmetic they split

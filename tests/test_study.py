@@ -21,7 +21,7 @@ def test_spec_and_data_travel_inside_the_store(tmp_path, store_url):
     spec = created(tmp_path, store_url)
     study, loaded = load("regression", open_storage(store_url))
     assert loaded == spec
-    assert len(loaded.data.inline["train"]["rows"]) == 100
+    assert loaded.data.files["train"]["rows"] == 100 and loaded.data.inline is None
     assert study.user_attrs[SPEC_ATTR]["name"] == "regression"
 
 

@@ -34,6 +34,7 @@ import sqlalchemy.exc
 
 from hpo.errors import DataError, StoreError
 from hpo.optuna_private import STUDIES
+from hpo.store.schema import schema_lock
 
 CHUNK_BYTES = 512 * 1024
 MAX_DATA_BYTES = 10**9  # default of HPO_MAX_DATA_BYTES: a study's data files together
@@ -90,29 +91,13 @@ def max_data_bytes() -> int:
     return value
 
 
-def _tables_exist(engine: sa.Engine) -> bool:
-    inspector = sa.inspect(engine)
-    return all(inspector.has_table(t.name) for t in METADATA.sorted_tables)
-
-
 def ensure_tables(engine: sa.Engine) -> None:
-    """Create hpo's data tables in the store unless they exist.
-
-    Safe to race: a process whose CREATE collides with another's (a duplicate table or type)
-    checks again and carries on once all tables are there.
-    """
+    """Create hpo's data tables in the store unless they exist, under the store's schema lock
+    (safe to race, like Optuna's schema: :mod:`hpo.store.schema`)."""
     if engine in _ready:
         return
-    for attempt in range(STORE_TRIES):
-        try:
-            METADATA.create_all(engine, checkfirst=True)
-            break
-        except sqlalchemy.exc.DBAPIError:
-            if _tables_exist(engine):
-                break
-            if attempt == STORE_TRIES - 1:
-                raise
-            time.sleep(0.1 * (attempt + 1))  # another process is half-way through creating them
+    with schema_lock(engine.url.render_as_string(hide_password=False)):
+        METADATA.create_all(engine, checkfirst=True)
     _ready.add(engine)
 
 

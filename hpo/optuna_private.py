@@ -41,6 +41,11 @@ def stored_trial_value(value: float) -> tuple[float | None, object]:
     return models.TrialValueModel.value_to_stored_repr(value)
 
 
+def trial_value(stored: float | None, kind: object) -> float:
+    """The objective value of a ``trial_values`` row (its ``value`` and ``value_type`` columns)."""
+    return models.TrialValueModel.stored_repr_to_value(stored, kind)
+
+
 def study_id(study: optuna.Study) -> int:
     """The store's id of ``study``."""
     return study._study_id
@@ -54,6 +59,12 @@ def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
 def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage ``study`` talks to (Optuna's cache in front of an RDB store)."""
     return study._storage
+
+
+def rdb_storage(study: optuna.Study) -> optuna.storages.RDBStorage | None:
+    """The SQL store behind ``study`` (Optuna wraps it in a cache), or None for any other storage."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
 
 
 def cached_frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:

@@ -31,7 +31,8 @@ from hpo.errors import HpoError
 from hpo.figures import retrain_sections
 from hpo.spec import StudySpec
 from hpo.store import open_artifact_store, open_storage
-from hpo.study import load, summarize
+from hpo.statistics import summarize
+from hpo.study import load
 
 MAX_HISTORY_TRIALS = 150  # intermediate-value lines drawn; more only blur into one band
 CSS = """

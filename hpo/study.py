@@ -1,4 +1,4 @@
-"""Studies in the store: create one from a spec, load one (with its spec) by name, summarise it.
+"""Studies in the store: create one from a spec, load one (with its spec) by name; sampler and pruner.
 
 The spec lives in the study's user attrs under ``hpo_spec``; sampler and pruner are rebuilt from it
 by every worker, since Optuna does not persist them.
@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from hpo import optuna_private
 from hpo.errors import SpecError, StoreError
 from hpo.spec import StudySpec, parse_spec
 
 SPEC_ATTR = "hpo_spec"
+RETRY_HISTORY_ATTR = "retry_history"  # trial system attr of a re-queued retry: the numbers it was re-queued from
 
 
 def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -149,47 +148,6 @@ def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 
     return study, spec
 
 
-@dataclass(frozen=True)
-class Summary:
-    name: str
-    direction: str
-    metric: str  # what the value measures (the spec's metric)
-    counts: dict[str, int]  # by TrialState name
-    finished: int
-    best_value: float | None
-    best_trial: int | None
-    best_params: dict[str, Any]
-    wall_seconds: float | None
-
-
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     """Numbers of the trials that were re-queued (their FAIL does not use up budget)."""
-    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-
-
-def summarize(study: optuna.Study) -> Summary:
-    """The seed-style statistics: trials by state, finished count, best value and parameters."""
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name: 0 for state in TrialState}
-    for t in trials:
-        counts[t.state.name] += 1
-    retried = retried_numbers(trials)
-    finished = counts["COMPLETE"] + counts["PRUNED"] + sum(
-        1 for t in trials if t.state == TrialState.FAIL and t.number not in retried)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
-    best = pick(complete, key=lambda t: t.value) if complete else None
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
-    return Summary(
-        name=study.study_name,
-        direction=study.direction.name.lower(),
-        metric=study.user_attrs.get(SPEC_ATTR, {}).get("metric", "value"),
-        counts=counts,
-        finished=finished,
-        best_value=best.value if best else None,
-        best_trial=best.number if best else None,
-        best_params=dict(best.params) if best else {},
-        wall_seconds=wall,
-    )
+    return {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY_ATTR, ())}

@@ -36,7 +36,8 @@ from hpo.store import (RETRY_ATTR, WorkerStorage, claim, claimed, is_transient, 
                        resolve_url, silent_trials, waiting_trials)
 from hpo import optuna_private
 from hpo import study as studies
-from hpo.study import Summary, load, retried_numbers, summarize
+from hpo.statistics import Summary, summarize
+from hpo.study import load, retried_numbers
 
 BUDGET_PREFIX = "hpo:budget:"
 WORKER_PREFIX = "hpo:worker:"

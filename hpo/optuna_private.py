@@ -36,6 +36,11 @@ def stored_intermediate_value(value: float) -> tuple[float | None, object]:
     return models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
 
 
+def intermediate_value(stored: float | None, kind: object) -> float:
+    """The reported value of a ``trial_intermediate_values`` row (its value and value-type columns)."""
+    return models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(stored, kind)
+
+
 def stored_trial_value(value: float) -> tuple[float | None, object]:
     """An objective value as Optuna stores it (same form as :func:`stored_intermediate_value`)."""
     return models.TrialValueModel.value_to_stored_repr(value)

@@ -146,6 +146,9 @@ def test_query_count_does_not_grow_with_trials(store_url, n_trials):
         sa.event.remove(storage.engine, "before_cursor_execute", listen)
     assert len(statements) == 4 + 4, statements
     assert not any("trial_intermediate_values" in s or "trial_user_attributes" in s for s in statements)
+    # The spec (data sets embedded) is never fetched whole: the database hands over its metric.
+    specs = [s for s in statements if "study_user_attributes.value_json" in s]
+    assert len(specs) == 1 and "JSON_EXTRACT(study_user_attributes.value_json" in specs[0]
 
 
 def test_in_memory_study_is_refused():

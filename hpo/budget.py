@@ -28,10 +28,11 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.optuna_private import STUDY_SYSTEM_ATTRS, TRIAL_SYSTEM_ATTRS, TRIAL_USER_ATTRS, TRIALS
-from hpo.store.queries import count_keys, retried, upsert
+from hpo.store.queries import RETRY_ATTR, count_keys, retried, upsert
 from hpo.store.storage import RetryingRDBStorage
 
 BUDGET_PREFIX = "hpo:budget:"
+RETRY_HISTORY_ATTR = "retry_history"  # trial system attr of a retry (Optuna's retry callback): the trials it re-runs
 RUNNER_ATTR = "hpo:runner"  # trial system attr: the token of the start that took the trial
 # Attrs of a trial that describe one run of it, not its parameters: a retry starts without them.
 RUN_USER_ATTRS = ("fail_reason", "retry_of", "retries", "worker")
@@ -195,7 +196,7 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
     template = None
     if requeue:
         system_attrs = {k: v for k, v in trial.system_attrs.items() if k != RUNNER_ATTR}
-        system_attrs.update({"failed_trial": history[0], "retry_history": history})
+        system_attrs.update({RETRY_ATTR: history[0], RETRY_HISTORY_ATTR: history})
         template = FrozenTrial(
             number=-1, state=TrialState.WAITING, value=None, values=None, datetime_start=None,
             datetime_complete=None, params=dict(trial.params), distributions=dict(trial.distributions),

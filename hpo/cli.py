@@ -104,42 +104,10 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
     click.echo(summary_text(summary))
 
 
-@main.command("studies")
-@storage_option
-def list_studies(storage: str | None) -> None:
-    """List the studies in the store with trial counts and best values."""
-    from hpo.console import studies_table
-    from hpo.store import open_storage
-    from hpo.study import summarize
-
-    import optuna
-
-    store = open_storage(storage, heartbeat=False)
-    names = sorted(s.study_name for s in store.get_all_studies())
-    click.echo(studies_table([summarize(optuna.load_study(study_name=n, storage=store)) for n in names]))
-
-
-@main.command()
-@study_option
-@storage_option
-@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
-def status(study_name: str, storage: str | None, as_json: bool) -> None:
-    """Study statistics: finished, pruned, complete, failed trials, best value and parameters."""
-    from dataclasses import asdict
-
-    from hpo import console
-    from hpo.store import open_storage
-    from hpo.study import load, summarize
-
-    study, _ = load(study_name, open_storage(storage, heartbeat=False))
-    summary = summarize(study)
-    click.echo(console.as_json(asdict(summary)) if as_json else console.summary_text(summary))
-
-
 def _register_stage_commands() -> None:
-    from hpo.commands import bench, dashboard, export, fleet, launch, report, retrain
+    from hpo.commands import bench, dashboard, export, fleet, launch, report, retrain, status
 
-    for module in (retrain, report, export, dashboard, fleet, launch, bench):
+    for module in (status, retrain, report, export, dashboard, fleet, launch, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -192,7 +192,7 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
             or ensemble rule, or a retrain whose files are missing.
     """
     from hpo.store import open_artifact_store
-    from hpo.study import summarize
+    from hpo.statistics import summarize
 
     _check_format(fmt)
     out = Path(out)

@@ -69,7 +69,9 @@ def _stack(curves: list[dict], key: str) -> np.ndarray:
 
 
 def learning_curves(curves: dict[str, Any]) -> go.Figure:
-    """Mean ± std of train and validation loss over folds, and each fold's validation curve."""
+    """Mean ± std of train and validation loss over folds, and each fold's validation curve, on a
+    log axis. The band's lower edge is clipped at the lowest loss any fold reached: mean − std
+    often falls below zero, which a log axis cannot show."""
     folds = curves["folds"]
     fig = make_subplots(rows=1, cols=2, subplot_titles=["mean ± std over folds", "validation loss of each fold"])
     palette = {"train_loss": "#1f77b4", "val_loss": "#ff7f0e"}
@@ -81,9 +83,11 @@ def learning_curves(curves: dict[str, Any]) -> go.Figure:
         epochs = idx + 1
         with np.errstate(all="ignore"):
             mean, std = np.nanmean(stacked, axis=0)[idx], np.nanstd(stacked, axis=0)[idx]
+        positive = stacked[stacked > 0]
+        lower = np.maximum(mean - std, positive.min()) if positive.size else mean - std
         label = key.replace("_", " ")
         fig.add_trace(go.Scatter(x=np.concatenate([epochs, epochs[::-1]]),
-                                 y=np.concatenate([mean + std, (mean - std)[::-1]]), fill="toself",
+                                 y=np.concatenate([mean + std, lower[::-1]]), fill="toself",
                                  fillcolor=colour, opacity=0.2, line_width=0, hoverinfo="skip",
                                  name=f"{label} ± std", legendgroup=key), row=1, col=1)
         fig.add_trace(go.Scatter(x=epochs, y=mean, line_color=colour, name=f"{label} (mean)", legendgroup=key),

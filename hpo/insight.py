@@ -158,7 +158,10 @@ def activation_maximisation(model: nn.Module, in_shape: tuple[int, ...], classes
 
 @torch.no_grad()
 def activation_profiles(model: nn.Module, inputs: torch.Tensor, labels: list[str]) -> go.Figure:
-    """Each hidden layer's activations (after the nonlinearity) for a few inputs, units on the x axis."""
+    """Each hidden layer's activations (after the nonlinearity) as a heatmap: a row per input, a
+    column per unit, units sorted by their mean activation over these inputs (unit indices carry
+    no order, so lines across them would draw a meaningless zig-zag). Each layer has its own colour
+    scale, with its colour bar beside it."""
     acts: list[tuple[str, torch.Tensor]] = []
     kinds = tuple(_ACTIVATIONS.values())
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: acts.append((name, out)))
@@ -168,17 +171,21 @@ def activation_profiles(model: nn.Module, inputs: torch.Tensor, labels: list[str
     finally:
         for h in hooks:
             h.remove()
-    fig = make_subplots(rows=len(acts), cols=1, subplot_titles=[f"layer {n} ({out.shape[1]} units)" for n, out in acts])
-    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    rows = len(acts)
+    gap = 0.12 / max(rows - 1, 1) if rows > 1 else 0.0
+    fig = make_subplots(rows=rows, cols=1, vertical_spacing=gap,
+                        subplot_titles=[f"layer {n} ({out.shape[1]} units)" for n, out in acts])
     for row, (_, out) in enumerate(acts, start=1):
-        # Units sorted by their mean activation over the inputs: profiles read as curves, not noise.
         order = torch.argsort(out.mean(0), descending=True)
-        for i, label in enumerate(labels):
-            fig.add_trace(go.Scatter(y=out[i, order].numpy(), mode="lines", name=label, legendgroup=label,
-                                     showlegend=row == 1, line=dict(color=colours[i % len(colours)], width=1)),
-                          row=row, col=1)
+        axis = "coloraxis" if row == 1 else f"coloraxis{row}"
+        fig.add_trace(go.Heatmap(z=out[:, order].numpy(), x=np.arange(out.shape[1]), y=labels, coloraxis=axis,
+                                 hovertemplate="%{y}, unit rank %{x}: %{z:.3g}<extra></extra>"), row=row, col=1)
+        # The colour bar beside its own layer: the subplots split the height evenly, top first.
+        height = (1 - gap * (rows - 1)) / rows
+        fig.layout[axis] = dict(colorscale="Viridis", colorbar=dict(
+            title="activation", len=height, y=1 - (row - 1) * (height + gap) - height / 2, yanchor="middle"))
     fig.update_xaxes(title_text="unit (sorted by mean activation over these inputs)")
-    fig.update_layout(title="Activation profiles of each hidden layer for a few inputs", height=260 * len(acts) + 80)
+    fig.update_layout(title="Activation profiles of each hidden layer: inputs × units", height=220 * rows + 100)
     return fig
 
 

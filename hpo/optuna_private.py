@@ -44,9 +44,19 @@ def stored_intermediate_value(value: float) -> tuple[float | None, object]:
     return models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
 
 
+def intermediate_value(stored: float | None, kind: object) -> float:
+    """The reported value of a ``trial_intermediate_values`` row (its value and value-type columns)."""
+    return models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(stored, kind)
+
+
 def stored_trial_value(value: float) -> tuple[float | None, object]:
     """An objective value as Optuna stores it (same form as :func:`stored_intermediate_value`)."""
     return models.TrialValueModel.value_to_stored_repr(value)
+
+
+def trial_value(stored: float | None, kind: object) -> float:
+    """The objective value of a ``trial_values`` row (its ``value`` and ``value_type`` columns)."""
+    return models.TrialValueModel.stored_repr_to_value(stored, kind)
 
 
 def study_id(study: optuna.Study) -> int:
@@ -62,6 +72,12 @@ def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
 def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage ``study`` talks to (Optuna's cache in front of an RDB store)."""
     return study._storage
+
+
+def rdb_storage(study: optuna.Study) -> optuna.storages.RDBStorage | None:
+    """The SQL store behind ``study`` (Optuna wraps it in a cache), or None for any other storage."""
+    storage = getattr(study._storage, "_backend", study._storage)
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
 
 
 def cached_frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:

@@ -24,7 +24,6 @@ import optuna
 import plotly.graph_objects as go
 import torch
 import yaml
-from optuna.trial import TrialState
 
 import hpo
 from hpo.console import sharing_text
@@ -32,9 +31,12 @@ from hpo.errors import HpoError
 from hpo.figures import retrain_sections
 from hpo.spec import StudySpec
 from hpo.store import open_artifact_store, open_storage
-from hpo.study import load, summarize
+from hpo import optuna_private
+from hpo.statistics import Summary, summarize
+from hpo.study import load
+from hpo.study_figures import optuna_sections
+from hpo.trials import read_trials
 
-MAX_HISTORY_TRIALS = 150  # intermediate-value lines drawn; more only blur into one band
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#222;background:#fafafa}
 nav{position:fixed;top:0;left:0;width:210px;height:100vh;overflow:auto;background:#f0f2f5;
@@ -131,9 +133,7 @@ def spec_text(spec: StudySpec) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def statistics_section(page: Page, study: optuna.Study, spec: StudySpec) -> None:
-    s = summarize(study)
-    trials = study.get_trials(deepcopy=False)
+def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> None:
     sec = page.section("statistics", "Study statistics")
     rows = [("study", s.name), ("description", spec.description or "-"),
             ("objective", f"{s.direction} {spec.metric}"), ("model family", spec.model),
@@ -156,64 +156,13 @@ def statistics_section(page: Page, study: optuna.Study, spec: StudySpec) -> None
     sec.parts.append(f"<h3>Spec</h3><pre>{html.escape(spec_text(spec))}</pre>")
 
 
-def _light_study(study: optuna.Study, trials: list[optuna.trial.FrozenTrial], keep: int) -> optuna.Study:
-    """An in-memory copy holding the best ``keep`` finished trials with intermediate values, so the
-    intermediate-values figure stays light for studies of hundreds of trials."""
-    reported = [t for t in trials if t.intermediate_values]
-    if len(reported) <= keep:
-        return study
-    last = lambda t: t.intermediate_values[max(t.intermediate_values)]  # noqa: E731
-    ranked = sorted(reported, key=last, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
-    light = optuna.create_study(direction=study.direction)
-    light.add_trials(sorted(ranked[:keep], key=lambda t: t.number))
-    return light
-
-
-def optuna_sections(page: Page, study: optuna.Study, name: str) -> None:
-    from optuna import visualization as vis
-
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    hint = f"run more trials: hpo worker --study {name}"
-
-    sec = page.section("history", "Optimization history")
-    sec.parts.append(page.figure(lambda: vis.plot_optimization_history(study), "optimization history"))
-
-    sec = page.section("importances", "Parameter importances")
-    pair: list[str] = []
-    n_params = len({p for t in complete for p in t.params})
-    if len(complete) < 2 or n_params < 1:
-        sec.parts.append(missing(f"parameter importances need at least 2 complete trials with parameters; {hint}"))
-    else:
-        def importances() -> go.Figure:
-            fig = vis.plot_param_importances(study)
-            # The bars run from least to most important: the last two are the pair for the contour.
-            pair.extend(list(fig.data[0].y[-2:])[::-1] if fig.data else [])
-            return fig
-
-        sec.parts.append(page.figure(importances, "parameter importances"))
-
-    sec = page.section("contour", "Contour of the most important pair")
-    if len(pair) < 2:
-        sec.parts.append(missing(f"the contour needs two parameters ranked by importance; {hint}"))
-    else:
-        sec.parts.append(f"<p>{html.escape(pair[0])} × {html.escape(pair[1])}</p>")
-        sec.parts.append(page.figure(lambda: vis.plot_contour(study, params=pair), "contour"))
-
-    sec = page.section("parallel", "Parallel coordinates")
-    if len(complete) < 2:
-        sec.parts.append(missing(f"parallel coordinates need at least 2 complete trials; {hint}"))
-    else:
-        sec.parts.append(page.figure(lambda: vis.plot_parallel_coordinate(study), "parallel coordinates"))
-
-    sec = page.section("intermediate", "Intermediate values (pruning)")
-    light = _light_study(study, trials, MAX_HISTORY_TRIALS)
-    if light is not study:
-        sec.parts.append(f"<p>The {MAX_HISTORY_TRIALS} trials with the best last reported value are drawn.</p>")
-    sec.parts.append(page.figure(lambda: vis.plot_intermediate_values(light), "intermediate values"))
-
-    sec = page.section("timeline", "Timeline (parallel workers)")
-    sec.parts.append(page.figure(lambda: vis.plot_timeline(study), "timeline"))
+def study_page(summary: Summary, spec: StudySpec, direction: optuna.study.StudyDirection,
+               trials: list[optuna.trial.FrozenTrial]) -> Page:
+    """The page's statistics and Optuna's figures, from the study's summary and its trials."""
+    page = Page()
+    statistics_section(page, summary, spec, trials)
+    optuna_sections(page, summary.name, direction, trials)
+    return page
 
 
 def render(page: Page, *, title: str, subtitle: str) -> str:
@@ -249,11 +198,10 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     start = time.perf_counter()
     storage = open_storage(storage_url, heartbeat=False)
     study, spec = load(study_name, storage)
-    if not study.get_trials(deepcopy=False):
+    trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials
+    if not trials:
         raise HpoError(f"study {study_name!r} has no trials yet; run: hpo worker --study {study_name}")
-    page = Page()
-    statistics_section(page, study, spec)
-    optuna_sections(page, study, study_name)
+    page = study_page(summarize(study), spec, study.direction, trials)
     retrain_sections(page, study, spec, artifact_store=lambda: open_artifact_store(storage_url, artifacts),
                      storage=storage)
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

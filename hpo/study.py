@@ -1,5 +1,5 @@
-"""Studies in the store: create one from a spec, load one (with its spec) by name, delete one,
-summarise it.
+"""Studies in the store: create one from a spec, load one (with its spec) by name, delete one;
+sampler and pruner.
 
 The spec lives in the study's user attrs under ``hpo_spec``; sampler and pruner are rebuilt from it
 by every worker, since Optuna does not persist them. A CSV study's data files live in the store
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from hpo import datastore, optuna_private
 from hpo.budget import is_finished, retried_numbers
@@ -193,44 +190,3 @@ def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 
     return study, spec
 
 
-@dataclass(frozen=True)
-class Summary:
-    name: str
-    direction: str
-    metric: str  # what the value measures (the spec's metric)
-    counts: dict[str, int]  # by TrialState name
-    finished: int
-    best_value: float | None
-    best_trial: int | None
-    best_params: dict[str, Any]
-    wall_seconds: float | None
-    gpu_sharing: dict[str, int]  # trials by their gpu_sharing user attr (mps, time-slice, exclusive)
-
-
-def summarize(study: optuna.Study) -> Summary:
-    """The seed-style statistics: trials by state, finished count, best value and parameters."""
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name: 0 for state in TrialState}
-    for t in trials:
-        counts[t.state.name] += 1
-    retried = retried_numbers(trials)
-    finished = sum(1 for t in trials if is_finished(t, retried))
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    pick = min if study.direction == optuna.study.StudyDirection.MINIMIZE else max
-    best = pick(complete, key=lambda t: t.value) if complete else None
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
-    sharing = Counter(str(t.user_attrs["gpu_sharing"]) for t in trials if "gpu_sharing" in t.user_attrs)
-    return Summary(
-        name=study.study_name,
-        direction=study.direction.name.lower(),
-        metric=study.user_attrs.get(SPEC_ATTR, {}).get("metric", "value"),
-        counts=counts,
-        finished=finished,
-        best_value=best.value if best else None,
-        best_trial=best.number if best else None,
-        best_params=dict(best.params) if best else {},
-        wall_seconds=wall,
-        gpu_sharing=dict(sorted(sharing.items())),
-    )

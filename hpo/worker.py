@@ -39,7 +39,8 @@ from hpo.objective import Abandoned, Interrupted, make_objective
 from hpo.store import WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
 from hpo.store.config import env_seconds
 from hpo.store.queries import silent_trials, unfinished, waiting_trials
-from hpo.study import Summary, load, summarize
+from hpo.statistics import Summary, summarize
+from hpo.study import load
 
 WORKER_PREFIX = "hpo:worker:"
 SEED_STRIDE = 10_007  # seed offset = worker number in the store + SEED_STRIDE * --worker-index

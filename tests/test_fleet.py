@@ -319,7 +319,8 @@ def test_fleet_stops_its_workers_and_mps_on_sigint(fake_mps, fake_workers, monke
 def test_status_and_report_count_trials_by_gpu_sharing(tmp_path, store_url, cli_env):
     from hpo import report
     from hpo.store import open_storage
-    from hpo.study import load, summarize
+    from hpo.statistics import summarize
+    from hpo.study import load
 
     create(fast_spec(tmp_path, 5), store_url)
     study, spec = load("regression", open_storage(store_url, heartbeat=False))

@@ -88,3 +88,12 @@ def test_tell_without_reread():
     assert study.trials[0].value == 1.5
     params = inspect.signature(optuna.study._tell._tell_with_warning).parameters
     assert {"skip_if_finished", "suppress_warning"} <= set(params)
+
+
+def test_rdb_storage_and_stored_values(tmp_path):
+    assert optuna_private.rdb_storage(optuna.create_study()) is None
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'x.db'}")
+    study = optuna.create_study(storage=storage)
+    assert optuna_private.rdb_storage(study) is storage, "Optuna's cache no longer keeps the RDBStorage as _backend"
+    for value in (0.25, math.inf, -math.inf):
+        assert optuna_private.trial_value(*optuna_private.stored_trial_value(value)) == value

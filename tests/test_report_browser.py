@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,18 @@ return Array.from(document.querySelectorAll('.plotly-graph-div')).map(d => ({
   id: d.id,
   drawn: d.querySelectorAll('.trace, .hm image, canvas').length,
   height: d.getBoundingClientRect().height}));
+"""
+
+
+# What each figure shows, for the checks of single figures: title, trace types, the lowest y of
+# a "± std" band (from plotly's decoded copy of the data), and whether plotly.js told the reader
+# that WebGL is missing.
+FIGURE_DATA = """
+return Array.from(document.querySelectorAll('.plotly-graph-div')).map(d => ({
+  title: (d.layout && d.layout.title && d.layout.title.text) || '',
+  types: (d._fullData || []).map(t => t.type),
+  band_min: Math.min(...(d._fullData || []).filter(t => (t.name || '').endsWith('± std')).flatMap(t => Array.from(t.y))),
+  no_webgl: d.innerText.includes('WebGL is not supported')}));
 """
 
 
@@ -108,6 +121,41 @@ def browser(tmp_path: Path):
         driver.wait(timeout=20)
 
 
+def open_report(browser: WebDriver, path: Path, shot: str) -> tuple[list[dict], list[dict]]:
+    """Load the report offline, wait until every figure is drawn, keep a screenshot; returns each
+    figure's state and data (see FIGURE_STATE, FIGURE_DATA) after checking the page logged no error."""
+    browser.cdp("Network.enable")
+    browser.cdp("Network.emulateNetworkConditions", {"offline": True, "latency": 0, "downloadThroughput": -1,
+                                                     "uploadThroughput": -1})
+    browser.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_TRAP})
+    browser.s("POST", "/url", {"url": path.as_uri()})
+    deadline = time.monotonic() + 60
+    while True:
+        figures = browser.script(FIGURE_STATE)
+        if figures and all(f["drawn"] for f in figures) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    metrics = browser.cdp("Page.getLayoutMetrics")["cssContentSize"]
+    png = browser.cdp("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
+        "x": 0, "y": 0, "width": metrics["width"], "height": min(metrics["height"], 16000), "scale": 1}})
+    (ARTIFACTS / f"{shot}.png").write_bytes(base64.b64decode(png["data"]))
+
+    errors = browser.script("return window.__errors;")
+    logs = browser.s("POST", "/se/log", {"type": "browser"})
+    severe = [entry["message"] for entry in logs if entry["level"] == "SEVERE"]
+    assert errors == [] and severe == [], (errors, severe)
+    assert all(f["drawn"] > 0 and f["height"] > 100 for f in figures), figures
+    assert (ARTIFACTS / f"{shot}.png").stat().st_size > 50_000
+    return figures, browser.script(FIGURE_DATA)
+
+
+def by_title(data: list[dict], start: str) -> dict:
+    (figure,) = [f for f in data if f["title"].startswith(start)]
+    return figure
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_real_study_report_renders_in_chromium(tmp_path, cli_env, browser):
@@ -122,33 +170,42 @@ def test_real_study_report_renders_in_chromium(tmp_path, cli_env, browser):
                     "retrain", "curves", "fit", "insight"):
         assert f'<section id="{section}">' in text
     assert "run: hpo retrain" not in text and "not drawn" not in text
-
-    browser.cdp("Network.enable")
-    browser.cdp("Network.emulateNetworkConditions", {"offline": True, "latency": 0, "downloadThroughput": -1,
-                                                     "uploadThroughput": -1})
-    browser.cdp("Page.addScriptToEvaluateOnNewDocument", {"source": ERROR_TRAP})
-    browser.s("POST", "/url", {"url": out.as_uri()})
-    deadline = time.monotonic() + 60
-    while True:
-        figures = browser.script(FIGURE_STATE)
-        if figures and all(f["drawn"] for f in figures) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-
-    ARTIFACTS.mkdir(exist_ok=True)
-    metrics = browser.cdp("Page.getLayoutMetrics")["cssContentSize"]
-    shot = browser.cdp("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
-        "x": 0, "y": 0, "width": metrics["width"], "height": min(metrics["height"], 16000), "scale": 1}})
-    (ARTIFACTS / "report-regression.png").write_bytes(base64.b64decode(shot["data"]))
+    (ARTIFACTS / "report-regression.html").parent.mkdir(exist_ok=True)
     (ARTIFACTS / "report-regression.html").write_text(text)
 
-    errors = browser.script("return window.__errors;")
-    logs = browser.s("POST", "/se/log", {"type": "browser"})
-    severe = [entry["message"] for entry in logs if entry["level"] == "SEVERE"]
-    assert errors == [] and severe == [], (errors, severe)
+    figures, data = open_report(browser, out, "report-regression")
     assert len(figures) == text.count('class="plotly-graph-div"') == 11
-    assert all(f["drawn"] > 0 and f["height"] > 100 for f in figures), figures
-    assert (ARTIFACTS / "report-regression.png").stat().st_size > 50_000
+    # The learning-curve band stays above zero on its log axis.
+    assert by_title(data, "Learning curves")["band_min"] > 0
+    # Activation profiles: a heatmap (inputs x units) per hidden layer, no lines across unit indices.
+    profiles = by_title(data, "Activation profiles")
+    assert profiles["types"] and set(profiles["types"]) == {"heatmap"}
+    # The contour's pair was sampled together: its figure holds the points of trials with both.
+    pair = re.search(r"<p>(\w+) × (\w+), the most important pair sampled together", text).groups()
+    import optuna
+
+    complete = optuna.load_study(study_name="browse", storage=cli_env["HPO_STORAGE"]).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))
+    assert sum(set(pair) <= set(t.params) for t in complete) >= 2
+    assert "contour" in by_title(data, "Contour Plot")["types"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_large_study_report_renders_in_chromium(tmp_path, store_url, browser):
+    """2,000 trials made by bulk insert: WebGL history and timeline, the best trials elsewhere."""
+    from hpo.report import write_report
+    from test_study_figures import bulk_study
+
+    name = bulk_study(store_url, 2_000, tmp_path, complete=0.6)
+    out = write_report(name, storage_url=store_url, out=tmp_path / "large.html")
+    text = out.read_text()
+    assert "not drawn" not in text
+    figures, data = open_report(browser, out, "report-large")
+    assert len(figures) == text.count('class="plotly-graph-div"') == 6
+    assert by_title(data, "Timeline Plot")["types"] == ["scattergl"] * 4  # COMPLETE, FAIL, PRUNED, RUNNING
+    assert "scattergl" in by_title(data, "Optimization History Plot")["types"]
+    assert not any(f["no_webgl"] for f in data), data
 
 
 def test_error_trap_sees_a_broken_page(tmp_path, browser):

@@ -7,7 +7,8 @@ from hpo.tables import embed_csv
 from hpo.errors import StoreError
 from hpo.spec import load_spec_file
 from hpo.store import open_storage
-from hpo.study import SPEC_ATTR, MedianPruner, create, load, summarize
+from hpo.statistics import summarize
+from hpo.study import SPEC_ATTR, MedianPruner, create, load
 from hpo.worker import run_worker
 
 

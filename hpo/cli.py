@@ -51,13 +51,15 @@ def create_study(spec: str, storage: str | None, force: bool) -> None:
     from hpo.spec import find_spec_file, load_spec_file
     from hpo.store import mask_url, open_storage, resolve_url
 
-    parsed = embed_csv(load_spec_file(find_spec_file(spec)))
+    path = find_spec_file(spec)
+    parsed = embed_csv(load_spec_file(path))
+    studies.check_buildable(parsed, source=str(path))  # before the store is opened: a refusal leaves nothing
     warning = None
     if parsed.model == "cnn":
         from hpo.cnn import check_cnn_spec
 
         warning = check_cnn_spec(parsed)  # raises when no configuration fits the images
-    created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force)
+    created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force, source=str(path))
     if warning:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "

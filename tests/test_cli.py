@@ -56,10 +56,10 @@ def regression_text(**replace) -> str:
     [
         (lambda: regression_text(**{"[Adam, SGD, RMSprop]": "[Adam, Adamax]"}), "space.optimizer.choice[1]: got 'Adamax'; allowed: Adam, SGD, RMSprop"),
         (lambda: regression_text(**{"activation: relu": "activation: swish"}), "fixed.activation: got 'swish'"),
-        (lambda: regression_text(**{"[1.0e-4, 1.0e-2]": "[1.0e-2, 1.0e-4]"}), "space.lr.float: low must be < high"),
-        (lambda: regression_text(**{"{int: [4, 50]}": "{int: [50, 50]}"}), "space.batch_size.int: low must be < high"),
+        (lambda: regression_text(**{"[1.0e-4, 1.0e-2]": "[1.0e-2, 1.0e-4]"}), "space.lr.float: got [0.01, 0.0001]; allowed: low < high"),
+        (lambda: regression_text(**{"{int: [4, 50]}": "{int: [50, 50]}"}), "space.batch_size.int: got [50, 50]; allowed: low < high"),
         (lambda: "name: x\nspace: [1, 2", "malformed YAML"),
-        (lambda: "", "top level: expected a mapping"),
+        (lambda: "", "top level: got null; allowed: a mapping"),
     ],
 )
 def test_bad_specs_exit_2_with_one_line_and_create_nothing(tmp_path, cli_env, text, expected):

@@ -180,7 +180,10 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
         values = frame[list(model.features)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
         if not np.isfinite(values).all():
             row, col = np.argwhere(~np.isfinite(values))[0]
-            raise DataError(f"{path}: row {row + 2}, column {model.features[col]!r}: expected a number")
+            from hpo.csv_lines import csv_line
+
+            raise DataError(f"{path}: line {csv_line(str(path), int(row))}, column {model.features[col]!r}: "
+                            f"expected a number")
         return values, frame
     if name.endswith(".npy"):
         try:

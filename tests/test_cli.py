@@ -78,8 +78,10 @@ def test_unknown_study_names(cli_env):
 @pytest.mark.parametrize(
     "csv, expected",
     [
-        ("x,y\n1.0,2.0\n2.0,\n", "row 3, column 'y': missing value"),
-        ("x,y\n1.0,2.0\nabc,1.0\n", "row 3, column 'x': expected a number, got 'abc'"),
+        ("x,y\n1.0,2.0\n2.0,\n", "line 3, column 'y': missing value"),
+        ("x,y\n1.0,2.0\nabc,1.0\n", "line 3, column 'x': expected a number, got 'abc'"),
+        # an empty line 4 and a missing y on line 12: the file's own line numbers
+        ("x,y\n1,1\n2,2\n\n" + "".join(f"{i},{i}\n" for i in range(5, 12)) + "12,\n", "line 12, column 'y': missing value"),
         ("x,z\n1.0,2.0\n", "missing column(s) y"),
         ("", "cannot read as CSV"),
     ],

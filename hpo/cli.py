@@ -1,7 +1,7 @@
 """The ``hpo`` command line: parses, calls the library, prints. No logic of its own.
 
-Errors the user can fix (``HpoError``) are printed on one line with exit code 2; ``--debug``
-shows the traceback instead.
+Errors the user can fix (``HpoError``, and the file system's refusals of a named file) are printed
+on one line with exit code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ class _Group(click.Group):
             if ctx.meta.get("hpo_debug"):
                 raise
             click.echo(f"hpo: error: {e}", err=True)
+            ctx.exit(2)
+        except OSError as e:
+            # A file the command reads or writes (a report, an export, predictions, artifacts): the
+            # file system refused it (no space, no permission, a name too long). One line, as above.
+            if ctx.meta.get("hpo_debug") or e.filename is None:
+                raise
+            click.echo(f"hpo: error: {e.filename}: {e.strerror or e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("hpo: interrupted", err=True)

@@ -88,11 +88,12 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
     """Run trials of a study; any number of workers may share one store."""
     from hpo.console import summary_text
     from hpo.devices import resolve_device
+    from hpo.progress import Progress
     from hpo.worker import run_worker
 
     summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
                          n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
-                         echo=click.echo)
+                         echo=click.echo, progress=Progress())
     click.echo(summary_text(summary))
 
 

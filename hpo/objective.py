@@ -13,6 +13,7 @@ import torch
 
 from hpo.data import Dataset
 from hpo.models import build_model
+from hpo.progress import QUIET, Progress
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.train import train
@@ -26,8 +27,8 @@ def trial_seed(spec: StudySpec, trial_number: int) -> int:
     return spec.seed * 1_000_003 + trial_number
 
 
-def make_objective(spec: StudySpec, data: Dataset, *,
-                   should_stop: Callable[[], bool] | None = None) -> Callable[[optuna.Trial], float]:
+def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], bool] | None = None,
+                   progress: Progress | None = None) -> Callable[[optuna.Trial], float]:
     """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
@@ -36,7 +37,9 @@ def make_objective(spec: StudySpec, data: Dataset, *,
     Args:
         should_stop: polled after every epoch; when it returns true the trial raises
             :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
+        progress: shows the running trial's epoch and latest metric value (default: nothing).
     """
+    progress = progress or QUIET
     device = data.x.device
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
 
@@ -47,6 +50,8 @@ def make_objective(spec: StudySpec, data: Dataset, *,
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             done = epoch + 1
+            bar.set_postfix_str(f"{spec.metric}={stats[spec.metric]:.4g}", refresh=False)
+            bar.update()
             if should_stop is not None and should_stop():
                 raise Interrupted(f"interrupted after {done} epochs")
             if done % spec.report_every:
@@ -59,7 +64,8 @@ def make_objective(spec: StudySpec, data: Dataset, *,
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
         model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
         trial.set_user_attr("device", device_name)
-        result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
+        with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}") as bar:
+            result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("train_seconds", round(result.seconds, 3))
         trial.set_user_attr("train_path", result.path)

@@ -31,6 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.objective import Interrupted, make_objective
+from hpo.progress import Progress
 from hpo.errors import StoreError
 from hpo.store import (RETRY_ATTR, WorkerStorage, claim, claimed, is_transient, mask_url, open_storage, release,
                        resolve_url, silent_trials, waiting_trials)
@@ -285,6 +286,7 @@ def run_worker(
     worker_index: int = 0,
     data_dir: str | None = None,
     echo: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> Summary:
     """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards.
 
@@ -297,6 +299,7 @@ def run_worker(
         worker_index: a further sampler-seed offset. Each worker also takes the next free worker
             number of the study in the store, so concurrently started workers draw different
             points while the first worker of a fresh study always uses the spec's seed.
+        progress: shows the running trial's epoch and latest value (default: nothing).
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
@@ -320,7 +323,7 @@ def run_worker(
          f"budget {budget} trials)")
     start, ran = time.perf_counter(), 0
     with _StopSignal() as stop:
-        objective = make_objective(spec, data, should_stop=lambda: stop.requested)
+        objective = make_objective(spec, data, should_stop=lambda: stop.requested, progress=progress)
         try:
             while not stop.requested and (n_trials is None or ran < n_trials):
                 if deadline is not None and time.monotonic() >= deadline:

@@ -123,11 +123,22 @@ def _devices(trials: list[optuna.trial.FrozenTrial]) -> str:
 
 
 def spec_text(spec: StudySpec) -> str:
+    """The spec as YAML, data paths as its author wrote them (not as resolved where it was created),
+    the sampler's and pruner's settings of their kind only, embedded tables as a row count."""
     raw = spec.to_dict()
-    inline = raw.get("data", {}).get("inline")
-    if inline:
-        raw["data"]["inline"] = {part: f"{len(t['rows'])} rows embedded" for part, t in inline.items()}
+    data = raw.get("data", {})
+    data.update(data.pop("as_written", None) or {})
+    if data.get("inline"):
+        data["inline"] = {part: f"{len(t['rows'])} rows embedded" for part, t in data["inline"].items()}
     return yaml.safe_dump(raw, sort_keys=False)
+
+
+def timeline_title(trials: list[optuna.trial.FrozenTrial]) -> str:
+    """The timeline section's title, with the number of worker processes that ran the trials."""
+    workers = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
+    if not workers:
+        return "Timeline"
+    return f"Timeline ({len(workers)} worker{'s' if len(workers) != 1 else ''})"
 
 
 def statistics_section(page: Page, study: optuna.Study, spec: StudySpec) -> None:
@@ -209,7 +220,7 @@ def optuna_sections(page: Page, study: optuna.Study, name: str) -> None:
         sec.parts.append(f"<p>The {MAX_HISTORY_TRIALS} trials with the best last reported value are drawn.</p>")
     sec.parts.append(page.figure(lambda: vis.plot_intermediate_values(light), "intermediate values"))
 
-    sec = page.section("timeline", "Timeline (parallel workers)")
+    sec = page.section("timeline", timeline_title(trials))
     sec.parts.append(page.figure(lambda: vis.plot_timeline(study), "timeline"))
 
 

@@ -269,3 +269,9 @@ def test_spec_block_as_written_and_timeline_title_by_workers(tmp_path, store_url
     one = [optuna.trial.create_trial(value=1.0, user_attrs={"worker": "host:7"})]
     assert timeline_title(one) == "Timeline (1 worker)"
     assert timeline_title([optuna.trial.create_trial(value=1.0)]) == "Timeline"
+
+    from hpo.errors import HpoError
+
+    too_long = tmp_path / ("r" * 300 + ".html")
+    with pytest.raises(HpoError, match=r"^--out: cannot write the report to .*: File name too long$"):
+        write_report("regression", storage_url=store_url, out=too_long)

@@ -76,7 +76,7 @@ class Domain:
             return (isinstance(value, list) and bool(value)
                     and all(isinstance(v, str) and v for v in value))
         if self.kind == "name":
-            return study_name_problem(value) is None
+            return is_study_name(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -111,7 +111,7 @@ class Domain:
             elif self.high is not None:
                 text = f"{noun} {'<' if self.high_open else '<='} {high}"
             else:
-                text = f"{'an integer' if self.kind == 'int' else 'a finite number'}"
+                text = "an integer" if self.kind == "int" else "a finite number"
         return f"{text}, or null" if self.optional else text
 
 
@@ -220,13 +220,11 @@ def show(value: Any) -> str:
     return repr(value)
 
 
-def study_name_problem(name: Any) -> str | None:
-    """Why ``name`` cannot be a study name, or None when it can."""
+def is_study_name(name: Any) -> bool:
+    """Whether ``name`` can name a study: a non-blank string of at most ``NAME_MAX_BYTES`` bytes
+    (UTF-8) without spaces, slashes, backslashes or control characters."""
     if not isinstance(name, str) or not name.strip():
-        return "not a non-empty string"
-    if any(ch in name for ch in "/\\ ") or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        return "it holds a space, a slash or a control character"
-    size = len(name.encode("utf-8", "surrogatepass"))
-    if size > NAME_MAX_BYTES:
-        return f"{size} bytes long, over the limit of {NAME_MAX_BYTES}"
-    return None
+        return False
+    if any(ch in "/\\ " or ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return False
+    return len(name.encode("utf-8", "surrogatepass")) <= NAME_MAX_BYTES

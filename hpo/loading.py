@@ -65,7 +65,9 @@ class ExportedModel(nn.Module):
             return t.reshape(())
         raise HpoError(f"model.json: normalization has {t.numel()} values for inputs of shape {self.in_shape}")
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = np.array(x)  # torch warns on read-only arrays (pandas hands some out); a copy is safe
         x = torch.as_tensor(x, dtype=torch.float32, device=self.mean.device)
         if x.shape[1:] != self.in_shape:
             if x.dim() == 0 or math.prod(x.shape[1:]) != math.prod(self.in_shape):

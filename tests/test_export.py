@@ -366,6 +366,7 @@ def test_predict_output_and_load_types(tmp_path, retrained, monkeypatch):
     replace a file without --force, or prints a CSV with --output -; ``predict`` returns the type
     it is given; an export folder the file system refuses is one line, exit 2."""
     import io
+    import warnings
 
     import torch
 
@@ -377,12 +378,17 @@ def test_predict_output_and_load_types(tmp_path, retrained, monkeypatch):
     env = store_env(retrained)
     out = export_best("regression", storage_url=env["HPO_STORAGE"], out=tmp_path / "export")
     model = hpo.load(out)
-    x = raw_columns(REGRESSION_TEST_CSV, ["x"])
-    y = model.predict(x)
+    x = raw_columns(REGRESSION_TEST_CSV, ["x"]).copy()
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns (once per process) on read-only arrays: predict copies them
+        y = model.predict(read_only)
     assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == (len(x), 1)
     y_torch = model.predict(torch.from_numpy(x))
     assert isinstance(y_torch, torch.Tensor)
     np.testing.assert_allclose(y_torch.numpy(), y)
+    np.testing.assert_allclose(model.predict(x), y)
     np.testing.assert_allclose(model.predict(x.tolist()), y)
 
     data = tmp_path / "data"

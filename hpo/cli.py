@@ -1,7 +1,7 @@
 """The ``hpo`` command line: parses, calls the library, prints. No logic of its own.
 
-Errors the user can fix (``HpoError``) are printed on one line with exit code 2; ``--debug``
-shows the traceback instead.
+Errors the user can fix (``HpoError``, and the file system's refusals of a named file) are printed
+on one line with exit code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ class _Group(click.Group):
             if ctx.meta.get("hpo_debug"):
                 raise
             click.echo(f"hpo: error: {e}", err=True)
+            ctx.exit(2)
+        except OSError as e:
+            # A file the command reads or writes (a report, an export, predictions, artifacts): the
+            # file system refused it (no space, no permission, a name too long). One line, as above.
+            if ctx.meta.get("hpo_debug") or e.filename is None:
+                raise
+            click.echo(f"hpo: error: {e.filename}: {e.strerror or e}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("hpo: interrupted", err=True)
@@ -64,13 +71,16 @@ def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval
     if heartbeat_interval is not None or grace_period is not None:
         heartbeat = replace(heartbeat, **{k: v for k, v in (("interval", heartbeat_interval),
                                                              ("grace", grace_period)) if v is not None})
-    parsed = embed_csv(load_spec_file(find_spec_file(spec)))
+    path = find_spec_file(spec)
+    parsed = embed_csv(load_spec_file(path))
+    studies.check_buildable(parsed, source=str(path))  # before the store is opened: a refusal leaves nothing
     warning = None
     if parsed.model == "cnn":
         from hpo.cnn import check_cnn_spec
 
         warning = check_cnn_spec(parsed)  # raises when no configuration fits the images
-    created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force, heartbeat=heartbeat)
+    created = studies.create(parsed, open_storage(storage, heartbeat=False), force=force, heartbeat=heartbeat,
+                             source=str(path))
     if warning:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "
@@ -96,11 +106,12 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
     """Run trials of a study; any number of workers may share one store."""
     from hpo.console import summary_text
     from hpo.devices import resolve_device
+    from hpo.progress import Progress
     from hpo.worker import run_worker
 
     summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
                          n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
-                         echo=click.echo)
+                         echo=click.echo, progress=Progress())
     click.echo(summary_text(summary))
 
 

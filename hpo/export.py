@@ -189,20 +189,41 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
 
     Raises:
         HpoError: unknown study, no complete trial, ``out`` exists without ``force``, a bad format
-            or ensemble rule, or a retrain whose files are missing.
+            or ensemble rule, a retrain whose files are missing, or ``out`` cannot be written
+            (naming the file and the file system's reason).
     """
     from hpo.store import open_artifact_store
     from hpo.statistics import summarize
 
     _check_format(fmt)
     out = Path(out)
-    if out.exists() and not force:
+    try:
+        taken = out.exists()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise _cannot_write(out, e) from e
+    if taken and not force:
         raise HpoError(f"--out: {out} already exists; pass --force to replace it")
     study, spec, best = open_study(study_name, storage_url)
     record, note = _pick_retrain(study, best.number, retrain_id)
     # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
     trial = best if record is None or record.trial_number == best.number \
         else study.get_trials(deepcopy=False)[record.trial_number]
+
+    try:
+        return _write_export(out, study, spec, trial, record, note, fmt=fmt, ensemble=ensemble,
+                             artifact_store=lambda: open_artifact_store(storage_url, artifacts))
+    except OSError as e:
+        raise _cannot_write(out, e) from e
+
+
+def _cannot_write(out: Path, e: OSError) -> HpoError:
+    where = "" if e.filename in (None, str(out)) else f"{e.filename}: "
+    return HpoError(f"--out: cannot write the export {out}: {where}{e.strerror or e}")
+
+
+def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna.trial.FrozenTrial,
+                  record: RetrainRecord | None, note: str, *, fmt: str, ensemble: str | None, artifact_store) -> Path:
+    from hpo.study import summarize
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -212,7 +233,7 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
         (staging / f"study.{fmt}").write_text(dumps(asdict(summarize(study)), fmt))
         model = None
         if record is not None:
-            model = _write_weights(staging, record, open_artifact_store(storage_url, artifacts), spec, ensemble)
+            model = _write_weights(staging, record, artifact_store(), spec, ensemble)
         manifest = {
             "format": EXPORT_FORMAT,
             "study": study.study_name,

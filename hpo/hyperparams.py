@@ -1,8 +1,9 @@
 """The vocabulary of hyperparameters a spec may search over or fix.
 
-Each entry says the value type, the allowed values for categorical ones, whether it may be given
-per layer, and which model families use it (``None``: every family, i.e. a training setting).
-Kept free of torch and optuna so that validating a spec is instant.
+Each entry says which model families use it (``None``: every family, i.e. a training setting) and,
+for one that may be given per layer, which count parameter says how many layers there are.
+Allowed values are in ``hpo.domains``. Kept free of torch and optuna so that validating a spec is
+instant.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Hyperparameter:
-    type: type
-    choices: tuple | None = None
-    per_layer: bool = False
     families: tuple[str, ...] | None = None
+    layers: dict[str, str] | None = None  # per-layer: model family -> the count parameter (n_layers, ...)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.layers is not None
 
 
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
@@ -30,36 +33,36 @@ _ANY_NET = ("mlp", "cnn")
 
 HYPERPARAMETERS: dict[str, Hyperparameter] = {
     # training (every family)
-    "epochs": Hyperparameter(int),
-    "batch_size": Hyperparameter(int),
-    "lr": Hyperparameter(float),
-    "weight_decay": Hyperparameter(float),
-    "optimizer": Hyperparameter(str, OPTIMIZERS),
-    "momentum": Hyperparameter(float),
-    "scheduler": Hyperparameter(str, SCHEDULERS),
-    "plateau_factor": Hyperparameter(float),
-    "plateau_patience": Hyperparameter(int),
-    "plateau_cooldown": Hyperparameter(int),
-    "lr_decay": Hyperparameter(float),  # gamma of the exponential scheduler, per epoch
-    "early_stopping": Hyperparameter(int),  # patience in epochs on validation loss; 0 = off
-    "augment": Hyperparameter(bool),
+    "epochs": Hyperparameter(),
+    "batch_size": Hyperparameter(),
+    "lr": Hyperparameter(),
+    "weight_decay": Hyperparameter(),
+    "optimizer": Hyperparameter(),
+    "momentum": Hyperparameter(),
+    "scheduler": Hyperparameter(),
+    "plateau_factor": Hyperparameter(),
+    "plateau_patience": Hyperparameter(),
+    "plateau_cooldown": Hyperparameter(),
+    "lr_decay": Hyperparameter(),  # gamma of the exponential scheduler, per epoch
+    "early_stopping": Hyperparameter(),  # patience in epochs on validation loss; 0 = off
+    "augment": Hyperparameter(),
     # shared by the networks
-    "activation": Hyperparameter(str, ACTIVATIONS, families=_ANY_NET),
-    "init": Hyperparameter(str, INITS, families=_ANY_NET),
+    "activation": Hyperparameter(_ANY_NET),
+    "init": Hyperparameter(_ANY_NET),
     # MLP
-    "n_layers": Hyperparameter(int, families=_MLP),
-    "width": Hyperparameter(int, per_layer=True, families=_MLP),
-    "dropout": Hyperparameter(float, per_layer=True, families=_ANY_NET),
+    "n_layers": Hyperparameter(_MLP),
+    "width": Hyperparameter(_MLP, {"mlp": "n_layers"}),
+    "dropout": Hyperparameter(_ANY_NET, {"mlp": "n_layers", "cnn": "n_dense"}),
     # CNN (LeNet-5 family)
-    "n_conv": Hyperparameter(int, families=_CNN),
-    "filters": Hyperparameter(int, per_layer=True, families=_CNN),
-    "kernel_size": Hyperparameter(int, families=_CNN),
-    "padding": Hyperparameter(int, per_layer=True, families=_CNN),  # one number pads the first conv only
-    "batch_norm": Hyperparameter(bool, families=_CNN),
-    "pooling": Hyperparameter(str, POOLINGS, families=_CNN),
-    "conv_dropout": Hyperparameter(float, families=_CNN),
-    "n_dense": Hyperparameter(int, families=_CNN),
-    "dense_width": Hyperparameter(int, per_layer=True, families=_CNN),
+    "n_conv": Hyperparameter(_CNN),
+    "filters": Hyperparameter(_CNN, {"cnn": "n_conv"}),
+    "kernel_size": Hyperparameter(_CNN),
+    "padding": Hyperparameter(_CNN, {"cnn": "n_conv"}),  # one number pads the first conv only
+    "batch_norm": Hyperparameter(_CNN),
+    "pooling": Hyperparameter(_CNN),
+    "conv_dropout": Hyperparameter(_CNN),
+    "n_dense": Hyperparameter(_CNN),
+    "dense_width": Hyperparameter(_CNN, {"cnn": "n_dense"}),
 }
 
 DEFAULTS: dict[str, object] = {
@@ -91,17 +94,6 @@ DEFAULTS: dict[str, object] = {
     "n_dense": 2,
     "dense_width": [120, 84],
 }
-
-def canonical_choice(name: str, value: object) -> object:
-    """Return the canonical spelling of a categorical value (case-insensitive match), else the value."""
-    hp = HYPERPARAMETERS.get(name)
-    if hp is None or hp.choices is None or not isinstance(value, str):
-        return value
-    for choice in hp.choices:
-        if choice.lower() == value.lower():
-            return choice
-    return value
-
 
 def resolve(params: dict) -> dict:
     """Fill defaults under explicit values; per-layer scalars stay scalars (the builders broadcast)."""

@@ -13,14 +13,18 @@ stored), and applies the stored normalisation itself:
   ``majority_vote``; ``model.predict(x)`` gives class indices (N,), majority-vote ties going to
   the best-on-validation fold's choice as in the retrain (so ``model(x).argmax(-1)``, which takes
   the lowest tied index, may differ from ``predict`` on ties); ``model.classes`` names them.
+``model.predict(x)`` returns the type it is given: a NumPy array for a NumPy array (or a list),
+a tensor (on the module's device) for a tensor. ``model(x)`` is the module's forward and always
+returns a tensor.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -34,9 +38,10 @@ from hpo.export import EXPORT_FORMAT, MANIFEST, MODEL, sha256
 class ExportedModel(nn.Module):
     """The fold models of a retrain behind the stored normalisation and the ensemble rule."""
 
-    def __init__(self, models: list[nn.Module], *, description: dict[str, Any], rule: str):
+    def __init__(self, models: list[nn.Module], *, description: dict[str, Any], rule: str, study: str = ""):
         super().__init__()
         self.models = nn.ModuleList(models)
+        self.study = study  # the study the export came from
         self.task = description["task"]
         self.rule = rule
         # Majority-vote ties go to the class the best-on-validation fold scores highest, as in the retrain.
@@ -60,7 +65,9 @@ class ExportedModel(nn.Module):
             return t.reshape(())
         raise HpoError(f"model.json: normalization has {t.numel()} values for inputs of shape {self.in_shape}")
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = np.array(x)  # torch warns on read-only arrays (pandas hands some out); a copy is safe
         x = torch.as_tensor(x, dtype=torch.float32, device=self.mean.device)
         if x.shape[1:] != self.in_shape:
             if x.dim() == 0 or math.prod(x.shape[1:]) != math.prod(self.in_shape):
@@ -83,14 +90,20 @@ class ExportedModel(nn.Module):
         return ens.soft_vote(outputs)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Predictions: values (N, 1) for regression, class indices (N,) for classification."""
+    def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Predictions: values (N, 1) float32 for regression, class indices (N,) int64 for classification.
+
+        Returns the type it is given: a NumPy array for a NumPy array (or a list), a tensor on the
+        module's device for a tensor.
+        """
         outputs = self.fold_outputs(x)
         if self.task == "regression":
-            return ens.mean(outputs)
-        if self.rule == "majority_vote":
-            return ens.majority_vote(outputs, tie_breaker=self.tie_breaker)
-        return ens.soft_vote(outputs).argmax(-1)
+            out = ens.mean(outputs)
+        elif self.rule == "majority_vote":
+            out = ens.majority_vote(outputs, tie_breaker=self.tie_breaker)
+        else:
+            out = ens.soft_vote(outputs).argmax(-1)
+        return out if isinstance(x, torch.Tensor) else out.cpu().numpy()
 
 
 def verify(folder: Path) -> dict:
@@ -161,7 +174,8 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
             raise
         except Exception as e:  # unpickling refused, or weights that do not fit the described model
             raise HpoError(f"{folder / name}: cannot load the weights: {str(e).splitlines()[0]}") from e
-    return ExportedModel(models, description=description, rule=rule).to(device).eval()
+    return ExportedModel(models, description=description, rule=rule,
+                         study=str(manifest.get("study") or folder.name)).to(device).eval()
 
 
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
@@ -180,7 +194,10 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
         values = frame[list(model.features)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
         if not np.isfinite(values).all():
             row, col = np.argwhere(~np.isfinite(values))[0]
-            raise DataError(f"{path}: row {row + 2}, column {model.features[col]!r}: expected a number")
+            from hpo.csv_lines import csv_line
+
+            raise DataError(f"{path}: line {csv_line(str(path), int(row))}, column {model.features[col]!r}: "
+                            f"expected a number")
         return values, frame
     if name.endswith(".npy"):
         try:
@@ -194,36 +211,64 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
     raise DataError(f"--input: {path}: unknown file type; use .csv, .npy or an IDX file (e.g. t10k-images-idx3-ubyte.gz)")
 
 
+def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None) -> Path:
+    """Where ``hpo predict`` writes by default: ``storage/predictions/<study>/<input name>.csv``
+    (``.fold<K>.csv`` for one fold's model), never beside the input."""
+    stem = input_path.name.split(".")[0] + (f".fold{fold}" if fold is not None else "")
+    return Path("storage") / "predictions" / model.study / f"{stem}.csv"
+
+
 def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str | Path | None = None, *,
-                 fold: int | None = None, device: str = "cpu") -> Path:
+                 fold: int | None = None, device: str = "cpu", force: bool = False,
+                 stdout: TextIO | None = None) -> Path | None:
     """Run an exported model on a file and write the predictions.
 
     The output is a CSV (the input's columns, when it is a CSV, then ``prediction`` and, for
     classifiers, ``class``) or, for a ``.npy`` output path, the prediction array.
 
+    Args:
+        output_path: the file to write (default: see ``default_output``); ``"-"``: the CSV goes
+            to ``stdout`` (default ``sys.stdout``).
+        force: replace an existing output file (otherwise it is refused).
+
     Returns:
-        The output path (default: ``<input>.predictions.csv`` beside the input).
+        The output path, or None when written to standard output.
 
     Raises:
-        HpoError: a bad export (see ``load``), unreadable inputs or inputs of the wrong shape.
+        HpoError: a bad export (see ``load``), unreadable inputs or inputs of the wrong shape, an
+            existing output without ``force``, or an output the file system refuses.
     """
     import pandas as pd
 
     input_path = Path(input_path)
-    output_path = Path(output_path) if output_path else input_path.with_name(input_path.name.split(".")[0] + ".predictions.csv")
     model = load(model_dir, fold=fold, device=device)
+    to_stdout = str(output_path) == "-"
+    if not to_stdout:
+        output_path = Path(output_path) if output_path else default_output(model, input_path, fold=fold)
+        try:
+            taken = output_path.exists()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise HpoError(f"--output: cannot write {output_path}: {e.strerror or e}") from e
+        if taken and not force:
+            raise HpoError(f"--output: {output_path} already exists; pass --force to replace it "
+                           f"(or --output FILE, or --output - for standard output)")
     x, frame = read_inputs(input_path, model)
-    with torch.no_grad():
-        pred = torch.cat([model.predict(torch.tensor(x[i:i + 8192])) for i in range(0, len(x), 8192)]).cpu().numpy()
-    if model.task == "regression":
+    pred = np.concatenate([model.predict(x[i:i + 8192]) for i in range(0, len(x), 8192)]) if len(x) else np.zeros(0)
+    if model.task == "regression" and pred.ndim == 2:
         pred = pred[:, 0]
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    if output_path.suffix == ".npy":
-        np.save(output_path, pred)
-        return output_path
     out = frame.copy() if frame is not None else pd.DataFrame(index=range(len(pred)))
     out["prediction"] = pred
     if model.task == "classification" and model.classes:
         out["class"] = [model.classes[i] for i in pred]
-    out.to_csv(output_path, index=False)
+    if to_stdout:
+        out.to_csv(stdout or sys.stdout, index=False)
+        return None
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        if output_path.suffix == ".npy":
+            np.save(output_path, pred)
+        else:
+            out.to_csv(output_path, index=False)
+    except OSError as e:
+        raise HpoError(f"--output: cannot write {output_path}: {e.strerror or e}") from e
     return output_path

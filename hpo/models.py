@@ -26,7 +26,9 @@ def activation(name: str) -> nn.Module:
 
 
 def per_layer(value: Any, n: int, name: str) -> list:
-    """Broadcast a scalar to ``n`` layers; check a list has exactly ``n`` entries."""
+    """Broadcast a scalar to ``n`` layers; check a list has exactly ``n`` entries (none for no layers)."""
+    if n == 0:
+        return []
     if isinstance(value, (list, tuple)):
         if len(value) != n:
             raise TrainingError(f"{name} has {len(value)} values for {n} layers: {list(value)}")

@@ -14,6 +14,7 @@ from hpo import optuna_private
 from hpo.data import Dataset
 from hpo.devices import gpu_sharing
 from hpo.models import build_model
+from hpo.progress import QUIET, Progress
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.train import train
@@ -32,7 +33,8 @@ def trial_seed(spec: StudySpec, trial_number: int) -> int:
 
 
 def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], bool] | None = None,
-                   is_abandoned: Callable[[int], bool] | None = None) -> Callable[[optuna.Trial], float]:
+                   is_abandoned: Callable[[int], bool] | None = None,
+                   progress: Progress | None = None) -> Callable[[optuna.Trial], float]:
     """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
@@ -43,7 +45,9 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
             :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
         is_abandoned: polled after every epoch with the trial's store id; when it returns true
             the trial raises :class:`Abandoned`.
+        progress: shows the running trial's epoch and latest metric value (default: nothing).
     """
+    progress = progress or QUIET
     device = data.x.device
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
@@ -56,6 +60,8 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             done = epoch + 1
+            bar.set_postfix_str(f"{spec.metric}={stats[spec.metric]:.4g}", refresh=False)
+            bar.update()
             if should_stop is not None and should_stop():
                 raise Interrupted(f"interrupted after {done} epochs")
             if is_abandoned is not None and is_abandoned(trial_id):
@@ -72,7 +78,8 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         trial.set_user_attr("device", device_name)
         if sharing:
             trial.set_user_attr("gpu_sharing", sharing)
-        result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
+        with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}") as bar:
+            result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("train_seconds", round(result.seconds, 3))
         trial.set_user_attr("train_path", result.path)

@@ -126,10 +126,13 @@ def _devices(trials: list[optuna.trial.FrozenTrial]) -> str:
 
 
 def spec_text(spec: StudySpec) -> str:
+    """The spec as YAML, data paths as its author wrote them (not as resolved where it was created),
+    the sampler's and pruner's settings of their kind only, embedded tables as a row count."""
     raw = spec.to_dict()
-    inline = raw.get("data", {}).get("inline")
-    if inline:
-        raw["data"]["inline"] = {part: f"{len(t['rows'])} rows embedded" for part, t in inline.items()}
+    data = raw.get("data", {})
+    data.update(data.pop("as_written", None) or {})
+    if data.get("inline"):
+        data["inline"] = {part: f"{len(t['rows'])} rows embedded" for part, t in data["inline"].items()}
     return yaml.safe_dump(raw, sort_keys=False)
 
 

@@ -27,6 +27,7 @@ from hpo.data import Dataset, load_dataset
 from hpo.errors import HpoError
 from hpo.models import build_model
 from hpo.objective import trial_seed
+from hpo.progress import QUIET, Progress
 from hpo.results import RetrainRecord, save_retrain
 from hpo.space import hyperparams_from_params
 from hpo.spec import StudySpec
@@ -93,6 +94,7 @@ def run_retrain(
     stacked: bool | None = None,
     echo: Callable[[str], None] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
 ) -> RetrainRecord:
     """Retrain a trial's configuration on K folds and save the results as artifacts of the study.
 
@@ -103,6 +105,8 @@ def run_retrain(
             stacked on a CUDA device whenever the models can be stacked, else sequential).
         echo: where progress lines go (default: nowhere).
         on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
+        progress: shows the folds x epochs done, the latest fold's validation value and the time
+            left (default: nothing).
 
     Returns:
         The new record (``hpo.results.load_retrain`` reads it back); a re-run makes a new one.
@@ -147,28 +151,37 @@ def run_retrain(
     curves: list[dict[str, list]] = [{"epoch": [], "train_loss": [], "val_loss": [], "val_metric": []} for _ in range(k)]
     metric_name = "accuracy" if data.task == "classification" else "mse"
 
+    progress = progress or QUIET
+    epochs = int(hp["epochs"])
+    bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
+
     def record(fold: int, epoch: int, stats: dict[str, float]) -> None:
         c = curves[fold]
         c["epoch"].append(epoch)
         c["train_loss"].append(stats["train_loss"])
         c["val_loss"].append(stats["val_loss"])
         c["val_metric"].append(stats[f"val_{metric_name}"])
+        bar.set_postfix_str(f"fold {fold} val_{metric_name}={stats[f'val_{metric_name}']:.4g}", refresh=False)
+        bar.update()
 
     start = time.perf_counter()
     cuda_graph, notes = False, []
-    if use_stacked:
-        outcome = train_stacked(models, data, hp, folds=fold_list, on_epoch=record)
-        results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
-    else:
-        results = []
-        for i, (model, f) in enumerate(zip(models, fold_list)):
-            results.append(train(model, data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
-                                 on_epoch=lambda epoch, stats, i=i: record(i, epoch, stats)))
-            echo(f"  fold {i}: {results[-1].epochs_run} epochs, val {metric_name} "
-                 f"{results[-1].metrics[f'val_{metric_name}']:.4g}")
-        cuda_graph = all(r.path == "cuda_graph" for r in results)
-        if device.type == "cuda":
-            notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
+    with bar:
+        if use_stacked:
+            outcome = train_stacked(models, data, hp, folds=fold_list, on_epoch=record)
+            results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
+        else:
+            results = []
+            for i, (model, f) in enumerate(zip(models, fold_list)):
+                results.append(train(model, data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
+                                     on_epoch=lambda epoch, stats, i=i: record(i, epoch, stats)))
+                bar.total -= epochs - results[-1].epochs_run  # early stopping: the time left shrinks
+                with progress.printing():
+                    echo(f"  fold {i}: {results[-1].epochs_run} epochs, val {metric_name} "
+                         f"{results[-1].metrics[f'val_{metric_name}']:.4g}")
+            cuda_graph = all(r.path == "cuda_graph" for r in results)
+            if device.type == "cuda":
+                notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

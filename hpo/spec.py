@@ -7,7 +7,6 @@ Every error names the file, the field, the value received and what is allowed.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,22 +14,12 @@ from typing import Any
 
 import yaml
 
+from hpo.domains import DOMAINS, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
 from hpo.errors import SpecError
-from hpo.hyperparams import HYPERPARAMETERS, canonical_choice
+from hpo.hyperparams import HYPERPARAMETERS
+from hpo.spec_checks import Checker, check_layer_lists, check_references, check_value, known_name, search_range
 
-DIRECTIONS = ("minimize", "maximize")
-DATA_SOURCES = ("csv", "fashion_mnist", "mnist")
-TASKS = ("regression", "classification")
-FAMILIES = ("mlp", "cnn")
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "none", "hyperband")
-SCHEDULES = ("free", "constant", "decreasing", "search")
 PARAM_KINDS = ("int", "float", "choice")
-# metric -> the direction that improves it
-METRICS = {
-    "regression": {"val_mse": "minimize", "val_mae": "minimize", "val_loss": "minimize"},
-    "classification": {"val_accuracy": "maximize", "val_loss": "minimize"},
-}
 
 
 @dataclass(frozen=True)
@@ -78,6 +67,9 @@ class DataSpec:
     # CSV files kept in the store (hpo.datastore), by reference: {"train": {name, size, rows, columns, sha256}, "test": ...}
     files: dict | None = None
     inline: dict | None = None  # CSV tables embedded in the spec by hpo before the store kept data; still read
+    # The paths as the spec's author wrote them ({"train": "data/x.csv"}), where they differ from the
+    # resolved ones above (relative to the spec file): what reports show.
+    as_written: dict | None = None
 
     def to_dict(self) -> dict:
         d = {
@@ -87,7 +79,7 @@ class DataSpec:
         }
         if self.source == "csv":
             d.update(train=self.train, test=self.test, features=list(self.features), target=self.target)
-        for key in ("train_subset", "val_subset", "data_dir", "files", "inline"):
+        for key in ("train_subset", "val_subset", "data_dir", "files", "inline", "as_written"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         return d
@@ -99,6 +91,10 @@ class SamplerSpec:
     n_startup_trials: int = 10
     multivariate: bool = False
 
+    def to_dict(self) -> dict:
+        """The kind and the settings that kind takes."""
+        return {"kind": self.kind, **{k: getattr(self, k) for k in SAMPLER_SETTINGS[self.kind]}}
+
 
 @dataclass(frozen=True)
 class PrunerSpec:
@@ -108,6 +104,10 @@ class PrunerSpec:
     interval_steps: int = 1
     min_resource: int = 1
     reduction_factor: int = 3
+
+    def to_dict(self) -> dict:
+        """The kind and the settings that kind takes."""
+        return {"kind": self.kind, **{k: getattr(self, k) for k in PRUNER_SETTINGS[self.kind]}}
 
 
 @dataclass(frozen=True)
@@ -158,95 +158,21 @@ class StudySpec:
             "model": self.model,
             "space": {p.name: p.to_dict() for p in self.space},
             "fixed": dict(self.fixed),
-            "sampler": vars(self.sampler).copy(),
-            "pruner": vars(self.pruner).copy(),
+            "sampler": self.sampler.to_dict(),
+            "pruner": self.pruner.to_dict(),
             "budget": vars(self.budget).copy(),
             "retrain": vars(self.retrain).copy(),
             "report_every": self.report_every,
         }
 
 
-class _Checker:
-    """Builds one-line errors of the form ``<file>: <field>: <problem>``."""
-
-    def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, where: str, message: str) -> SpecError:
-        return SpecError(f"{self.source}: {where}: {message}")
-
-    def mapping(self, value: Any, where: str) -> dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise self.fail(where, f"expected a mapping, got {value!r}")
-        return value
-
-    def unknown_keys(self, d: dict, allowed: tuple[str, ...], where: str) -> None:
-        for key in d:
-            if key not in allowed:
-                raise self.fail(f"{where}{key}" if where else key,
-                                f"unknown key; allowed: {', '.join(allowed)}")
-
-    def one_of(self, value: Any, allowed: tuple, where: str) -> Any:
-        if value not in allowed:
-            raise self.fail(where, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
-        return value
-
-    def integer(self, value: Any, where: str, *, minimum: int | None = None, optional: bool = False) -> int | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(where, f"expected an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise self.fail(where, f"must be >= {minimum}, got {value}")
-        return value
-
-    def number(self, value: Any, where: str, *, optional: bool = False) -> float | None:
-        if value is None and optional:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.fail(where, f"expected a finite number, got {value!r}")
-        return value
-
-
-def _check_value(c: _Checker, name: str, value: Any, where: str) -> Any:
-    """Check one value of a known hyperparameter (scalar, or a list for per-layer ones)."""
-    hp = HYPERPARAMETERS[name]
-    if isinstance(value, list):
-        if not hp.per_layer:
-            raise c.fail(where, f"{name} takes one value, not a list: {value!r}")
-        return [_check_value(c, name, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    value = canonical_choice(name, value)
-    if hp.choices is not None:
-        return c.one_of(value, hp.choices, where)
-    if hp.type is bool:
-        if not isinstance(value, bool):
-            raise c.fail(where, f"expected true or false, got {value!r}")
-        return value
-    if hp.type is int:
-        return c.integer(value, where, minimum=0)
-    c.number(value, where)
-    if value < 0:
-        raise c.fail(where, f"must be >= 0, got {value}")
-    return float(value)
-
-
-def _known_name(c: _Checker, name: str, family: str, where: str) -> None:
-    hp = HYPERPARAMETERS.get(name)
-    if hp is None:
-        raise c.fail(where, f"unknown hyperparameter {name!r}; allowed: {', '.join(sorted(HYPERPARAMETERS))}")
-    if hp.families is not None and family not in hp.families:
-        raise c.fail(where, f"{name!r} does not apply to model {family!r} (only {', '.join(hp.families)})")
-
-
-def _parse_param(c: _Checker, name: str, raw: Any, family: str) -> ParamSpec:
+def _parse_param(c: Checker, name: str, raw: Any, family: str) -> ParamSpec:
     where = f"space.{name}"
-    _known_name(c, name, family, where)
+    known_name(c, name, family, where)
     raw = c.mapping(raw, where)
     kinds = [k for k in PARAM_KINDS if k in raw]
     if len(kinds) != 1:
-        raise c.fail(where, f"give exactly one of {', '.join(PARAM_KINDS)} (e.g. {{float: [1e-4, 1e-2], log: true}}), got {raw!r}")
+        raise c.refuse(where, raw, f"exactly one of {', '.join(PARAM_KINDS)} (e.g. {{float: [1e-4, 1e-2], log: true}})")
     kind = kinds[0]
     c.unknown_keys(raw, (kind, "step", "log", "when", "per_layer", "schedule"), f"{where}.")
     hp = HYPERPARAMETERS[name]
@@ -254,84 +180,34 @@ def _parse_param(c: _Checker, name: str, raw: Any, family: str) -> ParamSpec:
     if kind == "choice":
         choices = raw["choice"]
         if not isinstance(choices, list) or not choices:
-            raise c.fail(f"{where}.choice", f"expected a non-empty list, got {choices!r}")
-        spec["choices"] = tuple(_check_value(c, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
+            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {DOMAINS[name]}")
+        spec["choices"] = tuple(check_value(c, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
         if len(set(map(repr, spec["choices"]))) != len(spec["choices"]):
-            raise c.fail(f"{where}.choice", f"values repeat: {choices!r}")
+            raise c.refuse(f"{where}.choice", choices, "values that do not repeat")
     else:
-        bounds = raw[kind]
-        if not (isinstance(bounds, list) and len(bounds) == 2):
-            raise c.fail(f"{where}.{kind}", f"expected [low, high], got {bounds!r}")
-        if hp.choices is not None or hp.type is bool:
-            raise c.fail(where, f"{name} is categorical: use choice: [...] with values from {', '.join(map(str, hp.choices or (True, False)))}")
-        if kind == "int":
-            low, high = (c.integer(b, f"{where}.int") for b in bounds)
-        else:
-            if hp.type is int:
-                raise c.fail(where, f"{name} is an integer: use int: [low, high]")
-            low, high = (float(c.number(b, f"{where}.float")) for b in bounds)
-        if not low < high:
-            raise c.fail(f"{where}.{kind}", f"low must be < high, got [{bounds[0]}, {bounds[1]}] (for a fixed value use fixed.{name})")
-        if low < 0:
-            raise c.fail(f"{where}.{kind}", f"must be >= 0, got low={bounds[0]}")
-        log = raw.get("log", False)
-        if not isinstance(log, bool):
-            raise c.fail(f"{where}.log", f"expected true or false, got {log!r}")
-        if log and low <= 0:
-            raise c.fail(f"{where}.{kind}", f"a log range needs low > 0, got {bounds[0]}")
-        step = raw.get("step")
-        if step is not None:
-            step = c.integer(step, f"{where}.step", minimum=1) if kind == "int" else c.number(step, f"{where}.step")
-            if step <= 0 or step > high - low:
-                raise c.fail(f"{where}.step", f"must be > 0 and <= high - low ({high - low}), got {step}")
-            if log:
-                raise c.fail(f"{where}.step", "step and log cannot be combined (Optuna samples either)")
-        spec.update(low=low, high=high, step=step, log=log)
+        spec.update(search_range(c, name, kind, raw, where))
     when = c.mapping(raw.get("when"), f"{where}.when")
-    spec["when"] = {k: tuple(canonical_choice(k, x) for x in (v if isinstance(v, list) else [v]))
+    spec["when"] = {k: tuple(DOMAINS[k].canonical(x) if k in DOMAINS else x for x in (v if isinstance(v, list) else [v]))
                     for k, v in when.items()}
     per_layer = raw.get("per_layer")
     if per_layer is not None:
-        if not hp.per_layer:
-            raise c.fail(f"{where}.per_layer", f"{name} is not a per-layer parameter")
-        if not isinstance(per_layer, str):
-            raise c.fail(f"{where}.per_layer", f"name the layer-count parameter (e.g. n_layers), got {per_layer!r}")
+        count = (hp.layers or {}).get(family)
+        if count is None:
+            raise c.refuse(f"{where}.per_layer", per_layer, f"nothing: {name} is not a per-layer parameter of model {family!r}")
+        if per_layer != count:
+            raise c.refuse(f"{where}.per_layer", per_layer, f"{count} (the count of the layers {name} belongs to)")
         spec["per_layer"] = per_layer
-    schedule = raw.get("schedule", "free")
-    c.one_of(schedule, SCHEDULES, f"{where}.schedule")
+    schedule = c.value("space.schedule", raw.get("schedule", "free"), f"{where}.schedule")
     if schedule != "free" and (per_layer is None or kind != "int"):
-        raise c.fail(f"{where}.schedule", "a width schedule needs an int range and per_layer")
+        raise c.refuse(f"{where}.schedule", schedule, "free, unless the range is int and per_layer (a width schedule)")
     spec["schedule"] = schedule
     return ParamSpec(**spec)
 
 
-def _check_references(c: _Checker, space: tuple[ParamSpec, ...], fixed: dict) -> None:
-    """Conditions and layer counts must refer to parameters defined earlier (or fixed)."""
-    seen: dict[str, ParamSpec] = {}
-    for p in space:
-        for other, allowed in p.when.items():
-            where = f"space.{p.name}.when.{other}"
-            if other in seen:
-                ref = seen[other]
-                if ref.kind == "choice":
-                    for v in allowed:
-                        if v not in ref.choices:
-                            raise c.fail(where, f"{v!r} is not among {other}'s choices {list(ref.choices)}")
-            elif other not in fixed:
-                raise c.fail(where, f"{other!r} must be searched above {p.name!r} or fixed")
-        if p.per_layer:
-            where = f"space.{p.name}.per_layer"
-            ref = seen.get(p.per_layer)
-            if ref is not None:
-                if ref.kind != "int" and not (ref.kind == "choice" and all(isinstance(v, int) for v in ref.choices)):
-                    raise c.fail(where, f"{p.per_layer!r} must be an integer parameter")
-            elif not isinstance(fixed.get(p.per_layer), int):
-                raise c.fail(where, f"{p.per_layer!r} must be searched above {p.name!r} or fixed to an integer")
-        seen[p.name] = p
-
-
 def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None) -> StudySpec:
     """Validate a spec given as a plain dict (from YAML or from the store).
+
+    Every field is checked against its domain in ``hpo.domains`` (search ranges too).
 
     Args:
         raw: the parsed YAML/JSON document.
@@ -339,74 +215,63 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         base_dir: folder that relative CSV paths are resolved against.
 
     Raises:
-        SpecError: naming the file, the field, the bad value and what is allowed.
+        SpecError: one line ``<source>: <field>: got <value>; allowed: <what>``.
     """
-    c = _Checker(source)
+    c = Checker(source)
     if not isinstance(raw, dict):
-        raise c.fail("top level", f"expected a mapping of spec fields (name, data, model, space, ...), got {raw!r}")
+        raise c.refuse("top level", raw, "a mapping of spec fields (name, data, model, space, ...)")
     c.unknown_keys(raw, ("name", "description", "direction", "metric", "seed", "data", "model", "space",
                          "fixed", "sampler", "pruner", "budget", "retrain", "report_every"), "")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or any(ch in name for ch in "/\\ "):
-        raise c.fail("name", f"expected a study name without spaces or slashes, got {name!r}")
-    model = c.one_of(raw.get("model", "mlp"), FAMILIES, "model")
+    name = c.value("name", raw.get("name"))
+    model = c.value("model", raw.get("model", "mlp"))
 
     data = _parse_data(c, c.mapping(raw.get("data"), "data"), base_dir)
-    metric = c.one_of(raw.get("metric", "val_mse" if data.task == "regression" else "val_accuracy"),
-                      tuple(METRICS[data.task]), "metric")
-    direction = c.one_of(raw.get("direction", METRICS[data.task][metric]), DIRECTIONS, "direction")
-    if direction != METRICS[data.task][metric]:
-        raise c.fail("direction", f"{metric} improves by {METRICS[data.task][metric]}, got {direction!r}")
+    metrics = METRICS[data.task]
+    metric = c.value(Domain("choice", choices=tuple(metrics)), raw.get("metric", next(iter(metrics))), "metric")
+    direction = c.value("direction", raw.get("direction", metrics[metric]))
+    if direction != metrics[metric]:
+        raise c.refuse("direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
 
     fixed_raw = c.mapping(raw.get("fixed"), "fixed")
     fixed = {}
     for key, value in fixed_raw.items():
-        _known_name(c, key, model, f"fixed.{key}")
-        fixed[key] = _check_value(c, key, value, f"fixed.{key}")
+        known_name(c, key, model, f"fixed.{key}")
+        fixed[key] = check_value(c, key, value, f"fixed.{key}")
     space_raw = c.mapping(raw.get("space"), "space")
     space = tuple(_parse_param(c, k, v, model) for k, v in space_raw.items())
     for p in space:
         if p.name in fixed:
             raise c.fail(f"fixed.{p.name}", "is also in space: keep one")
-    _check_references(c, space, fixed)
+    check_references(c, space, fixed)
+    check_layer_lists(c, space, fixed, model)
 
     sampler_raw = c.mapping(raw.get("sampler"), "sampler")
-    c.unknown_keys(sampler_raw, ("kind", "n_startup_trials", "multivariate"), "sampler.")
-    sampler = SamplerSpec(
-        kind=c.one_of(sampler_raw.get("kind", "tpe"), SAMPLERS, "sampler.kind"),
-        n_startup_trials=c.integer(sampler_raw.get("n_startup_trials", 10), "sampler.n_startup_trials", minimum=0),
-        multivariate=sampler_raw.get("multivariate", False),
-    )
-    if not isinstance(sampler.multivariate, bool):
-        raise c.fail("sampler.multivariate", f"expected true or false, got {sampler.multivariate!r}")
+    kind = c.value("sampler.kind", sampler_raw.get("kind", "tpe"))
+    c.unknown_keys(sampler_raw, ("kind", *SAMPLER_SETTINGS[kind]), "sampler.", f" for sampler kind {kind!r}")
+    sampler = SamplerSpec(kind=kind, **{k: c.value(f"sampler.{k}", v) for k, v in sampler_raw.items() if k != "kind"})
     if sampler.kind == "grid":
         for p in space:
             if p.kind == "float" and p.step is None:
                 raise c.fail(f"space.{p.name}", "grid search needs choice or a range with step")
     pruner_raw = c.mapping(raw.get("pruner"), "pruner")
-    c.unknown_keys(pruner_raw, tuple(vars(PrunerSpec()).keys()), "pruner.")
-    pruner = PrunerSpec(
-        kind=c.one_of(pruner_raw.get("kind", "median"), PRUNERS, "pruner.kind"),
-        **{k: c.integer(pruner_raw[k], f"pruner.{k}", minimum=0) for k in pruner_raw if k != "kind"},
-    )
+    kind = c.value("pruner.kind", pruner_raw.get("kind", "median"))
+    c.unknown_keys(pruner_raw, ("kind", *PRUNER_SETTINGS[kind]), "pruner.", f" for pruner kind {kind!r}")
+    pruner = PrunerSpec(kind=kind, **{k: c.value(f"pruner.{k}", v) for k, v in pruner_raw.items() if k != "kind"})
     budget_raw = c.mapping(raw.get("budget"), "budget")
     c.unknown_keys(budget_raw, ("n_trials", "timeout"), "budget.")
-    budget = BudgetSpec(
-        n_trials=c.integer(budget_raw.get("n_trials", 100), "budget.n_trials", minimum=1, optional=True),
-        timeout=c.number(budget_raw.get("timeout"), "budget.timeout", optional=True),
-    )
+    budget = BudgetSpec(n_trials=c.value("budget.n_trials", budget_raw.get("n_trials", 100)),
+                        timeout=c.value("budget.timeout", budget_raw.get("timeout")))
     retrain_raw = c.mapping(raw.get("retrain"), "retrain")
     c.unknown_keys(retrain_raw, ("folds", "epochs"), "retrain.")
-    retrain = RetrainSpec(
-        folds=c.integer(retrain_raw.get("folds", 5), "retrain.folds", minimum=2),
-        epochs=c.integer(retrain_raw.get("epochs"), "retrain.epochs", minimum=1, optional=True),
-    )
+    retrain = RetrainSpec(folds=c.value("retrain.folds", retrain_raw.get("folds", 5)),
+                          epochs=c.value("retrain.epochs", retrain_raw.get("epochs")))
+    description = raw.get("description")
     return StudySpec(
         name=name,
-        description=str(raw.get("description") or ""),
+        description="" if description is None else c.value("description", description),
         direction=direction,
         metric=metric,
-        seed=c.integer(raw.get("seed", 0), "seed", minimum=0),
+        seed=c.value("seed", raw.get("seed", 0)),
         data=data,
         model=model,
         space=space,
@@ -415,42 +280,37 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         pruner=pruner,
         budget=budget,
         retrain=retrain,
-        report_every=c.integer(raw.get("report_every", 1), "report_every", minimum=1),
+        report_every=c.value("report_every", raw.get("report_every", 1)),
     )
 
 
-def _parse_data(c: _Checker, raw: dict, base_dir: Path | None) -> DataSpec:
+def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
     c.unknown_keys(raw, tuple(DataSpec.__dataclass_fields__), "data.")
-    source = c.one_of(raw.get("source"), DATA_SOURCES, "data.source")
-    task = c.one_of(raw.get("task", "regression" if source == "csv" else "classification"), TASKS, "data.task")
+    source = c.value("data.source", raw.get("source"))
+    task = c.value("data.task", raw.get("task", "regression" if source == "csv" else "classification"))
     if source != "csv" and task != "classification":
-        raise c.fail("data.task", f"{source} is a classification data set, got {task!r}")
-    val_fraction = c.number(raw.get("val_fraction", 0.2), "data.val_fraction")
-    if not 0 < val_fraction < 1:
-        raise c.fail("data.val_fraction", f"must be between 0 and 1, got {val_fraction}")
-    kwargs: dict[str, Any] = {"source": source, "task": task, "val_fraction": float(val_fraction)}
+        raise c.refuse("data.task", task, f"classification ({source} is a classification data set)")
+    kwargs: dict[str, Any] = {"source": source, "task": task,
+                              "val_fraction": c.value("data.val_fraction", raw.get("val_fraction", 0.2))}
     for key in ("train_subset", "val_subset"):
-        kwargs[key] = c.integer(raw.get(key), f"data.{key}", minimum=1, optional=True)
-    if raw.get("data_dir") is not None:
-        kwargs["data_dir"] = _resolve(str(raw["data_dir"]), base_dir)
+        kwargs[key] = c.value(f"data.{key}", raw.get(key))
+    as_written = dict(c.mapping(raw.get("as_written"), "data.as_written"))
+    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [])
+    for key in paths:
+        written = c.value(f"data.{key}", raw.get(key))
+        if written is not None:
+            kwargs[key] = _resolve(written, base_dir)
+            if kwargs[key] != written:
+                as_written[key] = written
     if source == "csv":
-        for key in ("train", "test"):
-            if not isinstance(raw.get(key), str):
-                raise c.fail(f"data.{key}", f"a csv study needs the path of its {key} CSV, got {raw.get(key)!r}")
-            kwargs[key] = _resolve(raw[key], base_dir)
         features = raw.get("features", ["x"])
-        if isinstance(features, str):
-            features = [features]
-        if not isinstance(features, list) or not features or not all(isinstance(f, str) for f in features):
-            raise c.fail("data.features", f"expected a list of column names, got {features!r}")
-        kwargs["features"] = tuple(features)
-        if not isinstance(raw.get("target", "y"), str):
-            raise c.fail("data.target", f"expected a column name, got {raw.get('target')!r}")
-        kwargs["target"] = raw.get("target", "y")
+        kwargs["features"] = tuple(c.value("data.features", [features] if isinstance(features, str) else features))
+        kwargs["target"] = c.value("data.target", raw.get("target", "y"))
         if raw.get("files") is not None:
             kwargs["files"] = _parse_files(c, raw["files"])
         if raw.get("inline") is not None:
             kwargs["inline"] = c.mapping(raw["inline"], "data.inline")
+    kwargs["as_written"] = {k: v for k, v in as_written.items() if k in paths} or None
     return DataSpec(**kwargs)
 
 

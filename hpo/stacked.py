@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -79,9 +78,10 @@ class _Schedules:
         return self.optimizers[k].param_groups[0]["lr"]
 
     def step(self, k: int, val_loss: float) -> float:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": the stand-in never steps
-            step_scheduler(self.schedulers[k], val_loss)
+        # The stand-in steps as model k did this epoch (its parameter has no gradient, so nothing
+        # moves): the scheduler then sees optimizer.step() before its own step, as torch expects.
+        self.optimizers[k].step()
+        step_scheduler(self.schedulers[k], val_loss)
         return self.lr(k)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 
 from hpo import datastore, optuna_private
-from hpo.budget import is_finished, retried_numbers
+from hpo.domains import PRUNER_SETTINGS, SAMPLER_SETTINGS, show
 from hpo.errors import SpecError, StoreError
 from hpo.spec import StudySpec, parse_spec
 from hpo.store import Heartbeat
@@ -131,18 +131,49 @@ def delete(name: str, storage: optuna.storages.RDBStorage, *, sweep: bool = True
     datastore.release(storage.engine, sid, sweep=sweep)
 
 
+def check_buildable(spec: StudySpec, *, source: str = "<spec>") -> None:
+    """Build the spec's sampler and pruner once, as every worker will, and check that the store can
+    hold its name.
+
+    Raises:
+        SpecError: one line naming the field, when Optuna's constructor refuses a setting or the
+            name is longer than the store's study_name column.
+    """
+    limit = optuna_private.STUDIES.c.study_name.type.length
+    if limit is not None and len(spec.name) > limit:
+        raise SpecError(f"{source}: name: got a name of {len(spec.name)} characters; allowed: at most {limit} "
+                        f"(the store's study_name column)")
+    for section, build in (("sampler", build_sampler), ("pruner", build_pruner)):
+        settings = getattr(spec, section).to_dict()
+        try:
+            build(spec)
+        except (ValueError, TypeError, OverflowError) as e:
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            named = [k for k in settings if k != "kind" and k in message]
+            field = f"{section}.{named[0]}" if len(named) == 1 else section
+            value = settings[named[0]] if len(named) == 1 else settings
+            raise SpecError(f"{source}: {field}: got {show(value)}; allowed: what Optuna's {section} "
+                            f"{settings['kind']!r} accepts ({message})") from e
+
+
 def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool = False,
-           heartbeat: Heartbeat | None = None) -> optuna.Study:
+           heartbeat: Heartbeat | None = None, source: str = "<spec>") -> optuna.Study:
     """Create the study with its spec stored inside it, its data files (``spec.data.files``, read
     from ``spec.data.train``/``test`` unless the store holds them already) beside it, and the
     heartbeat settings its workers will share (default: ``HPO_HEARTBEAT_INTERVAL``/``HPO_GRACE_PERIOD``,
     else 10 s / 30 s).
 
+    Args:
+        source: how to name the spec in errors (its file).
+
     Raises:
+        SpecError: when Optuna refuses the sampler or pruner settings, or the name does not fit
+            the store (see ``check_buildable``); nothing is written then.
         StoreError: when a study of that name exists and ``force`` is false, or a heartbeat
             knob is bad.
         DataError: when a data file to store is missing or changed since ``hpo.tables`` read it.
     """
+    check_buildable(spec, source=source)
     heartbeat = heartbeat or Heartbeat.from_env()
     if _exists(storage, spec.name):
         if not force:
@@ -184,9 +215,18 @@ def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 
     raw = storage.get_study_user_attrs(study_id(storage, name)).get(SPEC_ATTR)
     if raw is None:
         raise SpecError(f"study {name!r} has no hpo spec (it was not created by hpo create-study)")
-    spec = parse_spec(raw, source=f"study {name!r} (stored spec)")
+    spec = parse_spec(_upgraded(raw), source=f"study {name!r} (stored spec)")
     study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(spec, seed_offset=seed_offset),
                               pruner=build_pruner(spec))
     return study, spec
 
 
+def _upgraded(raw: dict) -> dict:
+    """A stored spec in today's form. Specs stored by earlier versions list every sampler and
+    pruner setting, whatever the kind; only the chosen kind's are kept (the others were never used)."""
+    raw = copy.deepcopy(raw)
+    for section, settings in (("sampler", SAMPLER_SETTINGS), ("pruner", PRUNER_SETTINGS)):
+        d = raw.get(section)
+        if isinstance(d, dict) and d.get("kind") in settings:
+            raw[section] = {k: v for k, v in d.items() if k == "kind" or k in settings[d["kind"]]}
+    return raw

@@ -75,6 +75,14 @@ def webgl(fig: go.Figure, limit: int = WEBGL_POINTS) -> go.Figure:
     return gl
 
 
+def timeline_title(trials: list[FrozenTrial]) -> str:
+    """The timeline section's title, with the number of worker processes that ran the trials."""
+    workers = {t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs}
+    if not workers:
+        return "Timeline"
+    return f"Timeline ({len(workers)} worker{'s' if len(workers) != 1 else ''})"
+
+
 def timeline_webgl(trials: list[FrozenTrial]) -> go.Figure:
     """Optuna's timeline (a bar per trial from its start to its end, by state) as WebGL line
     segments: 10,000 SVG bars take seconds to draw and megabytes of page."""
@@ -190,7 +198,7 @@ def optuna_sections(page, name: str, direction: optuna.study.StudyDirection, tri
     sec.parts.append(page.figure(lambda: vis.plot_intermediate_values(Snapshot(direction, reported)),
                                  "intermediate values"))
 
-    sec = page.section("timeline", "Timeline (parallel workers)")
+    sec = page.section("timeline", timeline_title(trials))
     if len(trials) > WEBGL_POINTS:
         sec.parts.append(page.figure(lambda: timeline_webgl(trials), "timeline"))
     else:

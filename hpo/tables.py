@@ -23,8 +23,11 @@ def read_csv_table(path: str, columns: tuple[str, ...]) -> dict:
     Returns ``{"columns": [...], "rows": [[...], ...]}``, the form embedded in the stored spec.
 
     Raises:
-        DataError: naming the file, the row and the column of the first bad value.
+        DataError: naming the file, the line (as an editor numbers it) and the column of the first
+            bad value.
     """
+    from hpo.csv_lines import csv_line
+
     try:
         frame = pd.read_csv(path)
     except FileNotFoundError as e:
@@ -43,7 +46,7 @@ def read_csv_table(path: str, columns: tuple[str, ...]) -> dict:
         row, col = np.argwhere(bad.to_numpy())[0]
         value = frame.iat[row, col]
         problem = "missing value" if pd.isna(value) else f"expected a number, got {value!r}"
-        raise DataError(f"{path}: row {row + 2}, column {columns[col]!r}: {problem}")
+        raise DataError(f"{path}: line {csv_line(path, int(row))}, column {columns[col]!r}: {problem}")
     return {"columns": list(columns), "rows": numeric.to_numpy(dtype=float).tolist()}
 
 

@@ -269,6 +269,11 @@ def train(
     result.path_reason = graph_problem(device, hp) if cuda_graph else "cuda_graph=False"
     if not result.path_reason:
         optimizer = make_optimizer(model.parameters(), hp, capturable=True)
+        # The scheduler comes before capture: torch's scheduler tracks optimizer.step() through a
+        # wrapper it installs on the optimizer, and the step captured (the one every replay runs)
+        # must be that wrapped one. Made after capture, it never sees a step (replays run no
+        # Python) and warns "lr_scheduler.step() before optimizer.step()" in every trial.
+        scheduler = make_scheduler(optimizer, hp)
         try:
             sizes = sorted({min(batch_size, n), n % batch_size} - {0}, reverse=True)
             graphs = _Graphs(make_step(optimizer), optimizer, model, x_train, y_train, sizes)
@@ -278,8 +283,8 @@ def train(
             graphs = None
     if graphs is None:
         optimizer = make_optimizer(model.parameters(), hp)
+        scheduler = make_scheduler(optimizer, hp)
         eager_step = make_step(optimizer)
-    scheduler = make_scheduler(optimizer, hp)
     generator = torch.Generator(device=device).manual_seed(seed)
 
     best_loss, best_state, since_best = math.inf, None, 0

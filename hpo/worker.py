@@ -36,6 +36,7 @@ from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.errors import StoreError
 from hpo.objective import Abandoned, Interrupted, make_objective
+from hpo.progress import Progress
 from hpo.store import WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
 from hpo.store.config import env_seconds
 from hpo.store.queries import silent_trials, unfinished, waiting_trials
@@ -245,6 +246,7 @@ def run_worker(
     worker_index: int = 0,
     data_dir: str | None = None,
     echo: Callable[[str], None] = print,
+    progress: Progress | None = None,
 ) -> Summary:
     """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards.
 
@@ -257,6 +259,7 @@ def run_worker(
         worker_index: a further sampler-seed offset. Each worker also takes the next free worker
             number of the study in the store, so concurrently started workers draw different
             points while the first worker of a fresh study always uses the spec's seed.
+        progress: shows the running trial's epoch and latest value (default: nothing).
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
@@ -284,7 +287,8 @@ def run_worker(
     start, ran = time.perf_counter(), 0
     with _StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested,
-                                   is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None)
+                                   is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
+                                   progress=progress)
         try:
             while not stop.requested and (n_trials is None or ran < n_trials):
                 if deadline is not None and time.monotonic() >= deadline:

@@ -56,10 +56,10 @@ def regression_text(**replace) -> str:
     [
         (lambda: regression_text(**{"[Adam, SGD, RMSprop]": "[Adam, Adamax]"}), "space.optimizer.choice[1]: got 'Adamax'; allowed: Adam, SGD, RMSprop"),
         (lambda: regression_text(**{"activation: relu": "activation: swish"}), "fixed.activation: got 'swish'"),
-        (lambda: regression_text(**{"[1.0e-4, 1.0e-2]": "[1.0e-2, 1.0e-4]"}), "space.lr.float: low must be < high"),
-        (lambda: regression_text(**{"{int: [4, 50]}": "{int: [50, 50]}"}), "space.batch_size.int: low must be < high"),
+        (lambda: regression_text(**{"[1.0e-4, 1.0e-2]": "[1.0e-2, 1.0e-4]"}), "space.lr.float: got [0.01, 0.0001]; allowed: low < high"),
+        (lambda: regression_text(**{"{int: [4, 50]}": "{int: [50, 50]}"}), "space.batch_size.int: got [50, 50]; allowed: low < high"),
         (lambda: "name: x\nspace: [1, 2", "malformed YAML"),
-        (lambda: "", "top level: expected a mapping"),
+        (lambda: "", "top level: got null; allowed: a mapping"),
     ],
 )
 def test_bad_specs_exit_2_with_one_line_and_create_nothing(tmp_path, cli_env, text, expected):
@@ -78,8 +78,10 @@ def test_unknown_study_names(cli_env):
 @pytest.mark.parametrize(
     "csv, expected",
     [
-        ("x,y\n1.0,2.0\n2.0,\n", "row 3, column 'y': missing value"),
-        ("x,y\n1.0,2.0\nabc,1.0\n", "row 3, column 'x': expected a number, got 'abc'"),
+        ("x,y\n1.0,2.0\n2.0,\n", "line 3, column 'y': missing value"),
+        ("x,y\n1.0,2.0\nabc,1.0\n", "line 3, column 'x': expected a number, got 'abc'"),
+        # an empty line 4 and a missing y on line 12: the file's own line numbers
+        ("x,y\n1,1\n2,2\n\n" + "".join(f"{i},{i}\n" for i in range(5, 12)) + "12,\n", "line 12, column 'y': missing value"),
         ("x,z\n1.0,2.0\n", "missing column(s) y"),
         ("", "cannot read as CSV"),
     ],

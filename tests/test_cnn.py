@@ -84,7 +84,7 @@ def test_kernel_larger_than_its_input_is_one_clear_line():
 
 def _spec(**space):
     raw = {"name": "shapes", "model": "cnn", "data": {"source": "fashion_mnist"}, "space": space,
-           "fixed": {"kernel_size": 5, "padding": 0}}
+           "fixed": {"kernel_size": 5, "padding": 0, "filters": 4}}
     return parse_spec(raw)
 
 

@@ -1,6 +1,9 @@
 import numpy as np
+import pytest
 
 from hpo.data import split_indices
+from hpo.errors import DataError
+from hpo.tables import read_csv_table
 
 
 def test_split_is_seeded_disjoint_and_stratified():
@@ -21,3 +24,15 @@ def test_split_with_a_class_too_rare_to_stratify():
 def test_subsets_cut_the_split():
     train, val = split_indices(1000, val_fraction=0.2, seed=0, train_subset=100, val_subset=50)
     assert len(train) == 100 and len(val) == 50
+
+
+def test_csv_errors_give_the_files_line_numbers(tmp_path):
+    """Blank lines (skipped by pandas) and a quoted field over two lines do not shift the line named."""
+    path = tmp_path / "t.csv"
+    rows = ["x,y", "1,1", "2,2", ""] + [f"{i},{i}" for i in range(5, 12)] + ["12,"]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"t.csv: line 12, column 'y': missing value"):
+        read_csv_table(str(path), ("x", "y"))
+    path.write_text('x,y,note\n\n  \n1,1,"two\nlines"\n2,oops,n\n')
+    with pytest.raises(DataError, match=r"t.csv: line 6, column 'y': expected a number, got 'oops'"):
+        read_csv_table(str(path), ("x", "y"))

@@ -359,3 +359,64 @@ def test_image_export_takes_raw_idx_pixels(tmp_path):
     frame = pd.read_csv(written)
     np.testing.assert_array_equal(frame["prediction"], expected.argmax(-1).numpy())
     assert list(frame["class"]) == [src.classes[i] for i in expected.argmax(-1)]
+
+
+def test_predict_output_and_load_types(tmp_path, retrained, monkeypatch):
+    """``hpo predict`` writes under storage/predictions/ (never beside its input), refuses to
+    replace a file without --force, or prints a CSV with --output -; ``predict`` returns the type
+    it is given; an export folder the file system refuses is one line, exit 2."""
+    import io
+    import warnings
+
+    import torch
+
+    import hpo
+    from hpo.errors import HpoError
+    from hpo.export import export_best
+    from hpo.loading import predict_file
+
+    env = store_env(retrained)
+    out = export_best("regression", storage_url=env["HPO_STORAGE"], out=tmp_path / "export")
+    model = hpo.load(out)
+    x = raw_columns(REGRESSION_TEST_CSV, ["x"]).copy()
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns (once per process) on read-only arrays: predict copies them
+        y = model.predict(read_only)
+    assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == (len(x), 1)
+    y_torch = model.predict(torch.from_numpy(x))
+    assert isinstance(y_torch, torch.Tensor)
+    np.testing.assert_allclose(y_torch.numpy(), y)
+    np.testing.assert_allclose(model.predict(x), y)
+    np.testing.assert_allclose(model.predict(x.tolist()), y)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(REGRESSION_TEST_CSV, data / "points.csv")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    written = predict_file(out, data / "points.csv")
+    assert written == Path("storage/predictions/regression/points.csv") and written.is_file()
+    assert [p.name for p in data.iterdir()] == ["points.csv"]
+    with pytest.raises(HpoError, match=r"^--output: storage/predictions/regression/points.csv already exists; "
+                                       r"pass --force to replace it"):
+        predict_file(out, data / "points.csv")
+    written.write_text("old")
+    predict_file(out, data / "points.csv", force=True)
+    np.testing.assert_allclose(pd.read_csv(written)["prediction"], y.ravel(), **TOL)
+
+    proc = run_hpo("predict", "--model", str(out), "--input", str(data / "points.csv"), "--output", "-", env=env, check=0)
+    frame = pd.read_csv(io.StringIO(proc.stdout))
+    assert list(frame.columns) == ["x", "y", "prediction"]
+    np.testing.assert_allclose(frame["prediction"], y.ravel(), **TOL)
+    proc = run_hpo("predict", "--model", str(out), "--input", str(data / "points.csv"),
+                   "--output", str(tmp_path / "work" / written), env=env, check=2)
+    assert proc.stderr.strip().endswith("already exists; pass --force to replace it (or --output FILE, or --output - "
+                                        "for standard output)")
+
+    too_long = tmp_path / ("x" * 300)
+    proc = run_hpo("export-best", "--study", "regression", "--out", str(too_long), env=env, check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hpo: error: --out: cannot write the export {too_long}")
+    assert lines[0].endswith("File name too long")

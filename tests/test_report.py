@@ -243,3 +243,36 @@ def test_one_trial_degrades_to_plain_messages(tmp_path, store_url):
     assert "the contour needs two parameters" in text
     assert "parallel coordinates need at least 2 complete trials" in text
     assert len(FIGURE_DIV.findall(text)) == 3  # history, intermediate values, timeline
+
+
+def test_spec_block_as_written_and_timeline_title_by_workers(tmp_path, store_url):
+    """The spec block shows the data paths as the spec's author wrote them and the chosen pruner's
+    settings only; the timeline's title counts the workers that ran the trials."""
+    import html
+
+    from hpo.report import write_report
+    from hpo.study_figures import timeline_title
+    from hpo.spec import find_spec_file, load_spec_file
+    from hpo.study import create
+    from hpo.tables import embed_csv
+
+    study = create(embed_csv(load_spec_file(find_spec_file("regression"))), open_storage(store_url, heartbeat=False))
+    for i, worker in enumerate(["host:1", "host:2", "host:1"]):
+        study.add_trial(optuna.trial.create_trial(value=1.0 / (i + 1), user_attrs={"worker": worker}))
+    text = html.unescape(write_report("regression", storage_url=store_url, out=tmp_path / "r.html").read_text())
+    spec_block = text[text.index("<h3>Spec</h3>"):]
+    spec_block = spec_block[:spec_block.index("</pre>")]
+    assert "train: data/regression_train.csv\n" in spec_block and "test: data/regression_test.csv\n" in spec_block
+    assert str(find_spec_file("regression").parent) not in spec_block and "as_written" not in spec_block
+    assert "pruner:\n  kind: median\n  n_startup_trials: 5\n  n_warmup_steps: 50\n  interval_steps: 1\n" in spec_block
+    assert "min_resource" not in spec_block and "reduction_factor" not in spec_block
+    assert '<section id="timeline"><h2>Timeline (2 workers)</h2>' in text
+    one = [optuna.trial.create_trial(value=1.0, user_attrs={"worker": "host:7"})]
+    assert timeline_title(one) == "Timeline (1 worker)"
+    assert timeline_title([optuna.trial.create_trial(value=1.0)]) == "Timeline"
+
+    from hpo.errors import HpoError
+
+    too_long = tmp_path / ("r" * 300 + ".html")
+    with pytest.raises(HpoError, match=r"^--out: cannot write the report to .*: File name too long$"):
+        write_report("regression", storage_url=store_url, out=too_long)

@@ -238,7 +238,38 @@ def test_cli_retrain_exits_2_without_a_complete_trial_then_prints_the_table(tmp_
     scratch.mkdir()
     proc = run_hpo("retrain", "--study", "blobs", "--folds", "2", "--stacked", "--artifacts", str(artifacts),
                    env={**cli_env, "TMPDIR": str(scratch)}, check=0)
-    for text in ("fold 0", "fold 1", "majority_vote", "soft_vote", "trained 2 models (stacked)", "saved retrain"):
+    for text in ("fold 0", "fold 1", "folds: mean ± std", "majority vote", "soft vote", "trained 2 models (stacked)",
+                 "saved retrain"):
         assert text in proc.stdout
     assert len([p for p in artifacts.rglob("*") if p.is_file()]) == 6  # 4 files + 2 fold weights
     assert not list(scratch.glob("hpo-retrain-*"))  # the table comes from the run itself: nothing downloaded, nothing left
+
+
+def test_results_table_labels_the_ensemble_and_the_folds_mean_and_drops_repeated_columns():
+    from hpo.commands.retrain import results_table
+
+    def fold(i, epochs, val, test, val_loss=None, test_loss=None):
+        return {"fold": i, "epochs_run": epochs, "val_metric": val, "test_metric": test,
+                "val_loss": val if val_loss is None else val_loss, "test_loss": test if test_loss is None else test_loss}
+
+    regression = {"metric": "mse", "best_fold": 1, "per_fold": [fold(0, 100, 0.2134, 0.19), fold(1, 80, 0.1, 0.2012345)],
+                  "ensemble": {"mean": {"test_loss": 0.181, "test_metric": 0.181}}}
+    assert results_table(regression).splitlines() == [
+        "model              epochs           val_mse           test_mse",
+        "fold 0                100            0.2134             0.1900",
+        "fold 1 *               80            0.1000             0.2012",
+        "folds: mean ± std          0.1567 ± 0.05670  0.1956 ± 0.005617",
+        "ensemble mean                                           0.1810",
+        "* best fold on validation",
+    ]
+    classification = {"metric": "accuracy", "best_fold": 0,
+                      "per_fold": [fold(0, 10, 0.89, 0.88, 0.4134, 0.45), fold(1, 10, 0.87, 0.8712, 0.5, 0.5)],
+                      "ensemble": {"majority_vote": {"test_metric": 0.9},
+                                   "soft_vote": {"test_loss": 0.3, "test_metric": 0.905}}}
+    lines = results_table(classification).splitlines()
+    assert lines[0].split() == ["model", "epochs", "val_loss", "val_accuracy", "test_loss", "test_accuracy"]
+    assert lines[3].split() == ["folds:", "mean", "±", "std", "0.4567", "±", "0.04330", "0.8800", "±", "0.01000",
+                                "0.4750", "±", "0.02500", "0.8756", "±", "0.004400"]
+    assert lines[4].split() == ["majority", "vote", "-", "0.9000"]
+    assert lines[5].split() == ["soft", "vote", "0.3000", "0.9050"]
+    assert lines[6] == "* best fold on validation (breaks majority-vote ties)"

@@ -118,3 +118,16 @@ def test_median_pruner_decides_as_optunas_and_reads_the_study_at_most_once_a_sec
     next_trial.number = late.number + 1
     ours.prune(study, next_trial)
     assert len(reads) == 1 + n_theirs + 2
+
+
+def test_specs_stored_by_earlier_versions_still_load(tmp_path, store_url):
+    """Earlier versions stored every sampler and pruner setting whatever the kind; they still load."""
+    spec = created(tmp_path, store_url, sampler={"kind": "random"})
+    storage = open_storage(store_url, heartbeat=False)
+    old = spec.to_dict()
+    old["sampler"] = {"kind": "random", "n_startup_trials": 10, "multivariate": False}
+    old["pruner"] = {"kind": "median", "n_startup_trials": 3, "n_warmup_steps": 5, "interval_steps": 1,
+                     "min_resource": 1, "reduction_factor": 3}
+    optuna.load_study(study_name="regression", storage=storage).set_user_attr(SPEC_ATTR, old)
+    _, loaded = load("regression", storage)
+    assert loaded == spec

@@ -3,6 +3,7 @@ precedes CUDA-graph capture, capturable optimizers with schedulers, augmentation
 Fashion-MNIST study through the real CLI."""
 
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -211,3 +212,40 @@ def test_failed_capture_falls_back_to_eager_and_says_why(images, monkeypatch):
     assert result.path_reason == "capture failed: RuntimeError: operation not permitted when stream is capturing"
     # the warm-up steps taken before the failed capture were undone
     assert [h["train_loss"] for h in result.history] == pytest.approx([h["train_loss"] for h in expected])
+
+
+def test_graph_path_with_a_scheduler_gives_no_scheduler_order_warning(images, monkeypatch):
+    """On CUDA every replay runs the captured optimizer step without running Python, so torch's
+    scheduler learns of optimizer.step() only from the capture itself. The stand-in does what CUDA
+    does: the step's Python runs once at capture, and replays bypass the Python-level step."""
+    optimizers = []
+
+    def recording(*args, **kwargs):
+        optimizers.append(make_optimizer(*args, **kwargs))
+        return optimizers[-1]
+
+    def capture(fn):
+        fn()  # capture runs the step's Python once (its effect is undone by the restore that follows)
+        optimizer = optimizers[-1]
+
+        def replay():
+            wrapper = optimizer.__dict__.pop("step", None)  # no Python on replay: no scheduler bookkeeping
+            try:
+                fn()
+            finally:
+                if wrapper is not None:
+                    optimizer.step = wrapper
+        return replay
+
+    monkeypatch.setattr(train_module, "make_optimizer", recording)
+    monkeypatch.setattr(train_module, "graph_problem", lambda device, hp: "")
+    monkeypatch.setattr(train_module, "_cuda_capture", capture)
+    hp = resolve({**SMALL_CNN, "optimizer": "SGD", "lr": 0.01, "scheduler": "exponential", "lr_decay": 0.5})
+    torch.manual_seed(0)
+    model = build_model("cnn", hp, in_shape=images.in_shape, out_features=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(model, images, hp, seed=0)
+    assert result.path == "cuda_graph"
+    assert [str(w.message) for w in caught if "lr_scheduler.step()" in str(w.message)] == []
+    assert [h["lr"] for h in result.history] == pytest.approx([0.01, 0.005])

@@ -45,15 +45,18 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
 @click.command()
 @click.option("--model", "model_dir", required=True, metavar="DIR", help="A folder written by hpo export-best.")
 @click.option("--input", "input_path", required=True, metavar="FILE", help="CSV (feature columns by name), .npy or IDX file.")
-@click.option("--output", "output_path", default=None, metavar="FILE",
-              help="Where to write the predictions: .csv or .npy (default: <input>.predictions.csv).")
+@click.option("--output", "output_path", default=None, metavar="FILE|-",
+              help="Where to write the predictions: .csv or .npy, or '-' for a CSV on standard output "
+                   "(default: storage/predictions/<study>/<input name>.csv).")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
 @click.option("--fold", type=click.IntRange(min=0), default=None, metavar="K", help="Use fold K's model alone instead of the ensemble.")
-def predict(model_dir: str, input_path: str, output_path: str | None, fold: int | None) -> None:
+def predict(model_dir: str, input_path: str, output_path: str | None, force: bool, fold: int | None) -> None:
     """Predict with an exported model on a file of raw inputs."""
     from hpo.loading import predict_file
 
-    written = predict_file(model_dir, input_path, output_path, fold=fold)
-    click.echo(f"wrote predictions to {written}")
+    written = predict_file(model_dir, input_path, output_path, fold=fold, force=force)
+    if written is not None:
+        click.echo(f"wrote predictions to {written}")
 
 
 COMMANDS = [export_best, predict]

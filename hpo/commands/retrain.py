@@ -2,23 +2,57 @@
 
 from __future__ import annotations
 
+from statistics import fmean, pstdev
+
 import click
 
 from hpo.commands.options import artifacts_option, device_option, gpu_option, storage_option, study_option
 
 
+ENSEMBLE_LABELS = {"mean": "ensemble mean", "majority_vote": "majority vote", "soft_vote": "soft vote"}
+
+
+def _sig(value: float | None, digits: int = 4) -> str:
+    """``value`` with ``digits`` significant digits, trailing zeros kept (0.8900, 0.01234, 1235)."""
+    if value is None:
+        return "-"
+    text = f"{value:#.{digits}g}"
+    return text[:-1] if text.endswith(".") else text
+
+
 def results_table(metrics: dict) -> str:
-    """Per-fold and ensemble test results of one retrain as a text table."""
-    name = metrics["metric"]
-    lines = [f"{'model':16s} {'epochs':>6s} {'val_loss':>10s} {'val_' + name:>12s} {'test_loss':>10s} {'test_' + name:>13s}"]
-    for f in metrics["per_fold"]:
+    """Per-fold and ensemble test results of one retrain as a text table.
+
+    Rows: each fold model (the best on validation starred), the folds' mean ± std, then each
+    ensemble's own score (the ensemble-mean model for regression; the votes for classifiers).
+    A loss column that repeats the metric's (the MSE loss of a regression) is left out; every
+    number has 4 significant digits.
+    """
+    name, folds = metrics["metric"], metrics["per_fold"]
+    ensembles = metrics["ensemble"]
+    columns = [("val_loss", "val_loss"), (f"val_{name}", "val_metric"),
+               ("test_loss", "test_loss"), (f"test_{name}", "test_metric")]
+
+    def repeats(loss: str, metric: str) -> bool:
+        rows = [*folds, *ensembles.values()]
+        return all(r.get(loss) is None or r.get(loss) == r.get(metric) for r in rows)
+
+    columns = [(h, k) for h, k in columns
+               if not (k.endswith("_loss") and repeats(k, k.replace("_loss", "_metric")))]
+    rows = [["model", "epochs", *(h for h, _ in columns)]]
+    for f in folds:
         mark = " *" if f["fold"] == metrics["best_fold"] else ""
-        lines.append(f"{'fold ' + str(f['fold']) + mark:16s} {f['epochs_run']:6d} {f['val_loss']:10.4g} "
-                     f"{f['val_metric']:12.4g} {f['test_loss']:10.4g} {f['test_metric']:13.4g}")
-    for ens, e in metrics["ensemble"].items():
-        loss = f"{e['test_loss']:10.4g}" if "test_loss" in e else f"{'-':>10s}"
-        lines.append(f"{ens:16s} {'':6s} {'':10s} {'':12s} {loss} {e['test_metric']:13.4g}")
-    tie_note = " (breaks majority-vote ties)" if "majority_vote" in metrics["ensemble"] else ""
+        rows.append([f"fold {f['fold']}{mark}", str(f["epochs_run"]), *(_sig(f[k]) for _, k in columns)])
+    if len(folds) > 1:
+        spread = [f"{_sig(fmean(v))} ± {_sig(pstdev(v))}"
+                  for v in ([f[k] for f in folds] for _, k in columns)]
+        rows.append(["folds: mean ± std", "", *spread])
+    for ens, e in ensembles.items():
+        rows.append([ENSEMBLE_LABELS.get(ens, ens), "", *("" if k.startswith("val_") else _sig(e.get(k)) for _, k in columns)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    tie_note = " (breaks majority-vote ties)" if "majority_vote" in ensembles else ""
     lines.append(f"* best fold on validation{tie_note}")
     return "\n".join(lines)
 
@@ -40,12 +74,14 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
             stacked: bool | None, data_dir: str | None, storage: str | None, artifacts: str | None) -> None:
     """Retrain a trial on K folds of all training data; save fold models, predictions and ensembles."""
     from hpo.devices import resolve_device
+    from hpo.progress import Progress
     from hpo.retrain import run_retrain
 
     saved: list[dict] = []
     record = run_retrain(study_name, storage_url=storage, artifacts=artifacts, folds=folds, trial_number=trial_number,
                          device=resolve_device(gpu=gpu, device=device), data_dir=data_dir,
-                         stacked=stacked, echo=click.echo, on_metrics=saved.append)
+                         stacked=stacked, echo=click.echo, on_metrics=saved.append,
+                         progress=Progress())
     metrics = saved[0]
     click.echo(results_table(metrics))
     rate = metrics["model_epochs_per_s"]

@@ -91,6 +91,11 @@ def max_data_bytes() -> int:
     return value
 
 
+def _tables_exist(engine: sa.Engine) -> bool:
+    inspector = sa.inspect(engine)
+    return all(inspector.has_table(t.name) for t in METADATA.sorted_tables)
+
+
 def ensure_tables(engine: sa.Engine) -> None:
     """Create hpo's data tables in the store unless they exist, under the store's schema lock
     (safe to race, like Optuna's schema: :mod:`hpo.store.schema`)."""

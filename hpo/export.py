@@ -193,7 +193,6 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
             (naming the file and the file system's reason).
     """
     from hpo.store import open_artifact_store
-    from hpo.statistics import summarize
 
     _check_format(fmt)
     out = Path(out)
@@ -223,7 +222,7 @@ def _cannot_write(out: Path, e: OSError) -> HpoError:
 
 def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna.trial.FrozenTrial,
                   record: RetrainRecord | None, note: str, *, fmt: str, ensemble: str | None, artifact_store) -> Path:
-    from hpo.study import summarize
+    from hpo.statistics import summarize
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

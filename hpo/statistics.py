@@ -101,7 +101,8 @@ def _retried_fails(conn: sa.Connection, study_id: int) -> int:
 def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None = None) -> list[Summary]:
     """Statistics of the studies ``study_ids`` (default: every study in the store), by study name.
 
-    Cost: four queries for all the studies (names, directions, metrics, counts by state), then
+    Cost: five queries for all the studies (names, directions, metrics, counts by state, trials by
+    GPU sharing), then
     per study at most two for the best trial and its parameters and two for the re-queued trials:
     the trials' own rows are only counted.
     """

@@ -331,7 +331,7 @@ def test_status_and_report_count_trials_by_gpu_sharing(tmp_path, store_url, cli_
     assert "GPU sharing (trials):      mps 2, time-slice 1" in status
     assert summarize(study).gpu_sharing == {"mps": 2, "time-slice": 1}  # also what status --json prints
     page = report.Page()
-    report.statistics_section(page, study, spec)
+    report.statistics_section(page, summarize(study), spec, study.get_trials())
     html = "".join(page.sections[0].parts)
     assert "GPU sharing (trials)" in html and "mps 2, time-slice 1" in html
 

@@ -49,6 +49,12 @@ def intermediate_value(stored: float | None, kind: object) -> float:
     return models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(stored, kind)
 
 
+# Optuna stores a non-finite report as NULL with the name of its kind; these are the reports by name.
+NON_FINITE_INTERMEDIATE_VALUES = {
+    kind.name: models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(None, kind)
+    for kind in models.TrialIntermediateValueModel.TrialIntermediateValueType if kind.name != "FINITE"}
+
+
 def stored_trial_value(value: float) -> tuple[float | None, object]:
     """An objective value as Optuna stores it (same form as :func:`stored_intermediate_value`)."""
     return models.TrialValueModel.value_to_stored_repr(value)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo import optuna_private
+from hpo import optuna_private, trials
 from hpo.errors import StoreError
 from hpo.optuna_private import (TRIAL_INTERMEDIATE_VALUES, TRIAL_SYSTEM_ATTRS, TRIAL_USER_ATTRS, TRIAL_VALUES,
                                  TRIALS)
@@ -76,6 +76,12 @@ class RetryingRDBStorage(optuna_private.RDBStorage):
                     rows.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
                 upsert(conn, TRIAL_VALUES, rows, ("trial_id", "objective"))
         return True
+
+    def read_trials(self, study_id, states, included_trial_ids, trial_id_greater_than):
+        """Optuna's read, one query per table instead of its ORM's: a worker's first read of a
+        10,000-trial study takes seconds instead of a minute (benchmarks/bench_scale.py)."""
+        return trials.read_trials(self, study_id, states=states, included_trial_ids=included_trial_ids,
+                                  trial_id_greater_than=trial_id_greater_than)
 
     def store_trial_param(self, trial_id, param_name, param_value_internal, distribution, previous_distribution):
         try:

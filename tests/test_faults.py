@@ -44,7 +44,7 @@ def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="regression", storage=open_storage(url, heartbeat=False)).get_trials()
 
 
-def wait_for(predicate, timeout: float = 60):
+def wait_for(predicate, timeout: float = 120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()

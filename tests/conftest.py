@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -120,19 +121,28 @@ def _pg_conn(dbname: str = "test"):
     return conn
 
 
-@pytest.fixture
-def pg_url():
-    """A freshly created PostgreSQL database, dropped afterwards."""
-    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+@contextlib.contextmanager
+def new_pg_database(prefix: str = "hpo_test"):
+    """A freshly created PostgreSQL database's URL, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     conn = _pg_conn()
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
     conn.close()
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    conn = _pg_conn()  # a new connection: the test may have restarted the server
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.close()
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        conn = _pg_conn()  # a new connection: the test may have restarted the server
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()
+
+
+@pytest.fixture
+def pg_url():
+    """A freshly created PostgreSQL database, dropped afterwards."""
+    with new_pg_database() as url:
+        yield url
 
 
 def pg_connections(url: str) -> int:
@@ -145,12 +155,12 @@ def pg_connections(url: str) -> int:
     return n
 
 
-@pytest.fixture
-def mysql_url():
-    """A freshly created MariaDB database, dropped afterwards."""
+@contextlib.contextmanager
+def new_mysql_database(prefix: str = "hpo_test"):
+    """A freshly created MariaDB database's URL, dropped afterwards."""
     import pymysql
 
-    name = f"hpo_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=3,
                                autocommit=True)
@@ -158,10 +168,19 @@ def mysql_url():
         pytest.skip(f"MariaDB unreachable: {e}")
     with conn.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
-    yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-    conn.close()
+    try:
+        yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.close()
+
+
+@pytest.fixture
+def mysql_url():
+    """A freshly created MariaDB database, dropped afterwards."""
+    with new_mysql_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),

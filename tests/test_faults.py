@@ -44,14 +44,15 @@ def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="regression", storage=open_storage(url, heartbeat=False)).get_trials()
 
 
-def wait_for(predicate, timeout: float = 120):
+def wait_for(predicate, timeout: float = 120, what: str = "the condition"):
+    """``predicate()``'s first true value, polled every 0.2 s for up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()
         if found:
             return found
         time.sleep(0.2)
-    raise AssertionError("timed out waiting")
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def running_with_reports(url: str, pid: int | None = None):

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from conftest import REPO, run_hpo
 from hpo.cli import main
 from hpo.store import Heartbeat, open_storage
-from test_faults import slow_spec
+from test_faults import slow_spec, wait_for
 from test_parallel import budget_trials, create, fast_spec
 
 PASSWORD = "pw-Sl4rm-secret"  # PostgreSQL here trusts local clients, so any password connects
@@ -66,16 +66,6 @@ def env_for(url: str, **extra: str) -> dict[str, str]:
 def squeue(job: str) -> list[str]:
     proc = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %t"], capture_output=True, text=True, timeout=30)
     return proc.stdout.split("\n") if proc.returncode == 0 and proc.stdout.strip() else []
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def launch(tmp_path: Path, url: str, workers: int, **extra: str) -> tuple[str, str]:

@@ -9,7 +9,6 @@ the trial or the next heartbeat, and writes to it are refused from then on (docs
 
 from __future__ import annotations
 
-import uuid
 
 import optuna
 import pytest
@@ -17,7 +16,7 @@ import sqlalchemy as sa
 from optuna.testing.pytest_storages import StorageTestCase
 from optuna.trial import TrialState
 
-from conftest import _pg_conn
+from conftest import new_mysql_database, new_pg_database
 from hpo.optuna_private import METADATA
 from hpo.store import WorkerStorage, open_storage
 
@@ -41,33 +40,14 @@ def _empty(url: str) -> None:
 
 @pytest.fixture(scope="module")
 def pg_module_url():
-    name = f"hpo_contract_{uuid.uuid4().hex[:10]}"
-    conn = _pg_conn()
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    conn.close()
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    conn = _pg_conn()
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.close()
+    with new_pg_database("hpo_contract") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def mysql_module_url():
-    import pymysql
-
-    name = f"hpo_contract_{uuid.uuid4().hex[:10]}"
-    try:
-        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="", autocommit=True)
-    except pymysql.err.OperationalError as e:
-        pytest.skip(f"MariaDB unreachable: {e}")
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    yield f"mysql+pymysql://root@127.0.0.1:3306/{name}"
-    with conn.cursor() as cur:
-        cur.execute(f"DROP DATABASE IF EXISTS {name}")
-    conn.close()
+    with new_mysql_database("hpo_contract") as url:
+        yield url
 
 
 @pytest.fixture(params=[pytest.param((backend, kind), id=f"{backend}-{kind}", marks=marks)

@@ -103,4 +103,10 @@ def grid_note(spec: StudySpec) -> str | None:
     if n_trials is not None and n_trials <= size:
         return None
     budget = "no budget.n_trials" if n_trials is None else f"budget.n_trials is {n_trials}"
-    return f"the grid has {size} points and {budget}: the study ends after {size} trials, one per point"
+    trials = f"{size} trial{'s' * (size != 1)}"
+    return f"the grid has {points(size)} and {budget}: the study ends after {trials}, one per point"
+
+
+def points(n: int) -> str:
+    """``n`` grid points, in words: "1 point", "18 points"."""
+    return f"{n} point{'s' * (n != 1)}"

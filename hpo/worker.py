@@ -35,7 +35,7 @@ from hpo import study as studies
 from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.errors import StoreError
-from hpo.grid import GridSampler, trials_to_run
+from hpo.grid import GridSampler, points as grid_points, trials_to_run
 from hpo.objective import Abandoned, Interrupted, make_objective
 from hpo.progress import Progress
 from hpo.store import WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
@@ -288,12 +288,12 @@ def run_worker(
     poll = min(2.0, heartbeat.interval)
     worker = _Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
                      new_attrs=grid.point_attrs if grid is not None else None)
-    done_line = (f"study {study_name!r} has run every point of its grid ({grid.size} points)"
+    done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
                  if grid is not None and budget == grid.size else
                  f"study {study_name!r} has used its budget of {budget} trials")
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
-         f"budget {spec.budget.n_trials} trials{f', a grid of {grid.size} points' if grid else ''})")
+         f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
     start, ran = time.perf_counter(), 0
     with _StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested,

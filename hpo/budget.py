@@ -21,9 +21,11 @@ import datetime
 import json
 import uuid
 import warnings
+from typing import Any, Callable
 
 import optuna
 import sqlalchemy as sa
+import sqlalchemy.orm
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -101,16 +103,28 @@ def _started_with(storage: RetryingRDBStorage, token: str) -> int | None:
             TRIAL_SYSTEM_ATTRS.c.key == RUNNER_ATTR, TRIAL_SYSTEM_ATTRS.c.value_json == json.dumps(token))).scalar()
 
 
-def _new(storage: RetryingRDBStorage, study_id: int, budget: int | None, token: str) -> FrozenTrial | None:
+# new_attrs(session, study_id) of start_trial: a new trial's system attrs, or None when none may start.
+NewTrialAttrs = Callable[[sa.orm.Session, int], dict[str, Any] | None]
+
+
+def _new(storage: RetryingRDBStorage, study_id: int, budget: int | None, token: str,
+         new_attrs: NewTrialAttrs | None) -> FrozenTrial | None:
     try:
         with storage.transaction() as session:
             storage.lock_study(session, study_id)  # PostgreSQL/MySQL: places are counted one creator at a time
             # On SQLite the insert takes the write lock, so the places are counted after it.
             trial = storage.add_trial_in(session, study_id)
             _take_place(session, study_id, trial.number, budget)
+            attrs = {} if new_attrs is None else new_attrs(session, study_id)
+            if attrs is None:
+                raise _Abort("nothing left to run")
+            for key, value in attrs.items():
+                session.execute(sa.insert(TRIAL_SYSTEM_ATTRS).values(trial_id=trial._trial_id, key=key,
+                                                                      value_json=json.dumps(value)))
             _mark_runner(session, trial._trial_id, token)
     except _Abort:
         return None
+    trial.system_attrs.update(attrs)
     trial.system_attrs[RUNNER_ATTR] = token
     return trial
 
@@ -138,17 +152,21 @@ def _pop(storage: RetryingRDBStorage, study_id: int, trial_id: int, retry: bool,
 
 
 def start_trial(storage: RetryingRDBStorage, study_id: int, *, budget: int | None,
-                waiting: list[tuple[int, bool]] = ()) -> FrozenTrial | None:
+                waiting: list[tuple[int, bool]] = (), new_attrs: NewTrialAttrs | None = None) -> FrozenTrial | None:
     """Start the study's next trial in one transaction with its budget place: a re-queued retry
     when one waits (it keeps its original's place), else an enqueued trial, else a new one.
 
     Args:
         budget: the study's ``n_trials`` (``None``: no limit).
         waiting: (trial id, is a retry) of WAITING trials to try first, in order.
+        new_attrs: ``new_attrs(session, study_id)``, called in the transaction that creates a new
+            trial, after the study's lock and the budget place: the system attrs to give the trial
+            (a grid study's point, :meth:`hpo.grid.GridSampler.point_attrs`), or ``None`` when no
+            new trial may start. Retries and enqueued trials keep the attrs they carry.
 
     Returns:
         The RUNNING trial this process now runs (its ``system_attrs`` carry the start's token),
-        or ``None`` when no retry waits and every place is taken.
+        or ``None`` when no retry waits and every place is taken (or ``new_attrs`` gave ``None``).
     """
     token = uuid.uuid4().hex
     attempts = 0
@@ -167,7 +185,7 @@ def start_trial(storage: RetryingRDBStorage, study_id: int, *, budget: int | Non
             if took is None:
                 break  # no place left for enqueued trials; retries come first, so none waits either
         else:
-            return _new(storage, study_id, budget, token)
+            return _new(storage, study_id, budget, token, new_attrs)
         return None
 
     return retried(storage, attempt)

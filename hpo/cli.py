@@ -63,6 +63,7 @@ def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval
     from dataclasses import replace
 
     from hpo import study as studies
+    from hpo.grid import grid_note
     from hpo.tables import embed_csv, size_text
     from hpo.spec import find_spec_file, load_spec_file
     from hpo.store import Heartbeat, mask_url, open_storage, resolve_url
@@ -85,6 +86,9 @@ def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "
                f"({parsed.model}, {parsed.metric}, budget {parsed.budget.n_trials} trials)")
+    note = grid_note(parsed)
+    if note:
+        click.echo(f"note: {note}")
     if parsed.data.files:
         click.echo("data in the store: " + ", ".join(
             f"{ref['name']} ({ref['rows']} rows, {size_text(ref['size'])}, sha256 {ref['sha256'][:12]})"

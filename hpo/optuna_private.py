@@ -92,6 +92,14 @@ def cached_frozen_trial(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
     return trial._cached_frozen_trial
 
 
+def in_optimize(study: optuna.Study) -> bool:
+    """Whether ``study.optimize`` is running in this thread: ``study.stop()`` raises
+    ``RuntimeError`` otherwise. A study a pruner filtered (Hyperband's per-bracket study, which
+    forwards ``stop`` to the study it filters) answers for that study."""
+    study = getattr(study, "_study", study)
+    return study._thread_local.in_optimize_loop
+
+
 def forget_cached_trials(study: optuna.Study) -> None:
     """Drop the study's per-thread cache of all trials (Optuna refills it at the next read)."""
     study._thread_local.cached_all_trials = None

@@ -17,6 +17,7 @@ import optuna
 from hpo import datastore, optuna_private
 from hpo.domains import PRUNER_SETTINGS, SAMPLER_SETTINGS, show
 from hpo.errors import SpecError, StoreError
+from hpo.hyperparams import DEFAULTS
 from hpo.spec import StudySpec, parse_spec
 from hpo.store import Heartbeat
 
@@ -25,13 +26,31 @@ HEARTBEAT_ATTR = "hpo:heartbeat"  # study system attr: the heartbeat interval an
 
 
 def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The study's sampler, as every worker builds it.
+
+    Which samplers take the per-worker ``seed_offset`` (the worker's number in the store, plus
+    ``SEED_STRIDE`` times its ``--worker-index``), and why:
+
+    - tpe, random: yes. Each draws its points from its own random stream; workers with one seed
+      would draw the same points (TPE's startup trials are random ones too). TPE's later draws
+      read the study's trials from the store, with the running ones as constant liars.
+    - grid: no, the spec's seed only. GridSampler shuffles the grid with its seed and records a
+      trial's point as an index into that order (``grid_id``); workers with different seeds read
+      the same index as different points, running some twice and others never. Points are
+      handed out in the transaction that starts a trial (``hpo.grid``), not drawn at random.
+
+    The pruners keep no per-worker state that decides anything (see :func:`build_pruner`), and a
+    trial's training seed comes from its number in the study (``hpo.objective.trial_seed``),
+    never from a counter of the worker's own.
+    """
+    if spec.sampler.kind == "grid":
+        from hpo.grid import GridSampler
+        from hpo.space import grid_space
+
+        return GridSampler(grid_space(spec), seed=spec.seed)
     seed = spec.seed + seed_offset
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if spec.sampler.kind == "grid":
-        from hpo.space import grid_space
-
-        return optuna.samplers.GridSampler(grid_space(spec), seed=seed)
     return optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
         multivariate=spec.sampler.multivariate, constant_liar=True)
@@ -83,12 +102,32 @@ class MedianPruner(optuna.pruners.MedianPruner):
         return super().prune(recent.checking(trial.number), trial)
 
 
+def last_step(spec: StudySpec) -> int:
+    """The largest step a trial of the study reports: its most epochs, down to a multiple of
+    ``report_every`` (steps are epochs done; see ``hpo.objective``)."""
+    epochs = next((p for p in spec.space if p.name == "epochs"), None)
+    if epochs is None:
+        most = int(spec.fixed.get("epochs", DEFAULTS["epochs"]))
+    else:
+        most = int(max(epochs.choices) if epochs.kind == "choice" else epochs.high)
+    return max(most // spec.report_every * spec.report_every, 1)
+
+
 def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """The study's pruner, as every worker builds it.
+
+    Hyperband gets ``max_resource`` from the spec: with Optuna's default ("auto") each worker
+    sets it from the longest trial completed when it first prunes, so workers that start at
+    different times split the trial numbers into different brackets (a bracket is chosen by
+    hashing the study name and the trial number, modulo budgets that depend on
+    ``max_resource``). The median pruner keeps no state: it reads the study's trials.
+    """
     p = spec.pruner
     if p.kind == "none":
         return optuna.pruners.NopPruner()
     if p.kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=last_step(spec),
+                                              reduction_factor=p.reduction_factor)
     return MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
                         interval_steps=p.interval_steps)
 

@@ -35,6 +35,7 @@ from hpo import study as studies
 from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.errors import StoreError
+from hpo.grid import GridSampler, points as grid_points, trials_to_run
 from hpo.objective import Abandoned, Interrupted, make_objective
 from hpo.progress import Progress
 from hpo.store import WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
@@ -121,9 +122,9 @@ class _Heartbeat:
 
 class _Worker:
     def __init__(self, study: optuna.Study, storage: WorkerStorage, study_id: int, budget: int | None,
-                 label: str, *, max_retry: int | None = 3):
+                 label: str, *, max_retry: int | None = 3, new_attrs: budgets.NewTrialAttrs | None = None):
         self.study, self.storage, self.study_id, self.budget, self.label = study, storage, study_id, budget, label
-        self.max_retry = max_retry
+        self.max_retry, self.new_attrs = max_retry, new_attrs
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
         self._stale_checked = -float("inf")
         self._none_waiting_at: float | None = None
@@ -131,7 +132,8 @@ class _Worker:
     def next_trial(self) -> optuna.Trial | None:
         """A re-queued retry if one waits, else an enqueued or new trial within the budget;
         ``None`` when the budget's places are all taken."""
-        frozen = budgets.start_trial(self.storage, self.study_id, budget=self.budget, waiting=self._waiting())
+        frozen = budgets.start_trial(self.storage, self.study_id, budget=self.budget, waiting=self._waiting(),
+                                     new_attrs=self.new_attrs)
         if frozen is None:
             return None
         self.storage.adopt(frozen)
@@ -258,7 +260,8 @@ def run_worker(
         timeout: stop starting trials after this many seconds (the spec's timeout still holds).
         worker_index: a further sampler-seed offset. Each worker also takes the next free worker
             number of the study in the store, so concurrently started workers draw different
-            points while the first worker of a fresh study always uses the spec's seed.
+            points while the first worker of a fresh study always uses the spec's seed. A grid
+            study's workers all use the spec's seed (``hpo.study.build_sampler``).
         progress: shows the running trial's epoch and latest value (default: nothing).
 
     Raises:
@@ -276,14 +279,21 @@ def run_worker(
     if device.type == "cpu" and data.x[0].numel() < 1024:
         # Tiny models: thread hand-offs cost more than the arithmetic they would split.
         torch.set_num_threads(1)
-    budget = spec.budget.n_trials
+    # A grid study takes at most one budget place per point: each new trial gets a point no
+    # other trial holds (hpo.grid), and the study ends when every point has run.
+    grid = study.sampler if isinstance(study.sampler, GridSampler) else None
+    budget = trials_to_run(spec)
     timeouts = [t for t in (timeout, spec.budget.timeout) if t is not None]
     deadline = time.monotonic() + min(timeouts) if timeouts else None
     poll = min(2.0, heartbeat.interval)
-    worker = _Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)))
+    worker = _Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
+                     new_attrs=grid.point_attrs if grid is not None else None)
+    done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
+                 if grid is not None and budget == grid.size else
+                 f"study {study_name!r} has used its budget of {budget} trials")
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
-         f"budget {budget} trials)")
+         f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
     start, ran = time.perf_counter(), 0
     with _StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested,
@@ -297,7 +307,7 @@ def run_worker(
                 trial = worker.next_trial()
                 if trial is None:
                     if not worker.in_flight():
-                        echo(f"study {study_name!r} has used its budget of {budget} trials")
+                        echo(done_line)
                         break
                     time.sleep(poll)
                     continue

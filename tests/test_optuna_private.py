@@ -77,6 +77,24 @@ def test_study_and_trial_accessors():
     assert len(study.trials) == 1
 
 
+def test_in_optimize_says_when_study_stop_is_allowed():
+    seen = []
+
+    class Recording(optuna.samplers.RandomSampler):
+        def after_trial(self, study, trial, state, values):
+            # Told with Hyperband's per-bracket study, as the grid sampler's after_trial is.
+            seen.append((type(study).__name__, optuna_private.in_optimize(study)))
+
+    study = optuna.create_study(sampler=Recording(), pruner=optuna.pruners.HyperbandPruner(max_resource=4))
+    study.optimize(lambda trial: 0.0, n_trials=1)
+    study.tell(study.ask(), 0.0)
+    assert seen == [("_BracketStudy", True), ("_BracketStudy", False)], (
+        "Study no longer flags its optimize loop (_thread_local.in_optimize_loop), or Hyperband's "
+        f"bracket study no longer keeps the study it filters as _study: {seen}")
+    with pytest.raises(RuntimeError):
+        study.stop()
+
+
 def test_tell_without_reread():
     study = optuna.create_study()
     trial = study.ask()

@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from hpo.errors import SpecError, TrainingError
-from hpo.models import activation, init_weights, per_layer
+from hpo.hyperparams import DEFAULTS
+from hpo.layers import activation, init_weights, per_layer
 from hpo.spec import StudySpec
 
 IMAGE_SHAPES = {"fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28)}
@@ -126,8 +127,6 @@ def check_cnn_spec(spec: StudySpec) -> str | None:
     in_shape = IMAGE_SHAPES.get(spec.data.source)
     if in_shape is None:
         raise SpecError(f"model: cnn needs an image data source ({', '.join(IMAGE_SHAPES)}), got data.source {spec.data.source!r}")
-    from hpo.hyperparams import DEFAULTS
-
     names = ("n_conv", "kernel_size", "padding", "pooling")
     fits, failures = False, []
     for values in itertools.product(*(_extremes(spec, name, DEFAULTS[name]) for name in names)):

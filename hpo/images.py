@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpo.data import Dataset, split_indices
+from hpo.dataset import Dataset, split_indices
 from hpo.errors import DataError
 from hpo.spec import StudySpec
 

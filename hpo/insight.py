@@ -18,7 +18,8 @@ import torch
 from plotly.subplots import make_subplots
 from torch import nn
 
-from hpo.models import _ACTIVATIONS, rebuild
+from hpo.layers import ACTIVATIONS
+from hpo.models import rebuild
 
 MAX_TILES = 16
 NEURONS_PER_LAYER = 8
@@ -163,7 +164,7 @@ def activation_profiles(model: nn.Module, inputs: torch.Tensor, labels: list[str
     no order, so lines across them would draw a meaningless zig-zag). Each layer has its own colour
     scale, with its colour bar beside it."""
     acts: list[tuple[str, torch.Tensor]] = []
-    kinds = tuple(_ACTIVATIONS.values())
+    kinds = tuple(ACTIVATIONS.values())
     hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: acts.append((name, out)))
              for name, m in model.named_modules() if isinstance(m, kinds)]
     try:

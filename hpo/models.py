@@ -9,58 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpo.errors import TrainingError
-
-_ACTIVATIONS = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "selu": nn.SELU,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "gelu": nn.GELU,
-}
-
-
-def activation(name: str) -> nn.Module:
-    return _ACTIVATIONS[name]()
-
-
-def per_layer(value: Any, n: int, name: str) -> list:
-    """Broadcast a scalar to ``n`` layers; check a list has exactly ``n`` entries (none for no layers)."""
-    if n == 0:
-        return []
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise TrainingError(f"{name} has {len(value)} values for {n} layers: {list(value)}")
-        return list(value)
-    return [value] * n
-
-
-def init_weights(model: nn.Module, scheme: str, activation_name: str = "relu") -> None:
-    """Initialise every Linear/Conv layer: ``zero``, ``normal`` (std 0.01), ``glorot``, ``kaiming``.
-
-    ``default`` keeps PyTorch's own initialisation. Biases start at zero for every other scheme.
-    """
-    if scheme == "default":
-        return
-    nonlinearity = "leaky_relu" if activation_name == "leaky_relu" else "relu"
-    for module in model.modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        with torch.no_grad():
-            if scheme == "zero":
-                module.weight.zero_()
-            elif scheme == "normal":
-                module.weight.normal_(0.0, 0.01)
-            elif scheme == "glorot":
-                nn.init.xavier_uniform_(module.weight)
-            elif scheme == "kaiming":
-                nn.init.kaiming_normal_(module.weight, nonlinearity=nonlinearity)
-            else:
-                raise ValueError(f"unknown init scheme {scheme!r}")
-            if module.bias is not None:
-                module.bias.zero_()
-
+from hpo.cnn import build_cnn
+from hpo.layers import activation, init_weights, per_layer
 
 def build_mlp(hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: int) -> nn.Sequential:
     """An MLP: ``n_layers`` hidden layers of ``width[i]`` units, each followed by the activation and
@@ -90,8 +40,6 @@ def build_model(family: str, hp: dict[str, Any], *, in_shape: tuple[int, ...], o
     if family == "mlp":
         return build_mlp(hp, in_shape=in_shape, out_features=out_features)
     if family == "cnn":
-        from hpo.cnn import build_cnn
-
         return build_cnn(hp, in_shape=in_shape, out_features=out_features)
     raise ValueError(f"unknown model family {family!r}")
 

@@ -11,7 +11,7 @@ import optuna
 import torch
 
 from hpo import optuna_private
-from hpo.data import Dataset
+from hpo.dataset import Dataset
 from hpo.devices import gpu_sharing
 from hpo.models import build_model
 from hpo.progress import QUIET, Progress

@@ -23,7 +23,8 @@ import torch
 from optuna.trial import TrialState
 
 from hpo import ensemble
-from hpo.data import Dataset, load_dataset
+from hpo.data import load_dataset
+from hpo.dataset import Dataset
 from hpo.errors import HpoError
 from hpo.models import build_model
 from hpo.objective import trial_seed

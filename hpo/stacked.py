@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hpo.data import Dataset
+from hpo.dataset import Dataset
 from hpo.errors import TrainingError
 from hpo.stacked_step import StackedOptimizer, StackedStep
 from hpo.train import TrainResult, evaluate, make_scheduler, step_scheduler

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from hpo.data import Dataset
+from hpo.dataset import Dataset
 from hpo.train import EVAL_BATCH, WARMUP_STEPS, batch_augmenter, side_stream
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults

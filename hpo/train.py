@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hpo.data import Dataset
+from hpo.dataset import Dataset
 from hpo.errors import TrainingError
 
 EVAL_BATCH = 8192

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hpo.data import split_indices
+from hpo.dataset import split_indices
 from hpo.errors import DataError
 from hpo.tables import read_csv_table
 

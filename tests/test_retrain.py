@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from hpo import ensemble
-from hpo.data import Dataset, load_dataset
+from hpo.data import load_dataset
+from hpo.dataset import Dataset
 from hpo.tables import embed_csv
 from hpo.errors import HpoError
 from hpo.models import rebuild

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hpo.data import Dataset
+from hpo.dataset import Dataset
 from hpo.errors import TrainingError
 from hpo.hyperparams import resolve
 from hpo.models import build_model

@@ -119,7 +119,7 @@ def stacked_step_work(*, k: int = 10, batch: int = 64) -> tuple[collections.Coun
     anchors' layers, dropout and Adam settings), each on its own batch, on the CPU. A step on a batch
     without padding, as every batch of an epoch but the last is. On a GPU the captured graph is
     fed by one more operator per step (the copy of the batch indices into its input buffer)."""
-    from hpo.data import Dataset
+    from hpo.dataset import Dataset
     from hpo.hyperparams import resolve
     from hpo.stacked_step import StackedStep
 
@@ -220,7 +220,7 @@ def host_syncs_per_epoch(*, k: int = 10) -> dict[str, int]:
     """Host reads per epoch of K folds: the stacked path (``train_stacked``) and the sequential one
     (``train`` per fold), counted on the CPU as the difference between a 3- and a 2-epoch run (so
     one-off reads at the start and end drop out)."""
-    from hpo.data import Dataset
+    from hpo.dataset import Dataset
     from hpo.hyperparams import resolve
     from hpo.stacked import Fold, train_stacked
     from hpo.train import train

@@ -18,7 +18,7 @@ import torch
 
 from hpo.bench.data import BenchData
 from hpo.bench.ops import LENET5
-from hpo.data import Dataset
+from hpo.dataset import Dataset
 from hpo.hyperparams import resolve
 from hpo.images import SOURCES, load_image_dataset
 from hpo.models import build_model

@@ -1,0 +1,125 @@
+"""The package's structure: no import cycle (counting imports inside functions, so a lazy import
+cannot hide one), every module importable alone in a fresh interpreter, and no module reaching
+into another's ``_private`` names."""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = REPO / "hpo"
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, list[str]]]:
+    """(module imported, names taken from it) for every import in the file, top level or not."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            out.append((base, [alias.name for alias in node.names]))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        for module, names in _imports(name, path):
+            if not module.startswith("hpo"):
+                continue
+            # "from hpo import study" imports the module hpo.study, not the package's __init__.
+            targets = [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES]
+            if len(targets) < len(names) or not names:
+                targets.append(module)
+            graph[name].update(t for t in targets if t in MODULES and t != name)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_even_through_imports_inside_functions():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for name, path in MODULES.items():
+        for module, names in _imports(name, path):
+            if not module.startswith("hpo"):
+                continue
+            private = [n for n in names if n.startswith("_") and f"{module}.{n}" not in MODULES]
+            offenders += [f"{name}: from {module} import {n}" for n in private]
+    assert offenders == []
+
+
+def test_only_optuna_private_uses_optunas_private_api():
+    offenders = []
+    for name, path in MODULES.items():
+        if name == "hpo.optuna_private":
+            continue
+        for module, names in _imports(name, path):
+            if module.startswith("optuna") and (any(part.startswith("_") for part in module.split("."))
+                                                or any(n.startswith("_") for n in names)):
+                offenders.append(f"{name}: {module} {names}")
+    assert offenders == []
+
+
+@pytest.mark.slow
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    def import_alone(name: str) -> tuple[str, int, str]:
+        proc = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        return name, proc.returncode, proc.stderr.strip().splitlines()[-1:] and proc.stderr.strip().splitlines()[-1]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        failed = [(n, err) for n, code, err in pool.map(import_alone, sorted(MODULES)) if code]
+    assert failed == []

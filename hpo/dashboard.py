@@ -48,10 +48,9 @@ def study_url(study_name: str, *, storage_url: str | None = None, storage=None, 
     Raises:
         StoreError: no such study.
     """
-    from hpo.store import open_storage
-    from hpo.study import load
+    from hpo.study import load, open_study
 
-    study, _ = load(study_name, storage if storage is not None else open_storage(storage_url, heartbeat=False))
+    study, _ = load(study_name, storage) if storage is not None else open_study(study_name, storage_url)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/dashboard/studies/{optuna_private.study_id(study)}"
 

@@ -81,10 +81,9 @@ def open_study(study_name: str, storage_url: str | None) -> tuple[optuna.Study, 
     """
     import optuna
 
-    from hpo.store import open_storage
-    from hpo.study import load
+    from hpo.study import open_study
 
-    study, spec = load(study_name, open_storage(storage_url, heartbeat=False))
+    study, spec = open_study(study_name, storage_url)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {study_name!r} has no complete trial yet, so there is no best trial to export; "

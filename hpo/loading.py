@@ -33,6 +33,7 @@ from torch import nn
 from hpo import ensemble as ens
 from hpo.errors import DataError, HpoError
 from hpo.export import EXPORT_FORMAT, MANIFEST, MODEL, sha256
+from hpo.store.config import STORAGE_ROOT
 
 
 class ExportedModel(nn.Module):
@@ -215,7 +216,7 @@ def default_output(model: ExportedModel, input_path: Path, *, fold: int | None =
     """Where ``hpo predict`` writes by default: ``storage/predictions/<study>/<input name>.csv``
     (``.fold<K>.csv`` for one fold's model), never beside the input."""
     stem = input_path.name.split(".")[0] + (f".fold{fold}" if fold is not None else "")
-    return Path("storage") / "predictions" / model.study / f"{stem}.csv"
+    return STORAGE_ROOT / "predictions" / model.study / f"{stem}.csv"
 
 
 def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str | Path | None = None, *,

@@ -28,6 +28,7 @@ import yaml
 import hpo
 from hpo.console import sharing_text
 from hpo.errors import HpoError
+from hpo.store.config import STORAGE_ROOT
 from hpo.figures import retrain_sections
 from hpo.spec import StudySpec
 from hpo.store import open_artifact_store, open_storage
@@ -183,7 +184,7 @@ def render(page: Page, *, title: str, subtitle: str) -> str:
 
 
 def default_out(study_name: str) -> Path:
-    return Path("storage") / "reports" / f"{study_name}.html"
+    return STORAGE_ROOT / "reports" / f"{study_name}.html"
 
 
 def write_report(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None,

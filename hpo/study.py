@@ -18,7 +18,7 @@ from hpo import datastore, optuna_private
 from hpo.domains import PRUNER_SETTINGS, SAMPLER_SETTINGS, show
 from hpo.errors import SpecError, StoreError
 from hpo.hyperparams import DEFAULTS
-from hpo.spec import StudySpec, parse_spec
+from hpo.spec import StudySpec, find_spec_file, load_spec_file, parse_spec
 from hpo.store import Heartbeat
 
 SPEC_ATTR = "hpo_spec"
@@ -269,3 +269,45 @@ def _upgraded(raw: dict) -> dict:
         if isinstance(d, dict) and d.get("kind") in settings:
             raw[section] = {k: v for k, v in d.items() if k == "kind" or k in settings[d["kind"]]}
     return raw
+
+
+def open_study(name: str, storage_url: str | None = None) -> tuple[optuna.Study, StudySpec]:
+    """Study ``name`` and its spec, from the store at ``storage_url`` (flag, ``HPO_STORAGE``, default).
+
+    Raises:
+        StoreError: the store cannot be opened, or it has no such study (listing the ones there are).
+        SpecError: the study was not created by hpo.
+    """
+    from hpo.store import open_storage
+
+    return load(name, open_storage(storage_url, heartbeat=False))
+
+
+def create_from_file(spec: str, *, storage_url: str | None = None, force: bool = False,
+                     heartbeat: Heartbeat | None = None) -> tuple[optuna.Study, StudySpec, list[str]]:
+    """``hpo create-study``: validate the spec file ``spec`` (a name in ``studies/`` or a YAML
+    path), check that its sampler, pruner and (for a CNN) layers can be built, then create the study
+    with its data in the store at ``storage_url``. Nothing is written when a check fails.
+
+    Returns:
+        The study, its spec, and warnings to show (e.g. CNN configurations that never fit).
+
+    Raises:
+        SpecError, DataError, StoreError: one line naming the file, the field, the value and what
+            is allowed; or the store's problem.
+    """
+    from hpo.store import open_storage
+    from hpo.tables import embed_csv
+
+    path = find_spec_file(spec)
+    parsed = embed_csv(load_spec_file(path))
+    check_buildable(parsed, source=str(path))  # before the store is opened: a refusal leaves nothing
+    warnings = []
+    if parsed.model == "cnn":
+        from hpo.cnn import check_cnn_spec  # torch: only CNN specs pay its import
+
+        warning = check_cnn_spec(parsed)  # raises when no configuration fits the images
+        warnings += [warning] if warning else []
+    study = create(parsed, open_storage(storage_url, heartbeat=False), force=force, heartbeat=heartbeat,
+                   source=str(path))
+    return study, parsed, warnings

@@ -32,11 +32,10 @@ def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, 
     starts the CUDA MPS daemon unless one runs, and stops it at the end.
     """
     from hpo.fleet import exit_text, plan, run_fleet, worker_command
-    from hpo.store import open_storage
-    from hpo.study import load
+    from hpo.study import open_study
 
     members = plan(gpus=gpus, per_gpu=per_gpu, device=device, workers=workers)
-    load(study_name, open_storage(storage, heartbeat=False))  # fail fast, once, on a bad store or name
+    open_study(study_name, storage)  # fail fast, once, on a bad store or name
     click.echo(f"fleet: {len(members)} workers on study {study_name!r}")
     command = worker_command(study_name, storage=storage, n_trials=n_trials, timeout=timeout, data_dir=data_dir)
     result = run_fleet(members, command, mps=mps, max_restarts=max_restarts, echo=click.echo)

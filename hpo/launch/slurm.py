@@ -22,8 +22,9 @@ from pathlib import Path
 
 from hpo.errors import HpoError
 from hpo.launch import GRACE, check_gpus, check_workers, dns_name
+from hpo.store.config import STORAGE_ROOT
 
-JOBS_DIR = Path("storage") / "jobs"
+JOBS_DIR = STORAGE_ROOT / "jobs"
 SBATCH_TIMEOUT = 60  # seconds sbatch may take to answer
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # SLURM's [D-]HH[:MM[:SS]] and MM forms
 

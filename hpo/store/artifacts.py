@@ -8,14 +8,14 @@ from pathlib import Path
 
 from optuna.artifacts import FileSystemArtifactStore
 
-from hpo.store.config import resolve_url, sqlite_path
+from hpo.store.config import STORAGE_ROOT, resolve_url, sqlite_path
 
 
 def artifact_dir(url: str | None = None, flag: str | None = None) -> Path:
     if flag or os.environ.get("HPO_ARTIFACTS"):
         return Path(flag or os.environ["HPO_ARTIFACTS"])
     path = sqlite_path(resolve_url(url))
-    return (path.parent if path is not None else Path("storage")) / "artifacts"
+    return (path.parent if path is not None else STORAGE_ROOT) / "artifacts"
 
 
 def open_artifact_store(url: str | None = None, flag: str | None = None) -> FileSystemArtifactStore:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from hpo.errors import StoreError
 
-DEFAULT_URL = "sqlite:///storage/hpo.db"
+STORAGE_ROOT = Path("storage")  # the default store, artifacts, reports, exports, predictions, jobs
+DEFAULT_URL = f"sqlite:///{STORAGE_ROOT / 'hpo.db'}"
 SQLITE_TIMEOUT = 20  # seconds a SQLite writer waits for the lock: below the shortest default grace period
 
 
@@ -62,13 +63,18 @@ class Heartbeat:
                              f"the heartbeat interval ({self.interval})")
 
     @classmethod
-    def from_env(cls) -> "Heartbeat":
-        """From ``HPO_HEARTBEAT_INTERVAL`` and ``HPO_GRACE_PERIOD`` (whole seconds), else the defaults.
+    def from_env(cls, *, interval: int | None = None, grace: int | None = None) -> "Heartbeat":
+        """From ``HPO_HEARTBEAT_INTERVAL`` and ``HPO_GRACE_PERIOD`` (whole seconds), else the
+        defaults; ``interval``/``grace`` given here win over both.
 
         Raises:
             StoreError: a knob that is not a whole number of seconds, or a grace period not longer
                 than the interval (the message echoes the values given).
         """
+        if interval is not None or grace is not None:
+            base = cls.from_env()
+            return cls(interval=base.interval if interval is None else interval,
+                       grace=base.grace if grace is None else grace)
         values = {}
         for field, name in (("interval", "HPO_HEARTBEAT_INTERVAL"), ("grace", "HPO_GRACE_PERIOD")):
             raw = os.environ.get(name)

@@ -1,0 +1,33 @@
+"""``hpo worker``: run trials of a study (any number of workers may share one store)."""
+
+import click
+
+from hpo.commands.options import device_option, gpu_option, storage_option, study_option
+
+
+@click.command()
+@study_option
+@storage_option
+@click.option("--n-trials", type=click.IntRange(min=1), default=None, help="At most N trials from this worker.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="S",
+              help="Stop starting trials after S seconds.")
+@gpu_option
+@device_option
+@click.option("--worker-index", type=click.IntRange(min=0), default=0,
+              help="Extra sampler-seed offset; workers already get distinct seeds from the store.")
+@click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
+def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: float | None, gpu: int | None,
+           device: str | None, worker_index: int, data_dir: str | None) -> None:
+    """Run trials of a study; any number of workers may share one store."""
+    from hpo.console import summary_text
+    from hpo.devices import resolve_device
+    from hpo.progress import Progress
+    from hpo.worker import run_worker
+
+    summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
+                         n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
+                         echo=click.echo, progress=Progress())
+    click.echo(summary_text(summary))
+
+
+COMMANDS = [worker]

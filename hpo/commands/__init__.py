@@ -1,1 +1,1 @@
-"""Command modules beyond the core ones in ``hpo.cli``; each defines click commands for one stage."""
+"""The commands, one module per stage; ``hpo.cli`` registers them. Each parses, calls the library, prints."""

@@ -191,8 +191,10 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
     Args:
         reason: the ``fail_reason`` user attr.
         requeue: queue a retry (unless ``max_retry`` retries of this trial's original already ran).
-        keep_intermediate_values: the retry starts with the values ``trial`` reported (a retry
-            that resumes from a checkpoint must not report them again).
+        keep_intermediate_values: the retry starts with the values ``trial`` reported. hpo's
+            workers leave it off: a retry that resumes from a checkpoint reports the checkpoint's
+            own values (``hpo.objective``), and values reported after the checkpoint must not
+            reach the pruner before the steps retrained.
 
     Returns:
         Whether this call failed the trial.

@@ -63,8 +63,9 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     is pruned when the pruner says so.
 
     Args:
-        should_stop: polled after every epoch; when it returns true the trial raises
-            :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
+        should_stop: polled at every epoch boundary where training goes on (a stop during the
+            last epoch lets the trial finish); when it returns true the trial saves a checkpoint
+            and raises :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
         is_abandoned: polled after every epoch with the trial's store id; when it returns true
             the trial raises :class:`Abandoned`.
         progress: shows the running trial's epoch and latest metric value (default: nothing).

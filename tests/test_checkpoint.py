@@ -270,3 +270,52 @@ def test_checkpoint_file_round_trip_replace_and_refusals(tmp_path):
     (path.parent / ".trial-3.ckpt.999.abcd.tmp").write_bytes(good[:10])
     store.delete("trial-3")
     assert list(path.parent.iterdir()) == [] and store.keys() == []
+
+
+@pytest.mark.slow
+def test_a_fleet_stopped_twice_trains_no_more_than_an_uninterrupted_one(tmp_path, store_url):
+    """``hpo fleet`` stopped twice (SIGINT, as Ctrl-C or a scheduler does) and started again
+    finishes its budget having trained, over all trials and retries, exactly the epochs of an
+    uninterrupted run: each stop checkpoints the running trials at an epoch boundary, so an
+    interruption costs less than one checkpoint interval of training (here: none). Epochs are
+    counted through ``epochs_run`` (FAIL trials: where they were stopped) less ``resumed_from_epoch``."""
+    import subprocess
+
+    epochs, n_trials = 150, 4
+    spec = spec_file(tmp_path, "mlp", every_seconds=3600, n_trials=n_trials, pruner={"kind": "none"})
+    raw = yaml.safe_load(spec.read_text())
+    raw["fixed"].update(epochs=epochs, early_stopping=0)  # every trial trains exactly `epochs` epochs
+    spec.write_text(yaml.safe_dump(raw))
+    create(spec, store_url, heartbeat=Heartbeat(interval=1, grace=2))
+    artifacts = tmp_path / "artifacts"
+    env = dict(os.environ, HPO_STORAGE=store_url, HPO_ARTIFACTS=str(artifacts), **FAST_HEARTBEAT)
+
+    def fleet() -> subprocess.Popen:
+        return subprocess.Popen([*HPO, "fleet", "--study", "ck", "--device", "cpu", "--workers", "2"], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def running_twice() -> bool:
+        return sum(t.state == TrialState.RUNNING and bool(t.intermediate_values) for t in trials_of(store_url)) == 2
+
+    for _ in range(2):
+        proc = fleet()
+        deadline = time.monotonic() + 120
+        while not running_twice():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and out.count("interrupted: the running trial is re-queued") == 2, out
+    proc = fleet()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+
+    trials = trials_of(store_url)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == n_trials and all(t.user_attrs["epochs_run"] == epochs for t in complete)
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) == 4 and all(t.user_attrs["fail_reason"] == "interrupted" for t in stopped)
+    assert sum(t.user_attrs.get("resumed_from_epoch", 0) > 0 for t in trials) == 4  # every retry resumed
+    trained = sum(t.user_attrs["epochs_run"] - t.user_attrs.get("resumed_from_epoch", 0) for t in trials)
+    assert trained == n_trials * epochs  # the uninterrupted run's epochs: nothing trained twice
+    assert CheckpointStore.for_study("ck", artifacts=str(artifacts)).keys() == []

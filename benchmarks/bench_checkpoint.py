@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -126,8 +127,6 @@ def run_once(spec_path: Path, folder: Path, *, checkpoints: bool) -> dict:
 
 def one_save_cost(spec_path: Path, folder: Path, repeats: int = 20) -> dict:
     """Seconds and bytes of one checkpoint of the study's trained model (state capture + file)."""
-    import torch
-
     from hpo.data import load_dataset
     from hpo.hyperparams import resolve
     from hpo.models import build_model
@@ -160,7 +159,6 @@ def main() -> None:
     parser.add_argument("--json", default=None, metavar="OUT")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="hpo-bench-checkpoint-"))
-    import os
     os.environ.setdefault("HPO_CACHE_DIR", str(folder / "cache"))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -37,7 +37,7 @@ BUDGET_PREFIX = "hpo:budget:"
 RETRY_HISTORY_ATTR = "retry_history"  # trial system attr of a retry (Optuna's retry callback): the trials it re-runs
 RUNNER_ATTR = "hpo:runner"  # trial system attr: the token of the start that took the trial
 # Attrs of a trial that describe one run of it, not its parameters: a retry starts without them.
-RUN_USER_ATTRS = ("fail_reason", "retry_of", "retries", "worker")
+RUN_USER_ATTRS = ("fail_reason", "retry_of", "retries", "worker", "epochs_run", "resumed_from_epoch")
 
 
 class _Abort(Exception):
@@ -61,6 +61,12 @@ def retry_history(trial: FrozenTrial) -> list[int]:
 def is_retry(trial: FrozenTrial) -> bool:
     """A re-queued copy of a trial that failed by no fault of its own (dead or interrupted worker)."""
     return retried_trial_number(trial) is not None
+
+
+def will_requeue(trial: FrozenTrial, max_retry: int | None) -> bool:
+    """Whether failing ``trial`` with ``requeue=True, max_retry=max_retry`` queues a retry: fewer
+    than ``max_retry`` runs of its lineage have failed before it."""
+    return max_retry is None or len(retry_history(trial)) + 1 <= max_retry
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
@@ -203,14 +209,16 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
     Args:
         reason: the ``fail_reason`` user attr.
         requeue: queue a retry (unless ``max_retry`` retries of this trial's original already ran).
-        keep_intermediate_values: the retry starts with the values ``trial`` reported (a retry
-            that resumes from a checkpoint must not report them again).
+        keep_intermediate_values: the retry starts with the values ``trial`` reported. hpo's
+            workers leave it off: a retry that resumes from a checkpoint reports the checkpoint's
+            own values (``hpo.objective``), and values reported after the checkpoint must not
+            reach the pruner before the steps retrained.
 
     Returns:
         Whether this call failed the trial.
     """
     history = [*retry_history(trial), trial.number]
-    requeue = requeue and (max_retry is None or len(history) <= max_retry)
+    requeue = requeue and will_requeue(trial, max_retry)
     template = None
     if requeue:
         system_attrs = {k: v for k, v in trial.system_attrs.items() if k != RUNNER_ATTR}

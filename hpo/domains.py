@@ -195,6 +195,8 @@ DOMAINS: dict[str, Domain] = {
     "budget.timeout": number(0, low_open=True, optional=True),  # seconds
     "retrain.folds": integer(2),
     "retrain.epochs": integer(1, optional=True),  # null: each fold model trains the trial's epochs
+    # seconds of training between a running trial's (or retrain's) checkpoints; 0: every epoch
+    "checkpoint.every_seconds": number(0),
     # keys of a search range in space.NAME
     "space.log": BOOL,
     "space.schedule": one_of(SCHEDULES),

@@ -1,16 +1,29 @@
 """The Optuna objective: sample a configuration, build the model, train it, report and prune.
 
-The only place (with ``space``) that touches the trial: the trainer gets a plain callback.
+The only place (with ``space``) that touches the trial: the trainer gets plain callbacks.
+
+Checkpoints (``spec.checkpoint``, given a :class:`~hpo.checkpoint.CheckpointStore`): the trainer's
+state is saved at an epoch boundary at most every ``every_seconds`` of training, and always when
+the worker is told to stop, before the trial raises :class:`Interrupted`. A retry (a re-queued
+copy of a trial whose worker died or was stopped) trains with its original's seed and resumes
+from the original's latest checkpoint: it first reports the values the checkpoint's history holds
+(exactly the steps reported up to its epoch, without asking the pruner again: it saw each once),
+records ``resumed_from_epoch``, then trains on. The retry starts with no intermediate values
+(``hpo.budget.fail_trial``'s default): values a dead worker reported after its last checkpoint
+would otherwise come before the steps retrained, and the pruner would judge the wrong step.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import optuna
 import torch
 
+from hpo import budget as budgets
 from hpo import optuna_private
+from hpo.checkpoint import CheckpointStore, fingerprint, trial_key
 from hpo.dataset import Dataset
 from hpo.devices import gpu_sharing
 from hpo.models import build_model
@@ -18,6 +31,7 @@ from hpo.progress import QUIET, Progress
 from hpo.space import suggest
 from hpo.spec import StudySpec
 from hpo.train import train
+from hpo.train_state import TrainState
 
 
 class Interrupted(KeyboardInterrupt):
@@ -32,22 +46,36 @@ def trial_seed(spec: StudySpec, trial_number: int) -> int:
     return spec.seed * 1_000_003 + trial_number
 
 
+def lineage_number(trial: optuna.trial.FrozenTrial) -> int:
+    """The number of the original trial that ``trial`` re-runs, or its own for an original: the
+    lineage's seed and checkpoint key."""
+    original = budgets.retried_trial_number(trial)
+    return trial.number if original is None else original
+
+
 def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], bool] | None = None,
                    is_abandoned: Callable[[int], bool] | None = None,
-                   progress: Progress | None = None) -> Callable[[optuna.Trial], float]:
+                   progress: Progress | None = None,
+                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float]:
     """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
     is pruned when the pruner says so.
 
     Args:
-        should_stop: polled after every epoch; when it returns true the trial raises
-            :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
+        should_stop: polled at every epoch boundary where training goes on (a stop during the
+            last epoch lets the trial finish); when it returns true the trial saves a checkpoint
+            and raises :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
         is_abandoned: polled after every epoch with the trial's store id; when it returns true
             the trial raises :class:`Abandoned`.
         progress: shows the running trial's epoch and latest metric value (default: nothing).
+        checkpoints: where trials save and resume their checkpoints (None, or ``checkpoint: false``
+            in the spec: no checkpoints).
     """
     progress = progress or QUIET
+    if not spec.checkpoint.enabled:
+        checkpoints = None
+    spec_fingerprint = fingerprint(spec.to_dict())
     device = data.x.device
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
@@ -55,15 +83,22 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     def objective(trial: optuna.Trial) -> float:
         hp = suggest(trial, spec)
         trial_id = optuna_private.trial_id(trial)
-        seed = trial_seed(spec, trial.number)
+        lineage = lineage_number(optuna_private.cached_frozen_trial(trial))
+        seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
         torch.manual_seed(seed)
+        meta = {"study": spec.name, "trial": lineage, "params": dict(trial.params), "spec": spec_fingerprint}
+        resume = _resume(checkpoints, trial, lineage, meta)
+        if resume is not None:
+            for h in resume.history:  # the steps the pruner saw before, reported once more for the record
+                done = int(h["epoch"]) + 1
+                if done % spec.report_every == 0:
+                    trial.report(h[spec.metric], done)
+            trial.set_user_attr("resumed_from_epoch", resume.epoch)
 
         def on_epoch(epoch: int, stats: dict[str, float]) -> None:
             done = epoch + 1
             bar.set_postfix_str(f"{spec.metric}={stats[spec.metric]:.4g}", refresh=False)
             bar.update()
-            if should_stop is not None and should_stop():
-                raise Interrupted(f"interrupted after {done} epochs")
             if is_abandoned is not None and is_abandoned(trial_id):
                 raise Abandoned(f"finished elsewhere after {done} epochs")
             if done % spec.report_every:
@@ -73,13 +108,35 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
                 trial.set_user_attr("epochs_run", done)
                 raise optuna.TrialPruned(f"pruned after {done} epochs")
 
+        saved_at, save_failed = time.monotonic(), False
+
+        def at_boundary(done: int, state: Callable[[], TrainState]) -> None:
+            """After on_epoch: checkpoint when due or told to stop, then stop if told to."""
+            nonlocal saved_at, save_failed
+            stopping = should_stop is not None and should_stop()
+            if checkpoints is not None and (stopping or time.monotonic() - saved_at >= spec.checkpoint.every_seconds):
+                try:
+                    checkpoints.save(trial_key(lineage), {"train": state().to_dict()},
+                                     meta={**meta, "epoch": done, "writer": trial.number})
+                except OSError as e:
+                    if not save_failed:
+                        checkpoints.warn(f"trial {trial.number}: checkpoint not written "
+                                         f"({e.strerror or e}); training goes on")
+                    save_failed = True
+                saved_at = time.monotonic()
+            if stopping:
+                trial.set_user_attr("epochs_run", done)  # what this run trained: done - resumed_from_epoch
+                raise Interrupted(f"interrupted after {done} epochs")
+
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
         model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
         trial.set_user_attr("device", device_name)
         if sharing:
             trial.set_user_attr("gpu_sharing", sharing)
-        with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}") as bar:
-            result = train(model, data, hp, seed=seed, on_epoch=on_epoch)
+        with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
+                          initial=resume.epoch if resume is not None else 0) as bar:
+            saved_at = time.monotonic()
+            result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
         trial.set_user_attr("epochs_run", result.epochs_run)
         trial.set_user_attr("train_seconds", round(result.seconds, 3))
         trial.set_user_attr("train_path", result.path)
@@ -90,3 +147,18 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         return result.metrics[spec.metric]
 
     return objective
+
+
+def _resume(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: int, meta: dict) -> TrainState | None:
+    """The trainer state a retry resumes from: its lineage's checkpoint, when there is a sound
+    one written for this study, trial and parameters (anything else is ignored with a warning)."""
+    if checkpoints is None or lineage == trial.number:
+        return None
+    found = checkpoints.load(trial_key(lineage), expect=meta)
+    if found is None:
+        return None
+    try:
+        return TrainState.from_dict(found[0]["train"])
+    except (ValueError, KeyError, TypeError) as e:
+        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: {e}; training starts over")
+        return None

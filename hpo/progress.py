@@ -59,14 +59,16 @@ class Progress:
     def stream(self) -> TextIO:
         return self._stream if self._stream is not None else sys.stdout
 
-    def bar(self, *, total: int, desc: str, unit: str = "epoch") -> tqdm:
-        """A bar of ``total`` units; call ``update()`` per unit, ``set_postfix_str(text, refresh=False)``
-        for the latest value, and ``close()`` (or use it as a context manager) at the end."""
+    def bar(self, *, total: int, desc: str, unit: str = "epoch", initial: int = 0) -> tqdm:
+        """A bar of ``total`` units, ``initial`` of them done already (a resumed trial); call
+        ``update()`` per unit, ``set_postfix_str(text, refresh=False)`` for the latest value, and
+        ``close()`` (or use it as a context manager) at the end."""
         if not self.enabled:
-            return tqdm(total=total, disable=True)
+            return tqdm(total=total, initial=initial, disable=True)
         if _is_terminal(self.stream):
-            return tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False, dynamic_ncols=True, miniters=1)
-        return tqdm(total=total, desc=f"  {desc}", unit=unit, file=_Lines(self.stream), leave=False,
+            return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.stream, leave=False,
+                        dynamic_ncols=True, miniters=1)
+        return tqdm(total=total, initial=initial, desc=f"  {desc}", unit=unit, file=_Lines(self.stream), leave=False,
                     bar_format=LINE_FORMAT, mininterval=self.line_every, delay=self.line_every, miniters=1)
 
     @contextlib.contextmanager

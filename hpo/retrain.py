@@ -11,10 +11,11 @@ mse or accuracy), ``fold_seeds``, ``split``, ``cuda_graph``, ``path_reason`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ import torch
 from optuna.trial import TrialState
 
 from hpo import ensemble
+from hpo.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
 from hpo.data import load_dataset
 from hpo.dataset import Dataset
 from hpo.errors import HpoError
@@ -30,13 +32,15 @@ from hpo.models import build_model
 from hpo.objective import trial_seed
 from hpo.progress import QUIET, Progress
 from hpo.results import RetrainRecord, save_retrain
+from hpo.retrain_checkpoint import RetrainCheckpoint
 from hpo.space import hyperparams_from_params
 from hpo.spec import StudySpec
 from hpo.stacked import Fold, stack_problem, train_stacked
 from hpo import optuna_private
 from hpo.store import open_artifact_store, open_storage
 from hpo.study import load
-from hpo.train import predict, score, train
+from hpo.train import TrainResult, predict, score, train
+from hpo.train_state import TrainState, cpu_copy, load_model_in_place, rng_state, set_rng_state
 
 GRID_POINTS = 500
 
@@ -93,6 +97,7 @@ def run_retrain(
     device: torch.device,
     data_dir: str | None = None,
     stacked: bool | None = None,
+    resume: bool = False,
     echo: Callable[[str], None] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
@@ -104,6 +109,10 @@ def run_retrain(
         trial_number: the trial to retrain (default: the best complete trial).
         stacked: train the K models together (True), one after another (False), or decide (None:
             stacked on a CUDA device whenever the models can be stacked, else sequential).
+        resume: continue the study's latest unfinished retrain from its checkpoint (its trial,
+            folds and path; finished folds are not trained again). Without it, a new retrain
+            replaces any unfinished one. Checkpoints follow the spec's ``checkpoint`` settings
+            (``hpo.retrain_checkpoint``); SIGINT/SIGTERM checkpoint and stop at the next epoch.
         echo: where progress lines go (default: nowhere).
         on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
         progress: shows the folds x epochs done, the latest fold's validation value and the time
@@ -113,11 +122,23 @@ def run_retrain(
         The new record (``hpo.results.load_retrain`` reads it back); a re-run makes a new one.
 
     Raises:
-        HpoError: no such study, no complete trial, bad fold count, or training failed.
+        HpoError: no such study, no complete trial, bad fold count, training failed, or
+            ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked that differ
+            from it).
+        RetrainInterrupted: told to stop (SIGINT/SIGTERM); the checkpoint is saved.
     """
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
     study, spec = load(study_name, storage)
+    store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
+        if spec.checkpoint.enabled else None
+    if resume:
+        asked = RetrainCheckpoint.unfinished(store, study_name)
+        for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
+                                   ("--stacked/--sequential", stacked, asked["path"] == "stacked")):
+            if given is not None and given != saved:
+                raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
+        trial_number, folds, stacked = asked["trial"], asked["folds"], asked["path"] == "stacked"
     trial = _choose_trial(study, trial_number)
     k = int(folds or spec.retrain.folds)
     hp = hyperparams_from_params(spec, trial.params)
@@ -146,40 +167,55 @@ def run_retrain(
         # On the CPU both paths run at about the same speed; the plain one is easier to follow.
         use_stacked = device.type == "cuda"
         reason = "CUDA device" if use_stacked else "CPU device"
+    path = "stacked" if use_stacked else "sequential"
     echo(f"retrain of trial #{trial.number} of {study_name!r}: {k} folds, {hp['epochs']} epochs, "
-         f"{'stacked' if use_stacked else 'sequential'} on {device}")
+         f"{path} on {device}")
 
-    curves: list[dict[str, list]] = [{"epoch": [], "train_loss": [], "val_loss": [], "val_metric": []} for _ in range(k)]
+    ckpt = None
+    if store is not None:
+        ckpt = RetrainCheckpoint(store, {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k,
+                                         "path": path, "params": dict(trial.params), "hyperparams": hp,
+                                         "spec": fingerprint(spec.to_dict())},
+                                 every_seconds=spec.checkpoint.every_seconds)
+    saved, resumed_from = None, None
+    if resume and ckpt is not None:
+        saved = ckpt.load()
+        resumed_from = store.meta(RETRAIN_KEY)["at"] if saved is not None else None
+        echo(f"  resuming from its checkpoint ({resumed_from})" if saved is not None
+             else "  its checkpoint could not be used: starting over")
+    elif ckpt is not None:
+        ckpt.discard()  # a new retrain replaces an unfinished one: --resume continues the latest
+
     metric_name = "accuracy" if data.task == "classification" else "mse"
-
     progress = progress or QUIET
     epochs = int(hp["epochs"])
     bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
 
     def record(fold: int, epoch: int, stats: dict[str, float]) -> None:
-        c = curves[fold]
-        c["epoch"].append(epoch)
-        c["train_loss"].append(stats["train_loss"])
-        c["val_loss"].append(stats["val_loss"])
-        c["val_metric"].append(stats[f"val_{metric_name}"])
         bar.set_postfix_str(f"fold {fold} val_{metric_name}={stats[f'val_{metric_name}']:.4g}", refresh=False)
         bar.update()
 
+    def fold_done(i: int, result: TrainResult) -> None:
+        bar.total -= epochs - result.epochs_run  # early stopping: the time left shrinks
+        with progress.printing():
+            echo(f"  fold {i}: {result.epochs_run} epochs, val {metric_name} "
+                 f"{result.metrics[f'val_{metric_name}']:.4g}")
+
     start = time.perf_counter()
     cuda_graph, notes = False, []
-    with bar:
+    with bar, (ckpt if ckpt is not None else contextlib.nullcontext()):
         if use_stacked:
-            outcome = train_stacked(models, data, hp, folds=fold_list, on_epoch=record)
+            resume_state = saved["stacked"] if saved is not None else None
+            if resume_state is not None:
+                bar.update(sum(len(r["history"]) for r in resume_state["results"]))
+            boundary = None if ckpt is None else (
+                lambda done, state: ckpt.boundary(lambda: {"stacked": state()}, where=f"epoch {done} of all folds"))
+            outcome = train_stacked(models, data, hp, folds=fold_list, on_epoch=record, resume=resume_state,
+                                    checkpoint=boundary)
             results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
         else:
-            results = []
-            for i, (model, f) in enumerate(zip(models, fold_list)):
-                results.append(train(model, data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
-                                     on_epoch=lambda epoch, stats, i=i: record(i, epoch, stats)))
-                bar.total -= epochs - results[-1].epochs_run  # early stopping: the time left shrinks
-                with progress.printing():
-                    echo(f"  fold {i}: {results[-1].epochs_run} epochs, val {metric_name} "
-                         f"{results[-1].metrics[f'val_{metric_name}']:.4g}")
+            results = train_sequential(models, data, hp, fold_list, on_epoch=record, on_fold=fold_done,
+                                       checkpoint=ckpt, saved=saved, bar=bar)
             cuda_graph = all(r.path == "cuda_graph" for r in results)
             if device.type == "cuda":
                 notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
@@ -188,6 +224,9 @@ def run_retrain(
     seconds = time.perf_counter() - start
     for note in notes:
         echo(f"  note: {note}")
+    curves = [{"epoch": [h["epoch"] for h in r.history], "train_loss": [h["train_loss"] for h in r.history],
+               "val_loss": [h["val_loss"] for h in r.history],
+               "val_metric": [h[f"val_{metric_name}"] for h in r.history]} for r in results]
 
     outputs = torch.stack([predict(m, data.x_test) for m in models])  # (K, N, C)
     per_fold = []
@@ -199,7 +238,7 @@ def run_retrain(
     sign = 1 if data.task == "classification" else -1  # higher accuracy, lower mse is better
     best = max(range(k), key=lambda i: (sign * per_fold[i]["val_metric"], -per_fold[i]["val_loss"]))
 
-    epochs_total = sum(r.epochs_run for r in results)
+    epochs_total = sum(r.epochs_run - r.resumed_from_epoch for r in results)  # trained by this run
     metrics: dict[str, Any] = {
         "task": data.task, "folds": k, "seed": spec.seed, "trial_number": trial.number,
         "params": dict(trial.params), "hyperparams": hp, "path": "stacked" if use_stacked else "sequential",
@@ -208,6 +247,7 @@ def run_retrain(
         "per_fold": per_fold, "best_fold": best, "metric": metric_name, "classes": list(data.classes),
         "fold_seeds": [f.seed for f in fold_list],
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
+        "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
     }
     arrays = _ensembles(data, outputs, best, metrics, models)
 
@@ -216,11 +256,50 @@ def run_retrain(
         summary = {"metric": metric_name, "path": metrics["path"], "train_seconds": round(seconds, 3),
                    "best_fold": best, "best_fold_test_metric": per_fold[best]["test_metric"],
                    **{f"{name}_test_metric": e["test_metric"] for name, e in metrics["ensemble"].items()}}
-        saved = save_retrain(study, artifact_store, trial_number=trial.number, trial_id=optuna_private.trial_id(trial),
-                             folds=k, files=files, summary=summary)
+        retrain_record = save_retrain(study, artifact_store, trial_number=trial.number,
+                                      trial_id=optuna_private.trial_id(trial), folds=k, files=files, summary=summary)
+    if ckpt is not None:
+        ckpt.discard()  # saved: nothing left to resume
     if on_metrics:
         on_metrics(metrics)
-    return saved
+    return retrain_record
+
+
+def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
+                     on_epoch: Callable[[int, int, dict[str, float]], None],
+                     on_fold: Callable[[int, TrainResult], None], checkpoint: RetrainCheckpoint | None,
+                     saved: dict[str, Any] | None, bar) -> list[TrainResult]:
+    """Train fold model i on fold i, one after another, checkpointing as ``hpo.retrain_checkpoint``
+    says; with ``saved`` (a checkpoint's payload), finished folds get their weights back and the
+    fold in training resumes."""
+    device = data.x.device
+    done: list[dict[str, Any]] = list(saved["done"]) if saved is not None else []
+    results = [TrainResult(**{**d["result"], "resumed_from_epoch": d["result"]["epochs_run"]}) for d in done]
+    for model, d in zip(models, done):
+        load_model_in_place(model, d["model"])
+    current = TrainState.from_dict(saved["current"]) if saved is not None and saved["current"] else None
+    if saved is not None and current is None:
+        set_rng_state(saved["rng"], device)  # where the next fold starts
+    bar.update(sum(r.epochs_run for r in results) + (current.epoch if current else 0))
+    bar.total -= sum(int(hp["epochs"]) - r.epochs_run for r in results)
+    first = len(done)
+    for i in range(first, len(models)):
+        f = folds[i]
+
+        def at_boundary(epochs_done: int, state, i=i) -> None:
+            checkpoint.boundary(lambda: {"done": done, "rng": None, "current": state().to_dict()},
+                                where=f"fold {i}, epoch {epochs_done}")
+
+        result = train(models[i], data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
+                       on_epoch=lambda epoch, stats, i=i: on_epoch(i, epoch, stats),
+                       resume=current if i == first else None,
+                       checkpoint=at_boundary if checkpoint is not None else None)
+        results.append(result)
+        on_fold(i, result)
+        done.append({"model": cpu_copy(models[i].state_dict()), "result": asdict(result)})
+        if checkpoint is not None and i + 1 < len(models):  # a finished fold is never trained again
+            checkpoint.save({"done": done, "rng": rng_state(device), "current": None}, where=f"fold {i} done")
+    return results
 
 
 def fold_models(spec: StudySpec, hp: dict[str, Any], data: Dataset, *, seeds: list[int],

@@ -123,6 +123,17 @@ class RetrainSpec:
 
 
 @dataclass(frozen=True)
+class CheckpointSpec:
+    """Trial and retrain checkpoints (``hpo.checkpoint``): ``checkpoint: false`` turns them off."""
+
+    enabled: bool = True
+    every_seconds: float = 60.0  # of training, at an epoch boundary; 0: at every epoch
+
+    def to_dict(self) -> dict | bool:
+        return {"every_seconds": self.every_seconds} if self.enabled else False
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     direction: str
@@ -136,6 +147,7 @@ class StudySpec:
     pruner: PrunerSpec = PrunerSpec()
     budget: BudgetSpec = BudgetSpec()
     retrain: RetrainSpec = RetrainSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
     report_every: int = 1
     description: str = ""
 
@@ -162,6 +174,7 @@ class StudySpec:
             "pruner": self.pruner.to_dict(),
             "budget": vars(self.budget).copy(),
             "retrain": vars(self.retrain).copy(),
+            "checkpoint": self.checkpoint.to_dict(),
             "report_every": self.report_every,
         }
 
@@ -221,7 +234,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     if not isinstance(raw, dict):
         raise c.refuse("top level", raw, "a mapping of spec fields (name, data, model, space, ...)")
     c.unknown_keys(raw, ("name", "description", "direction", "metric", "seed", "data", "model", "space",
-                         "fixed", "sampler", "pruner", "budget", "retrain", "report_every"), "")
+                         "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint", "report_every"), "")
     name = c.value("name", raw.get("name"))
     model = c.value("model", raw.get("model", "mlp"))
 
@@ -280,8 +293,19 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         pruner=pruner,
         budget=budget,
         retrain=retrain,
+        checkpoint=_parse_checkpoint(c, raw.get("checkpoint", True)),
         report_every=c.value("report_every", raw.get("report_every", 1)),
     )
+
+
+def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:
+    """``checkpoint: false`` (off), ``true`` (the defaults) or ``{every_seconds: S}``."""
+    if isinstance(raw, bool):
+        return CheckpointSpec(enabled=raw)
+    if not isinstance(raw, dict):
+        raise c.refuse("checkpoint", raw, "false, true or a mapping {every_seconds: S}")
+    c.unknown_keys(raw, ("every_seconds",), "checkpoint.")
+    return CheckpointSpec(every_seconds=c.value("checkpoint.every_seconds", raw.get("every_seconds", 60.0)))
 
 
 def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:

@@ -18,13 +18,19 @@ Not bit-identical: dropout masks and augmentation (the random stream differs), a
 batch that holds padding (only with uneven folds).
 
 Host syncs: one per epoch (the K training losses and validation metrics read together), none per step.
+
+Checkpoints: at an epoch boundary ``train_stacked`` offers the state of all K models (weights,
+optimizer moments, step counts and lrs, batch-norm buffers, early stopping, schedulers, batch-order
+generators, torch's generators, histories) to a ``checkpoint`` callback; ``resume=`` puts such a
+state back in place (after capture: the graph reads the same buffers) and goes on from its epoch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -34,10 +40,14 @@ from hpo.dataset import Dataset
 from hpo.errors import TrainingError
 from hpo.stacked_step import StackedOptimizer, StackedStep
 from hpo.train import TrainResult, evaluate, make_scheduler, step_scheduler
+from hpo.train_state import cpu_copy, load_scheduler, rng_state, set_generator_state, set_rng_state
 
 __all__ = ["Fold", "StackedOptimizer", "StackedResult", "stack_problem", "train_stacked"]
 
 FoldCallback = Callable[[int, int, dict[str, float]], None]  # (fold, epoch, stats)
+# (epochs done, a function returning the state of all K models now): saves it when it wants to
+StackedCheckpoint = Callable[[int, Callable[[], dict[str, Any]]], None]
+STATE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,8 @@ def train_stacked(
     folds: list[Fold],
     on_epoch: FoldCallback | None = None,
     cuda_graph: bool = True,
+    resume: dict[str, Any] | None = None,
+    checkpoint: StackedCheckpoint | None = None,
 ) -> StackedResult:
     """Train ``models[k]`` on ``folds[k]`` for every k, all at once, in place.
 
@@ -132,12 +144,18 @@ def train_stacked(
         folds: K folds; each model is validated on its fold's ``val_idx``.
         on_epoch: called with ``(fold, epoch, stats)`` after every epoch of every running model.
         cuda_graph: capture the step in a CUDA graph when the data are on a CUDA device.
+        resume: a state offered to ``checkpoint`` by an earlier run of the same models, folds and
+            ``hp``: training goes on from its epoch.
+        checkpoint: called at every epoch boundary where a model still trains with ``(epochs
+            done, state)``, ``state`` a function returning the state (plain containers of CPU
+            tensors, for ``torch.save``); it may raise to stop training.
 
     Returns:
         One ``TrainResult`` per model (as ``train`` returns), and whether a CUDA graph ran.
 
     Raises:
         TrainingError: when a model's loss becomes NaN or infinite, or the models cannot be stacked.
+        ValueError: when ``resume`` is not a state of these models.
     """
     start = time.perf_counter()
     problem = stack_problem(models)
@@ -176,7 +194,46 @@ def train_stacked(
     improved = [False] * k
     lrs = [schedules.lr(f) for f in range(k)]
 
-    for epoch in range(epochs):
+    def state(done: int) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "epoch": done, "flat": optimizer.flat.detach().cpu().clone(),
+            "moments": [m.detach().cpu().clone() for m in optimizer.state], "steps": optimizer.steps.cpu().clone(),
+            "lr": optimizer.lr.cpu().clone(), "buffers": cpu_copy(buffers), "active": list(active),
+            "best": None if best is None else {"flat": best[0].cpu().clone(), "buffers": cpu_copy(best[1])},
+            "best_loss": list(best_loss), "since_best": list(since_best), "improved": list(improved),
+            "lrs": list(lrs), "schedulers": [sch.state_dict() if sch is not None else None for sch in schedules.schedulers],
+            "scheduler_lrs": [schedules.lr(f) for f in range(k)], "batch_order": [g.get_state() for g in generators],
+            "rng": rng_state(device), "results": [asdict(r) for r in results]}
+
+    first = 0
+    if resume is not None:
+        if resume.get("format") != STATE_FORMAT or len(resume.get("results", ())) != k \
+                or tuple(resume["flat"].shape) != tuple(optimizer.flat.shape):
+            raise ValueError("the saved state is not one of these stacked models")
+        with torch.no_grad():  # in place: a captured graph reads these very tensors
+            optimizer.flat.copy_(resume["flat"])
+            for moment, saved in zip(optimizer.state, resume["moments"]):
+                moment.copy_(saved)
+            optimizer.steps.copy_(resume["steps"])
+            optimizer.lr.copy_(resume["lr"])
+            for n, b in buffers.items():
+                b.copy_(resume["buffers"][n])
+            step.active.copy_(torch.tensor([1.0 if a else 0.0 for a in resume["active"]]))
+            if best is not None and resume["best"] is not None:
+                best[0].copy_(resume["best"]["flat"])
+                for n, b in best[1].items():
+                    b.copy_(resume["best"]["buffers"][n])
+        active[:], best_loss[:], since_best[:] = resume["active"], resume["best_loss"], resume["since_best"]
+        improved[:], lrs[:] = resume["improved"], resume["lrs"]
+        for f, (sch, lr) in enumerate(zip(resume["schedulers"], resume["scheduler_lrs"])):
+            load_scheduler(schedules.schedulers[f], sch)
+            schedules.optimizers[f].param_groups[0]["lr"] = lr
+            set_generator_state(generators[f], resume["batch_order"][f], reseed=folds[f].seed + resume["epoch"])
+        set_rng_state(resume["rng"], device)
+        results[:] = [TrainResult(**{**r, "resumed_from_epoch": r["epochs_run"]}) for r in resume["results"]]
+        first = resume["epoch"]
+
+    for epoch in range(first, epochs):
         if not any(active):
             break
         for f in range(k):
@@ -218,6 +275,8 @@ def train_stacked(
                 results[f].stopped_early = True
                 active[f] = False
                 step.active[f] = 0.0
+        if checkpoint is not None and any(active) and epoch + 1 < epochs:
+            checkpoint(epoch + 1, functools.partial(state, epoch + 1))
 
     seconds = time.perf_counter() - start
     x, y = data.x, data.y

@@ -9,6 +9,10 @@ with no DataLoader and no per-sample work on the CPU. Two paths run the same bat
 - ``eager``: the same step run op by op, on the CPU always and on CUDA when capture is not
   possible (the reason is recorded in ``TrainResult.path_reason``).
 No per-step host syncs: the training loss is summed on the device and read once per epoch.
+
+Checkpoints: at every epoch boundary where training goes on, ``train`` offers its whole state
+(``hpo.train_state.TrainState``) to a ``checkpoint`` callback, which saves it when it wants to;
+``train(..., resume=state)`` continues from such a state, on the CPU bit for bit.
 """
 
 from __future__ import annotations
@@ -23,13 +27,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from hpo import train_state
 from hpo.dataset import Dataset
 from hpo.errors import TrainingError
+from hpo.train_state import TrainState
 
 EVAL_BATCH = 8192
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy optimizer state, cuDNN autotuning)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# (epochs done, a function returning the trainer's state now): saves the state when it wants to
+CheckpointCallback = Callable[[int, Callable[[], TrainState]], None]
 Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 
@@ -42,6 +50,7 @@ class TrainResult:
     seconds: float = 0.0
     path: str = "eager"  # "cuda_graph" | "eager"
     path_reason: str = ""  # why the eager path ran, when it did
+    resumed_from_epoch: int = 0  # epochs done before this run (resumed from a checkpoint)
 
 
 def loss_function(task: str) -> nn.Module:
@@ -221,6 +230,8 @@ def train(
     val_idx: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
     cuda_graph: bool = True,
+    resume: TrainState | None = None,
+    checkpoint: CheckpointCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` (already on the model's device).
 
@@ -232,13 +243,21 @@ def train(
         on_epoch: called after every epoch with ``(epoch, stats)``; stats hold ``train_loss`` and
             ``val_<name>`` for every validation metric. It may raise to stop training (pruning).
         cuda_graph: try to capture the step in a CUDA graph on a CUDA device (False: always eager).
+        resume: continue from this state (of the same model, data, ``hp`` and ``seed``): it is
+            put back in place after the step is captured, and the epochs it has done are skipped.
+        checkpoint: called after ``on_epoch`` at every epoch boundary where training goes on (not
+            after the last epoch, nor when early stopping ends it) with ``(epochs done, state)``,
+            ``state`` a function returning the trainer's :class:`~hpo.train_state.TrainState`
+            (CPU copies; built only when called). It may raise to stop training.
 
     Returns:
-        The history, the validation metrics of the final model (the best epoch's weights when
-        early stopping is on), and which path ran (``path``, ``path_reason``).
+        The history (the resumed state's included), the validation metrics of the final model
+        (the best epoch's weights when early stopping is on), and which path ran (``path``,
+        ``path_reason``).
 
     Raises:
         TrainingError: when the loss becomes NaN or infinite, or augmentation is asked for on non-images.
+        ValueError: when ``resume`` does not fit the model.
     """
     start = time.perf_counter()
     train_idx = data.train_idx if train_idx is None else train_idx
@@ -287,8 +306,24 @@ def train(
         eager_step = make_step(optimizer)
     generator = torch.Generator(device=device).manual_seed(seed)
 
-    best_loss, best_state, since_best = math.inf, None, 0
-    for epoch in range(epochs):
+    best_loss, best_state, since_best, first = math.inf, None, 0, 0
+    if resume is not None:
+        # After capture, into the very tensors the graphs read.
+        train_state.load_model_in_place(model, resume.model)
+        train_state.load_optimizer_in_place(optimizer, resume.optimizer)
+        train_state.load_scheduler(scheduler, resume.scheduler)
+        train_state.set_generator_state(generator, resume.batch_order, reseed=seed + resume.epoch)
+        train_state.set_rng_state(resume.rng, device)
+        best_loss, best_state, since_best = resume.best_loss, resume.best_model, resume.since_best
+        result.history = [dict(h) for h in resume.history]
+        result.epochs_run = result.resumed_from_epoch = first = resume.epoch
+
+    def state(done: int) -> TrainState:
+        return train_state.capture(epoch=done, model=model, optimizer=optimizer, scheduler=scheduler,
+                                   best_loss=best_loss, best_model=best_state, since_best=since_best,
+                                   generator=generator, device=device, history=result.history)
+
+    for epoch in range(first, epochs):
         perm = torch.randperm(n, generator=generator, device=device)
         total.zero_()
         for i in range(0, n, batch_size):
@@ -320,6 +355,8 @@ def train(
         if patience and since_best >= patience:
             result.stopped_early = True
             break
+        if checkpoint is not None and epoch + 1 < epochs:
+            checkpoint(epoch + 1, functools.partial(state, epoch + 1))
 
     if best_state is not None:
         restore(model, best_state)

@@ -32,11 +32,12 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import budget as budgets
 from hpo import optuna_private
 from hpo import study as studies
+from hpo.checkpoint import CheckpointStore, trial_key
 from hpo.console import trial_line
 from hpo.data import load_dataset
 from hpo.errors import StoreError
 from hpo.grid import GridSampler, points as grid_points, trials_to_run
-from hpo.objective import Abandoned, Interrupted, make_objective
+from hpo.objective import Abandoned, Interrupted, lineage_number, make_objective
 from hpo.progress import Progress
 from hpo.store import WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
 from hpo.store.config import env_seconds
@@ -122,9 +123,10 @@ class _Heartbeat:
 
 class _Worker:
     def __init__(self, study: optuna.Study, storage: WorkerStorage, study_id: int, budget: int | None,
-                 label: str, *, max_retry: int | None = 3, new_attrs: budgets.NewTrialAttrs | None = None):
+                 label: str, *, max_retry: int | None = 3, new_attrs: budgets.NewTrialAttrs | None = None,
+                 checkpoints: CheckpointStore | None = None):
         self.study, self.storage, self.study_id, self.budget, self.label = study, storage, study_id, budget, label
-        self.max_retry, self.new_attrs = max_retry, new_attrs
+        self.max_retry, self.new_attrs, self.checkpoints = max_retry, new_attrs, checkpoints
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
         self._stale_checked = -float("inf")
         self._none_waiting_at: float | None = None
@@ -171,8 +173,20 @@ class _Worker:
                 continue
             if budgets.fail_trial(self.storage, trial, reason=f"worker lost: no heartbeat for {grace}s",
                                   requeue=True, max_retry=self.max_retry):
-                _log.warning("trial %d: its worker is gone (no heartbeat for %ss); failed and re-queued",
-                             trial.number, grace)
+                if budgets.will_requeue(trial, self.max_retry):
+                    _log.warning("trial %d: its worker is gone (no heartbeat for %ss); failed and re-queued",
+                                 trial.number, grace)
+                else:
+                    self.lineage_ended(trial)
+
+    def lineage_ended(self, trial: FrozenTrial) -> None:
+        """``trial`` finished its lineage (COMPLETE, PRUNED, or FAIL without a retry): its
+        checkpoint, if any, will never be resumed."""
+        if self.checkpoints is not None:
+            try:
+                self.checkpoints.delete(trial_key(lineage_number(trial)))
+            except OSError as e:  # a file left behind costs space, not correctness
+                _log.warning("trial %d: checkpoint not deleted: %s", trial.number, e)
 
     def in_flight(self) -> bool:
         """Whether trials still run (or retries wait): either may come back to this worker if the
@@ -213,9 +227,11 @@ class _Worker:
         try:
             if reason is not None:
                 trial.set_user_attr("fail_reason", reason)
-            return self._tell(trial, value, state)
+            finished = self._tell(trial, value, state)
         except optuna.exceptions.UpdateFinishedTrialError:
             return self._abandon(trial)
+        self.lineage_ended(finished)  # told here: COMPLETE, PRUNED or a FAIL that is not re-queued
+        return finished
 
     def _abandon(self, trial: optuna.Trial) -> None:
         stored = self.storage.get_trial(optuna_private.trial_id(trial))
@@ -247,6 +263,7 @@ def run_worker(
     timeout: float | None = None,
     worker_index: int = 0,
     data_dir: str | None = None,
+    artifacts: str | None = None,
     echo: Callable[[str], None] = print,
     progress: Progress | None = None,
 ) -> Summary:
@@ -262,6 +279,10 @@ def run_worker(
             number of the study in the store, so concurrently started workers draw different
             points while the first worker of a fresh study always uses the spec's seed. A grid
             study's workers all use the spec's seed (``hpo.study.build_sampler``).
+        artifacts: the artifact folder whose ``checkpoints/`` hold the running trials'
+            checkpoints (default: ``HPO_ARTIFACTS``, else beside a SQLite store; see
+            ``hpo.store.artifact_dir``). Workers on several machines resume each other's trials
+            when they share it.
         progress: shows the running trial's epoch and latest value (default: nothing).
 
     Raises:
@@ -286,8 +307,10 @@ def run_worker(
     timeouts = [t for t in (timeout, spec.budget.timeout) if t is not None]
     deadline = time.monotonic() + min(timeouts) if timeouts else None
     poll = min(2.0, heartbeat.interval)
+    checkpoints = (CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts)
+                   if spec.checkpoint.enabled else None)
     worker = _Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
-                     new_attrs=grid.point_attrs if grid is not None else None)
+                     new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
     done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
                  if grid is not None and budget == grid.size else
                  f"study {study_name!r} has used its budget of {budget} trials")
@@ -298,7 +321,7 @@ def run_worker(
     with _StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested,
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
-                                   progress=progress)
+                                   progress=progress, checkpoints=checkpoints)
         try:
             while not stop.requested and (n_trials is None or ran < n_trials):
                 if deadline is not None and time.monotonic() >= deadline:

@@ -17,7 +17,8 @@ from hpo import optuna_private
 from hpo.domains import DOMAINS, NAME_MAX_BYTES, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
 from hpo.errors import SpecError
 from hpo.hyperparams import HYPERPARAMETERS
-from hpo.spec import BudgetSpec, DataSpec, PrunerSpec, RetrainSpec, SamplerSpec, StudySpec, parse_spec
+from hpo.spec import (BudgetSpec, CheckpointSpec, DataSpec, PrunerSpec, RetrainSpec, SamplerSpec, StudySpec,
+                      parse_spec)
 from hpo.study import check_buildable
 
 SOURCE = "studies/walk.yaml"
@@ -94,10 +95,11 @@ def base_for(name: str) -> dict:
 def test_every_field_has_a_domain():
     assert set(HYPERPARAMETERS) <= set(DOMAINS)
     sections = {"sampler": SamplerSpec, "pruner": PrunerSpec, "budget": BudgetSpec, "retrain": RetrainSpec,
-                "data": DataSpec}
+                "data": DataSpec, "checkpoint": CheckpointSpec}
     for section, cls in sections.items():
         for f in dataclasses.fields(cls):
-            if f.name not in ("inline", "as_written", "files"):  # written by hpo itself, not by the spec's author
+            # written by hpo itself, not by the spec's author (checkpoint.enabled: `checkpoint: false`)
+            if f.name not in ("inline", "as_written", "files", "enabled"):
                 assert f"{section}.{f.name}" in DOMAINS, f"{section}.{f.name}"
     for f in dataclasses.fields(StudySpec):
         if f.name not in (*sections, "space", "fixed"):
@@ -171,10 +173,27 @@ def test_values_on_the_bounds_are_accepted():
     raw["pruner"] = {"kind": "hyperband", "min_resource": 1, "reduction_factor": 2}
     raw["retrain"] = {"folds": 2, "epochs": 1}
     raw["budget"] = {"n_trials": None, "timeout": 0.5}
+    raw["checkpoint"] = {"every_seconds": 0}
     spec = parse_spec(raw)
+    assert spec.checkpoint == CheckpointSpec(every_seconds=0.0)
     assert spec.pruner.to_dict() == {"kind": "hyperband", "min_resource": 1, "reduction_factor": 2}
     cnn = parse_spec({**cnn_raw(), "fixed": {"n_dense": 0, "padding": 0, "conv_dropout": 0.0}})
     assert cnn.fixed["n_dense"] == 0
+
+
+def test_checkpoint_is_false_true_or_a_mapping():
+    raw = regression_raw()
+    assert parse_spec(raw).checkpoint.to_dict() == {"every_seconds": 60.0}
+    raw["checkpoint"] = False
+    assert parse_spec(raw).checkpoint.to_dict() is False
+    assert parse_spec(parse_spec(raw).to_dict()).checkpoint == CheckpointSpec(enabled=False)
+    raw["checkpoint"] = True
+    assert parse_spec(raw).checkpoint == CheckpointSpec()
+    raw["checkpoint"] = "yes"
+    assert "allowed: false, true or a mapping {every_seconds: S}" in refused(raw, "checkpoint")
+    raw["checkpoint"] = {"every": 5}
+    with pytest.raises(SpecError, match=r"checkpoint.every: unknown key; allowed: every_seconds"):
+        parse_spec(raw)
 
 
 def test_settings_of_another_pruner_or_sampler_kind_are_refused():

@@ -68,20 +68,31 @@ def results_table(metrics: dict) -> str:
 @click.option("--stacked/--sequential", default=None,
               help="Train the K models together (torch.func) or one after another (default: stacked on a GPU).")
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
+@click.option("--resume", is_flag=True,
+              help="Continue the study's latest unfinished retrain from its checkpoint (finished folds are kept).")
 @storage_option
 @artifacts_option
 def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: int | None, device: str | None,
-            stacked: bool | None, data_dir: str | None, storage: str | None, artifacts: str | None) -> None:
-    """Retrain a trial on K folds of all training data; save fold models, predictions and ensembles."""
+            stacked: bool | None, data_dir: str | None, resume: bool, storage: str | None, artifacts: str | None) -> None:
+    """Retrain a trial on K folds of all training data; save fold models, predictions and ensembles.
+
+    The retrain checkpoints as it goes (the spec's checkpoint settings): after a kill, or a stop by
+    SIGINT/SIGTERM, continue it with --resume."""
     from hpo.devices import resolve_device
     from hpo.progress import Progress
     from hpo.retrain import run_retrain
 
+    from hpo.retrain_checkpoint import RetrainInterrupted
+
     saved: list[dict] = []
-    record = run_retrain(study_name, storage_url=storage, artifacts=artifacts, folds=folds, trial_number=trial_number,
-                         device=resolve_device(gpu=gpu, device=device), data_dir=data_dir,
-                         stacked=stacked, echo=click.echo, on_metrics=saved.append,
-                         progress=Progress())
+    try:
+        record = run_retrain(study_name, storage_url=storage, artifacts=artifacts, folds=folds,
+                             trial_number=trial_number, device=resolve_device(gpu=gpu, device=device),
+                             data_dir=data_dir, stacked=stacked, resume=resume, echo=click.echo,
+                             on_metrics=saved.append, progress=Progress())
+    except RetrainInterrupted as e:
+        click.echo(f"retrain {e}; continue it with: hpo retrain --study {study_name} --resume", err=True)
+        raise
     metrics = saved[0]
     click.echo(results_table(metrics))
     rate = metrics["model_epochs_per_s"]

@@ -2,7 +2,7 @@
 
 import click
 
-from hpo.commands.options import device_option, gpu_option, storage_option, study_option
+from hpo.commands.options import artifacts_option, device_option, gpu_option, storage_option, study_option
 
 
 @click.command()
@@ -16,9 +16,13 @@ from hpo.commands.options import device_option, gpu_option, storage_option, stud
 @click.option("--worker-index", type=click.IntRange(min=0), default=0,
               help="Extra sampler-seed offset; workers already get distinct seeds from the store.")
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
+@artifacts_option
 def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: float | None, gpu: int | None,
-           device: str | None, worker_index: int, data_dir: str | None) -> None:
-    """Run trials of a study; any number of workers may share one store."""
+           device: str | None, worker_index: int, data_dir: str | None, artifacts: str | None) -> None:
+    """Run trials of a study; any number of workers may share one store.
+
+    Running trials are checkpointed under the artifact folder (checkpoints/STUDY/): a trial whose
+    worker is stopped or dies resumes there on any worker that shares the folder."""
     from hpo.console import summary_text
     from hpo.devices import resolve_device
     from hpo.progress import Progress
@@ -26,7 +30,7 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
 
     summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
                          n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
-                         echo=click.echo, progress=Progress())
+                         artifacts=artifacts, echo=click.echo, progress=Progress())
     click.echo(summary_text(summary))
 
 

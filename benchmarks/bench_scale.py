@@ -14,7 +14,7 @@ in-memory Optuna study gets the same trials. Then:
   included).
 - report: ``hpo.report.write_report`` on the store against the same page (statistics and Optuna's
   figures; no retrain in either) built from the in-memory study's trials; seconds and MB.
-- worker: ``hpo.worker._Worker`` on the store with the spec's sampler (TPE) and pruner (median),
+- worker: ``hpo.worker.Worker`` on the store with the spec's sampler (TPE) and pruner (median),
   a trivial objective (the spec's space suggested, 10 reports each followed by a pruning check):
   the first trial (the first ``ask`` reads the study) and the mean of the next ``--worker-trials``;
   against ask / objective / tell on the in-memory study with the same sampler and pruner.
@@ -53,7 +53,7 @@ from hpo.store import open_storage  # noqa: E402
 from hpo.budget import retried_numbers  # noqa: E402
 from hpo.study import SPEC_ATTR, build_pruner, build_sampler, create, load  # noqa: E402
 from hpo.tables import embed_csv  # noqa: E402
-from hpo.worker import _Worker  # noqa: E402
+from hpo.worker import Worker  # noqa: E402
 
 REPORTS = 10
 SPEC = embed_csv(load_spec_file(REPO / "studies" / "regression.yaml"))
@@ -111,7 +111,7 @@ def worker_times(url: str, name: str, n: int) -> tuple[float, float]:
     """(first trial s, mean s of the next ``n``) of hpo's worker on the store."""
     storage = open_storage(url)
     study, _ = load(name, storage)
-    worker = _Worker(study, storage, storage.get_study_id_from_name(name), budget=None, label="bench")
+    worker = Worker(study, storage, storage.get_study_id_from_name(name), budget=None, label="bench")
     start = time.perf_counter()
     worker.fail_stale()
     worker.run(worker.next_trial(), objective)

@@ -39,7 +39,7 @@ from hpo.store import open_storage  # noqa: E402
 from hpo.study import MedianPruner, build_pruner, build_sampler  # noqa: E402
 from hpo.optuna_private import STUDY_SYSTEM_ATTRS  # noqa: E402
 from hpo.budget import BUDGET_PREFIX  # noqa: E402
-from hpo.worker import _Worker  # noqa: E402
+from hpo.worker import Worker  # noqa: E402
 
 REPORTS = 20
 BUDGET = 1_000_000
@@ -63,7 +63,7 @@ def _work(url: str, name: str, per_worker: int, prune: bool, ready, go, queue) -
     study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
                               pruner=MedianPruner())
     objective = functools.partial(_objective, prune=prune)
-    worker = _Worker(study, storage, storage.get_study_id_from_name(name), budget=BUDGET, label=f"bench-{name}")
+    worker = Worker(study, storage, storage.get_study_id_from_name(name), budget=BUDGET, label=f"bench-{name}")
     start = time.perf_counter()
     worker.fail_stale()
     worker.run(worker.next_trial(), objective)  # the first read of the study's trials fills the cache

@@ -121,7 +121,7 @@ class _Heartbeat:
         self._thread.join()
 
 
-class _Worker:
+class Worker:
     def __init__(self, study: optuna.Study, storage: WorkerStorage, study_id: int, budget: int | None,
                  label: str, *, max_retry: int | None = 3, new_attrs: budgets.NewTrialAttrs | None = None,
                  checkpoints: CheckpointStore | None = None):
@@ -309,7 +309,7 @@ def run_worker(
     poll = min(2.0, heartbeat.interval)
     checkpoints = (CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts)
                    if spec.checkpoint.enabled else None)
-    worker = _Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
+    worker = Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
                      new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
     done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
                  if grid is not None and budget == grid.size else

@@ -15,7 +15,7 @@ from hpo import budget
 from hpo.store import WorkerStorage, open_storage
 from hpo.store.queries import upsert
 from hpo.study import MedianPruner
-from hpo.worker import _Worker
+from hpo.worker import Worker
 
 
 class Statements:
@@ -168,7 +168,7 @@ def _trivial(trial: optuna.Trial) -> float:
 ])
 def test_the_worker_returns_the_trial_as_stored(any_url, objective, state):
     storage, study = _study(any_url)
-    worker = _Worker(study, storage, study._study_id, budget=5, label="w")
+    worker = Worker(study, storage, study._study_id, budget=5, label="w")
     returned = worker.run(worker.next_trial(), objective)
     stored = _stored(any_url, returned._trial_id)
     assert returned.state == stored.state == state
@@ -178,7 +178,7 @@ def test_the_worker_returns_the_trial_as_stored(any_url, objective, state):
 
 def test_enqueued_trials_take_a_place_and_retries_do_not(store_url):
     storage, study = _study(store_url)
-    worker = _Worker(study, storage, study._study_id, budget=2, label="w")
+    worker = Worker(study, storage, study._study_id, budget=2, label="w")
     study.enqueue_trial({"x": 0.25})
     first = worker.next_trial()
     assert first.suggest_float("x", 0.0, 1.0) == 0.25
@@ -217,7 +217,7 @@ def test_a_worker_trial_costs_few_statements(pg_url):
     """Budget claim, ask, 20 reports with pruning checks, tell: the reports cost nothing, and the
     pruning checks of one trial read the study about once."""
     storage, study = _study(pg_url)
-    worker = _Worker(study, storage, study._study_id, budget=100, label="w")
+    worker = Worker(study, storage, study._study_id, budget=100, label="w")
     worker.run(worker.next_trial(), _trivial)  # the first read of the study
     statements = Statements(storage.engine)
     for _ in range(5):

@@ -35,11 +35,12 @@ from hpo import study as studies
 from hpo.checkpoint import CheckpointStore, trial_key
 from hpo.console import trial_line
 from hpo.data import load_dataset
+from hpo.dataset import Dataset
 from hpo.errors import StoreError
 from hpo.grid import GridSampler, points as grid_points, trials_to_run
 from hpo.objective import Abandoned, Interrupted, lineage_number, make_objective
 from hpo.progress import Progress
-from hpo.store import WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
+from hpo.store import Heartbeat, WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
 from hpo.store.config import env_seconds
 from hpo.store.queries import silent_trials, unfinished, waiting_trials
 from hpo.statistics import Summary, summarize
@@ -122,6 +123,10 @@ class _Heartbeat:
 
 
 class Worker:
+    """One worker's view of the study: starts trials within the budget (:mod:`hpo.budget`), runs
+    them with a heartbeat, tells them, and fails and re-queues the trials of dead workers. Driven by
+    :func:`run_worker`; benchmarks drive it directly with their own objectives."""
+
     def __init__(self, study: optuna.Study, storage: WorkerStorage, study_id: int, budget: int | None,
                  label: str, *, max_retry: int | None = 3, new_attrs: budgets.NewTrialAttrs | None = None,
                  checkpoints: CheckpointStore | None = None):
@@ -254,6 +259,50 @@ def echo_warning(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage, Heartbeat]:
+    """The worker's store, with the heartbeat settings stored in the study (every worker the same)."""
+    plain = open_storage(storage_url, heartbeat=False)
+    heartbeat = studies.heartbeat_of(plain, studies.study_id(plain, study_name))
+    plain.engine.dispose()
+    return open_storage(storage_url, heartbeat=heartbeat), heartbeat
+
+
+def _data_on(device: torch.device, spec, storage: WorkerStorage, data_dir: str | None) -> Dataset:
+    data = load_dataset(spec, storage=storage, data_dir=data_dir).to(device)
+    if device.type == "cpu" and data.x[0].numel() < 1024:
+        # Tiny models: thread hand-offs cost more than the arithmetic they would split.
+        torch.set_num_threads(1)
+    return data
+
+
+def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: _StopSignal, *,
+                n_trials: int | None, deadline: float | None, poll: float, done_line: str, metric: str,
+                echo: Callable[[str], None]) -> int:
+    """The worker's loop: fail dead workers' trials, start the next trial, run it, say how it ended;
+    until the study's budget (or grid) is done, this worker's limit or deadline, or a stop signal.
+    Returns how many trials this worker ran."""
+    ran = 0
+    try:
+        while not stop.requested and (n_trials is None or ran < n_trials):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            worker.fail_stale()
+            trial = worker.next_trial()
+            if trial is None:
+                if not worker.in_flight():
+                    echo(done_line)
+                    break
+                time.sleep(poll)  # the budget is taken but trials still run: one may come back
+                continue
+            frozen = worker.run(trial, objective)
+            ran += 1
+            if frozen is not None:
+                echo(trial_line(worker.study, frozen, metric))
+    except Interrupted:
+        echo("interrupted: the running trial is re-queued")
+    return ran
+
+
 def run_worker(
     study_name: str,
     *,
@@ -288,58 +337,36 @@ def run_worker(
     Raises:
         StoreError: when the store cannot be opened or has no such study.
     """
-    plain = open_storage(storage_url, heartbeat=False)
-    heartbeat = studies.heartbeat_of(plain, studies.study_id(plain, study_name))
-    plain.engine.dispose()
-    storage = open_storage(storage_url, heartbeat=heartbeat)
+    storage, heartbeat = _open_store(study_name, storage_url)
     study_id = studies.study_id(storage, study_name)
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
     study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)
-    data = load_dataset(spec, storage=storage, data_dir=data_dir).to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        # Tiny models: thread hand-offs cost more than the arithmetic they would split.
-        torch.set_num_threads(1)
+    data = _data_on(device, spec, storage, data_dir)
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.grid), and the study ends when every point has run.
     grid = study.sampler if isinstance(study.sampler, GridSampler) else None
     budget = trials_to_run(spec)
-    timeouts = [t for t in (timeout, spec.budget.timeout) if t is not None]
-    deadline = time.monotonic() + min(timeouts) if timeouts else None
-    poll = min(2.0, heartbeat.interval)
     checkpoints = (CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts)
                    if spec.checkpoint.enabled else None)
     worker = Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
-                     new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
+                    new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
     done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
                  if grid is not None and budget == grid.size else
                  f"study {study_name!r} has used its budget of {budget} trials")
+    timeouts = [t for t in (timeout, spec.budget.timeout) if t is not None]
+    deadline = time.monotonic() + min(timeouts) if timeouts else None
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
          f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
-    start, ran = time.perf_counter(), 0
+    start = time.perf_counter()
     with _StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested,
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
                                    progress=progress, checkpoints=checkpoints)
         try:
-            while not stop.requested and (n_trials is None or ran < n_trials):
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                worker.fail_stale()
-                trial = worker.next_trial()
-                if trial is None:
-                    if not worker.in_flight():
-                        echo(done_line)
-                        break
-                    time.sleep(poll)
-                    continue
-                frozen = worker.run(trial, objective)
-                ran += 1
-                if frozen is not None:
-                    echo(trial_line(study, frozen, spec.metric))
-        except Interrupted:
-            echo("interrupted: the running trial is re-queued")
+            ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
+                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric=spec.metric, echo=echo)
         except Exception as e:
             if is_transient(e):
                 raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "

@@ -15,14 +15,12 @@ epoch boundary and exits; a second signal exits at once).
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 import time
 from typing import Any, Callable
 
 from hpo.checkpoint import RETRAIN_KEY, CheckpointStore
 from hpo.errors import HpoError
+from hpo.signals import StopSignal
 
 
 class RetrainInterrupted(KeyboardInterrupt):
@@ -35,9 +33,8 @@ class RetrainCheckpoint:
 
     def __init__(self, store: CheckpointStore, meta: dict[str, Any], *, every_seconds: float):
         self.store, self.meta, self.every_seconds = store, meta, every_seconds
-        self.stop_requested = False
         self._saved_at = time.monotonic()
-        self._previous: dict[int, Any] = {}
+        self._stop = StopSignal("checkpointing the retrain after the current epoch")
 
     @staticmethod
     def unfinished(store: CheckpointStore | None, study_name: str) -> dict[str, Any]:
@@ -77,23 +74,15 @@ class RetrainCheckpoint:
         if self.stop_requested:
             raise RetrainInterrupted(f"interrupted at {where}; checkpoint saved")
 
-    # SIGINT/SIGTERM while the retrain runs -----------------------------------------------------
+    # SIGINT/SIGTERM while the retrain runs: checkpoint at the next epoch boundary, then stop.
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.requested
 
     def __enter__(self) -> "RetrainCheckpoint":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._stop.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.stop_requested:
-            os.write(2, b"hpo: second signal, exiting now\n")
-            os._exit(128 + signum)
-        self.stop_requested = True
-        os.write(2, f"hpo: got {signal.Signals(signum).name}: checkpointing the retrain after the current epoch "
-                    f"(again to exit now)\n".encode())
+        self._stop.__exit__(*exc)

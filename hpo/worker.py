@@ -18,7 +18,6 @@ import datetime
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import threading
@@ -40,6 +39,7 @@ from hpo.errors import StoreError
 from hpo.grid import GridSampler, points as grid_points, trials_to_run
 from hpo.objective import Abandoned, Interrupted, lineage_number, make_objective
 from hpo.progress import Progress
+from hpo.signals import StopSignal
 from hpo.store import Heartbeat, WorkerStorage, claim, is_transient, mask_url, open_storage, resolve_url
 from hpo.store.config import env_seconds
 from hpo.store.queries import silent_trials, unfinished, waiting_trials
@@ -52,43 +52,6 @@ STALE_CHECK_EVERY = 1.0  # seconds
 WAITING_CHECK_EVERY = 1.0  # seconds
 
 _log = logging.getLogger("hpo.worker")
-
-
-class _StopSignal:
-    """First SIGINT/SIGTERM: finish cleanly after the current epoch. Second: exit at once.
-
-    The same signal again within ``DUPLICATE_S`` is the same request delivered twice, not a second
-    one: SLURM signals every process of a task, and ``hpo fleet`` forwards its own copy as well.
-    """
-
-    DUPLICATE_S = 1.0
-
-    def __init__(self):
-        self.requested = False
-        self._first: tuple[int, float] | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> "_StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        if self.requested:
-            first, at = self._first
-            if signum == first and time.monotonic() - at < self.DUPLICATE_S:
-                return
-            os.write(2, b"hpo: second signal, exiting now\n")
-            os._exit(128 + signum)
-        self.requested, self._first = True, (signum, time.monotonic())
-        # os.write: a print here could land inside another print of the main thread and raise.
-        os.write(2, f"hpo: got {signal.Signals(signum).name}: stopping after the current epoch "
-                    f"(again to exit now)\n".encode())
 
 
 class _Heartbeat:
@@ -275,7 +238,7 @@ def _data_on(device: torch.device, spec, storage: WorkerStorage, data_dir: str |
     return data
 
 
-def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: _StopSignal, *,
+def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: StopSignal, *,
                 n_trials: int | None, deadline: float | None, poll: float, done_line: str, metric: str,
                 echo: Callable[[str], None]) -> int:
     """The worker's loop: fail dead workers' trials, start the next trial, run it, say how it ended;
@@ -360,7 +323,7 @@ def run_worker(
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
          f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
     start = time.perf_counter()
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested,
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
                                    progress=progress, checkpoints=checkpoints)

@@ -26,6 +26,7 @@ in-memory Optuna study gets the same trials. Then:
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import json
 import os
 import statistics
@@ -84,7 +85,9 @@ def memory_summary(study: optuna.Study) -> Summary:
                        t.state == TrialState.FAIL and t.number not in retried for t in trials),
                    best_value=best.value if best else None, best_trial=best.number if best else None,
                    best_params=best.params if best else {},
-                   wall_seconds=(max(ends) - min(starts)).total_seconds() if starts and ends else None)
+                   wall_seconds=(max(ends) - min(starts)).total_seconds() if starts and ends else None,
+                   gpu_sharing=dict(sorted(Counter(str(t.user_attrs["gpu_sharing"]) for t in trials
+                                               if "gpu_sharing" in t.user_attrs).items())))
 
 
 def objective(trial: optuna.Trial) -> float:

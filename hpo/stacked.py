@@ -38,8 +38,9 @@ from torch import nn
 
 from hpo.dataset import Dataset
 from hpo.errors import TrainingError
+from hpo.optim import make_scheduler, step_scheduler
 from hpo.stacked_step import StackedOptimizer, StackedStep
-from hpo.train import TrainResult, evaluate, make_scheduler, step_scheduler
+from hpo.train import TrainResult, evaluate
 from hpo.train_state import cpu_copy, load_scheduler, rng_state, set_generator_state, set_rng_state
 
 __all__ = ["Fold", "StackedOptimizer", "StackedResult", "stack_problem", "train_stacked"]

@@ -30,7 +30,7 @@ from hpo.models import build_model
 from hpo.progress import QUIET, Progress
 from hpo.space import suggest
 from hpo.spec import StudySpec
-from hpo.train import train
+from hpo.train import TrainResult, train
 from hpo.train_state import TrainState
 
 
@@ -82,52 +82,13 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
 
     def objective(trial: optuna.Trial) -> float:
         hp = suggest(trial, spec)
-        trial_id = optuna_private.trial_id(trial)
         lineage = lineage_number(optuna_private.cached_frozen_trial(trial))
         seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
         torch.manual_seed(seed)
         meta = {"study": spec.name, "trial": lineage, "params": dict(trial.params), "spec": spec_fingerprint}
         resume = _resume(checkpoints, trial, lineage, meta)
         if resume is not None:
-            for h in resume.history:  # the steps the pruner saw before, reported once more for the record
-                done = int(h["epoch"]) + 1
-                if done % spec.report_every == 0:
-                    trial.report(h[spec.metric], done)
-            trial.set_user_attr("resumed_from_epoch", resume.epoch)
-
-        def on_epoch(epoch: int, stats: dict[str, float]) -> None:
-            done = epoch + 1
-            bar.set_postfix_str(f"{spec.metric}={stats[spec.metric]:.4g}", refresh=False)
-            bar.update()
-            if is_abandoned is not None and is_abandoned(trial_id):
-                raise Abandoned(f"finished elsewhere after {done} epochs")
-            if done % spec.report_every:
-                return
-            trial.report(stats[spec.metric], done)
-            if trial.should_prune():
-                trial.set_user_attr("epochs_run", done)
-                raise optuna.TrialPruned(f"pruned after {done} epochs")
-
-        saved_at, save_failed = time.monotonic(), False
-
-        def at_boundary(done: int, state: Callable[[], TrainState]) -> None:
-            """After on_epoch: checkpoint when due or told to stop, then stop if told to."""
-            nonlocal saved_at, save_failed
-            stopping = should_stop is not None and should_stop()
-            if checkpoints is not None and (stopping or time.monotonic() - saved_at >= spec.checkpoint.every_seconds):
-                try:
-                    checkpoints.save(trial_key(lineage), {"train": state().to_dict()},
-                                     meta={**meta, "epoch": done, "writer": trial.number})
-                except OSError as e:
-                    if not save_failed:
-                        checkpoints.warn(f"trial {trial.number}: checkpoint not written "
-                                         f"({e.strerror or e}); training goes on")
-                    save_failed = True
-                saved_at = time.monotonic()
-            if stopping:
-                trial.set_user_attr("epochs_run", done)  # what this run trained: done - resumed_from_epoch
-                raise Interrupted(f"interrupted after {done} epochs")
-
+            _report_resumed(trial, resume, spec)
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
         model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
         trial.set_user_attr("device", device_name)
@@ -135,18 +96,85 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
             trial.set_user_attr("gpu_sharing", sharing)
         with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
                           initial=resume.epoch if resume is not None else 0) as bar:
-            saved_at = time.monotonic()
+            on_epoch = _epoch_reporter(trial, spec, bar, is_abandoned)
+            at_boundary = _EpochBoundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
             result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
-        trial.set_user_attr("epochs_run", result.epochs_run)
-        trial.set_user_attr("train_seconds", round(result.seconds, 3))
-        trial.set_user_attr("train_path", result.path)
-        if result.path_reason:
-            trial.set_user_attr("train_path_reason", result.path_reason[:200])
-        if result.stopped_early:
-            trial.set_user_attr("stopped_early", True)
+        _record_result(trial, result)
         return result.metrics[spec.metric]
 
     return objective
+
+
+def _report_resumed(trial: optuna.Trial, resume: TrainState, spec: StudySpec) -> None:
+    """Report the steps the pruner saw before the checkpoint once more, for the record (without
+    asking the pruner again), and record where the retry resumed."""
+    for h in resume.history:
+        done = int(h["epoch"]) + 1
+        if done % spec.report_every == 0:
+            trial.report(h[spec.metric], done)
+    trial.set_user_attr("resumed_from_epoch", resume.epoch)
+
+
+def _epoch_reporter(trial: optuna.Trial, spec: StudySpec, bar,
+                    is_abandoned: Callable[[int], bool] | None) -> Callable[[int, dict[str, float]], None]:
+    """The trainer's per-epoch callback: shows the epoch, stops a trial finished elsewhere, reports
+    the metric every ``spec.report_every`` epochs and prunes when the pruner says so."""
+    trial_id = optuna_private.trial_id(trial)
+
+    def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+        done = epoch + 1
+        bar.set_postfix_str(f"{spec.metric}={stats[spec.metric]:.4g}", refresh=False)
+        bar.update()
+        if is_abandoned is not None and is_abandoned(trial_id):
+            raise Abandoned(f"finished elsewhere after {done} epochs")
+        if done % spec.report_every:
+            return
+        trial.report(stats[spec.metric], done)
+        if trial.should_prune():
+            trial.set_user_attr("epochs_run", done)
+            raise optuna.TrialPruned(f"pruned after {done} epochs")
+
+    return on_epoch
+
+
+class _EpochBoundary:
+    """The trainer's checkpoint callback, called after ``on_epoch``: checkpoint when due (every
+    ``spec.checkpoint.every_seconds`` of training) or told to stop, then stop if told to."""
+
+    def __init__(self, trial: optuna.Trial, lineage: int, meta: dict, *, checkpoints: CheckpointStore | None,
+                 should_stop: Callable[[], bool] | None, spec: StudySpec):
+        self.trial, self.lineage, self.meta = trial, lineage, meta
+        self.checkpoints, self.should_stop, self.every_seconds = checkpoints, should_stop, spec.checkpoint.every_seconds
+        self.saved_at, self.save_failed = time.monotonic(), False
+
+    def __call__(self, done: int, state: Callable[[], TrainState]) -> None:
+        stopping = self.should_stop is not None and self.should_stop()
+        if self.checkpoints is not None and (stopping or time.monotonic() - self.saved_at >= self.every_seconds):
+            self._save(done, state)
+        if stopping:
+            self.trial.set_user_attr("epochs_run", done)  # what this run trained: done - resumed_from_epoch
+            raise Interrupted(f"interrupted after {done} epochs")
+
+    def _save(self, done: int, state: Callable[[], TrainState]) -> None:
+        trial, checkpoints = self.trial, self.checkpoints
+        try:
+            checkpoints.save(trial_key(self.lineage), {"train": state().to_dict()},
+                             meta={**self.meta, "epoch": done, "writer": trial.number})
+        except OSError as e:
+            if not self.save_failed:
+                checkpoints.warn(f"trial {trial.number}: checkpoint not written ({e.strerror or e}); training goes on")
+            self.save_failed = True
+        self.saved_at = time.monotonic()
+
+
+def _record_result(trial: optuna.Trial, result: TrainResult) -> None:
+    trial.set_user_attr("epochs_run", result.epochs_run)
+    trial.set_user_attr("train_seconds", round(result.seconds, 3))
+    trial.set_user_attr("train_path", result.path)
+    if result.path_reason:
+        trial.set_user_attr("train_path_reason", result.path_reason[:200])
+    if result.stopped_early:
+        trial.set_user_attr("stopped_early", True)
 
 
 def _resume(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: int, meta: dict) -> TrainState | None:

@@ -1,29 +1,22 @@
 """The k-fold retrain stage: the chosen trial's hyperparameters, K models on K folds of the whole
 training pool, their test predictions and ensembles, saved as artifacts of the study.
 
-The files follow the contract in ``hpo.results``. Shapes in ``predictions.npz``: ``fold_outputs``
-is ``(K, N, C)``; for regression ``y_test``, ``ensemble_mean``, ``grid_*`` and ``x_test`` (raw x
-units, added for the fit plot) are 1-D, and the grid is given only for one input feature; for
-classification ``y_test`` and ``majority_vote`` are ``(N,)`` class indices and ``soft_vote`` is
-``(N, C)`` probabilities. ``metrics.json`` adds ``metric`` (the name behind ``test_metric``:
-mse or accuracy), ``fold_seeds``, ``split``, ``cuda_graph``, ``path_reason`` and ``device``.
+The files follow the contract in ``hpo.results``; ``hpo.retrain_outputs`` makes them (and gives
+the shapes in ``predictions.npz``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import tempfile
 import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from optuna.trial import TrialState
 
-from hpo import ensemble
+from hpo import retrain_outputs
 from hpo.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
 from hpo.data import load_dataset
 from hpo.dataset import Dataset
@@ -31,18 +24,15 @@ from hpo.errors import HpoError
 from hpo.models import build_model
 from hpo.objective import trial_seed
 from hpo.progress import QUIET, Progress
-from hpo.results import RetrainRecord, save_retrain
+from hpo.results import RetrainRecord
 from hpo.retrain_checkpoint import RetrainCheckpoint
 from hpo.space import hyperparams_from_params
 from hpo.spec import StudySpec
-from hpo.stacked import Fold, stack_problem, train_stacked
-from hpo import optuna_private
+from hpo.stacked import Fold, StackedResult, stack_problem, train_stacked
 from hpo.store import open_artifact_store, open_storage
 from hpo.study import load
-from hpo.train import TrainResult, predict, score, train
+from hpo.train import TrainResult, predict, train
 from hpo.train_state import TrainState, cpu_copy, load_model_in_place, rng_state, set_rng_state
-
-GRID_POINTS = 500
 
 
 def split_folds(data: Dataset, *, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -133,136 +123,189 @@ def run_retrain(
     store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
         if spec.checkpoint.enabled else None
     if resume:
-        asked = RetrainCheckpoint.unfinished(store, study_name)
-        for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
-                                   ("--stacked/--sequential", stacked, asked["path"] == "stacked")):
-            if given is not None and given != saved:
-                raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
-        trial_number, folds, stacked = asked["trial"], asked["folds"], asked["path"] == "stacked"
+        trial_number, folds, stacked = _unfinished_retrain(store, study_name, trial_number=trial_number,
+                                                           folds=folds, stacked=stacked)
     trial = _choose_trial(study, trial_number)
     k = int(folds or spec.retrain.folds)
-    hp = hyperparams_from_params(spec, trial.params)
-    if spec.retrain.epochs:
-        hp["epochs"] = spec.retrain.epochs
+    hp = _retrain_hyperparams(spec, trial.params)
     artifact_store = open_artifact_store(storage_url, artifacts)
 
-    full = replace(spec.data, train_subset=None, val_subset=None)
-    data = load_dataset(spec.with_data(full), storage=storage, data_dir=data_dir).to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
-    splits = split_folds(data, folds=k, seed=spec.seed)
-    base_seed = trial_seed(spec, trial.number)
-    fold_list = [Fold(train_idx=torch.from_numpy(tr).to(device), val_idx=torch.from_numpy(va).to(device),
-                      seed=base_seed * 100 + i) for i, (tr, va) in enumerate(splits)]
+    data = _training_pool(spec, storage, data_dir=data_dir, device=device)
+    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
     models = fold_models(spec, hp, data, seeds=[f.seed for f in fold_list], device=device)
-
-    problem = stack_problem(models)
-    if stacked and problem:
-        raise HpoError(f"cannot train stacked: {problem}")
-    if stacked is not None:
-        use_stacked, reason = stacked, "requested"
-    elif problem is not None:
-        use_stacked, reason = False, problem
-    else:
-        # On the CPU both paths run at about the same speed; the plain one is easier to follow.
-        use_stacked = device.type == "cuda"
-        reason = "CUDA device" if use_stacked else "CPU device"
+    use_stacked, reason = _choose_path(models, stacked, device)
     path = "stacked" if use_stacked else "sequential"
     echo(f"retrain of trial #{trial.number} of {study_name!r}: {k} folds, {hp['epochs']} epochs, "
          f"{path} on {device}")
+    meta = {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k, "path": path,
+            "params": dict(trial.params), "hyperparams": hp, "spec": fingerprint(spec.to_dict())}
+    ckpt, saved, resumed_from = _open_checkpoint(store, meta, spec=spec, resume=resume, echo=echo)
 
-    ckpt = None
-    if store is not None:
-        ckpt = RetrainCheckpoint(store, {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k,
-                                         "path": path, "params": dict(trial.params), "hyperparams": hp,
-                                         "spec": fingerprint(spec.to_dict())},
-                                 every_seconds=spec.checkpoint.every_seconds)
-    saved, resumed_from = None, None
-    if resume and ckpt is not None:
-        saved = ckpt.load()
-        resumed_from = store.meta(RETRAIN_KEY)["at"] if saved is not None else None
-        echo(f"  resuming from its checkpoint ({resumed_from})" if saved is not None
-             else "  its checkpoint could not be used: starting over")
-    elif ckpt is not None:
-        ckpt.discard()  # a new retrain replaces an unfinished one: --resume continues the latest
-
-    metric_name = "accuracy" if data.task == "classification" else "mse"
-    progress = progress or QUIET
-    epochs = int(hp["epochs"])
-    bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
-
-    def record(fold: int, epoch: int, stats: dict[str, float]) -> None:
-        bar.set_postfix_str(f"fold {fold} val_{metric_name}={stats[f'val_{metric_name}']:.4g}", refresh=False)
-        bar.update()
-
-    def fold_done(i: int, result: TrainResult) -> None:
-        bar.total -= epochs - result.epochs_run  # early stopping: the time left shrinks
-        with progress.printing():
-            echo(f"  fold {i}: {result.epochs_run} epochs, val {metric_name} "
-                 f"{result.metrics[f'val_{metric_name}']:.4g}")
-
-    start = time.perf_counter()
-    cuda_graph, notes = False, []
-    with bar, (ckpt if ckpt is not None else contextlib.nullcontext()):
-        if use_stacked:
-            resume_state = saved["stacked"] if saved is not None else None
-            if resume_state is not None:
-                bar.update(sum(len(r["history"]) for r in resume_state["results"]))
-            boundary = None if ckpt is None else (
-                lambda done, state: ckpt.boundary(lambda: {"stacked": state()}, where=f"epoch {done} of all folds"))
-            outcome = train_stacked(models, data, hp, folds=fold_list, on_epoch=record, resume=resume_state,
-                                    checkpoint=boundary)
-            results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
-        else:
-            results = train_sequential(models, data, hp, fold_list, on_epoch=record, on_fold=fold_done,
-                                       checkpoint=ckpt, saved=saved, bar=bar)
-            cuda_graph = all(r.path == "cuda_graph" for r in results)
-            if device.type == "cuda":
-                notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    for note in notes:
+    trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, saved=saved,
+                           device=device, progress=progress or QUIET, echo=echo)
+    for note in trained.notes:
         echo(f"  note: {note}")
-    curves = [{"epoch": [h["epoch"] for h in r.history], "train_loss": [h["train_loss"] for h in r.history],
-               "val_loss": [h["val_loss"] for h in r.history],
-               "val_metric": [h[f"val_{metric_name}"] for h in r.history]} for r in results]
 
     outputs = torch.stack([predict(m, data.x_test) for m in models])  # (K, N, C)
-    per_fold = []
-    for i, (result, out) in enumerate(zip(results, outputs)):
-        test = score(data.task, out, data.y_test)
-        per_fold.append({"fold": i, "val_loss": result.metrics["val_loss"],
-                         "val_metric": result.metrics[f"val_{metric_name}"], "test_loss": test["loss"],
-                         "test_metric": test[metric_name], "epochs_run": result.epochs_run})
-    sign = 1 if data.task == "classification" else -1  # higher accuracy, lower mse is better
-    best = max(range(k), key=lambda i: (sign * per_fold[i]["val_metric"], -per_fold[i]["val_loss"]))
-
-    epochs_total = sum(r.epochs_run - r.resumed_from_epoch for r in results)  # trained by this run
+    per_fold, best = retrain_outputs.fold_scores(data, outputs, trained.results)
+    metric_name = retrain_outputs.metric_name(data.task)
+    epochs_total = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)  # trained by this run
     metrics: dict[str, Any] = {
         "task": data.task, "folds": k, "seed": spec.seed, "trial_number": trial.number,
-        "params": dict(trial.params), "hyperparams": hp, "path": "stacked" if use_stacked else "sequential",
-        "path_reason": reason, "cuda_graph": cuda_graph, "device": str(device),
-        "train_seconds": seconds, "model_epochs_per_s": epochs_total / seconds if seconds > 0 else None,
+        "params": dict(trial.params), "hyperparams": hp, "path": path,
+        "path_reason": reason, "cuda_graph": trained.cuda_graph, "device": str(device),
+        "train_seconds": trained.seconds,
+        "model_epochs_per_s": epochs_total / trained.seconds if trained.seconds > 0 else None,
         "per_fold": per_fold, "best_fold": best, "metric": metric_name, "classes": list(data.classes),
         "fold_seeds": [f.seed for f in fold_list],
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
         "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
     }
-    arrays = _ensembles(data, outputs, best, metrics, models)
-
-    with tempfile.TemporaryDirectory(prefix="hpo-retrain-") as tmp:
-        files = _write_files(Path(tmp), spec, data, hp, metrics, curves, arrays, models)
-        summary = {"metric": metric_name, "path": metrics["path"], "train_seconds": round(seconds, 3),
-                   "best_fold": best, "best_fold_test_metric": per_fold[best]["test_metric"],
-                   **{f"{name}_test_metric": e["test_metric"] for name, e in metrics["ensemble"].items()}}
-        retrain_record = save_retrain(study, artifact_store, trial_number=trial.number,
-                                      trial_id=optuna_private.trial_id(trial), folds=k, files=files, summary=summary)
+    arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
+    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
+                                  curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
+                                  models=models)
     if ckpt is not None:
         ckpt.discard()  # saved: nothing left to resume
     if on_metrics:
         on_metrics(metrics)
-    return retrain_record
+    return record
+
+
+def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial_number: int | None,
+                        folds: int | None, stacked: bool | None) -> tuple[int, int, bool]:
+    """The trial, K and path (stacked or not) of the study's unfinished retrain, which --resume continues.
+
+    Raises:
+        HpoError: when there is none, or a flag given differs from it.
+    """
+    asked = RetrainCheckpoint.unfinished(store, study_name)
+    for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
+                               ("--stacked/--sequential", stacked, asked["path"] == "stacked")):
+        if given is not None and given != saved:
+            raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
+    return asked["trial"], asked["folds"], asked["path"] == "stacked"
+
+
+def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:
+    """The trial's hyperparameters, with the spec's ``retrain.epochs`` when it sets them."""
+    hp = hyperparams_from_params(spec, params)
+    if spec.retrain.epochs:
+        hp["epochs"] = spec.retrain.epochs
+    return hp
+
+
+def _training_pool(spec: StudySpec, storage, *, data_dir: str | None, device: torch.device) -> Dataset:
+    """The whole training pool (the spec's train/val subsets left out: the folds split it), on the device."""
+    full = replace(spec.data, train_subset=None, val_subset=None)
+    data = load_dataset(spec.with_data(full), storage=storage, data_dir=data_dir).to(device)
+    if device.type == "cpu" and data.x[0].numel() < 1024:
+        torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
+    return data
+
+
+def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: torch.device) -> list[Fold]:
+    """``split_folds`` as index tensors on the device, fold i's batch order seeded ``base_seed * 100 + i``.
+
+    Raises:
+        HpoError: as ``split_folds``.
+    """
+    splits = split_folds(data, folds=folds, seed=seed)
+    return [Fold(train_idx=torch.from_numpy(tr).to(device), val_idx=torch.from_numpy(va).to(device),
+                 seed=base_seed * 100 + i) for i, (tr, va) in enumerate(splits)]
+
+
+def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device) -> tuple[bool, str]:
+    """Whether to train the fold models stacked, and why: as asked, else stacked on a CUDA device
+    when they can be.
+
+    Raises:
+        HpoError: when stacked is asked for models that cannot be stacked.
+    """
+    problem = stack_problem(models)
+    if stacked and problem:
+        raise HpoError(f"cannot train stacked: {problem}")
+    if stacked is not None:
+        return stacked, "requested"
+    if problem is not None:
+        return False, problem
+    # On the CPU both paths run at about the same speed; the plain one is easier to follow.
+    use_stacked = device.type == "cuda"
+    return use_stacked, "CUDA device" if use_stacked else "CPU device"
+
+
+def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, spec: StudySpec, resume: bool,
+                     echo: Callable[[str], None]) -> tuple[RetrainCheckpoint | None, dict[str, Any] | None, str | None]:
+    """The retrain's checkpoint (None when checkpoints are off), the saved state to resume from
+    (None: start over) and when it was taken. Without ``resume``, an unfinished retrain's
+    checkpoint is discarded: --resume continues the latest retrain."""
+    if store is None:
+        return None, None, None
+    ckpt = RetrainCheckpoint(store, meta, every_seconds=spec.checkpoint.every_seconds)
+    if not resume:
+        ckpt.discard()
+        return ckpt, None, None
+    saved = ckpt.load()
+    resumed_from = store.meta(RETRAIN_KEY)["at"] if saved is not None else None
+    echo(f"  resuming from its checkpoint ({resumed_from})" if saved is not None
+         else "  its checkpoint could not be used: starting over")
+    return ckpt, saved, resumed_from
+
+
+@dataclass
+class _Trained:
+    results: list[TrainResult]
+    cuda_graph: bool  # every model trained with its step in a CUDA graph
+    notes: list[str]
+    seconds: float
+
+
+def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
+                 stacked: bool, checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None,
+                 device: torch.device, progress: Progress, echo: Callable[[str], None]) -> _Trained:
+    """Train the fold models, stacked or one after another, with a progress bar over folds x
+    epochs and the checkpoint's SIGINT/SIGTERM handling."""
+    k, epochs, metric = len(models), int(hp["epochs"]), retrain_outputs.metric_name(data.task)
+    bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
+
+    def record(fold: int, epoch: int, stats: dict[str, float]) -> None:
+        bar.set_postfix_str(f"fold {fold} val_{metric}={stats[f'val_{metric}']:.4g}", refresh=False)
+        bar.update()
+
+    def fold_done(i: int, result: TrainResult) -> None:
+        bar.total -= epochs - result.epochs_run  # early stopping: the time left shrinks
+        with progress.printing():
+            echo(f"  fold {i}: {result.epochs_run} epochs, val {metric} {result.metrics[f'val_{metric}']:.4g}")
+
+    start = time.perf_counter()
+    cuda_graph, notes = False, []
+    with bar, (checkpoint if checkpoint is not None else contextlib.nullcontext()):
+        if stacked:
+            outcome = train_stacked_folds(models, data, hp, folds, on_epoch=record, checkpoint=checkpoint,
+                                          saved=saved, bar=bar)
+            results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
+        else:
+            results = train_sequential(models, data, hp, folds, on_epoch=record, on_fold=fold_done,
+                                       checkpoint=checkpoint, saved=saved, bar=bar)
+            cuda_graph = all(r.path == "cuda_graph" for r in results)
+            if device.type == "cuda":
+                notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return _Trained(results, cuda_graph, notes, time.perf_counter() - start)
+
+
+def train_stacked_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
+                        on_epoch: Callable[[int, int, dict[str, float]], None],
+                        checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None, bar) -> StackedResult:
+    """Train the K fold models together (``hpo.stacked.train_stacked``), checkpointing as
+    ``hpo.retrain_checkpoint`` says; with ``saved`` (a checkpoint's payload), from its epoch."""
+    resume_state = saved["stacked"] if saved is not None else None
+    if resume_state is not None:
+        bar.update(sum(len(r["history"]) for r in resume_state["results"]))
+    boundary = None if checkpoint is None else (
+        lambda done, state: checkpoint.boundary(lambda: {"stacked": state()}, where=f"epoch {done} of all folds"))
+    return train_stacked(models, data, hp, folds=folds, on_epoch=on_epoch, resume=resume_state, checkpoint=boundary)
 
 
 def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
@@ -310,61 +353,3 @@ def fold_models(spec: StudySpec, hp: dict[str, Any], data: Dataset, *, seeds: li
         torch.manual_seed(seed)
         models.append(build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device))
     return models
-
-
-def _ensembles(data: Dataset, outputs: torch.Tensor, best: int, metrics: dict, models) -> dict[str, np.ndarray]:
-    """Fill ``metrics`` with the ensembles' scores and confusion matrices; return the npz arrays."""
-    from sklearn.metrics import confusion_matrix
-
-    y = data.y_test
-    arrays: dict[str, np.ndarray] = {"fold_outputs": outputs.cpu().numpy()}
-    if data.task == "classification":
-        votes = ensemble.majority_vote(outputs, tie_breaker=best)
-        soft = ensemble.soft_vote(outputs)
-        soft_loss = torch.nn.functional.nll_loss(soft.clamp_min(1e-12).log(), y).item()
-        metrics["ensemble"] = {
-            "majority_vote": {"test_metric": (votes == y).float().mean().item()},
-            "soft_vote": {"test_loss": soft_loss, "test_metric": (soft.argmax(1) == y).float().mean().item()},
-        }
-        labels = list(range(data.out_features))
-        y_np = y.cpu().numpy()
-        metrics["confusion"] = {
-            "best": confusion_matrix(y_np, outputs[best].argmax(1).cpu().numpy(), labels=labels).tolist(),
-            "majority_vote": confusion_matrix(y_np, votes.cpu().numpy(), labels=labels).tolist(),
-        }
-        arrays.update(y_test=y_np, majority_vote=votes.cpu().numpy(), soft_vote=soft.cpu().numpy())
-        return arrays
-    mean = ensemble.mean(outputs)
-    test = score(data.task, mean, y)
-    metrics["ensemble"] = {"mean": {"test_loss": test["loss"], "test_metric": test["mse"]}}
-    metrics["confusion"] = {}
-    arrays.update(y_test=y.cpu().numpy().reshape(-1), ensemble_mean=mean.cpu().numpy().reshape(-1))
-    norm = data.normalization
-    if data.in_shape == (1,) and norm:
-        m, s = float(norm["mean"][0]), float(norm["std"][0])
-        raw = torch.cat([data.x, data.x_test]).reshape(-1) * s + m
-        grid_x = torch.linspace(raw.min().item(), raw.max().item(), GRID_POINTS, device=data.x.device)
-        grid_in = ((grid_x - m) / s)[:, None]
-        grid = torch.stack([predict(model, grid_in) for model in models]).reshape(len(models), -1)
-        arrays.update(grid_x=grid_x.cpu().numpy(), grid_best=grid[best].cpu().numpy(),
-                      grid_mean=ensemble.mean(grid).cpu().numpy(),
-                      x_test=(data.x_test.reshape(-1) * s + m).cpu().numpy())
-    return arrays
-
-
-def _write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics: dict, curves: list,
-                 arrays: dict, models) -> dict[str, Path]:
-    files = {"metrics.json": folder / "metrics.json", "curves.json": folder / "curves.json",
-             "predictions.npz": folder / "predictions.npz", "model.json": folder / "model.json"}
-    files["metrics.json"].write_text(json.dumps(metrics, indent=2))
-    files["curves.json"].write_text(json.dumps({"folds": curves}))
-    np.savez_compressed(files["predictions.npz"], **arrays)
-    files["model.json"].write_text(json.dumps({
-        "family": spec.model, "in_shape": list(data.in_shape), "out_features": data.out_features,
-        "task": data.task, "hyperparams": hp, "normalization": data.normalization, "classes": list(data.classes),
-    }, indent=2))
-    for i, model in enumerate(models):
-        path = folder / f"fold_{i}.pt"
-        torch.save({n: t.detach().cpu() for n, t in model.state_dict().items()}, path)
-        files[path.name] = path
-    return files

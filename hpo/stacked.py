@@ -38,8 +38,9 @@ from torch import nn
 
 from hpo.dataset import Dataset
 from hpo.errors import TrainingError
+from hpo.optim import make_scheduler, step_scheduler
 from hpo.stacked_step import StackedOptimizer, StackedStep
-from hpo.train import TrainResult, evaluate, make_scheduler, step_scheduler
+from hpo.train import TrainResult, evaluate
 from hpo.train_state import cpu_copy, load_scheduler, rng_state, set_generator_state, set_rng_state
 
 __all__ = ["Fold", "StackedOptimizer", "StackedResult", "stack_problem", "train_stacked"]
@@ -125,6 +126,189 @@ def _val_scores(task: str, outputs: torch.Tensor, y: torch.Tensor, mask: torch.T
     return {"loss": mse, "mse": mse, "mae": (diff.abs().mean(-1) * mask).sum(1) / sizes}
 
 
+class _FoldBatches:
+    """The K folds' training indices padded to the largest fold, ``(K, n_max)``, with their
+    padding mask, the batches an epoch runs over them and each fold's batch-order generator; the
+    validation indices padded likewise."""
+
+    def __init__(self, folds: list[Fold], data: Dataset, batch_size: int):
+        self.device = data.x.device
+        self.train_pos, self.n_train, self.mask = _padded([f.train_idx for f in folds], self.device)
+        self.val_pos, self.n_val, self.val_mask = _padded([f.val_idx for f in folds], self.device)
+        self.val_y = data.y[self.val_pos]
+        self.sizes = self.n_train.tolist()
+        self.batches = _batches(self.train_pos.shape[1], min(self.sizes), batch_size)
+        self.generators = [torch.Generator(device=self.device).manual_seed(f.seed) for f in folds]
+        self.perms = self.train_pos.clone()  # padding columns stay where they are; each epoch refills the real ones
+
+    def shuffle(self) -> None:
+        """This epoch's batch order of every fold, in ``perms``."""
+        for f, (generator, size) in enumerate(zip(self.generators, self.sizes)):
+            # The same draw as train(): one permutation per epoch from the fold's own generator.
+            perm = torch.randperm(size, generator=generator, device=self.device)
+            self.perms[f, :size] = self.train_pos[f, perm]
+
+
+def _capture(step: StackedStep, batches: _FoldBatches) -> list[str]:
+    """Capture the step in a CUDA graph per batch shape; returns notes on what failed."""
+    try:
+        step.capture(sorted({(w, m) for _, w, m in batches.batches}))
+    except Exception as e:  # capture is an optimisation: any failure falls back to eager
+        step.graphs.clear()
+        return [f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); ran eagerly"]
+    return []
+
+
+def _train_epoch(step: StackedStep, batches: _FoldBatches, task: str) -> tuple[list[float], dict[str, list[float]]]:
+    """One epoch of every model on its own fold, then validation; returns each model's training
+    loss and validation metrics (``{name: K values}``), read in the epoch's one host sync."""
+    batches.shuffle()
+    step.totals.zero_()
+    for i, width, masked in batches.batches:
+        step.run(batches.perms[:, i:i + width], batches.mask[:, i:i + width] if masked else None)
+    val = _val_scores(task, step.predict(batches.val_pos), batches.val_y, batches.val_mask, batches.n_val)
+    rows = torch.stack([step.totals / batches.n_train, *val.values()]).tolist()
+    return rows[0], dict(zip(val, rows[1:]))
+
+
+class _PerFold:
+    """Each fold model's results, its scheduler's lr and its early stopping; the best weights of
+    all K models are kept on the device, in one copy of the stacked weights and buffers."""
+
+    def __init__(self, step: StackedStep, schedules: _Schedules, patience: int):
+        k = step.k
+        self.step, self.schedules, self.patience = step, schedules, patience
+        self.results = [TrainResult() for _ in range(k)]
+        self.active = [True] * k
+        self.best_loss, self.since_best = [math.inf] * k, [0] * k
+        self.best = None
+        if patience:
+            self.best = (step.optimizer.flat.clone(), {n: b.clone() for n, b in step.buffers.items()})
+        self.improved = [False] * k
+        self.lrs = [schedules.lr(f) for f in range(k)]
+
+    def end_epoch(self, epoch: int, train_losses: list[float], val_rows: dict[str, list[float]],
+                  on_epoch: FoldCallback | None) -> None:
+        """Every running model's epoch: its record, lr schedule and early stopping.
+
+        Raises:
+            TrainingError: when a model's training loss is NaN or infinite.
+        """
+        for f in range(len(self.results)):
+            if not self.active[f]:
+                continue
+            if not math.isfinite(train_losses[f]):
+                raise TrainingError(f"fold {f}: training loss became {train_losses[f]} at epoch {epoch}; stopped (lower lr?)")
+            stats = {"epoch": epoch, "train_loss": train_losses[f], **{f"val_{n}": v[f] for n, v in val_rows.items()},
+                     "lr": self.lrs[f]}
+            self.results[f].history.append(stats)
+            self.results[f].epochs_run = epoch + 1
+            self._schedule(f, stats["val_loss"])
+            if self.patience:
+                self._watch(f, stats["val_loss"])
+            if on_epoch is not None:
+                on_epoch(f, epoch, stats)
+            if self.patience and self.since_best[f] >= self.patience:
+                self.results[f].stopped_early = True
+                self.active[f] = False
+                self.step.active[f] = 0.0
+
+    def _schedule(self, f: int, val_loss: float) -> None:
+        lr = self.schedules.step(f, val_loss)
+        if lr != self.lrs[f]:
+            self.step.optimizer.lr[f], self.lrs[f] = lr, lr
+
+    @torch.no_grad()
+    def _watch(self, f: int, val_loss: float) -> None:
+        """Early stopping: keep model f's weights when its validation loss is the best yet."""
+        if val_loss < self.best_loss[f]:
+            self.best_loss[f], self.since_best[f], self.improved[f] = val_loss, 0, True
+            self.best[0][f].copy_(self.step.optimizer.flat[f])
+            for n, b in self.step.buffers.items():
+                self.best[1][n][f].copy_(b[f])
+        else:
+            self.since_best[f] += 1
+
+    @torch.no_grad()
+    def restore_best(self, f: int) -> bool:
+        """Put model f's best weights back into the stacked ones, when early stopping kept some."""
+        if not (self.patience and self.improved[f]):
+            return False
+        self.step.optimizer.flat[f].copy_(self.best[0][f])  # the params' views now hold the best weights
+        for n, b in self.step.buffers.items():
+            b[f].copy_(self.best[1][n][f])
+        return True
+
+
+def _state(done: int, step: StackedStep, per_fold: _PerFold, batches: _FoldBatches) -> dict[str, Any]:
+    """The state of all K models after ``done`` epochs: plain containers of CPU tensors."""
+    optimizer, best, schedules = step.optimizer, per_fold.best, per_fold.schedules
+    return {
+        "format": STATE_FORMAT, "epoch": done, "flat": optimizer.flat.detach().cpu().clone(),
+        "moments": [m.detach().cpu().clone() for m in optimizer.state], "steps": optimizer.steps.cpu().clone(),
+        "lr": optimizer.lr.cpu().clone(), "buffers": cpu_copy(step.buffers), "active": list(per_fold.active),
+        "best": None if best is None else {"flat": best[0].cpu().clone(), "buffers": cpu_copy(best[1])},
+        "best_loss": list(per_fold.best_loss), "since_best": list(per_fold.since_best),
+        "improved": list(per_fold.improved), "lrs": list(per_fold.lrs),
+        "schedulers": [sch.state_dict() if sch is not None else None for sch in schedules.schedulers],
+        "scheduler_lrs": [schedules.lr(f) for f in range(step.k)],
+        "batch_order": [g.get_state() for g in batches.generators],
+        "rng": rng_state(batches.device), "results": [asdict(r) for r in per_fold.results]}
+
+
+def _resume(saved: dict[str, Any], step: StackedStep, per_fold: _PerFold, batches: _FoldBatches,
+            folds: list[Fold]) -> int:
+    """Put a state from ``_state`` back, in place (a captured graph reads these very tensors);
+    returns the epochs it has done.
+
+    Raises:
+        ValueError: when it is not a state of these models.
+    """
+    optimizer, best, schedules = step.optimizer, per_fold.best, per_fold.schedules
+    if saved.get("format") != STATE_FORMAT or len(saved.get("results", ())) != step.k \
+            or tuple(saved["flat"].shape) != tuple(optimizer.flat.shape):
+        raise ValueError("the saved state is not one of these stacked models")
+    with torch.no_grad():
+        optimizer.flat.copy_(saved["flat"])
+        for moment, value in zip(optimizer.state, saved["moments"]):
+            moment.copy_(value)
+        optimizer.steps.copy_(saved["steps"])
+        optimizer.lr.copy_(saved["lr"])
+        for n, b in step.buffers.items():
+            b.copy_(saved["buffers"][n])
+        step.active.copy_(torch.tensor([1.0 if a else 0.0 for a in saved["active"]]))
+        if best is not None and saved["best"] is not None:
+            best[0].copy_(saved["best"]["flat"])
+            for n, b in best[1].items():
+                b.copy_(saved["best"]["buffers"][n])
+    for name in ("active", "best_loss", "since_best", "improved", "lrs"):
+        getattr(per_fold, name)[:] = saved[name]
+    for f, (sch, lr) in enumerate(zip(saved["schedulers"], saved["scheduler_lrs"])):
+        load_scheduler(schedules.schedulers[f], sch)
+        schedules.optimizers[f].param_groups[0]["lr"] = lr
+        set_generator_state(batches.generators[f], saved["batch_order"][f], reseed=folds[f].seed + saved["epoch"])
+    set_rng_state(saved["rng"], batches.device)
+    per_fold.results[:] = [TrainResult(**{**r, "resumed_from_epoch": r["epochs_run"]}) for r in saved["results"]]
+    return saved["epoch"]
+
+
+def _unstack(models: list[nn.Module], step: StackedStep, per_fold: _PerFold, data: Dataset, folds: list[Fold]) -> None:
+    """Give each model its trained weights (its best epoch's, when early stopping kept them) and
+    its result the final validation metrics."""
+    for f, model in enumerate(models):
+        restored = per_fold.restore_best(f)
+        keys = set(model.state_dict())
+        model.load_state_dict({n: t[f].detach().clone() for n, t in (*step.params.items(), *step.buffers.items())
+                               if n in keys})
+        result = per_fold.results[f]
+        if restored:
+            val_idx = folds[f].val_idx
+            val = evaluate(model, data.task, data.x[val_idx], data.y[val_idx])
+            result.metrics = {f"val_{n}": v for n, v in val.items()}
+        else:
+            result.metrics = {n: v for n, v in result.history[-1].items() if n.startswith("val_")}
+
+
 def train_stacked(
     models: list[nn.Module],
     data: Dataset,
@@ -161,139 +345,22 @@ def train_stacked(
     problem = stack_problem(models)
     if problem is not None:
         raise TrainingError(f"cannot train these models stacked: {problem}")
-    k, device, task = len(models), data.x.device, data.task
-    batch_size, epochs, patience = int(hp["batch_size"]), int(hp["epochs"]), int(hp["early_stopping"])
-
+    epochs = int(hp["epochs"])
     step = StackedStep(models, data, hp)
-    params, buffers, optimizer = step.params, step.buffers, step.optimizer
-    schedules = _Schedules(hp, k)
-
-    train_pos, n_train, mask_all = _padded([f.train_idx for f in folds], device)
-    val_pos, n_val, val_mask = _padded([f.val_idx for f in folds], device)
-    val_y = data.y[val_pos]
-    n_max = train_pos.shape[1]
-    sizes = n_train.tolist()
-    batches = _batches(n_max, min(sizes), batch_size)
-    generators = [torch.Generator(device=device).manual_seed(f.seed) for f in folds]
-    perms = train_pos.clone()  # padding columns stay where they are; each epoch refills the real ones
-
-    notes: list[str] = []
-    if cuda_graph and device.type == "cuda":
-        try:
-            step.capture(sorted({(w, m) for _, w, m in batches}))
-        except Exception as e:  # capture is an optimisation: any failure falls back to eager
-            step.graphs.clear()
-            notes.append(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); ran eagerly")
-
-    results = [TrainResult() for _ in range(k)]
-    active = [True] * k
-    best_loss, since_best = [math.inf] * k, [0] * k
-    best = None
-    if patience:
-        best = (optimizer.flat.clone(), {n: b.clone() for n, b in buffers.items()})
-    improved = [False] * k
-    lrs = [schedules.lr(f) for f in range(k)]
-
-    def state(done: int) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT, "epoch": done, "flat": optimizer.flat.detach().cpu().clone(),
-            "moments": [m.detach().cpu().clone() for m in optimizer.state], "steps": optimizer.steps.cpu().clone(),
-            "lr": optimizer.lr.cpu().clone(), "buffers": cpu_copy(buffers), "active": list(active),
-            "best": None if best is None else {"flat": best[0].cpu().clone(), "buffers": cpu_copy(best[1])},
-            "best_loss": list(best_loss), "since_best": list(since_best), "improved": list(improved),
-            "lrs": list(lrs), "schedulers": [sch.state_dict() if sch is not None else None for sch in schedules.schedulers],
-            "scheduler_lrs": [schedules.lr(f) for f in range(k)], "batch_order": [g.get_state() for g in generators],
-            "rng": rng_state(device), "results": [asdict(r) for r in results]}
-
-    first = 0
-    if resume is not None:
-        if resume.get("format") != STATE_FORMAT or len(resume.get("results", ())) != k \
-                or tuple(resume["flat"].shape) != tuple(optimizer.flat.shape):
-            raise ValueError("the saved state is not one of these stacked models")
-        with torch.no_grad():  # in place: a captured graph reads these very tensors
-            optimizer.flat.copy_(resume["flat"])
-            for moment, saved in zip(optimizer.state, resume["moments"]):
-                moment.copy_(saved)
-            optimizer.steps.copy_(resume["steps"])
-            optimizer.lr.copy_(resume["lr"])
-            for n, b in buffers.items():
-                b.copy_(resume["buffers"][n])
-            step.active.copy_(torch.tensor([1.0 if a else 0.0 for a in resume["active"]]))
-            if best is not None and resume["best"] is not None:
-                best[0].copy_(resume["best"]["flat"])
-                for n, b in best[1].items():
-                    b.copy_(resume["best"]["buffers"][n])
-        active[:], best_loss[:], since_best[:] = resume["active"], resume["best_loss"], resume["since_best"]
-        improved[:], lrs[:] = resume["improved"], resume["lrs"]
-        for f, (sch, lr) in enumerate(zip(resume["schedulers"], resume["scheduler_lrs"])):
-            load_scheduler(schedules.schedulers[f], sch)
-            schedules.optimizers[f].param_groups[0]["lr"] = lr
-            set_generator_state(generators[f], resume["batch_order"][f], reseed=folds[f].seed + resume["epoch"])
-        set_rng_state(resume["rng"], device)
-        results[:] = [TrainResult(**{**r, "resumed_from_epoch": r["epochs_run"]}) for r in resume["results"]]
-        first = resume["epoch"]
-
+    schedules = _Schedules(hp, len(models))
+    batches = _FoldBatches(folds, data, int(hp["batch_size"]))
+    notes = _capture(step, batches) if cuda_graph and data.x.device.type == "cuda" else []
+    per_fold = _PerFold(step, schedules, int(hp["early_stopping"]))
+    first = 0 if resume is None else _resume(resume, step, per_fold, batches, folds)
     for epoch in range(first, epochs):
-        if not any(active):
+        if not any(per_fold.active):
             break
-        for f in range(k):
-            # The same draw as train(): one permutation per epoch from the fold's own generator.
-            perm = torch.randperm(sizes[f], generator=generators[f], device=device)
-            perms[f, :sizes[f]] = train_pos[f, perm]
-        step.totals.zero_()
-        for i, width, masked in batches:
-            step.run(perms[:, i:i + width], mask_all[:, i:i + width] if masked else None)
-        val = _val_scores(task, step.predict(val_pos), val_y, val_mask, n_val)
-        # The epoch's one host sync: training losses and validation metrics together.
-        rows = torch.stack([step.totals / n_train, *val.values()]).tolist()
-        train_losses, val_rows = rows[0], dict(zip(val, rows[1:]))
-
-        for f in range(k):
-            if not active[f]:
-                continue
-            if not math.isfinite(train_losses[f]):
-                raise TrainingError(f"fold {f}: training loss became {train_losses[f]} at epoch {epoch}; stopped (lower lr?)")
-            stats = {"epoch": epoch, "train_loss": train_losses[f], **{f"val_{n}": v[f] for n, v in val_rows.items()},
-                     "lr": lrs[f]}
-            results[f].history.append(stats)
-            results[f].epochs_run = epoch + 1
-            lr = schedules.step(f, stats["val_loss"])
-            if lr != lrs[f]:
-                optimizer.lr[f], lrs[f] = lr, lr
-            if patience:
-                if stats["val_loss"] < best_loss[f]:
-                    best_loss[f], since_best[f], improved[f] = stats["val_loss"], 0, True
-                    with torch.no_grad():
-                        best[0][f].copy_(optimizer.flat[f])
-                        for n in buffers:
-                            best[1][n][f].copy_(buffers[n][f])
-                else:
-                    since_best[f] += 1
-            if on_epoch is not None:
-                on_epoch(f, epoch, stats)
-            if patience and since_best[f] >= patience:
-                results[f].stopped_early = True
-                active[f] = False
-                step.active[f] = 0.0
-        if checkpoint is not None and any(active) and epoch + 1 < epochs:
-            checkpoint(epoch + 1, functools.partial(state, epoch + 1))
-
+        train_losses, val_rows = _train_epoch(step, batches, data.task)
+        per_fold.end_epoch(epoch, train_losses, val_rows, on_epoch)
+        if checkpoint is not None and any(per_fold.active) and epoch + 1 < epochs:
+            checkpoint(epoch + 1, functools.partial(_state, epoch + 1, step, per_fold, batches))
     seconds = time.perf_counter() - start
-    x, y = data.x, data.y
-    for f, model in enumerate(models):
-        restore = patience and improved[f]
-        if restore:
-            with torch.no_grad():
-                optimizer.flat[f].copy_(best[0][f])  # the params' views now hold the best weights
-                for n, b in buffers.items():
-                    b[f].copy_(best[1][n][f])
-        keys = set(model.state_dict())
-        state = {n: t[f].detach().clone() for n, t in (*params.items(), *buffers.items()) if n in keys}
-        model.load_state_dict(state)
-        if restore:
-            val_idx = folds[f].val_idx
-            results[f].metrics = {f"val_{n}": v for n, v in evaluate(model, task, x[val_idx], y[val_idx]).items()}
-        else:
-            results[f].metrics = {n: v for n, v in results[f].history[-1].items() if n.startswith("val_")}
-        results[f].seconds = seconds
-    return StackedResult(results=results, cuda_graph=bool(step.graphs), notes=notes)
+    _unstack(models, step, per_fold, data, folds)
+    for result in per_fold.results:
+        result.seconds = seconds
+    return StackedResult(results=per_fold.results, cuda_graph=bool(step.graphs), notes=notes)

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 from hpo import train_state
 from hpo.dataset import Dataset
 from hpo.errors import TrainingError
+from hpo.optim import make_optimizer, make_scheduler, step_scheduler
 from hpo.train_state import TrainState
 
 EVAL_BATCH = 8192
@@ -55,47 +56,6 @@ class TrainResult:
 
 def loss_function(task: str) -> nn.Module:
     return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-
-
-def make_optimizer(params, hp: dict[str, Any], *, capturable: bool = False) -> torch.optim.Optimizer:
-    """The optimizer named by ``hp``.
-
-    Args:
-        capturable: build it for CUDA-graph capture: Adam/RMSprop with ``capturable=True`` and the
-            lr as a device tensor that schedulers update in place. SGD keeps no host-side state and
-            needs nothing (but its lr is then read on the host: see ``graph_problem``).
-    """
-    params = list(params)
-    name, lr, wd = hp["optimizer"], float(hp["lr"]), float(hp["weight_decay"])
-    extra: dict[str, Any] = {}
-    if capturable and name in ("Adam", "RMSprop"):
-        lr = torch.tensor(lr, device=params[0].device)
-        extra["capturable"] = True
-    if name == "Adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **extra)
-    if name == "SGD":
-        return torch.optim.SGD(params, lr=lr, momentum=float(hp["momentum"]), weight_decay=wd)
-    if name == "RMSprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=float(hp["momentum"]), weight_decay=wd, **extra)
-    raise ValueError(f"unknown optimizer {name!r}")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, hp: dict[str, Any]):
-    if hp["scheduler"] == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=float(hp["plateau_factor"]), patience=int(hp["plateau_patience"]),
-            cooldown=int(hp["plateau_cooldown"]))
-    if hp["scheduler"] == "exponential":
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(hp["lr_decay"]))
-    return None
-
-
-def step_scheduler(scheduler, val_loss: float) -> None:
-    """One epoch's step: ReduceLROnPlateau watches the validation loss, the others just count."""
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(val_loss)
-    elif scheduler is not None:
-        scheduler.step()
 
 
 @torch.no_grad()
@@ -220,6 +180,135 @@ class _Graphs:
         replay()
 
 
+def _fold_rows(data: Dataset, train_idx: torch.Tensor | None,
+               val_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training and validation rows ``(x_train, y_train, x_val, y_val)`` (default: the data
+    set's own split)."""
+    train_idx = data.train_idx if train_idx is None else train_idx
+    val_idx = data.val_idx if val_idx is None else val_idx
+    return data.x[train_idx], data.y[train_idx], data.x[val_idx], data.y[val_idx]
+
+
+def _make_step(model: nn.Module, loss_fn: nn.Module, augment: Callable[[torch.Tensor], torch.Tensor] | None,
+               total: torch.Tensor, optimizer: torch.optim.Optimizer) -> Step:
+    """The training step on one batch: forward (augmented), backward, optimizer update, and the
+    batch's summed loss added to ``total`` on the device (no host sync)."""
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        loss = loss_fn(model(augment(xb) if augment else xb), yb)
+        loss.backward()
+        optimizer.step()
+        total.add_(loss.detach() * len(xb))
+    return step
+
+
+@dataclass
+class _Training:
+    """The optimizer and scheduler of one run, and how it runs a batch given its indices into the
+    training rows: replayed from a CUDA graph, or eagerly."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    run_batch: Callable[[torch.Tensor], None]
+    path: str = "eager"
+    path_reason: str = ""
+
+
+def _eager_batches(step: Step, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                   y: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def run_batch(idx: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        step(x[idx], y[idx])
+    return run_batch
+
+
+def _set_up_training(model: nn.Module, hp: dict[str, Any], make_step: Callable[[torch.optim.Optimizer], Step],
+                     x: torch.Tensor, y: torch.Tensor, *, cuda_graph: bool) -> _Training:
+    """The optimizer, scheduler and step: captured in CUDA graphs when that can be done here,
+    else eager, with the reason."""
+    reason = graph_problem(x.device, hp) if cuda_graph else "cuda_graph=False"
+    if not reason:
+        optimizer = make_optimizer(model.parameters(), hp, capturable=True)
+        # The scheduler comes before capture: torch's scheduler tracks optimizer.step() through a
+        # wrapper it installs on the optimizer, and the step captured (the one every replay runs)
+        # must be that wrapped one. Made after capture, it never sees a step (replays run no
+        # Python) and warns "lr_scheduler.step() before optimizer.step()" in every trial.
+        scheduler = make_scheduler(optimizer, hp)
+        try:
+            n, batch_size = len(x), int(hp["batch_size"])
+            sizes = sorted({min(batch_size, n), n % batch_size} - {0}, reverse=True)
+            graphs = _Graphs(make_step(optimizer), optimizer, model, x, y, sizes)
+            return _Training(optimizer, scheduler, graphs.run, path="cuda_graph")
+        except Exception as e:  # capture refuses host syncs and some ops: fall back, and say why
+            reason = f"capture failed: {type(e).__name__}: {e}"[:300]
+    optimizer = make_optimizer(model.parameters(), hp)
+    scheduler = make_scheduler(optimizer, hp)
+    return _Training(optimizer, scheduler, _eager_batches(make_step(optimizer), optimizer, x, y), path_reason=reason)
+
+
+@dataclass
+class _EarlyStopping:
+    """Early stopping on the validation loss: the best epoch's loss and weights, and the epochs
+    since; ``patience`` 0 watches nothing and never stops."""
+
+    patience: int
+    best_loss: float = math.inf
+    best_model: dict[str, torch.Tensor] | None = None
+    since_best: int = 0
+
+    def update(self, val_loss: float, model: nn.Module) -> None:
+        if not self.patience:
+            return
+        if val_loss < self.best_loss:
+            self.best_loss, self.since_best = val_loss, 0
+            self.best_model = snapshot(model)
+        else:
+            self.since_best += 1
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.patience) and self.since_best >= self.patience
+
+
+def _resume(state: TrainState, model: nn.Module, training: _Training, generator: torch.Generator,
+            stopping: _EarlyStopping, result: TrainResult, *, seed: int, device: torch.device) -> _EarlyStopping:
+    """Put ``state`` back (after capture, into the very tensors the graphs read); the history goes
+    on in ``result``. Returns early stopping as it stood."""
+    train_state.put_back(state, model=model, optimizer=training.optimizer, scheduler=training.scheduler,
+                         generator=generator, reseed=seed + state.epoch, device=device)
+    result.history = [dict(h) for h in state.history]
+    result.epochs_run = result.resumed_from_epoch = state.epoch
+    return replace(stopping, best_loss=state.best_loss, best_model=state.best_model, since_best=state.since_best)
+
+
+def _train_epoch(training: _Training, total: torch.Tensor, generator: torch.Generator, *, n: int, batch_size: int,
+                 epoch: int, device: torch.device) -> float:
+    """One pass over the ``n`` training rows in the generator's random order; returns the mean
+    training loss, read in one host sync.
+
+    Raises:
+        TrainingError: when it is NaN or infinite.
+    """
+    perm = torch.randperm(n, generator=generator, device=device)
+    total.zero_()
+    for i in range(0, n, batch_size):
+        training.run_batch(perm[i:i + batch_size])
+    train_loss = total.item() / n
+    if not math.isfinite(train_loss):
+        raise TrainingError(f"training loss became {train_loss} at epoch {epoch}; stopped (lower lr?)")
+    return train_loss
+
+
+def _final_metrics(model: nn.Module, task: str, x_val: torch.Tensor, y_val: torch.Tensor,
+                   stopping: _EarlyStopping, history: list[dict[str, float]]) -> dict[str, float]:
+    """The returned model's validation metrics: the best epoch's weights are put back first."""
+    if stopping.best_model is not None:
+        restore(model, stopping.best_model)
+        return {f"val_{k}": v for k, v in evaluate(model, task, x_val, y_val).items()}
+    if history:
+        return {k: v for k, v in history[-1].items() if k.startswith("val_")}
+    return {}
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -260,108 +349,43 @@ def train(
         ValueError: when ``resume`` does not fit the model.
     """
     start = time.perf_counter()
-    train_idx = data.train_idx if train_idx is None else train_idx
-    val_idx = data.val_idx if val_idx is None else val_idx
     device = data.x.device
-    x_train, y_train = data.x[train_idx], data.y[train_idx]
-    x_val, y_val = data.x[val_idx], data.y[val_idx]
+    x_train, y_train, x_val, y_val = _fold_rows(data, train_idx, val_idx)
     n, batch_size, epochs = len(x_train), int(hp["batch_size"]), int(hp["epochs"])
-    patience = int(hp["early_stopping"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    loss_fn = loss_function(data.task)
-    augment = batch_augmenter(data, hp)
-    total = torch.zeros((), device=device)
-
-    def make_step(optimizer: torch.optim.Optimizer) -> Step:
-        def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
-            loss = loss_fn(model(augment(xb) if augment else xb), yb)
-            loss.backward()
-            optimizer.step()
-            total.add_(loss.detach() * len(xb))
-        return step
-
-    result = TrainResult()
-    graphs = None
+    total = torch.zeros((), device=device)  # the epoch's summed training loss
+    make_step = functools.partial(_make_step, model, loss_function(data.task), batch_augmenter(data, hp), total)
     model.train()  # before capture: the graph bakes in train-mode dropout and batch-norm
-    result.path_reason = graph_problem(device, hp) if cuda_graph else "cuda_graph=False"
-    if not result.path_reason:
-        optimizer = make_optimizer(model.parameters(), hp, capturable=True)
-        # The scheduler comes before capture: torch's scheduler tracks optimizer.step() through a
-        # wrapper it installs on the optimizer, and the step captured (the one every replay runs)
-        # must be that wrapped one. Made after capture, it never sees a step (replays run no
-        # Python) and warns "lr_scheduler.step() before optimizer.step()" in every trial.
-        scheduler = make_scheduler(optimizer, hp)
-        try:
-            sizes = sorted({min(batch_size, n), n % batch_size} - {0}, reverse=True)
-            graphs = _Graphs(make_step(optimizer), optimizer, model, x_train, y_train, sizes)
-            result.path = "cuda_graph"
-        except Exception as e:  # capture refuses host syncs and some ops: fall back, and say why
-            result.path_reason = f"capture failed: {type(e).__name__}: {e}"[:300]
-            graphs = None
-    if graphs is None:
-        optimizer = make_optimizer(model.parameters(), hp)
-        scheduler = make_scheduler(optimizer, hp)
-        eager_step = make_step(optimizer)
+    training = _set_up_training(model, hp, make_step, x_train, y_train, cuda_graph=cuda_graph)
+    result = TrainResult(path=training.path, path_reason=training.path_reason)
     generator = torch.Generator(device=device).manual_seed(seed)
-
-    best_loss, best_state, since_best, first = math.inf, None, 0, 0
+    stopping = _EarlyStopping(int(hp["early_stopping"]))
     if resume is not None:
-        # After capture, into the very tensors the graphs read.
-        train_state.load_model_in_place(model, resume.model)
-        train_state.load_optimizer_in_place(optimizer, resume.optimizer)
-        train_state.load_scheduler(scheduler, resume.scheduler)
-        train_state.set_generator_state(generator, resume.batch_order, reseed=seed + resume.epoch)
-        train_state.set_rng_state(resume.rng, device)
-        best_loss, best_state, since_best = resume.best_loss, resume.best_model, resume.since_best
-        result.history = [dict(h) for h in resume.history]
-        result.epochs_run = result.resumed_from_epoch = first = resume.epoch
+        stopping = _resume(resume, model, training, generator, stopping, result, seed=seed, device=device)
 
     def state(done: int) -> TrainState:
-        return train_state.capture(epoch=done, model=model, optimizer=optimizer, scheduler=scheduler,
-                                   best_loss=best_loss, best_model=best_state, since_best=since_best,
-                                   generator=generator, device=device, history=result.history)
+        return train_state.capture(epoch=done, model=model, optimizer=training.optimizer, scheduler=training.scheduler,
+                                   best_loss=stopping.best_loss, best_model=stopping.best_model,
+                                   since_best=stopping.since_best, generator=generator, device=device,
+                                   history=result.history)
 
-    for epoch in range(first, epochs):
-        perm = torch.randperm(n, generator=generator, device=device)
-        total.zero_()
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            if graphs is not None:
-                graphs.run(idx)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                eager_step(x_train[idx], y_train[idx])
-        train_loss = total.item() / n
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"training loss became {train_loss} at epoch {epoch}; stopped (lower lr?)")
+    for epoch in range(result.resumed_from_epoch, epochs):
+        train_loss = _train_epoch(training, total, generator, n=n, batch_size=batch_size, epoch=epoch, device=device)
         val = evaluate(model, data.task, x_val, y_val)
         stats = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
-                 "lr": float(optimizer.param_groups[0]["lr"])}
+                 "lr": float(training.optimizer.param_groups[0]["lr"])}
         result.history.append(stats)
         result.epochs_run = epoch + 1
-
-        step_scheduler(scheduler, val["loss"])
-
-        if patience:
-            if val["loss"] < best_loss:
-                best_loss, since_best = val["loss"], 0
-                best_state = snapshot(model)
-            else:
-                since_best += 1
+        step_scheduler(training.scheduler, val["loss"])
+        stopping.update(val["loss"], model)
         if on_epoch is not None:
             on_epoch(epoch, stats)
-        if patience and since_best >= patience:
+        if stopping.stop:
             result.stopped_early = True
             break
         if checkpoint is not None and epoch + 1 < epochs:
             checkpoint(epoch + 1, functools.partial(state, epoch + 1))
-
-    if best_state is not None:
-        restore(model, best_state)
-        result.metrics = {f"val_{k}": v for k, v in evaluate(model, data.task, x_val, y_val).items()}
-    elif result.history:
-        result.metrics = {k: v for k, v in result.history[-1].items() if k.startswith("val_")}
+    result.metrics = _final_metrics(model, data.task, x_val, y_val, stopping, result.history)
     result.seconds = time.perf_counter() - start
     return result

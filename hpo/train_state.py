@@ -172,3 +172,20 @@ def capture(*, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, s
         best_model=cpu_copy(best_model) if best_model is not None else None, since_best=since_best,
         batch_order=generator.get_state(), rng=rng_state(device),
         history=[dict(h) for h in history])
+
+
+def put_back(state: TrainState, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+             generator: torch.Generator, reseed: int, device: torch.device) -> None:
+    """Put ``state`` back into the trainer's objects, in place: the model's weights and buffers, the
+    optimizer's and scheduler's state, the batch-order generator (seeded with ``reseed`` when the
+    saved one is of another kind of device) and torch's generators. Early stopping and the
+    history are the caller's.
+
+    Raises:
+        ValueError: when the state does not fit the model or the optimizer.
+    """
+    load_model_in_place(model, state.model)
+    load_optimizer_in_place(optimizer, state.optimizer)
+    load_scheduler(scheduler, state.scheduler)
+    set_generator_state(generator, state.batch_order, reseed=reseed)
+    set_rng_state(state.rng, device)

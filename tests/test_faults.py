@@ -30,14 +30,22 @@ def create(spec_path: Path, url: str) -> None:
     create_study(spec_path, url, heartbeat=Heartbeat(interval=1, grace=2))
 
 
-def slow_spec(tmp_path: Path, n_trials: int) -> Path:
+def slow_spec(tmp_path: Path, n_trials: int, epochs: tuple[int, int] = (150, 200)) -> Path:
     """Trials of several seconds without pruning, so a signal lands in the middle of one (a running
     trial's reports reach the store at its heartbeats, every second here)."""
-    path = fast_spec(tmp_path, n_trials, epochs=(150, 200), pruner={"kind": "none"})
+    path = fast_spec(tmp_path, n_trials, epochs=epochs, pruner={"kind": "none"})
     raw = yaml.safe_load(path.read_text())
     raw["space"]["batch_size"] = {"int": [4, 5]}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+# Trials a signal cannot miss: a signal sent after the first reports (1 s in) still finds the trial
+# running on a loaded machine, where a trial of SLOW epochs can end in between (seen in CI: a
+# 170-epoch trial done in 2.4 s, the SIGTERMs landing after the worker had restored the default
+# handler). The worker stops such a trial at its next epoch, so the length costs nothing; a re-queued
+# copy resumes from the checkpoint.
+LONG_EPOCHS = (400, 500)
 
 
 def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
@@ -159,7 +167,7 @@ def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, 
 
 def test_sigterm_fails_and_requeues_the_running_trial_then_exits_0(tmp_path, store_url):
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
-    create(slow_spec(tmp_path, 1), env["HPO_STORAGE"])
+    create(slow_spec(tmp_path, 1, LONG_EPOCHS), env["HPO_STORAGE"])
     log = tmp_path / "w.log"
     proc = start_worker(env, "regression", log)
     victim = wait_for(lambda: running_with_reports(store_url))
@@ -180,7 +188,7 @@ def test_sigterm_fails_and_requeues_the_running_trial_then_exits_0(tmp_path, sto
 
 def test_second_signal_exits_at_once(tmp_path, store_url):
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
-    create(slow_spec(tmp_path, 1), store_url)
+    create(slow_spec(tmp_path, 1, LONG_EPOCHS), store_url)
     proc = start_worker(env, "regression", tmp_path / "w.log")
     wait_for(lambda: running_with_reports(store_url))
     proc.send_signal(signal.SIGINT)
@@ -193,7 +201,7 @@ def test_the_same_signal_twice_at_once_is_one_stop_request(tmp_path, store_url):
     """SLURM signals every process of a task and hpo fleet forwards its own copy: a worker that
     gets SIGTERM twice within a moment still stops cleanly, its trial re-queued."""
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
-    create(slow_spec(tmp_path, 1), store_url)
+    create(slow_spec(tmp_path, 1, LONG_EPOCHS), store_url)
     proc = start_worker(env, "regression", tmp_path / "w.log")
     wait_for(lambda: running_with_reports(store_url))
     proc.send_signal(signal.SIGTERM)

@@ -281,7 +281,9 @@ def test_a_fleet_stopped_twice_trains_no_more_than_an_uninterrupted_one(tmp_path
     counted through ``epochs_run`` (FAIL trials: where they were stopped) less ``resumed_from_epoch``."""
     import subprocess
 
-    epochs, n_trials = 150, 4
+    # Trials long enough (~6 s each here) that both workers are seen mid-trial at once, also after the
+    # first stop, when the resumed retries start part-way (CI saw four 150-epoch trials finish first).
+    epochs, n_trials = 500, 4
     spec = spec_file(tmp_path, "mlp", every_seconds=3600, n_trials=n_trials, pruner={"kind": "none"})
     raw = yaml.safe_load(spec.read_text())
     raw["fixed"].update(epochs=epochs, early_stopping=0)  # every trial trains exactly `epochs` epochs

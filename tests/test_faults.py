@@ -40,11 +40,10 @@ def slow_spec(tmp_path: Path, n_trials: int, epochs: tuple[int, int] = (150, 200
     return path
 
 
-# Trials a signal cannot miss: a signal sent after the first reports (1 s in) still finds the trial
-# running on a loaded machine, where a trial of SLOW epochs can end in between (seen in CI: a
-# 170-epoch trial done in 2.4 s, the SIGTERMs landing after the worker had restored the default
-# handler). The worker stops such a trial at its next epoch, so the length costs nothing; a re-queued
-# copy resumes from the checkpoint.
+# Trials a signal or kill cannot miss: one sent after the first reports (1 s in) still finds the
+# trial running on a loaded machine, where slow_spec's default trial can end in between (seen in CI:
+# a 170-epoch trial done in 2.4 s, the SIGTERMs landing after the worker had restored the default
+# handler). Tests that stop or kill workers mid-trial use these (~6 s a trial here).
 LONG_EPOCHS = (400, 500)
 
 
@@ -214,7 +213,7 @@ def test_the_same_signal_twice_at_once_is_one_stop_request(tmp_path, store_url):
 @pytest.mark.slow
 def test_killed_worker_trial_is_retried_with_its_parameters(tmp_path, pg_url):
     env = dict(os.environ, HPO_STORAGE=pg_url, **FAST_HEARTBEAT)
-    create(slow_spec(tmp_path, 2), env["HPO_STORAGE"])
+    create(slow_spec(tmp_path, 2, LONG_EPOCHS), env["HPO_STORAGE"])
     victim_proc = start_worker(env, "regression", tmp_path / "victim.log")
     victim = wait_for(lambda: running_with_reports(pg_url, victim_proc.pid))
     survivor = start_worker(env, "regression", tmp_path / "survivor.log")
@@ -254,7 +253,7 @@ def test_workers_survive_a_postgres_restart(tmp_path, pg_url):
 @pytest.mark.slow
 def test_fleet_runs_workers_and_stops_them_on_sigterm(tmp_path, store_url):
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
-    create(slow_spec(tmp_path, 3), store_url)
+    create(slow_spec(tmp_path, 3, LONG_EPOCHS), store_url)
     fleet = subprocess.Popen([*HPO, "fleet", "--study", "regression", "--device", "cpu", "--workers", "2"], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: sum(t.state == TrialState.RUNNING and bool(t.intermediate_values)
@@ -276,7 +275,7 @@ def test_fleet_runs_workers_and_stops_them_on_sigterm(tmp_path, store_url):
 @pytest.mark.slow
 def test_fleet_restarts_a_crashed_worker_and_finishes_the_budget(tmp_path, store_url):
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
-    create(slow_spec(tmp_path, 3), store_url)
+    create(slow_spec(tmp_path, 3, LONG_EPOCHS), store_url)
     fleet = subprocess.Popen([*HPO, "fleet", "--study", "regression", "--workers", "2"], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = wait_for(lambda: running_with_reports(store_url))

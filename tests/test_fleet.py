@@ -21,7 +21,7 @@ from conftest import HPO, REPO, run_hpo
 from hpo.devices import GPU_SHARING_ENV, gpu_sharing
 from hpo.fleet import Member, plan, run_fleet, shares_gpu, sharing_modes, worker_env
 from hpo.mps import LOG_ENV, PIPE_ENV, MpsDaemon
-from test_faults import FAST_HEARTBEAT, create, running_with_reports, slow_spec, trials_of, wait_for
+from test_faults import FAST_HEARTBEAT, LONG_EPOCHS, create, running_with_reports, slow_spec, trials_of, wait_for
 from test_parallel import budget_trials, fast_spec
 
 # Answers as NVIDIA's tool does: -d starts a daemon that makes the control pipe; a command finds
@@ -342,7 +342,7 @@ def test_status_and_report_count_trials_by_gpu_sharing(tmp_path, store_url, cli_
 @pytest.mark.slow
 def test_fleet_of_one_worker_restarts_it_after_kill_9_and_finishes_the_budget(tmp_path, store_url, fake_mps):
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
-    create(slow_spec(tmp_path, 1), store_url)  # one trial of several seconds, killed in the middle
+    create(slow_spec(tmp_path, 1, LONG_EPOCHS), store_url)  # one trial of several seconds, killed in the middle
     fleet = subprocess.Popen([*HPO, "fleet", "--study", "regression", "--workers", "1", "--mps"], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = wait_for(lambda: running_with_reports(store_url))

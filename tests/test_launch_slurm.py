@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from conftest import REPO, run_hpo
 from hpo.cli import main
 from hpo.store import Heartbeat, open_storage
-from test_faults import slow_spec, wait_for
+from test_faults import LONG_EPOCHS, slow_spec, wait_for
 from test_parallel import budget_trials, create, fast_spec
 
 PASSWORD = "pw-Sl4rm-secret"  # PostgreSQL here trusts local clients, so any password connects
@@ -260,7 +260,7 @@ def test_a_preempted_task_loses_nothing(tmp_path, pg_url, slurm, cancel_after, h
     n_trials = 4
     # Trials of several seconds without pruning, so that a task is certainly caught in the middle of one.
     # A heartbeat a second writes a running trial's worker and epochs while we watch.
-    create(slow_spec(tmp_path, n_trials), pg_url, heartbeat=Heartbeat(interval=1, grace=5))
+    create(slow_spec(tmp_path, n_trials, LONG_EPOCHS), pg_url, heartbeat=Heartbeat(interval=1, grace=5))
     job, _ = launch(tmp_path, pg_url, workers=2)
     cancel_after(job)
     pid = wait_for(lambda: worker_pid(job, 0), 120, "task 0 to run")

@@ -244,10 +244,10 @@ def _state(done: int, step: StackedStep, per_fold: _PerFold, batches: _FoldBatch
     """The state of all K models after ``done`` epochs: plain containers of CPU tensors."""
     optimizer, best, schedules = step.optimizer, per_fold.best, per_fold.schedules
     return {
-        "format": STATE_FORMAT, "epoch": done, "flat": optimizer.flat.detach().cpu().clone(),
-        "moments": [m.detach().cpu().clone() for m in optimizer.state], "steps": optimizer.steps.cpu().clone(),
-        "lr": optimizer.lr.cpu().clone(), "buffers": cpu_copy(step.buffers), "active": list(per_fold.active),
-        "best": None if best is None else {"flat": best[0].cpu().clone(), "buffers": cpu_copy(best[1])},
+        "format": STATE_FORMAT, "epoch": done, "flat": cpu_copy(optimizer.flat),
+        "moments": cpu_copy(optimizer.state), "steps": cpu_copy(optimizer.steps),
+        "lr": cpu_copy(optimizer.lr), "buffers": cpu_copy(step.buffers), "active": list(per_fold.active),
+        "best": None if best is None else {"flat": cpu_copy(best[0]), "buffers": cpu_copy(best[1])},
         "best_loss": list(per_fold.best_loss), "since_best": list(per_fold.since_best),
         "improved": list(per_fold.improved), "lrs": list(per_fold.lrs),
         "schedulers": [sch.state_dict() if sch is not None else None for sch in schedules.schedulers],

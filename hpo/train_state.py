@@ -29,18 +29,15 @@ from torch import nn
 FORMAT = 1
 
 
-def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-
-
-def _copy_nested(value: Any) -> Any:
-    """A deep copy of a state_dict-like value with every tensor copied to the CPU."""
+def cpu_copy(value: Any) -> Any:
+    """A deep copy of a tensor or a state_dict-like value (dicts, lists, tuples of tensors and
+    numbers) with every tensor copied to the CPU, once (safe to keep while training goes on)."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: _copy_nested(v) for k, v in value.items()}
+        return {k: cpu_copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy_nested(v) for v in value)
+        return type(value)(cpu_copy(v) for v in value)
     return value
 
 
@@ -166,8 +163,8 @@ def capture(*, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, s
             generator: torch.Generator, device: torch.device, history: list[dict[str, float]]) -> TrainState:
     """A :class:`TrainState` of the trainer's objects now (CPU copies)."""
     return TrainState(
-        epoch=epoch, model=cpu_copy(model.state_dict()), optimizer=_copy_nested(optimizer.state_dict()),
-        scheduler=_copy_nested(scheduler.state_dict()) if scheduler is not None else None,
+        epoch=epoch, model=cpu_copy(model.state_dict()), optimizer=cpu_copy(optimizer.state_dict()),
+        scheduler=cpu_copy(scheduler.state_dict()) if scheduler is not None else None,
         best_loss=best_loss if math.isfinite(best_loss) else math.inf,
         best_model=cpu_copy(best_model) if best_model is not None else None, since_best=since_best,
         batch_order=generator.get_state(), rng=rng_state(device),

@@ -34,12 +34,13 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hpo import checkpoint, train_state  # noqa: E402
-from hpo.spec import load_spec_file  # noqa: E402
-from hpo.store import open_storage  # noqa: E402
-from hpo.study import create  # noqa: E402
-from hpo.tables import embed_csv  # noqa: E402
-from hpo.worker import run_worker  # noqa: E402
+from hpo.data.tables import embed_csv  # noqa: E402
+from hpo.running.worker import run_worker  # noqa: E402
+from hpo.search.study import create  # noqa: E402
+from hpo.spec.schema import load_spec_file  # noqa: E402
+from hpo.store.storage import open_storage  # noqa: E402
+from hpo.training import checkpoint
+from hpo.training import state as train_state
 
 REPO = Path(__file__).resolve().parent.parent
 LENET = {"n_conv": 2, "filters": [6, 16], "kernel_size": 5, "padding": 2, "pooling": "max", "batch_norm": False,
@@ -68,7 +69,7 @@ class Timer:
         setattr(owner, name, timed)
         self._patched.append((owner, name, real))
 
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.wrap(train_state, "capture")
         self.wrap(checkpoint.CheckpointStore, "save", count_save=True)
         self.wrap(checkpoint.CheckpointStore, "delete")
@@ -127,10 +128,10 @@ def run_once(spec_path: Path, folder: Path, *, checkpoints: bool) -> dict:
 
 def one_save_cost(spec_path: Path, folder: Path, repeats: int = 20) -> dict:
     """Seconds and bytes of one checkpoint of the study's trained model (state capture + file)."""
-    from hpo.data import load_dataset
-    from hpo.hyperparams import resolve
-    from hpo.models import build_model
-    from hpo.train import train
+    from hpo.data.sources import load_dataset
+    from hpo.nn.models import build_model
+    from hpo.spec.hyperparams import resolve
+    from hpo.training.trainer import train
 
     spec = load_spec_file(spec_path)
     data = load_dataset(spec)

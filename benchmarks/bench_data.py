@@ -21,12 +21,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hpo import datastore  # noqa: E402
-from hpo.datacache import local_copy  # noqa: E402
-from hpo.spec import parse_spec  # noqa: E402
-from hpo.store import mask_url, open_storage  # noqa: E402
-from hpo.study import create, delete  # noqa: E402
-from hpo.tables import embed_csv, read_csv_table, size_text  # noqa: E402
+from hpo.data.cache import local_copy  # noqa: E402
+from hpo.data.tables import embed_csv, read_csv_table, size_text  # noqa: E402
+from hpo.search.study import create, delete  # noqa: E402
+from hpo.spec.schema import parse_spec  # noqa: E402
+from hpo.store import data_tables as datastore
+from hpo.store.config import mask_url  # noqa: E402
+from hpo.store.storage import open_storage  # noqa: E402
 
 
 def make_csv(path: Path, mb: float) -> Path:

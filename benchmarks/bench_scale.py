@@ -7,14 +7,14 @@ regression spec filled by ``bulk.py`` (multi-row inserts into Optuna's tables; ~
 values per trial, 10 % COMPLETE, 3 % FAIL with one re-queued, 4 RUNNING, the rest PRUNED); an
 in-memory Optuna study gets the same trials. Then:
 
-- studies / status: ``hpo.statistics.summaries`` / ``summary`` on the store (median of 5 after
+- studies / status: ``hpo.store.statistics.summaries`` / ``summary`` on the store (median of 5 after
   one warm-up call) against the same statistics computed from the in-memory study through
   Optuna's API (trials by state, ``best_trial``, the re-queued FAILs); and the commands
   themselves as subprocesses (``hpo studies`` / ``hpo status``, median of 3, Python start-up
   included).
-- report: ``hpo.report.write_report`` on the store against the same page (statistics and Optuna's
+- report: ``hpo.report.html.write_report`` on the store against the same page (statistics and Optuna's
   figures; no retrain in either) built from the in-memory study's trials; seconds and MB.
-- worker: ``hpo.worker.Worker`` on the store with the spec's sampler (TPE) and pruner (median),
+- worker: ``hpo.running.worker.Worker`` on the store with the spec's sampler (TPE) and pruner (median),
   a trivial objective (the spec's space suggested, 10 reports each followed by a pruning check):
   the first trial (the first ``ask`` reads the study) and the mean of the next ``--worker-trials``;
   against ask / objective / tell on the in-memory study with the same sampler and pruner.
@@ -26,7 +26,6 @@ in-memory Optuna study gets the same trials. Then:
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 import json
 import os
 import statistics
@@ -35,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,18 +43,18 @@ os.environ.setdefault("HPO_GRACE_PERIOD", "3600")  # the bulk study's RUNNING tr
 
 import optuna  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
+from bulk import insert_trials, make_trials  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from bulk import insert_trials, make_trials  # noqa: E402
-from hpo import report  # noqa: E402
-from hpo.space import suggest  # noqa: E402
-from hpo.spec import load_spec_file  # noqa: E402
-from hpo.statistics import Summary, summaries, summary  # noqa: E402
-from hpo.store import open_storage  # noqa: E402
-from hpo.budget import retried_numbers  # noqa: E402
-from hpo.study import SPEC_ATTR, build_pruner, build_sampler, create, load  # noqa: E402
-from hpo.tables import embed_csv  # noqa: E402
-from hpo.worker import Worker  # noqa: E402
+from hpo.data.tables import embed_csv  # noqa: E402
+from hpo.report import html as report
+from hpo.running.worker import Worker  # noqa: E402
+from hpo.search.space import suggest  # noqa: E402
+from hpo.search.study import SPEC_ATTR, build_pruner, build_sampler, create, load  # noqa: E402
+from hpo.spec.schema import load_spec_file  # noqa: E402
+from hpo.store.budget import retried_numbers  # noqa: E402
+from hpo.store.statistics import Summary, summaries, summary  # noqa: E402
+from hpo.store.storage import open_storage  # noqa: E402
 
 REPORTS = 10
 SPEC = embed_csv(load_spec_file(REPO / "studies" / "regression.yaml"))

@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import optuna  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
-from hpo.spec import load_spec_file  # noqa: E402
-from hpo.space import suggest  # noqa: E402
-from hpo.store import open_storage  # noqa: E402
-from hpo.study import MedianPruner, build_pruner, build_sampler  # noqa: E402
-from hpo.optuna_private import STUDY_SYSTEM_ATTRS  # noqa: E402
-from hpo.budget import BUDGET_PREFIX  # noqa: E402
-from hpo.worker import Worker  # noqa: E402
+from hpo.running.worker import Worker  # noqa: E402
+from hpo.search.space import suggest  # noqa: E402
+from hpo.search.study import MedianPruner, build_pruner, build_sampler  # noqa: E402
+from hpo.spec.schema import load_spec_file  # noqa: E402
+from hpo.store.budget import BUDGET_PREFIX  # noqa: E402
+from hpo.store.optuna_private import STUDY_SYSTEM_ATTRS  # noqa: E402
+from hpo.store.storage import open_storage  # noqa: E402
 
 REPORTS = 20
 BUDGET = 1_000_000

@@ -1,5 +1,5 @@
 """Large studies made fast: trials written straight into Optuna's tables with a few multi-row
-inserts (SQLAlchemy Core, the tables from hpo.optuna_private) instead of one ``add_trial`` (a dozen
+inserts (SQLAlchemy Core, the tables from hpo.store.optuna_private) instead of one ``add_trial`` (a dozen
 statements) per trial. Used by ``bench_scale.py`` and by the tests of large reports.
 
 The trials look like an hpo study's: parameters of the spec's space (sampled at random), an
@@ -20,11 +20,19 @@ import sqlalchemy as sa
 from optuna.distributions import distribution_to_json
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.optuna_private import (TRIAL_INTERMEDIATE_VALUES, TRIAL_PARAMS, TRIAL_SYSTEM_ATTRS, TRIAL_USER_ATTRS,
-                                TRIAL_VALUES, TRIALS, stored_intermediate_value, stored_trial_value)
-from hpo.space import suggest
-from hpo.spec import StudySpec
-from hpo.budget import RETRY_HISTORY_ATTR
+from hpo.search.space import suggest
+from hpo.spec.schema import StudySpec
+from hpo.store.budget import RETRY_HISTORY_ATTR
+from hpo.store.optuna_private import (
+    TRIAL_INTERMEDIATE_VALUES,
+    TRIAL_PARAMS,
+    TRIAL_SYSTEM_ATTRS,
+    TRIAL_USER_ATTRS,
+    TRIAL_VALUES,
+    TRIALS,
+    stored_intermediate_value,
+    stored_trial_value,
+)
 
 CHUNK = 20_000  # rows per executemany
 

@@ -47,7 +47,18 @@ def main(ctx: click.Context, debug: bool) -> None:
 
 
 def _register_commands() -> None:
-    from hpo.commands import bench, create_study, dashboard, export, fleet, launch, report, retrain, status, worker
+    from hpo.commands import (
+        bench,
+        create_study,
+        dashboard,
+        export,
+        fleet,
+        launch,
+        report,
+        retrain,
+        status,
+        worker,
+    )
 
     for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench):
         for command in module.COMMANDS:

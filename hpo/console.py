@@ -7,7 +7,7 @@ import json
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.statistics import Summary
+from hpo.store.statistics import Summary
 
 
 def _num(value: float | None) -> str:

@@ -8,8 +8,7 @@ def ensure_tables_rounds(url: str, rounds: int, barrier, failures) -> None:
     """Each round: wait for the go, create hpo's data tables on a fresh engine, report any error."""
     import sqlalchemy as sa
 
-    from hpo import datastore
-
+    from hpo.store import data_tables as datastore
     for _ in range(rounds):
         barrier.wait(timeout=120)
         engine = sa.create_engine(url, connect_args={"timeout": 60} if url.startswith("sqlite") else {})

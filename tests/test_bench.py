@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, run_hpo
 
 README = REPO / "benchmarks" / "README.md"

@@ -1,7 +1,6 @@
 import os
 
 import pytest
-
 from conftest import STUDIES, run_hpo, small_regression_spec
 
 

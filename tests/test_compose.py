@@ -6,8 +6,8 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from hpo.cli import main
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())

@@ -7,12 +7,12 @@ import re
 
 import pytest
 import yaml
-
 from conftest import REPO, STUDIES
-from hpo.spec import parse_spec
-from hpo.store import open_storage
-from hpo.study import create, load
-from hpo.tables import embed_csv
+
+from hpo.data.tables import embed_csv
+from hpo.search.study import create, load
+from hpo.spec.schema import parse_spec
+from hpo.store.storage import open_storage
 
 BLOCK = re.compile(r"^```ya?ml\n(.*?)^```", re.S | re.M)
 

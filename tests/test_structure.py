@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 PACKAGE = REPO / "hpo"
@@ -50,7 +49,7 @@ def _graph() -> dict[str, set[str]]:
         for module, names in _imports(name, path):
             if not module.startswith("hpo"):
                 continue
-            # "from hpo import study" imports the module hpo.study, not the package's __init__.
+            # "from hpo import study" imports the module hpo.search.study, not the package's __init__.
             targets = [f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES]
             if len(targets) < len(names) or not names:
                 targets.append(module)
@@ -104,7 +103,7 @@ def test_no_module_imports_another_modules_private_names():
 def test_only_optuna_private_uses_optunas_private_api():
     offenders = []
     for name, path in MODULES.items():
-        if name == "hpo.optuna_private":
+        if name == "hpo.store.optuna_private":
             continue
         for module, names in _imports(name, path):
             if module.startswith("optuna") and (any(part.startswith("_") for part in module.split("."))
@@ -123,3 +122,23 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         failed = [(n, err) for n, code, err in pool.map(import_alone, sorted(MODULES)) if code]
     assert failed == []
+
+
+@pytest.mark.parametrize("statement", ["import hpo", "import hpo.export.loading",
+                                       "import hpo.spec, hpo.search, hpo.store, hpo.running, hpo.data, hpo.nn, "
+                                       "hpo.training, hpo.retrain, hpo.report, hpo.export"])
+def test_hpo_and_hpo_load_import_no_optuna_sqlalchemy_or_plotly(statement):
+    """``import hpo`` and the module behind ``hpo.load`` stay light: a model is loaded without the
+    study machinery, and every folder's ``__init__`` imports nothing."""
+    code = f"{statement}\nimport sys\nprint(sorted(m for m in ('optuna', 'sqlalchemy', 'plotly') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_folder_inits_are_docstrings_only():
+    for init in PACKAGE.glob("*/__init__.py"):
+        if init.parent.name in {"commands", "bench"}:
+            continue
+        body = ast.parse(init.read_text()).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr), f"{init} holds more than its docstring"

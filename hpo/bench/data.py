@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hpo.data.images import PARTS, find_idx_files
 from hpo.errors import DataError
-from hpo.images import PARTS, find_idx_files
 
 SYNTHETIC_SIZES = {"full": (60000, 10000), "quick": (6000, 2000)}  # (train, test) images
 

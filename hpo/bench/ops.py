@@ -10,7 +10,7 @@ As a cross-check, *kernels* counts the innermost ATen calls that do work (a ``_f
 once): closer to what runs, but it sees the CPU's own implementations (a convolution there is
 unfold plus matrix products), which a GPU does not share.
 
-Compared: ``hpo.stacked_step.StackedStep`` (10 of hpo's LeNet-5, batch 64 each) and the reference
+Compared: ``hpo.training.stacked_step.StackedStep`` (10 of hpo's LeNet-5, batch 64 each) and the reference
 step of ``../shared/anchors/gpu_limit.py`` (``graphed_vmap``: 10 LeNet-5 vmapped with
 ``torch.func.vmap(grad(...))`` and ``torch.optim.Adam`` over the stacked tensors). On the CPU the
 reference's Adam runs ``foreach=True`` without ``capturable`` (capturable needs CUDA): its
@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,8 @@ def count_work(fn: Callable[[], object], *, warmup: int = 2) -> tuple[collection
 
 
 def _lenet5_models(k: int) -> list[nn.Module]:
-    from hpo.hyperparams import resolve
-    from hpo.models import build_model
+    from hpo.nn.models import build_model
+    from hpo.spec.hyperparams import resolve
 
     hp = resolve(LENET5)
     models = []
@@ -115,13 +115,13 @@ def _lenet5_models(k: int) -> list[nn.Module]:
 
 
 def stacked_step_work(*, k: int = 10, batch: int = 64) -> tuple[collections.Counter, collections.Counter]:
-    """Operators of one step of ``hpo.stacked_step.StackedStep``: K LeNet-5 (hpo's, with the
+    """Operators of one step of ``hpo.training.stacked_step.StackedStep``: K LeNet-5 (hpo's, with the
     anchors' layers, dropout and Adam settings), each on its own batch, on the CPU. A step on a batch
     without padding, as every batch of an epoch but the last is. On a GPU the captured graph is
     fed by one more operator per step (the copy of the batch indices into its input buffer)."""
-    from hpo.dataset import Dataset
-    from hpo.hyperparams import resolve
-    from hpo.stacked_step import StackedStep
+    from hpo.data.dataset import Dataset
+    from hpo.spec.hyperparams import resolve
+    from hpo.training.stacked_step import StackedStep
 
     g = torch.Generator().manual_seed(0)
     n = 4 * batch
@@ -220,10 +220,10 @@ def host_syncs_per_epoch(*, k: int = 10) -> dict[str, int]:
     """Host reads per epoch of K folds: the stacked path (``train_stacked``) and the sequential one
     (``train`` per fold), counted on the CPU as the difference between a 3- and a 2-epoch run (so
     one-off reads at the start and end drop out)."""
-    from hpo.dataset import Dataset
-    from hpo.hyperparams import resolve
-    from hpo.stacked import Fold, train_stacked
-    from hpo.train import train
+    from hpo.data.dataset import Dataset
+    from hpo.spec.hyperparams import resolve
+    from hpo.training.stacked import Fold, train_stacked
+    from hpo.training.trainer import train
 
     g = torch.Generator().manual_seed(0)
     n = 8 * k
@@ -236,7 +236,7 @@ def host_syncs_per_epoch(*, k: int = 10) -> dict[str, int]:
              for i in range(k)]
 
     def reads(epochs: int, stacked: bool) -> int:
-        from hpo.models import build_model
+        from hpo.nn.models import build_model
 
         hp = resolve({"n_layers": 1, "width": 8, "batch_size": 16, "epochs": epochs})
         models = [build_model("mlp", hp, in_shape=(4,), out_features=3) for _ in range(k)]

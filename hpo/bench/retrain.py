@@ -1,5 +1,5 @@
-"""The 10-fold retrain of the seed's LeNet-5: the K models stacked (``hpo.stacked``: torch.func
-vmap, the step in one CUDA graph) against the sequential path (``hpo.train.train`` per fold), from
+"""The 10-fold retrain of the seed's LeNet-5: the K models stacked (``hpo.training.stacked``: torch.func
+vmap, the step in one CUDA graph) against the sequential path (``hpo.training.trainer.train`` per fold), from
 the same initial weights and fold seeds, as ``hpo retrain`` runs them."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ from dataclasses import replace
 
 import torch
 
-from hpo import ensemble
 from hpo.bench.data import BenchData
 from hpo.bench.trainer import sync
-from hpo.data import load_dataset
-from hpo.hyperparams import resolve
-from hpo.retrain import fold_models, split_folds
-from hpo.spec import find_spec_file, load_spec_file
-from hpo.stacked import Fold, train_stacked
-from hpo.train import predict, train
+from hpo.data.sources import load_dataset
+from hpo.retrain import ensemble
+from hpo.retrain.run import fold_models, split_folds
+from hpo.spec.hyperparams import resolve
+from hpo.spec.schema import find_spec_file, load_spec_file
+from hpo.training.stacked import Fold, train_stacked
+from hpo.training.trainer import predict, train
 
 # A good configuration of the seed's LeNet-5 space (the seed's best trial was Adam, lr ~1e-3).
 SEED_HP = dict(batch_size=64, lr=1e-3, weight_decay=1e-4, optimizer="Adam", conv_dropout=0.2, dropout=0.2)

@@ -14,9 +14,10 @@ import platform
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -209,7 +210,7 @@ def run_bench(*, device: torch.device, data_dir: str | None = None, quick: bool 
     start = time.perf_counter()
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(1)  # as hpo's CPU workers run these small models (hpo.worker)
+        torch.set_num_threads(1)  # as hpo's CPU workers run these small models (hpo.running.worker)
     report: dict[str, Any] = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()})"),

@@ -3,7 +3,7 @@ and with the step in a CUDA graph), and graph against eager from the same weight
 
 The DataLoader loop is the seeds' (and Optuna's PyTorch example's): torchvision's Dataset with
 ``ToTensor`` and ``Normalize`` per sample, ``DataLoader(shuffle=True)``, Adam. The hpo trainer is
-``hpo.train.train``: the data on the device, batches by index, the step in a CUDA graph on a GPU;
+``hpo.training.trainer.train``: the data on the device, batches by index, the step in a CUDA graph on a GPU;
 its epochs include a validation pass (the loop's do not).
 """
 
@@ -18,12 +18,12 @@ import torch
 
 from hpo.bench.data import BenchData
 from hpo.bench.ops import LENET5
-from hpo.dataset import Dataset
-from hpo.hyperparams import resolve
-from hpo.images import SOURCES, load_image_dataset
-from hpo.models import build_model
-from hpo.spec import parse_spec
-from hpo.train import evaluate, train
+from hpo.data.dataset import Dataset
+from hpo.data.images import SOURCES, load_image_dataset
+from hpo.nn.models import build_model
+from hpo.spec.hyperparams import resolve
+from hpo.spec.schema import parse_spec
+from hpo.training.trainer import evaluate, train
 
 BATCH = 64
 VAL_IMAGES = 1000
@@ -108,7 +108,7 @@ def _timed_train(model: torch.nn.Module, data: Dataset, hp: dict, *, cuda_graph:
 
 
 def hpo_trainer(data: Dataset, *, epochs: int, cuda_graph: bool) -> dict:
-    """``hpo.train.train`` with the loop's LeNet-5 settings, from the same initial weights."""
+    """``hpo.training.trainer.train`` with the loop's LeNet-5 settings, from the same initial weights."""
     hp = resolve({**LENET5, "epochs": epochs, "batch_size": BATCH})
     torch.manual_seed(0)
     model = build_model("cnn", hp, in_shape=data.in_shape, out_features=10).to(data.x.device)

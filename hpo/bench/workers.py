@@ -21,8 +21,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
@@ -35,7 +35,7 @@ QUICK_SPEC = {"data": {"train_subset": 512, "val_subset": 256}, "space": {"epoch
 def write_spec(folder: Path, *, quick: bool) -> Path:
     """The shipped fmnist spec under the bench's study name (cut down to seconds per trial for
     ``quick``), with no trial budget of its own: the rounds are timed."""
-    from hpo.spec import find_spec_file
+    from hpo.spec.schema import find_spec_file
 
     raw = yaml.safe_load(find_spec_file("fmnist").read_text())
     raw["name"] = STUDY
@@ -104,9 +104,9 @@ def run_round(n: int, *, spec: Path, storage: str, device: str, seconds: float, 
     """``n`` workers on ``device`` for ``seconds``, against a fresh study; their trials' totals."""
     import optuna
 
-    from hpo.spec import load_spec_file
-    from hpo.store import open_storage
-    from hpo.study import create
+    from hpo.search.study import create
+    from hpo.spec.schema import load_spec_file
+    from hpo.store.storage import open_storage
 
     create(load_spec_file(spec), open_storage(storage, heartbeat=False), force=True)
     env = {**os.environ, "HPO_STORAGE": storage, "PYTHONUNBUFFERED": "1", **(extra_env or {})}

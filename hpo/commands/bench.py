@@ -24,8 +24,8 @@ def bench(ctx: click.Context, device: str | None, data_dir: str | None, quick: b
     import torch
 
     from hpo.bench import format_table, run_bench
-    from hpo.devices import resolve_device
     from hpo.errors import HpoError
+    from hpo.running.devices import resolve_device
 
     if device is None:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"

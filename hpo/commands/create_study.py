@@ -18,10 +18,10 @@ from hpo.commands.options import storage_option
 def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval: int | None,
                  grace_period: int | None) -> None:
     """Create a study from SPEC: a name in studies/ (e.g. regression) or a YAML path."""
-    from hpo.grid import grid_note
-    from hpo.store import Heartbeat, mask_url, resolve_url
-    from hpo.study import create_from_file
-    from hpo.tables import size_text
+    from hpo.data.tables import size_text
+    from hpo.search.grid import grid_note
+    from hpo.search.study import create_from_file
+    from hpo.store.config import Heartbeat, mask_url, resolve_url
 
     heartbeat = Heartbeat.from_env(interval=heartbeat_interval, grace=grace_period)
     created, parsed, warnings = create_from_file(spec, storage_url=storage, force=force, heartbeat=heartbeat)

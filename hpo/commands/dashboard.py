@@ -13,7 +13,7 @@ from hpo.commands.options import artifacts_option, storage_option
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 def dashboard(study_name: str | None, storage: str | None, artifacts: str | None, host: str, port: int) -> None:
     """Browse the studies, their trials and retrain artifacts in optuna-dashboard."""
-    from hpo.dashboard import serve
+    from hpo.report.dashboard import serve
 
     serve(storage_url=storage, artifacts=artifacts, host=host, port=port, study_name=study_name, echo=click.echo)
 

@@ -24,7 +24,8 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
     """Export the best trial: parameters, spec, statistics and, after a retrain, the fold models."""
     import json
 
-    from hpo.export import MANIFEST, best_params_text, export_best as export
+    from hpo.export.folder import MANIFEST, best_params_text
+    from hpo.export.folder import export_best as export
 
     if out == "-":
         click.echo(best_params_text(study_name, storage_url=storage, fmt=fmt), nl=False)
@@ -54,7 +55,7 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
 @click.option("--fold", type=click.IntRange(min=0), default=None, metavar="K", help="Use fold K's model alone instead of the ensemble.")
 def predict(model_dir: str, input_path: str, output_path: str | None, force: bool, fold: int | None) -> None:
     """Predict with an exported model on a file of raw inputs."""
-    from hpo.loading import predict_file
+    from hpo.export.loading import predict_file
 
     written = predict_file(model_dir, input_path, output_path, fold=fold, force=force)
     if written is not None:

@@ -31,8 +31,8 @@ def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, 
     A worker that crashes is restarted (--max-restarts). With several workers on one GPU the fleet
     starts the CUDA MPS daemon unless one runs, and stops it at the end.
     """
-    from hpo.fleet import exit_text, plan, run_fleet, worker_command
-    from hpo.study import open_study
+    from hpo.running.fleet import exit_text, plan, run_fleet, worker_command
+    from hpo.search.study import open_study
 
     members = plan(gpus=gpus, per_gpu=per_gpu, device=device, workers=workers)
     open_study(study_name, storage)  # fail fast, once, on a bad store or name

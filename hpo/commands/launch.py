@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from hpo.commands.options import storage_option, study_option
-from hpo.launch import GRACE
+from hpo.running.launch import GRACE
 
 workers_option = click.option("--workers", type=int, required=True, metavar="N", help="Number of workers.")
 gpus_option = click.option("--gpus-per-worker", type=int, default=None, metavar="1",
@@ -45,9 +45,8 @@ def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: st
           grace: int, python: str | None, jobs_dir: Path | None, allow_sqlite: bool, dry_run: bool,
           storage: str | None) -> None:
     """Submit N workers of a study as a SLURM job array (sbatch)."""
-    from hpo.launch import slurm as sl
-    from hpo.store import mask_url, resolve_url
-
+    from hpo.running.launch import slurm as sl
+    from hpo.store.config import mask_url, resolve_url
     p = sl.plan(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker, device=device,
                 workers_per_gpu=workers_per_gpu, partition=partition, time=time_limit, account=account,
                 sbatch_args=sbatch_args, grace=grace, python=python)
@@ -86,7 +85,7 @@ def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: st
 def k8s(study_name: str, workers: int, gpus_per_worker: int | None, image: str | None, namespace: str | None,
         store_secret: str | None, grace: int, out: Path | None) -> None:
     """Print a Kubernetes Indexed Job of N workers (pipe it to kubectl apply -f -)."""
-    from hpo.launch import k8s as kube
+    from hpo.running.launch import k8s as kube
 
     job = kube.worker_job(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker,
                           image=image or kube.IMAGE, namespace=namespace,

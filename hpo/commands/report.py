@@ -14,7 +14,7 @@ def report(study_name: str, storage: str | None, artifacts: str | None, out: str
     """Write the study's HTML report: statistics, Optuna's figures, the latest retrain, model insight."""
     import time
 
-    from hpo.report import write_report
+    from hpo.report.html import write_report
 
     start = time.perf_counter()
     path = write_report(study_name, storage_url=storage, artifacts=artifacts, out=out)

@@ -6,8 +6,13 @@ from statistics import fmean, pstdev
 
 import click
 
-from hpo.commands.options import artifacts_option, device_option, gpu_option, storage_option, study_option
-
+from hpo.commands.options import (
+    artifacts_option,
+    device_option,
+    gpu_option,
+    storage_option,
+    study_option,
+)
 
 ENSEMBLE_LABELS = {"mean": "ensemble mean", "majority_vote": "majority vote", "soft_vote": "soft vote"}
 
@@ -78,11 +83,10 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
 
     The retrain checkpoints as it goes (the spec's checkpoint settings): after a kill, or a stop by
     SIGINT/SIGTERM, continue it with --resume."""
-    from hpo.devices import resolve_device
-    from hpo.progress import Progress
-    from hpo.retrain import run_retrain
-
-    from hpo.retrain_checkpoint import RetrainInterrupted
+    from hpo.retrain.checkpoint import RetrainInterrupted
+    from hpo.retrain.run import run_retrain
+    from hpo.running.devices import resolve_device
+    from hpo.running.progress import Progress
 
     saved: list[dict] = []
     try:

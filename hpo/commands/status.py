@@ -1,4 +1,4 @@
-"""``hpo studies`` and ``hpo status``: study statistics from aggregate queries (see ``hpo.statistics``)."""
+"""``hpo studies`` and ``hpo status``: study statistics from aggregate queries (see ``hpo.store.statistics``)."""
 
 import click
 
@@ -10,9 +10,8 @@ from hpo.commands.options import storage_option, study_option
 def studies(storage: str | None) -> None:
     """List the studies in the store with trial counts and best values."""
     from hpo.console import studies_table
-    from hpo.statistics import summaries
-    from hpo.store import open_storage
-
+    from hpo.store.statistics import summaries
+    from hpo.store.storage import open_storage
     click.echo(studies_table(summaries(open_storage(storage, heartbeat=False))))
 
 
@@ -25,9 +24,9 @@ def status(study_name: str, storage: str | None, as_json: bool) -> None:
     from dataclasses import asdict
 
     from hpo import console
-    from hpo.statistics import summary
-    from hpo.store import open_storage
-    from hpo.study import study_id
+    from hpo.search.study import study_id
+    from hpo.store.statistics import summary
+    from hpo.store.storage import open_storage
 
     store = open_storage(storage, heartbeat=False)
     s = summary(store, study_id(store, study_name))

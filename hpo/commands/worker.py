@@ -2,7 +2,13 @@
 
 import click
 
-from hpo.commands.options import artifacts_option, device_option, gpu_option, storage_option, study_option
+from hpo.commands.options import (
+    artifacts_option,
+    device_option,
+    gpu_option,
+    storage_option,
+    study_option,
+)
 
 
 @click.command()
@@ -24,9 +30,9 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
     Running trials are checkpointed under the artifact folder (checkpoints/STUDY/): a trial whose
     worker is stopped or dies resumes there on any worker that shares the folder."""
     from hpo.console import summary_text
-    from hpo.devices import resolve_device
-    from hpo.progress import Progress
-    from hpo.worker import run_worker
+    from hpo.running.devices import resolve_device
+    from hpo.running.progress import Progress
+    from hpo.running.worker import run_worker
 
     summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
                          n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,

@@ -63,7 +63,7 @@ class Heartbeat:
                              f"the heartbeat interval ({self.interval})")
 
     @classmethod
-    def from_env(cls, *, interval: int | None = None, grace: int | None = None) -> "Heartbeat":
+    def from_env(cls, *, interval: int | None = None, grace: int | None = None) -> Heartbeat:
         """From ``HPO_HEARTBEAT_INTERVAL`` and ``HPO_GRACE_PERIOD`` (whole seconds), else the
         defaults; ``interval``/``grace`` given here win over both.
 

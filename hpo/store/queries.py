@@ -18,7 +18,12 @@ import sqlalchemy.dialects.sqlite
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-from hpo.optuna_private import STUDY_SYSTEM_ATTRS, TRIAL_HEARTBEATS, TRIAL_SYSTEM_ATTRS, TRIALS
+from hpo.store.optuna_private import (
+    STUDY_SYSTEM_ATTRS,
+    TRIAL_HEARTBEATS,
+    TRIAL_SYSTEM_ATTRS,
+    TRIALS,
+)
 from hpo.store.retry import call_retrying
 
 RETRY_ATTR = "failed_trial"  # trial system attr of a re-queued retry (Optuna's retry callback): the original's number

@@ -1,7 +1,7 @@
 """Optuna's RDB store as hpo opens it: every call retried over a restarting database, and, for
 workers, the running trials' reports and user attrs written behind.
 
-The worker's store keeps Optuna's storage contract (``tests/test_storage_contract.py`` runs
+The worker's store keeps Optuna's storage contract (``tests/store/test_storage_contract.py`` runs
 Optuna's own storage test kit against it) with one documented bound: a trial finished by another
 process while this one runs it is seen as finished at the next read of the trial and at the next
 heartbeat, so writes to it are refused at the call within one heartbeat interval.
@@ -22,12 +22,26 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo import optuna_private, trials
 from hpo.errors import StoreError
-from hpo.optuna_private import (TRIAL_INTERMEDIATE_VALUES, TRIAL_SYSTEM_ATTRS, TRIAL_USER_ATTRS, TRIAL_VALUES,
-                                 TRIALS)
-from hpo.store.config import (SQLITE_TIMEOUT, Heartbeat, driver_url, engine_kwargs, env_seconds, mask_url,
-                              prepare_sqlite, resolve_url, sqlite_path)
+from hpo.store import optuna_private, trials
+from hpo.store.config import (
+    SQLITE_TIMEOUT,
+    Heartbeat,
+    driver_url,
+    engine_kwargs,
+    env_seconds,
+    mask_url,
+    prepare_sqlite,
+    resolve_url,
+    sqlite_path,
+)
+from hpo.store.optuna_private import (
+    TRIAL_INTERMEDIATE_VALUES,
+    TRIAL_SYSTEM_ATTRS,
+    TRIAL_USER_ATTRS,
+    TRIAL_VALUES,
+    TRIALS,
+)
 from hpo.store.queries import upsert
 from hpo.store.retry import reason, retrying
 from hpo.store.schema import schema_lock

@@ -1,0 +1,1 @@
+"""Data sets: the ``Dataset`` type (``dataset``), loading by source (``sources``), CSV tables (``tables``, ``csv_lines``), IDX images and augmentation (``images``) and the local cache of store data (``cache``)."""

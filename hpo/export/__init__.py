@@ -1,0 +1,1 @@
+"""Export folders (``folder``) and ``hpo.load`` / ``hpo predict`` (``loading``)."""

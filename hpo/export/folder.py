@@ -1,0 +1,254 @@
+"""Export a study's best result as a self-contained folder that ``hpo.load`` turns into a module.
+
+The folder holds:
+- ``params.<fmt>``: the exported trial's number, value and parameters (and the resolved
+  hyperparameters): the best trial's, or the retrained trial's when a retrain is exported;
+- ``spec.<fmt>``: the full study spec; ``study.<fmt>``: the study statistics;
+- when a retrain of the best trial exists: ``fold_<i>.pt`` (state dicts), ``metrics.json`` (the
+  retrain's numbers) and ``model.json`` (family, shapes, hyperparameters, normalisation, classes,
+  feature names and the ensemble rule);
+- ``manifest.json``: versions of hpo, torch and optuna, and the sha256 of every other file.
+
+The folder is written under a temporary name beside ``out`` and renamed at the end, so a failed
+export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from hpo.errors import HpoError
+
+if TYPE_CHECKING:  # optuna stays out of ``hpo.load``'s imports
+    import optuna
+
+    from hpo.retrain.results import RetrainRecord
+    from hpo.spec.schema import StudySpec
+
+FORMATS = ("json", "yaml")
+ENSEMBLE_RULES = {"regression": ("mean",), "classification": ("soft_vote", "majority_vote")}
+MANIFEST = "manifest.json"
+MODEL = "model.json"
+EXPORT_FORMAT = "hpo-export/1"
+
+
+def dumps(data: Any, fmt: str) -> str:
+    """``data`` as JSON (indented) or YAML (in key order)."""
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return json.dumps(data, indent=2) + "\n"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("hpo", "torch", "optuna"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "unknown"
+    return out
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise HpoError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
+
+
+def open_study(study_name: str, storage_url: str | None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
+    """The study, its spec and its best trial.
+
+    Raises:
+        StoreError: no such study. HpoError: the study has no complete trial yet.
+    """
+    import optuna
+
+    from hpo.search.study import open_study
+
+    study, spec = open_study(study_name, storage_url)
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise HpoError(f"study {study_name!r} has no complete trial yet, so there is no best trial to export; "
+                       f"run: hpo worker --study {study_name}")
+    return study, spec, study.best_trial
+
+
+def best_params(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    from hpo.search.space import hyperparams_from_params
+
+    return {
+        "study": study.study_name,
+        "trial_number": best.number,
+        "metric": spec.metric,
+        "direction": spec.direction,
+        "value": best.value,
+        "params": dict(best.params),
+        "hyperparams": hyperparams_from_params(spec, best.params),
+    }
+
+
+def best_params_text(study_name: str, *, storage_url: str | None = None, fmt: str = "json") -> str:
+    """The best trial's parameters alone, as JSON or YAML (for ``--out -``)."""
+    _check_format(fmt)
+    _, _, best = open_study(study_name, storage_url)
+    return dumps(dict(best.params), fmt)
+
+
+def _pick_retrain(study: optuna.Study, best_number: int, retrain_id: str | None) -> tuple[RetrainRecord | None, str]:
+    """The retrain to export and, when there is none, the sentence saying why and what to run."""
+    from hpo.retrain.results import list_retrains, load_retrain
+
+    if retrain_id is not None:
+        return load_retrain(study, retrain_id), ""
+    retrains = list_retrains(study)
+    of_best = [r for r in retrains if r.trial_number == best_number]
+    if of_best:
+        return of_best[-1], ""
+    others = sorted({r.trial_number for r in retrains})
+    why = (f"the retrains are of trial(s) {', '.join(map(str, others))}, not of the best trial {best_number}"
+           if others else "the study has no retrain yet")
+    return None, f"{why}; weights come from: hpo retrain --study {study.study_name}"
+
+
+def _model_description(folder: Path, record: RetrainRecord, spec: StudySpec, ensemble: str | None) -> dict:
+    from hpo.retrain.results import read_json
+
+    model = read_json(folder, MODEL)
+    task = model.get("task", spec.task)
+    rules = ENSEMBLE_RULES[task]
+    rule = ensemble or rules[0]
+    if rule not in rules:
+        raise HpoError(f"--ensemble: got {rule!r}; a {task} model allows: {', '.join(rules)}")
+    model.update(
+        task=task,
+        ensemble=rule,
+        ensemble_rules=list(rules),
+        folds=record.folds,
+        weights=[f"fold_{i}.pt" for i in range(record.folds)],
+        retrain_id=record.id,
+        trial_number=record.trial_number,
+        data_source=spec.data.source,
+    )
+    if (folder / "metrics.json").is_file():
+        model["tie_breaker"] = int(read_json(folder, "metrics.json").get("best_fold", 0))
+    if spec.data.source == "csv":
+        model.update(features=list(spec.data.features), target=spec.data.target)
+    return model
+
+
+def _write_weights(staging: Path, record: RetrainRecord, artifact_store, spec: StudySpec, ensemble: str | None) -> dict:
+    needed = [MODEL, *(f"fold_{i}.pt" for i in range(record.folds))]
+    from hpo.retrain.results import fetch_files
+
+    missing = [name for name in needed if name not in record.files]
+    if missing:
+        raise HpoError(f"retrain {record.id} lacks {', '.join(missing)}; run hpo retrain again")
+    with tempfile.TemporaryDirectory(prefix="hpo-export-") as tmp:
+        fetched = fetch_files(artifact_store, record, Path(tmp), names=[*needed, "metrics.json"])
+        model = _model_description(fetched, record, spec, ensemble)
+        for name in model["weights"] + (["metrics.json"] if "metrics.json" in record.files else []):
+            shutil.copyfile(fetched / name, staging / name)
+    (staging / MODEL).write_text(dumps(model, "json"))
+    return model
+
+
+def export_best(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None, out: Path,
+                fmt: str = "json", force: bool = False, retrain_id: str | None = None,
+                ensemble: str | None = None) -> Path:
+    """Write the export folder of a study's best trial.
+
+    Args:
+        out: the folder to create.
+        fmt: ``json`` or ``yaml`` for the params, spec and statistics files.
+        force: replace ``out`` when it exists.
+        retrain_id: export this retrain (default: the newest retrain of the best trial).
+        ensemble: the ensemble rule of a classifier (``soft_vote`` by default, or ``majority_vote``).
+
+    Returns:
+        The folder. Its ``manifest.json`` says ``"weights": false`` with a ``note`` naming the
+        command to run when the best trial has no retrain.
+
+    Raises:
+        HpoError: unknown study, no complete trial, ``out`` exists without ``force``, a bad format
+            or ensemble rule, a retrain whose files are missing, or ``out`` cannot be written
+            (naming the file and the file system's reason).
+    """
+    from hpo.store.artifacts import open_artifact_store
+    _check_format(fmt)
+    out = Path(out)
+    try:
+        taken = out.exists()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise _cannot_write(out, e) from e
+    if taken and not force:
+        raise HpoError(f"--out: {out} already exists; pass --force to replace it")
+    study, spec, best = open_study(study_name, storage_url)
+    record, note = _pick_retrain(study, best.number, retrain_id)
+    # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
+    trial = best if record is None or record.trial_number == best.number \
+        else study.get_trials(deepcopy=False)[record.trial_number]
+
+    try:
+        return _write_export(out, study, spec, trial, record, note, fmt=fmt, ensemble=ensemble,
+                             artifact_store=lambda: open_artifact_store(storage_url, artifacts))
+    except OSError as e:
+        raise _cannot_write(out, e) from e
+
+
+def _cannot_write(out: Path, e: OSError) -> HpoError:
+    where = "" if e.filename in (None, str(out)) else f"{e.filename}: "
+    return HpoError(f"--out: cannot write the export {out}: {where}{e.strerror or e}")
+
+
+def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna.trial.FrozenTrial,
+                  record: RetrainRecord | None, note: str, *, fmt: str, ensemble: str | None, artifact_store) -> Path:
+    from hpo.store.statistics import summarize
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (staging / f"params.{fmt}").write_text(dumps(best_params(study, spec, trial), fmt))
+        (staging / f"spec.{fmt}").write_text(dumps(spec.to_dict(), fmt))
+        (staging / f"study.{fmt}").write_text(dumps(asdict(summarize(study)), fmt))
+        model = None
+        if record is not None:
+            model = _write_weights(staging, record, artifact_store(), spec, ensemble)
+        manifest = {
+            "format": EXPORT_FORMAT,
+            "study": study.study_name,
+            "trial_number": trial.number,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "weights": record is not None,
+            "retrain_id": record.id if record else None,
+            "ensemble": model["ensemble"] if model else None,
+            "note": note,
+            "versions": versions(),
+            "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+                      for p in sorted(staging.iterdir())},
+        }
+        (staging / MANIFEST).write_text(dumps(manifest, "json"))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,275 @@
+"""Load an exported model (``hpo export-best``) as a ready ``torch.nn.Module``, and predict on files.
+
+Every file's sha256 is checked against ``manifest.json`` before anything is read, and weights are
+read with ``torch.load(weights_only=True)``: a tampered or truncated file is refused, never run.
+(The manifest itself is not signed: it guards against damage and casual edits, not against someone
+who rewrites the manifest too.)
+
+The module takes RAW inputs, in the units of the data set (CSV feature values, image pixels as
+stored), and applies the stored normalisation itself:
+- regression: ``model(x)`` is the prediction, shape (N, 1): the mean over folds (or one fold's).
+- classification: ``model(x)`` gives class scores (N, C): the mean of the folds' softmax
+  probabilities for ``soft_vote`` (or one fold), the share of folds voting for each class for
+  ``majority_vote``; ``model.predict(x)`` gives class indices (N,), majority-vote ties going to
+  the best-on-validation fold's choice as in the retrain (so ``model(x).argmax(-1)``, which takes
+  the lowest tied index, may differ from ``predict`` on ties); ``model.classes`` names them.
+``model.predict(x)`` returns the type it is given: a NumPy array for a NumPy array (or a list),
+a tensor (on the module's device) for a tensor. ``model(x)`` is the module's forward and always
+returns a tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpo.errors import DataError, HpoError
+from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL, sha256
+from hpo.retrain import ensemble as ens
+from hpo.store.config import STORAGE_ROOT
+
+
+class ExportedModel(nn.Module):
+    """The fold models of a retrain behind the stored normalisation and the ensemble rule."""
+
+    def __init__(self, models: list[nn.Module], *, description: dict[str, Any], rule: str, study: str = ""):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.study = study  # the study the export came from
+        self.task = description["task"]
+        self.rule = rule
+        # Majority-vote ties go to the class the best-on-validation fold scores highest, as in the retrain.
+        self.tie_breaker = int(description.get("tie_breaker", 0)) if len(models) > 1 else 0
+        self.in_shape = tuple(description["in_shape"])
+        self.classes = tuple(description.get("classes") or ())
+        self.features = tuple(description.get("features") or ())
+        norm = description.get("normalization") or {}
+        self.register_buffer("scale", torch.tensor(float(norm.get("scale", 1.0))))
+        self.register_buffer("mean", self._broadcastable(norm.get("mean", 0.0)))
+        self.register_buffer("std", self._broadcastable(norm.get("std", 1.0)))
+
+    def _broadcastable(self, values: Any) -> torch.Tensor:
+        """Per-feature (size of one sample), per-channel (first axis) or one scalar statistic."""
+        t = torch.as_tensor(values, dtype=torch.float32).flatten()
+        if t.numel() == math.prod(self.in_shape):
+            return t.reshape(self.in_shape)
+        if t.numel() == self.in_shape[0]:
+            return t.reshape(self.in_shape[0], *([1] * (len(self.in_shape) - 1)))
+        if t.numel() == 1:
+            return t.reshape(())
+        raise HpoError(f"model.json: normalization has {t.numel()} values for inputs of shape {self.in_shape}")
+
+    def normalize(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = np.array(x)  # torch warns on read-only arrays (pandas hands some out); a copy is safe
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.mean.device)
+        if x.shape[1:] != self.in_shape:
+            if x.dim() == 0 or math.prod(x.shape[1:]) != math.prod(self.in_shape):
+                raise DataError(f"inputs of shape {tuple(x.shape)} do not fit the model's input shape "
+                                f"(N, {', '.join(map(str, self.in_shape))})")
+            x = x.reshape(len(x), *self.in_shape)
+        return (x * self.scale - self.mean) / self.std
+
+    def fold_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every fold model's raw output (logits for classes), shape (K, N, C)."""
+        x = self.normalize(x)
+        return torch.stack([m(x) for m in self.models])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = self.fold_outputs(x)
+        if self.task == "regression":
+            return ens.mean(outputs)
+        if self.rule == "majority_vote":
+            return ens.vote_shares(outputs)
+        return ens.soft_vote(outputs)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Predictions: values (N, 1) float32 for regression, class indices (N,) int64 for classification.
+
+        Returns the type it is given: a NumPy array for a NumPy array (or a list), a tensor on the
+        module's device for a tensor.
+        """
+        outputs = self.fold_outputs(x)
+        if self.task == "regression":
+            out = ens.mean(outputs)
+        elif self.rule == "majority_vote":
+            out = ens.majority_vote(outputs, tie_breaker=self.tie_breaker)
+        else:
+            out = ens.soft_vote(outputs).argmax(-1)
+        return out if isinstance(x, torch.Tensor) else out.cpu().numpy()
+
+
+def verify(folder: Path) -> dict:
+    """Check every file of an export against its manifest. Returns the manifest.
+
+    Raises:
+        HpoError: no manifest, or a file missing, truncated or changed since the export.
+    """
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise HpoError(f"{folder}: not an hpo export (no {MANIFEST}); make one with: hpo export-best --study NAME --out DIR")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise HpoError(f"{path}: unreadable manifest ({e}); export the model again") from e
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise HpoError(f"{path}: format {manifest.get('format')!r} is not {EXPORT_FORMAT!r}")
+    for name, entry in files.items():
+        file = folder / name
+        if Path(name).name != name or not file.is_file():
+            raise HpoError(f"{folder}: {name} is missing; the export is incomplete, export it again")
+        if file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]:
+            raise HpoError(f"{file}: checksum mismatch (truncated or changed since the export); refusing to load it")
+    return manifest
+
+
+def load(path: str | Path, *, fold: int | None = None, device: str | torch.device = "cpu",
+         ensemble: str | None = None) -> ExportedModel:
+    """Load an export as a module in eval mode mapping raw inputs to predictions.
+
+    Args:
+        path: the folder written by ``hpo export-best``.
+        fold: use only this fold's model (default: the ensemble of all folds).
+        device: where to put the module.
+        ensemble: override the exported ensemble rule (``soft_vote`` / ``majority_vote``).
+
+    Raises:
+        HpoError: bad checksums, an export without weights (saying to run ``hpo retrain``), or a
+            fold or ensemble rule that the export does not have.
+    """
+    from hpo.nn.models import rebuild
+
+    folder = Path(path)
+    manifest = verify(folder)
+    if not manifest.get("weights") or MODEL not in manifest["files"]:
+        raise HpoError(f"{folder}: this export has parameters but no weights ({manifest.get('note') or 'no retrain'}); "
+                       f"export again after the retrain")
+    description = json.loads((folder / MODEL).read_text())
+    weights = description["weights"]
+    unlisted = [w for w in weights if w not in manifest["files"]]
+    if unlisted:
+        raise HpoError(f"{folder}: {', '.join(unlisted)} not in the manifest; refusing to load unverified weights")
+    if fold is not None:
+        if not 0 <= fold < len(weights):
+            raise HpoError(f"--fold: got {fold}; this export has folds 0..{len(weights) - 1}")
+        weights = [weights[fold]]
+    rule = ensemble or description["ensemble"]
+    if rule not in description["ensemble_rules"]:
+        raise HpoError(f"ensemble: got {rule!r}; allowed: {', '.join(description['ensemble_rules'])}")
+    if fold is not None and description["task"] == "classification":
+        rule = "soft_vote"  # one fold: its own probabilities
+    models = []
+    for name in weights:
+        try:
+            models.append(rebuild(description, folder / name))
+        except HpoError:
+            raise
+        except Exception as e:  # unpickling refused, or weights that do not fit the described model
+            raise HpoError(f"{folder / name}: cannot load the weights: {str(e).splitlines()[0]}") from e
+    return ExportedModel(models, description=description, rule=rule,
+                         study=str(manifest.get("study") or folder.name)).to(device).eval()
+
+
+def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
+    """Inputs from a CSV (feature columns by name), .npy or IDX file; also the CSV frame, if any."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise DataError(f"--input: {path} not found")
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        frame = pd.read_csv(path)
+        missing = [c for c in model.features if c not in frame.columns]
+        if missing or not model.features:
+            raise DataError(f"{path}: missing feature column(s) {', '.join(missing or ['(model has no named features)'])}; "
+                            f"the file has {', '.join(map(str, frame.columns))}")
+        values = frame[list(model.features)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
+        if not np.isfinite(values).all():
+            row, col = np.argwhere(~np.isfinite(values))[0]
+            from hpo.data.csv_lines import csv_line
+
+            raise DataError(f"{path}: line {csv_line(str(path), int(row))}, column {model.features[col]!r}: "
+                            f"expected a number")
+        return values, frame
+    if name.endswith(".npy"):
+        try:
+            return np.load(path, allow_pickle=False).astype(np.float32), None
+        except (ValueError, OSError) as e:
+            raise DataError(f"{path}: cannot read as .npy: {e}") from e
+    if "idx" in name or name.endswith("-ubyte") or name.endswith(".gz"):
+        from hpo.data.images import read_idx
+
+        return read_idx(path).astype(np.float32), None
+    raise DataError(f"--input: {path}: unknown file type; use .csv, .npy or an IDX file (e.g. t10k-images-idx3-ubyte.gz)")
+
+
+def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None) -> Path:
+    """Where ``hpo predict`` writes by default: ``storage/predictions/<study>/<input name>.csv``
+    (``.fold<K>.csv`` for one fold's model), never beside the input."""
+    stem = input_path.name.split(".")[0] + (f".fold{fold}" if fold is not None else "")
+    return STORAGE_ROOT / "predictions" / model.study / f"{stem}.csv"
+
+
+def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str | Path | None = None, *,
+                 fold: int | None = None, device: str = "cpu", force: bool = False,
+                 stdout: TextIO | None = None) -> Path | None:
+    """Run an exported model on a file and write the predictions.
+
+    The output is a CSV (the input's columns, when it is a CSV, then ``prediction`` and, for
+    classifiers, ``class``) or, for a ``.npy`` output path, the prediction array.
+
+    Args:
+        output_path: the file to write (default: see ``default_output``); ``"-"``: the CSV goes
+            to ``stdout`` (default ``sys.stdout``).
+        force: replace an existing output file (otherwise it is refused).
+
+    Returns:
+        The output path, or None when written to standard output.
+
+    Raises:
+        HpoError: a bad export (see ``load``), unreadable inputs or inputs of the wrong shape, an
+            existing output without ``force``, or an output the file system refuses.
+    """
+    import pandas as pd
+
+    input_path = Path(input_path)
+    model = load(model_dir, fold=fold, device=device)
+    to_stdout = str(output_path) == "-"
+    if not to_stdout:
+        output_path = Path(output_path) if output_path else default_output(model, input_path, fold=fold)
+        try:
+            taken = output_path.exists()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise HpoError(f"--output: cannot write {output_path}: {e.strerror or e}") from e
+        if taken and not force:
+            raise HpoError(f"--output: {output_path} already exists; pass --force to replace it "
+                           f"(or --output FILE, or --output - for standard output)")
+    x, frame = read_inputs(input_path, model)
+    pred = np.concatenate([model.predict(x[i:i + 8192]) for i in range(0, len(x), 8192)]) if len(x) else np.zeros(0)
+    if model.task == "regression" and pred.ndim == 2:
+        pred = pred[:, 0]
+    out = frame.copy() if frame is not None else pd.DataFrame(index=range(len(pred)))
+    out["prediction"] = pred
+    if model.task == "classification" and model.classes:
+        out["class"] = [model.classes[i] for i in pred]
+    if to_stdout:
+        out.to_csv(stdout or sys.stdout, index=False)
+        return None
+    try:
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        if output_path.suffix == ".npy":
+            np.save(output_path, pred)
+        else:
+            out.to_csv(output_path, index=False)
+    except OSError as e:
+        raise HpoError(f"--output: cannot write {output_path}: {e.strerror or e}") from e
+    return output_path

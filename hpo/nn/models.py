@@ -1,0 +1,58 @@
+"""Model builders. They take resolved hyperparameters and shapes; they know nothing of training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpo.nn.cnn import build_cnn
+from hpo.nn.layers import activation, init_weights, per_layer
+
+
+def build_mlp(hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: int) -> nn.Sequential:
+    """An MLP: ``n_layers`` hidden layers of ``width[i]`` units, each followed by the activation and
+    ``dropout[i]``; the input is flattened, so images work too."""
+    n = int(hp["n_layers"])
+    widths = per_layer(hp["width"], n, "width")
+    dropouts = per_layer(hp["dropout"], n, "dropout")
+    layers: list[nn.Module] = [nn.Flatten()]
+    fan_in = math.prod(in_shape)
+    for width, p in zip(widths, dropouts):
+        layers += [nn.Linear(fan_in, int(width)), activation(hp["activation"])]
+        if p > 0:
+            layers.append(nn.Dropout(p))
+        fan_in = int(width)
+    layers.append(nn.Linear(fan_in, out_features))
+    model = nn.Sequential(*layers)
+    init_weights(model, hp["init"], hp["activation"])
+    return model
+
+
+def build_model(family: str, hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    """Build the network of one model family from resolved hyperparameters.
+
+    Raises:
+        TrainingError: when the hyperparameters do not fit the input (e.g. an image shrinks below 1x1).
+    """
+    if family == "mlp":
+        return build_mlp(hp, in_shape=in_shape, out_features=out_features)
+    if family == "cnn":
+        return build_cnn(hp, in_shape=in_shape, out_features=out_features)
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def rebuild(info: dict[str, Any], weights_path: str | Path) -> nn.Module:
+    """A retrained fold model from its ``model.json`` description and ``fold_<i>.pt`` state dict,
+    read with ``weights_only=True``, on the CPU and in eval mode.
+
+    Raises:
+        TrainingError / ValueError: as ``build_model``; torch's errors for unreadable or unfitting weights.
+    """
+    model = build_model(info["family"], info["hyperparams"], in_shape=tuple(info["in_shape"]),
+                        out_features=int(info["out_features"]))
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return model.eval()

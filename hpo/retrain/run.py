@@ -1,0 +1,363 @@
+"""The k-fold retrain stage: the chosen trial's hyperparameters, K models on K folds of the whole
+training pool, their test predictions and ensembles, saved as artifacts of the study.
+
+The files follow the contract in ``hpo.retrain.results``; ``hpo.retrain.outputs`` makes them (and gives
+the shapes in ``predictions.npz``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from optuna.trial import TrialState
+
+from hpo.data.dataset import Dataset
+from hpo.data.sources import load_dataset
+from hpo.errors import HpoError
+from hpo.nn.models import build_model
+from hpo.retrain import outputs as retrain_outputs
+from hpo.retrain.checkpoint import RetrainCheckpoint
+from hpo.retrain.results import RetrainRecord
+from hpo.running.progress import QUIET, Progress
+from hpo.search.objective import trial_seed
+from hpo.search.space import hyperparams_from_params
+from hpo.search.study import load
+from hpo.spec.schema import StudySpec
+from hpo.store.artifacts import open_artifact_store
+from hpo.store.storage import open_storage
+from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
+from hpo.training.stacked import Fold, StackedResult, stack_problem, train_stacked
+from hpo.training.state import (
+    TrainState,
+    cpu_copy,
+    load_model_in_place,
+    rng_state,
+    set_rng_state,
+)
+from hpo.training.trainer import TrainResult, predict, train
+
+
+def split_folds(data: Dataset, *, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K seeded folds of the whole training pool ``data.x``: stratified by class for classification.
+
+    Raises:
+        HpoError: when there are too few samples (or samples of some class) for K folds.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    n = len(data.x)
+    if folds < 2:
+        raise HpoError(f"--folds: need at least 2 folds, got {folds}")
+    if folds > n:
+        raise HpoError(f"--folds: {folds} folds need at least {folds} samples; the training pool has {n}")
+    pool = np.arange(n)
+    if data.task == "classification":
+        labels = data.y.cpu().numpy()
+        present = np.bincount(labels)
+        smallest = int(present[present > 0].min())
+        if folds > smallest:
+            raise HpoError(f"--folds: {folds} stratified folds need at least {folds} samples of every class; "
+                           f"the rarest class has {smallest}")
+        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(pool, labels)
+    else:
+        splits = KFold(n_splits=folds, shuffle=True, random_state=seed).split(pool)
+    return [(np.sort(tr), np.sort(va)) for tr, va in splits]
+
+
+def _choose_trial(study, trial_number: int | None):
+    trials = study.get_trials(deepcopy=False)
+    name = study.study_name
+    if trial_number is None:
+        if not any(t.state == TrialState.COMPLETE for t in trials):
+            raise HpoError(f"study {name!r} has no complete trial; run hpo worker --study {name} first")
+        return study.best_trial
+    if not 0 <= trial_number < len(trials):
+        raise HpoError(f"--trial: study {name!r} has no trial {trial_number}; trials are 0..{len(trials) - 1}")
+    trial = trials[trial_number]
+    if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise HpoError(f"--trial: trial {trial_number} is {trial.state.name}; choose a COMPLETE or PRUNED trial")
+    return trial
+
+
+def run_retrain(
+    study_name: str,
+    *,
+    storage_url: str | None = None,
+    artifacts: str | None = None,
+    folds: int | None = None,
+    trial_number: int | None = None,
+    device: torch.device,
+    data_dir: str | None = None,
+    stacked: bool | None = None,
+    resume: bool = False,
+    echo: Callable[[str], None] | None = None,
+    on_metrics: Callable[[dict[str, Any]], None] | None = None,
+    progress: Progress | None = None,
+) -> RetrainRecord:
+    """Retrain a trial's configuration on K folds and save the results as artifacts of the study.
+
+    Args:
+        folds: K (default: the spec's ``retrain.folds``).
+        trial_number: the trial to retrain (default: the best complete trial).
+        stacked: train the K models together (True), one after another (False), or decide (None:
+            stacked on a CUDA device whenever the models can be stacked, else sequential).
+        resume: continue the study's latest unfinished retrain from its checkpoint (its trial,
+            folds and path; finished folds are not trained again). Without it, a new retrain
+            replaces any unfinished one. Checkpoints follow the spec's ``checkpoint`` settings
+            (``hpo.retrain.checkpoint``); SIGINT/SIGTERM checkpoint and stop at the next epoch.
+        echo: where progress lines go (default: nowhere).
+        on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
+        progress: shows the folds x epochs done, the latest fold's validation value and the time
+            left (default: nothing).
+
+    Returns:
+        The new record (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
+
+    Raises:
+        HpoError: no such study, no complete trial, bad fold count, training failed, or
+            ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked that differ
+            from it).
+        RetrainInterrupted: told to stop (SIGINT/SIGTERM); the checkpoint is saved.
+    """
+    echo = echo or (lambda line: None)
+    storage = open_storage(storage_url, heartbeat=False)
+    study, spec = load(study_name, storage)
+    store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
+        if spec.checkpoint.enabled else None
+    if resume:
+        trial_number, folds, stacked = _unfinished_retrain(store, study_name, trial_number=trial_number,
+                                                           folds=folds, stacked=stacked)
+    trial = _choose_trial(study, trial_number)
+    k = int(folds or spec.retrain.folds)
+    hp = _retrain_hyperparams(spec, trial.params)
+    artifact_store = open_artifact_store(storage_url, artifacts)
+
+    data = _training_pool(spec, storage, data_dir=data_dir, device=device)
+    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
+    models = fold_models(spec, hp, data, seeds=[f.seed for f in fold_list], device=device)
+    use_stacked, reason = _choose_path(models, stacked, device)
+    path = "stacked" if use_stacked else "sequential"
+    echo(f"retrain of trial #{trial.number} of {study_name!r}: {k} folds, {hp['epochs']} epochs, "
+         f"{path} on {device}")
+    meta = {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k, "path": path,
+            "params": dict(trial.params), "hyperparams": hp, "spec": fingerprint(spec.to_dict())}
+    ckpt, saved, resumed_from = _open_checkpoint(store, meta, spec=spec, resume=resume, echo=echo)
+
+    trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, saved=saved,
+                           device=device, progress=progress or QUIET, echo=echo)
+    for note in trained.notes:
+        echo(f"  note: {note}")
+
+    outputs = torch.stack([predict(m, data.x_test) for m in models])  # (K, N, C)
+    per_fold, best = retrain_outputs.fold_scores(data, outputs, trained.results)
+    metric_name = retrain_outputs.metric_name(data.task)
+    epochs_total = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)  # trained by this run
+    metrics: dict[str, Any] = {
+        "task": data.task, "folds": k, "seed": spec.seed, "trial_number": trial.number,
+        "params": dict(trial.params), "hyperparams": hp, "path": path,
+        "path_reason": reason, "cuda_graph": trained.cuda_graph, "device": str(device),
+        "train_seconds": trained.seconds,
+        "model_epochs_per_s": epochs_total / trained.seconds if trained.seconds > 0 else None,
+        "per_fold": per_fold, "best_fold": best, "metric": metric_name, "classes": list(data.classes),
+        "fold_seeds": [f.seed for f in fold_list],
+        "split": "StratifiedKFold" if data.task == "classification" else "KFold",
+        "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
+    }
+    arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
+    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
+                                  curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
+                                  models=models)
+    if ckpt is not None:
+        ckpt.discard()  # saved: nothing left to resume
+    if on_metrics:
+        on_metrics(metrics)
+    return record
+
+
+def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial_number: int | None,
+                        folds: int | None, stacked: bool | None) -> tuple[int, int, bool]:
+    """The trial, K and path (stacked or not) of the study's unfinished retrain, which --resume continues.
+
+    Raises:
+        HpoError: when there is none, or a flag given differs from it.
+    """
+    asked = RetrainCheckpoint.unfinished(store, study_name)
+    for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
+                               ("--stacked/--sequential", stacked, asked["path"] == "stacked")):
+        if given is not None and given != saved:
+            raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
+    return asked["trial"], asked["folds"], asked["path"] == "stacked"
+
+
+def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:
+    """The trial's hyperparameters, with the spec's ``retrain.epochs`` when it sets them."""
+    hp = hyperparams_from_params(spec, params)
+    if spec.retrain.epochs:
+        hp["epochs"] = spec.retrain.epochs
+    return hp
+
+
+def _training_pool(spec: StudySpec, storage, *, data_dir: str | None, device: torch.device) -> Dataset:
+    """The whole training pool (the spec's train/val subsets left out: the folds split it), on the device."""
+    full = replace(spec.data, train_subset=None, val_subset=None)
+    data = load_dataset(spec.with_data(full), storage=storage, data_dir=data_dir).to(device)
+    if device.type == "cpu" and data.x[0].numel() < 1024:
+        torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
+    return data
+
+
+def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: torch.device) -> list[Fold]:
+    """``split_folds`` as index tensors on the device, fold i's batch order seeded ``base_seed * 100 + i``.
+
+    Raises:
+        HpoError: as ``split_folds``.
+    """
+    splits = split_folds(data, folds=folds, seed=seed)
+    return [Fold(train_idx=torch.from_numpy(tr).to(device), val_idx=torch.from_numpy(va).to(device),
+                 seed=base_seed * 100 + i) for i, (tr, va) in enumerate(splits)]
+
+
+def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device) -> tuple[bool, str]:
+    """Whether to train the fold models stacked, and why: as asked, else stacked on a CUDA device
+    when they can be.
+
+    Raises:
+        HpoError: when stacked is asked for models that cannot be stacked.
+    """
+    problem = stack_problem(models)
+    if stacked and problem:
+        raise HpoError(f"cannot train stacked: {problem}")
+    if stacked is not None:
+        return stacked, "requested"
+    if problem is not None:
+        return False, problem
+    # On the CPU both paths run at about the same speed; the plain one is easier to follow.
+    use_stacked = device.type == "cuda"
+    return use_stacked, "CUDA device" if use_stacked else "CPU device"
+
+
+def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, spec: StudySpec, resume: bool,
+                     echo: Callable[[str], None]) -> tuple[RetrainCheckpoint | None, dict[str, Any] | None, str | None]:
+    """The retrain's checkpoint (None when checkpoints are off), the saved state to resume from
+    (None: start over) and when it was taken. Without ``resume``, an unfinished retrain's
+    checkpoint is discarded: --resume continues the latest retrain."""
+    if store is None:
+        return None, None, None
+    ckpt = RetrainCheckpoint(store, meta, every_seconds=spec.checkpoint.every_seconds)
+    if not resume:
+        ckpt.discard()
+        return ckpt, None, None
+    saved = ckpt.load()
+    resumed_from = store.meta(RETRAIN_KEY)["at"] if saved is not None else None
+    echo(f"  resuming from its checkpoint ({resumed_from})" if saved is not None
+         else "  its checkpoint could not be used: starting over")
+    return ckpt, saved, resumed_from
+
+
+@dataclass
+class _Trained:
+    results: list[TrainResult]
+    cuda_graph: bool  # every model trained with its step in a CUDA graph
+    notes: list[str]
+    seconds: float
+
+
+def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
+                 stacked: bool, checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None,
+                 device: torch.device, progress: Progress, echo: Callable[[str], None]) -> _Trained:
+    """Train the fold models, stacked or one after another, with a progress bar over folds x
+    epochs and the checkpoint's SIGINT/SIGTERM handling."""
+    k, epochs, metric = len(models), int(hp["epochs"]), retrain_outputs.metric_name(data.task)
+    bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
+
+    def record(fold: int, epoch: int, stats: dict[str, float]) -> None:
+        bar.set_postfix_str(f"fold {fold} val_{metric}={stats[f'val_{metric}']:.4g}", refresh=False)
+        bar.update()
+
+    def fold_done(i: int, result: TrainResult) -> None:
+        bar.total -= epochs - result.epochs_run  # early stopping: the time left shrinks
+        with progress.printing():
+            echo(f"  fold {i}: {result.epochs_run} epochs, val {metric} {result.metrics[f'val_{metric}']:.4g}")
+
+    start = time.perf_counter()
+    cuda_graph, notes = False, []
+    with bar, (checkpoint if checkpoint is not None else contextlib.nullcontext()):
+        if stacked:
+            outcome = train_stacked_folds(models, data, hp, folds, on_epoch=record, checkpoint=checkpoint,
+                                          saved=saved, bar=bar)
+            results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
+        else:
+            results = train_sequential(models, data, hp, folds, on_epoch=record, on_fold=fold_done,
+                                       checkpoint=checkpoint, saved=saved, bar=bar)
+            cuda_graph = all(r.path == "cuda_graph" for r in results)
+            if device.type == "cuda":
+                notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return _Trained(results, cuda_graph, notes, time.perf_counter() - start)
+
+
+def train_stacked_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
+                        on_epoch: Callable[[int, int, dict[str, float]], None],
+                        checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None, bar) -> StackedResult:
+    """Train the K fold models together (``hpo.training.stacked.train_stacked``), checkpointing as
+    ``hpo.retrain.checkpoint`` says; with ``saved`` (a checkpoint's payload), from its epoch."""
+    resume_state = saved["stacked"] if saved is not None else None
+    if resume_state is not None:
+        bar.update(sum(len(r["history"]) for r in resume_state["results"]))
+    boundary = None if checkpoint is None else (
+        lambda done, state: checkpoint.boundary(lambda: {"stacked": state()}, where=f"epoch {done} of all folds"))
+    return train_stacked(models, data, hp, folds=folds, on_epoch=on_epoch, resume=resume_state, checkpoint=boundary)
+
+
+def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
+                     on_epoch: Callable[[int, int, dict[str, float]], None],
+                     on_fold: Callable[[int, TrainResult], None], checkpoint: RetrainCheckpoint | None,
+                     saved: dict[str, Any] | None, bar) -> list[TrainResult]:
+    """Train fold model i on fold i, one after another, checkpointing as ``hpo.retrain.checkpoint``
+    says; with ``saved`` (a checkpoint's payload), finished folds get their weights back and the
+    fold in training resumes."""
+    device = data.x.device
+    done: list[dict[str, Any]] = list(saved["done"]) if saved is not None else []
+    results = [TrainResult(**{**d["result"], "resumed_from_epoch": d["result"]["epochs_run"]}) for d in done]
+    for model, d in zip(models, done):
+        load_model_in_place(model, d["model"])
+    current = TrainState.from_dict(saved["current"]) if saved is not None and saved["current"] else None
+    if saved is not None and current is None:
+        set_rng_state(saved["rng"], device)  # where the next fold starts
+    bar.update(sum(r.epochs_run for r in results) + (current.epoch if current else 0))
+    bar.total -= sum(int(hp["epochs"]) - r.epochs_run for r in results)
+    first = len(done)
+    for i in range(first, len(models)):
+        f = folds[i]
+
+        def at_boundary(epochs_done: int, state, i=i) -> None:
+            checkpoint.boundary(lambda: {"done": done, "rng": None, "current": state().to_dict()},
+                                where=f"fold {i}, epoch {epochs_done}")
+
+        result = train(models[i], data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
+                       on_epoch=lambda epoch, stats, i=i: on_epoch(i, epoch, stats),
+                       resume=current if i == first else None,
+                       checkpoint=at_boundary if checkpoint is not None else None)
+        results.append(result)
+        on_fold(i, result)
+        done.append({"model": cpu_copy(models[i].state_dict()), "result": asdict(result)})
+        if checkpoint is not None and i + 1 < len(models):  # a finished fold is never trained again
+            checkpoint.save({"done": done, "rng": rng_state(device), "current": None}, where=f"fold {i} done")
+    return results
+
+
+def fold_models(spec: StudySpec, hp: dict[str, Any], data: Dataset, *, seeds: list[int],
+                device: torch.device) -> list[torch.nn.Module]:
+    """One freshly initialised model per fold, each from its own seed."""
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device))
+    return models

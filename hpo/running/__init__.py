@@ -1,0 +1,1 @@
+"""Running workers: the worker loop (``worker``), stop signals (``signals``), progress bars (``progress``), devices (``devices``), fleets on one machine (``fleet``, ``mps``) and cluster launches (``launch``)."""

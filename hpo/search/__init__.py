@@ -1,0 +1,1 @@
+"""The search: the search space (``space``), grid studies (``grid``), studies with their sampler and pruner (``study``) and the Optuna objective (``objective``)."""

@@ -1,0 +1,192 @@
+"""The Optuna objective: sample a configuration, build the model, train it, report and prune.
+
+The only place (with ``space``) that touches the trial: the trainer gets plain callbacks.
+
+Checkpoints (``spec.checkpoint``, given a :class:`~hpo.training.checkpoint.CheckpointStore`): the trainer's
+state is saved at an epoch boundary at most every ``every_seconds`` of training, and always when
+the worker is told to stop, before the trial raises :class:`Interrupted`. A retry (a re-queued
+copy of a trial whose worker died or was stopped) trains with its original's seed and resumes
+from the original's latest checkpoint: it first reports the values the checkpoint's history holds
+(exactly the steps reported up to its epoch, without asking the pruner again: it saw each once),
+records ``resumed_from_epoch``, then trains on. The retry starts with no intermediate values
+(``hpo.store.budget.fail_trial``'s default): values a dead worker reported after its last checkpoint
+would otherwise come before the steps retrained, and the pruner would judge the wrong step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import optuna
+import torch
+
+from hpo.data.dataset import Dataset
+from hpo.nn.models import build_model
+from hpo.running.devices import gpu_sharing
+from hpo.running.progress import QUIET, Progress
+from hpo.search.space import suggest
+from hpo.spec.schema import StudySpec
+from hpo.store import budget as budgets
+from hpo.store import optuna_private
+from hpo.training.checkpoint import CheckpointStore, fingerprint, trial_key
+from hpo.training.state import TrainState
+from hpo.training.trainer import TrainResult, train
+
+
+class Interrupted(KeyboardInterrupt):
+    """The worker was asked to stop (SIGINT/SIGTERM): the running trial ends as FAIL and is re-queued."""
+
+
+class Abandoned(Exception):
+    """Another process finished the running trial (failed it as stale, or told it): stop training it."""
+
+
+def trial_seed(spec: StudySpec, trial_number: int) -> int:
+    return spec.seed * 1_000_003 + trial_number
+
+
+def lineage_number(trial: optuna.trial.FrozenTrial) -> int:
+    """The number of the original trial that ``trial`` re-runs, or its own for an original: the
+    lineage's seed and checkpoint key."""
+    original = budgets.retried_trial_number(trial)
+    return trial.number if original is None else original
+
+
+def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], bool] | None = None,
+                   is_abandoned: Callable[[int], bool] | None = None,
+                   progress: Progress | None = None,
+                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float]:
+    """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
+
+    The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
+    is pruned when the pruner says so.
+
+    Args:
+        should_stop: polled at every epoch boundary where training goes on (a stop during the
+            last epoch lets the trial finish); when it returns true the trial saves a checkpoint
+            and raises :class:`Interrupted` (its ``fail_reason`` is ``"interrupted"``).
+        is_abandoned: polled after every epoch with the trial's store id; when it returns true
+            the trial raises :class:`Abandoned`.
+        progress: shows the running trial's epoch and latest metric value (default: nothing).
+        checkpoints: where trials save and resume their checkpoints (None, or ``checkpoint: false``
+            in the spec: no checkpoints).
+    """
+    progress = progress or QUIET
+    if not spec.checkpoint.enabled:
+        checkpoints = None
+    spec_fingerprint = fingerprint(spec.to_dict())
+    device = data.x.device
+    device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
+    sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
+
+    def objective(trial: optuna.Trial) -> float:
+        hp = suggest(trial, spec)
+        lineage = lineage_number(optuna_private.cached_frozen_trial(trial))
+        seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
+        torch.manual_seed(seed)
+        meta = {"study": spec.name, "trial": lineage, "params": dict(trial.params), "spec": spec_fingerprint}
+        resume = _resume(checkpoints, trial, lineage, meta)
+        if resume is not None:
+            _report_resumed(trial, resume, spec)
+        # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
+        model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
+        trial.set_user_attr("device", device_name)
+        if sharing:
+            trial.set_user_attr("gpu_sharing", sharing)
+        with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
+                          initial=resume.epoch if resume is not None else 0) as bar:
+            on_epoch = _epoch_reporter(trial, spec, bar, is_abandoned)
+            at_boundary = _EpochBoundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
+            result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
+        _record_result(trial, result)
+        return result.metrics[spec.metric]
+
+    return objective
+
+
+def _report_resumed(trial: optuna.Trial, resume: TrainState, spec: StudySpec) -> None:
+    """Report the steps the pruner saw before the checkpoint once more, for the record (without
+    asking the pruner again), and record where the retry resumed."""
+    for h in resume.history:
+        done = int(h["epoch"]) + 1
+        if done % spec.report_every == 0:
+            trial.report(h[spec.metric], done)
+    trial.set_user_attr("resumed_from_epoch", resume.epoch)
+
+
+def _epoch_reporter(trial: optuna.Trial, spec: StudySpec, bar,
+                    is_abandoned: Callable[[int], bool] | None) -> Callable[[int, dict[str, float]], None]:
+    """The trainer's per-epoch callback: shows the epoch, stops a trial finished elsewhere, reports
+    the metric every ``spec.report_every`` epochs and prunes when the pruner says so."""
+    trial_id = optuna_private.trial_id(trial)
+
+    def on_epoch(epoch: int, stats: dict[str, float]) -> None:
+        done = epoch + 1
+        bar.set_postfix_str(f"{spec.metric}={stats[spec.metric]:.4g}", refresh=False)
+        bar.update()
+        if is_abandoned is not None and is_abandoned(trial_id):
+            raise Abandoned(f"finished elsewhere after {done} epochs")
+        if done % spec.report_every:
+            return
+        trial.report(stats[spec.metric], done)
+        if trial.should_prune():
+            trial.set_user_attr("epochs_run", done)
+            raise optuna.TrialPruned(f"pruned after {done} epochs")
+
+    return on_epoch
+
+
+class _EpochBoundary:
+    """The trainer's checkpoint callback, called after ``on_epoch``: checkpoint when due (every
+    ``spec.checkpoint.every_seconds`` of training) or told to stop, then stop if told to."""
+
+    def __init__(self, trial: optuna.Trial, lineage: int, meta: dict, *, checkpoints: CheckpointStore | None,
+                 should_stop: Callable[[], bool] | None, spec: StudySpec):
+        self.trial, self.lineage, self.meta = trial, lineage, meta
+        self.checkpoints, self.should_stop, self.every_seconds = checkpoints, should_stop, spec.checkpoint.every_seconds
+        self.saved_at, self.save_failed = time.monotonic(), False
+
+    def __call__(self, done: int, state: Callable[[], TrainState]) -> None:
+        stopping = self.should_stop is not None and self.should_stop()
+        if self.checkpoints is not None and (stopping or time.monotonic() - self.saved_at >= self.every_seconds):
+            self._save(done, state)
+        if stopping:
+            self.trial.set_user_attr("epochs_run", done)  # what this run trained: done - resumed_from_epoch
+            raise Interrupted(f"interrupted after {done} epochs")
+
+    def _save(self, done: int, state: Callable[[], TrainState]) -> None:
+        trial, checkpoints = self.trial, self.checkpoints
+        try:
+            checkpoints.save(trial_key(self.lineage), {"train": state().to_dict()},
+                             meta={**self.meta, "epoch": done, "writer": trial.number})
+        except OSError as e:
+            if not self.save_failed:
+                checkpoints.warn(f"trial {trial.number}: checkpoint not written ({e.strerror or e}); training goes on")
+            self.save_failed = True
+        self.saved_at = time.monotonic()
+
+
+def _record_result(trial: optuna.Trial, result: TrainResult) -> None:
+    trial.set_user_attr("epochs_run", result.epochs_run)
+    trial.set_user_attr("train_seconds", round(result.seconds, 3))
+    trial.set_user_attr("train_path", result.path)
+    if result.path_reason:
+        trial.set_user_attr("train_path_reason", result.path_reason[:200])
+    if result.stopped_early:
+        trial.set_user_attr("stopped_early", True)
+
+
+def _resume(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: int, meta: dict) -> TrainState | None:
+    """The trainer state a retry resumes from: its lineage's checkpoint, when there is a sound
+    one written for this study, trial and parameters (anything else is ignored with a warning)."""
+    if checkpoints is None or lineage == trial.number:
+        return None
+    found = checkpoints.load(trial_key(lineage), expect=meta)
+    if found is None:
+        return None
+    try:
+        return TrainState.from_dict(found[0]["train"])
+    except (ValueError, KeyError, TypeError) as e:
+        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: {e}; training starts over")
+        return None

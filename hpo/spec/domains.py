@@ -1,0 +1,232 @@
+"""The allowed values of every spec field and hyperparameter: one table, used both to check fixed
+values and to check that a search range (``[low, high]``, or every value of a ``choice`` list)
+lies inside the domain.
+
+``DOMAINS`` is keyed by the field's path in the spec: a hyperparameter by its name (``epochs``:
+the same domain under ``fixed.epochs`` and ``space.epochs``, and for each layer of a per-layer
+one), every other field by its dotted path (``pruner.min_resource``). Settings that belong to one
+pruner or sampler kind are listed in ``PRUNER_SETTINGS`` / ``SAMPLER_SETTINGS``.
+Free of torch and optuna, so validating a spec stays instant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hpo.spec.hyperparams import ACTIVATIONS, INITS, OPTIMIZERS, POOLINGS, SCHEDULERS
+
+DIRECTIONS = ("minimize", "maximize")
+DATA_SOURCES = ("csv", "fashion_mnist", "mnist")
+TASKS = ("regression", "classification")
+FAMILIES = ("mlp", "cnn")
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "none", "hyperband")
+SCHEDULES = ("free", "constant", "decreasing", "search")
+# metric -> the direction that improves it
+METRICS = {
+    "regression": {"val_mse": "minimize", "val_mae": "minimize", "val_loss": "minimize"},
+    "classification": {"val_accuracy": "maximize", "val_loss": "minimize"},
+}
+# Study names become file names (storage/reports/NAME.html, storage/exports/NAME and the hidden
+# temporary names written beside them, up to 19 bytes longer): Linux and macOS allow 255 bytes per
+# path component, so names stay well under that.
+NAME_MAX_BYTES = 200
+SEED_MAX = 2**31 - 1  # numpy's and Optuna's samplers take seeds below 2**32; workers add their offsets
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A set of allowed values.
+
+    ``kind``: ``int``, ``float`` (ints accepted), ``bool``, ``choice`` (one of ``choices``,
+    strings matched case-insensitively), ``text`` (a string; ``low=1``: non-empty), ``texts``
+    (a non-empty list of non-empty strings) or ``name`` (a study name). ``low``/``high`` bound
+    numbers, excluded when ``low_open``/``high_open``; ``optional``: null is allowed too.
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    optional: bool = False
+
+    def canonical(self, value: Any) -> Any:
+        """The canonical spelling of a choice (case-insensitive match), else the value itself."""
+        if self.kind == "choice" and isinstance(value, str):
+            for choice in self.choices:
+                if isinstance(choice, str) and choice.lower() == value.lower():
+                    return choice
+        return value
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` (already canonical) is allowed."""
+        if value is None:
+            return self.optional
+        if self.kind == "choice":
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "text":
+            return isinstance(value, str) and len(value) >= (self.low or 0)
+        if self.kind == "texts":
+            return (isinstance(value, list) and bool(value)
+                    and all(isinstance(v, str) and v for v in value))
+        if self.kind == "name":
+            return is_study_name(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        if self.kind == "choice":
+            text = ", ".join(c if isinstance(c, str) else show(c) for c in self.choices)
+        elif self.kind == "bool":
+            text = "true or false"
+        elif self.kind == "text":
+            text = "a non-empty string" if self.low else "a string"
+        elif self.kind == "texts":
+            text = "a non-empty list of column names"
+        elif self.kind == "name":
+            text = (f"a name of 1 to {NAME_MAX_BYTES} bytes (UTF-8) without spaces, slashes or control "
+                    f"characters (reports and exports are files named after it)")
+        else:
+            noun = "an integer" if self.kind == "int" else "a number"
+            low, high = show(self.low), show(self.high)
+            if self.low is not None and self.high is not None:
+                text = f"{noun} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+            elif self.low is not None:
+                text = f"{noun} {'>' if self.low_open else '>='} {low}"
+            elif self.high is not None:
+                text = f"{noun} {'<' if self.high_open else '<='} {high}"
+            else:
+                text = "an integer" if self.kind == "int" else "a finite number"
+        return f"{text}, or null" if self.optional else text
+
+
+def integer(low: int | None = None, high: int | None = None, *, optional: bool = False) -> Domain:
+    return Domain("int", low, high, optional=optional)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, optional: bool = False) -> Domain:
+    return Domain("float", low, high, low_open, high_open, optional=optional)
+
+
+def one_of(choices: tuple) -> Domain:
+    return Domain("choice", choices=tuple(choices))
+
+
+BOOL = Domain("bool")
+TEXT = Domain("text")
+NON_EMPTY_TEXT = Domain("text", low=1)
+
+# A fraction of a unit: dropout rates, momentum.
+FRACTION = number(0, 1, high_open=True)
+
+DOMAINS: dict[str, Domain] = {
+    # hyperparameters (hpo/spec/hyperparams.py), under fixed.NAME and space.NAME
+    "epochs": integer(1),
+    "batch_size": integer(1),
+    "lr": number(0, low_open=True),
+    "weight_decay": number(0),
+    "optimizer": one_of(OPTIMIZERS),
+    "momentum": FRACTION,
+    "scheduler": one_of(SCHEDULERS),
+    "plateau_factor": number(0, 1, low_open=True, high_open=True),
+    "plateau_patience": integer(0),
+    "plateau_cooldown": integer(0),
+    "lr_decay": number(0, 1, low_open=True),
+    "early_stopping": integer(0),
+    "augment": BOOL,
+    "activation": one_of(ACTIVATIONS),
+    "init": one_of(INITS),
+    "n_layers": integer(1),
+    "width": integer(1),
+    "dropout": FRACTION,
+    "n_conv": integer(1),
+    "filters": integer(1),
+    "kernel_size": integer(1),
+    "padding": integer(0),
+    "batch_norm": BOOL,
+    "pooling": one_of(POOLINGS),
+    "conv_dropout": FRACTION,
+    "n_dense": integer(0),  # no hidden dense layer: the conv stack feeds the output layer
+    "dense_width": integer(1),
+    # the spec's own fields
+    "name": Domain("name"),
+    "description": TEXT,
+    "direction": one_of(DIRECTIONS),
+    "metric": one_of(tuple(dict.fromkeys(m for task in METRICS.values() for m in task))),
+    "seed": integer(0, SEED_MAX),
+    "model": one_of(FAMILIES),
+    "report_every": integer(1),
+    "data.source": one_of(DATA_SOURCES),
+    "data.task": one_of(TASKS),
+    "data.train": NON_EMPTY_TEXT,
+    "data.test": NON_EMPTY_TEXT,
+    "data.features": Domain("texts"),
+    "data.target": NON_EMPTY_TEXT,
+    "data.val_fraction": number(0, 1, low_open=True, high_open=True),
+    "data.train_subset": integer(1, optional=True),
+    "data.val_subset": integer(1, optional=True),
+    "data.data_dir": Domain("text", low=1, optional=True),
+    "sampler.kind": one_of(SAMPLERS),
+    "sampler.n_startup_trials": integer(0),
+    "sampler.multivariate": BOOL,
+    "pruner.kind": one_of(PRUNERS),
+    "pruner.n_startup_trials": integer(0),
+    "pruner.n_warmup_steps": integer(0),
+    "pruner.interval_steps": integer(1),
+    "pruner.min_resource": integer(1),
+    "pruner.reduction_factor": integer(2),
+    "budget.n_trials": integer(1, optional=True),  # null: no limit (stop workers with --n-trials or a signal)
+    "budget.timeout": number(0, low_open=True, optional=True),  # seconds
+    "retrain.folds": integer(2),
+    "retrain.epochs": integer(1, optional=True),  # null: each fold model trains the trial's epochs
+    # seconds of training between a running trial's (or retrain's) checkpoints; 0: every epoch
+    "checkpoint.every_seconds": number(0),
+    # keys of a search range in space.NAME
+    "space.log": BOOL,
+    "space.schedule": one_of(SCHEDULES),
+}
+
+# Which settings each pruner / sampler kind takes (Optuna's constructor arguments of that name).
+PRUNER_SETTINGS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
+                   "hyperband": ("min_resource", "reduction_factor"), "none": ()}
+SAMPLER_SETTINGS = {"tpe": ("n_startup_trials", "multivariate"), "random": (), "grid": ()}
+
+def show(value: Any) -> str:
+    """A value as the spec would spell it (true, null, 'text', [1, 2]); long strings cut short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and len(value) > 40:
+        return f"{value[:20]!r}... ({len(value.encode())} bytes)"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+def is_study_name(name: Any) -> bool:
+    """Whether ``name`` can name a study: a non-blank string of at most ``NAME_MAX_BYTES`` bytes
+    (UTF-8) without spaces, slashes, backslashes or control characters."""
+    if not isinstance(name, str) or not name.strip():
+        return False
+    if any(ch in "/\\ " or ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return False
+    return len(name.encode("utf-8", "surrogatepass")) <= NAME_MAX_BYTES

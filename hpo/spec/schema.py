@@ -1,0 +1,411 @@
+"""Study specs: the YAML schema, parsed and validated once into frozen objects.
+
+A spec travels inside the store as a plain dict (``StudySpec.to_dict``), so a worker on another
+machine rebuilds exactly the same object with ``parse_spec`` and needs no copy of ``studies/``.
+Every error names the file, the field, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpo.errors import SpecError
+from hpo.spec.checks import (
+    Checker,
+    check_layer_lists,
+    check_references,
+    check_value,
+    known_name,
+    search_range,
+)
+from hpo.spec.domains import DOMAINS, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
+from hpo.spec.hyperparams import HYPERPARAMETERS
+
+PARAM_KINDS = ("int", "float", "choice")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched hyperparameter. ``per_layer`` names the count parameter (e.g. ``n_layers``)."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    when: dict = field(default_factory=dict)  # {other_param: (allowed values, ...)}
+    per_layer: str | None = None
+    schedule: str = "free"
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {self.kind: list(self.choices) if self.kind == "choice" else [self.low, self.high]}
+        if self.step is not None:
+            d["step"] = self.step
+        if self.log:
+            d["log"] = True
+        if self.when:
+            d["when"] = {k: list(v) for k, v in self.when.items()}
+        if self.per_layer:
+            d["per_layer"] = self.per_layer
+        if self.schedule != "free":
+            d["schedule"] = self.schedule
+        return d
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str
+    task: str
+    train: str | None = None
+    test: str | None = None
+    features: tuple[str, ...] = ("x",)
+    target: str = "y"
+    val_fraction: float = 0.2
+    train_subset: int | None = None
+    val_subset: int | None = None
+    data_dir: str | None = None
+    # CSV files kept in the store (hpo.store.data_tables), by reference: {"train": {name, size, rows, columns, sha256}, "test": ...}
+    files: dict | None = None
+    inline: dict | None = None  # CSV tables embedded in the spec by hpo before the store kept data; still read
+    # The paths as the spec's author wrote them ({"train": "data/x.csv"}), where they differ from the
+    # resolved ones above (relative to the spec file): what reports show.
+    as_written: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = {
+            "source": self.source,
+            "task": self.task,
+            "val_fraction": self.val_fraction,
+        }
+        if self.source == "csv":
+            d.update(train=self.train, test=self.test, features=list(self.features), target=self.target)
+        for key in ("train_subset", "val_subset", "data_dir", "files", "inline", "as_written"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    kind: str = "tpe"
+    n_startup_trials: int = 10
+    multivariate: bool = False
+
+    def to_dict(self) -> dict:
+        """The kind and the settings that kind takes."""
+        return {"kind": self.kind, **{k: getattr(self, k) for k in SAMPLER_SETTINGS[self.kind]}}
+
+
+@dataclass(frozen=True)
+class PrunerSpec:
+    kind: str = "median"
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+    min_resource: int = 1
+    reduction_factor: int = 3
+
+    def to_dict(self) -> dict:
+        """The kind and the settings that kind takes."""
+        return {"kind": self.kind, **{k: getattr(self, k) for k in PRUNER_SETTINGS[self.kind]}}
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    n_trials: int | None = 100
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class RetrainSpec:
+    folds: int = 5
+    epochs: int | None = None  # None: the trial's own epochs
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Trial and retrain checkpoints (``hpo.training.checkpoint``): ``checkpoint: false`` turns them off."""
+
+    enabled: bool = True
+    every_seconds: float = 60.0  # of training, at an epoch boundary; 0: at every epoch
+
+    def to_dict(self) -> dict | bool:
+        return {"every_seconds": self.every_seconds} if self.enabled else False
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    direction: str
+    metric: str
+    data: DataSpec
+    model: str
+    space: tuple[ParamSpec, ...]
+    fixed: dict
+    seed: int = 0
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    budget: BudgetSpec = BudgetSpec()
+    retrain: RetrainSpec = RetrainSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    report_every: int = 1
+    description: str = ""
+
+    @property
+    def task(self) -> str:
+        return self.data.task
+
+    def with_data(self, data: DataSpec) -> StudySpec:
+        return replace(self, data=data)
+
+    def to_dict(self) -> dict:
+        """The canonical plain-dict form; ``parse_spec(spec.to_dict())`` gives back an equal spec."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "direction": self.direction,
+            "metric": self.metric,
+            "seed": self.seed,
+            "data": self.data.to_dict(),
+            "model": self.model,
+            "space": {p.name: p.to_dict() for p in self.space},
+            "fixed": dict(self.fixed),
+            "sampler": self.sampler.to_dict(),
+            "pruner": self.pruner.to_dict(),
+            "budget": vars(self.budget).copy(),
+            "retrain": vars(self.retrain).copy(),
+            "checkpoint": self.checkpoint.to_dict(),
+            "report_every": self.report_every,
+        }
+
+
+def _parse_param(c: Checker, name: str, raw: Any, family: str) -> ParamSpec:
+    where = f"space.{name}"
+    known_name(c, name, family, where)
+    raw = c.mapping(raw, where)
+    kinds = [k for k in PARAM_KINDS if k in raw]
+    if len(kinds) != 1:
+        raise c.refuse(where, raw, f"exactly one of {', '.join(PARAM_KINDS)} (e.g. {{float: [1e-4, 1e-2], log: true}})")
+    kind = kinds[0]
+    c.unknown_keys(raw, (kind, "step", "log", "when", "per_layer", "schedule"), f"{where}.")
+    hp = HYPERPARAMETERS[name]
+    spec: dict[str, Any] = {"name": name, "kind": kind}
+    if kind == "choice":
+        choices = raw["choice"]
+        if not isinstance(choices, list) or not choices:
+            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {DOMAINS[name]}")
+        spec["choices"] = tuple(check_value(c, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
+        if len(set(map(repr, spec["choices"]))) != len(spec["choices"]):
+            raise c.refuse(f"{where}.choice", choices, "values that do not repeat")
+    else:
+        spec.update(search_range(c, name, kind, raw, where))
+    when = c.mapping(raw.get("when"), f"{where}.when")
+    spec["when"] = {k: tuple(DOMAINS[k].canonical(x) if k in DOMAINS else x for x in (v if isinstance(v, list) else [v]))
+                    for k, v in when.items()}
+    per_layer = raw.get("per_layer")
+    if per_layer is not None:
+        count = (hp.layers or {}).get(family)
+        if count is None:
+            raise c.refuse(f"{where}.per_layer", per_layer, f"nothing: {name} is not a per-layer parameter of model {family!r}")
+        if per_layer != count:
+            raise c.refuse(f"{where}.per_layer", per_layer, f"{count} (the count of the layers {name} belongs to)")
+        spec["per_layer"] = per_layer
+    schedule = c.value("space.schedule", raw.get("schedule", "free"), f"{where}.schedule")
+    if schedule != "free" and (per_layer is None or kind != "int"):
+        raise c.refuse(f"{where}.schedule", schedule, "free, unless the range is int and per_layer (a width schedule)")
+    spec["schedule"] = schedule
+    return ParamSpec(**spec)
+
+
+def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None) -> StudySpec:
+    """Validate a spec given as a plain dict (from YAML or from the store).
+
+    Every field is checked against its domain in ``hpo.spec.domains`` (search ranges too).
+
+    Args:
+        raw: the parsed YAML/JSON document.
+        source: how to name it in errors (usually the file path).
+        base_dir: folder that relative CSV paths are resolved against.
+
+    Raises:
+        SpecError: one line ``<source>: <field>: got <value>; allowed: <what>``.
+    """
+    c = Checker(source)
+    if not isinstance(raw, dict):
+        raise c.refuse("top level", raw, "a mapping of spec fields (name, data, model, space, ...)")
+    c.unknown_keys(raw, ("name", "description", "direction", "metric", "seed", "data", "model", "space",
+                         "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint", "report_every"), "")
+    name = c.value("name", raw.get("name"))
+    model = c.value("model", raw.get("model", "mlp"))
+
+    data = _parse_data(c, c.mapping(raw.get("data"), "data"), base_dir)
+    metrics = METRICS[data.task]
+    metric = c.value(Domain("choice", choices=tuple(metrics)), raw.get("metric", next(iter(metrics))), "metric")
+    direction = c.value("direction", raw.get("direction", metrics[metric]))
+    if direction != metrics[metric]:
+        raise c.refuse("direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
+
+    fixed_raw = c.mapping(raw.get("fixed"), "fixed")
+    fixed = {}
+    for key, value in fixed_raw.items():
+        known_name(c, key, model, f"fixed.{key}")
+        fixed[key] = check_value(c, key, value, f"fixed.{key}")
+    space_raw = c.mapping(raw.get("space"), "space")
+    space = tuple(_parse_param(c, k, v, model) for k, v in space_raw.items())
+    for p in space:
+        if p.name in fixed:
+            raise c.fail(f"fixed.{p.name}", "is also in space: keep one")
+    check_references(c, space, fixed)
+    check_layer_lists(c, space, fixed, model)
+
+    sampler_raw = c.mapping(raw.get("sampler"), "sampler")
+    kind = c.value("sampler.kind", sampler_raw.get("kind", "tpe"))
+    c.unknown_keys(sampler_raw, ("kind", *SAMPLER_SETTINGS[kind]), "sampler.", f" for sampler kind {kind!r}")
+    sampler = SamplerSpec(kind=kind, **{k: c.value(f"sampler.{k}", v) for k, v in sampler_raw.items() if k != "kind"})
+    if sampler.kind == "grid":
+        for p in space:
+            if p.kind == "float" and p.step is None:
+                raise c.fail(f"space.{p.name}", "grid search needs choice or a range with step")
+    pruner_raw = c.mapping(raw.get("pruner"), "pruner")
+    kind = c.value("pruner.kind", pruner_raw.get("kind", "median"))
+    c.unknown_keys(pruner_raw, ("kind", *PRUNER_SETTINGS[kind]), "pruner.", f" for pruner kind {kind!r}")
+    pruner = PrunerSpec(kind=kind, **{k: c.value(f"pruner.{k}", v) for k, v in pruner_raw.items() if k != "kind"})
+    budget_raw = c.mapping(raw.get("budget"), "budget")
+    c.unknown_keys(budget_raw, ("n_trials", "timeout"), "budget.")
+    budget = BudgetSpec(n_trials=c.value("budget.n_trials", budget_raw.get("n_trials", 100)),
+                        timeout=c.value("budget.timeout", budget_raw.get("timeout")))
+    retrain_raw = c.mapping(raw.get("retrain"), "retrain")
+    c.unknown_keys(retrain_raw, ("folds", "epochs"), "retrain.")
+    retrain = RetrainSpec(folds=c.value("retrain.folds", retrain_raw.get("folds", 5)),
+                          epochs=c.value("retrain.epochs", retrain_raw.get("epochs")))
+    description = raw.get("description")
+    return StudySpec(
+        name=name,
+        description="" if description is None else c.value("description", description),
+        direction=direction,
+        metric=metric,
+        seed=c.value("seed", raw.get("seed", 0)),
+        data=data,
+        model=model,
+        space=space,
+        fixed=fixed,
+        sampler=sampler,
+        pruner=pruner,
+        budget=budget,
+        retrain=retrain,
+        checkpoint=_parse_checkpoint(c, raw.get("checkpoint", True)),
+        report_every=c.value("report_every", raw.get("report_every", 1)),
+    )
+
+
+def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:
+    """``checkpoint: false`` (off), ``true`` (the defaults) or ``{every_seconds: S}``."""
+    if isinstance(raw, bool):
+        return CheckpointSpec(enabled=raw)
+    if not isinstance(raw, dict):
+        raise c.refuse("checkpoint", raw, "false, true or a mapping {every_seconds: S}")
+    c.unknown_keys(raw, ("every_seconds",), "checkpoint.")
+    return CheckpointSpec(every_seconds=c.value("checkpoint.every_seconds", raw.get("every_seconds", 60.0)))
+
+
+def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
+    c.unknown_keys(raw, tuple(DataSpec.__dataclass_fields__), "data.")
+    source = c.value("data.source", raw.get("source"))
+    task = c.value("data.task", raw.get("task", "regression" if source == "csv" else "classification"))
+    if source != "csv" and task != "classification":
+        raise c.refuse("data.task", task, f"classification ({source} is a classification data set)")
+    kwargs: dict[str, Any] = {"source": source, "task": task,
+                              "val_fraction": c.value("data.val_fraction", raw.get("val_fraction", 0.2))}
+    for key in ("train_subset", "val_subset"):
+        kwargs[key] = c.value(f"data.{key}", raw.get(key))
+    as_written = dict(c.mapping(raw.get("as_written"), "data.as_written"))
+    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [])
+    for key in paths:
+        written = c.value(f"data.{key}", raw.get(key))
+        if written is not None:
+            kwargs[key] = _resolve(written, base_dir)
+            if kwargs[key] != written:
+                as_written[key] = written
+    if source == "csv":
+        features = raw.get("features", ["x"])
+        kwargs["features"] = tuple(c.value("data.features", [features] if isinstance(features, str) else features))
+        kwargs["target"] = c.value("data.target", raw.get("target", "y"))
+        if raw.get("files") is not None:
+            kwargs["files"] = _parse_files(c, raw["files"])
+        if raw.get("inline") is not None:
+            kwargs["inline"] = c.mapping(raw["inline"], "data.inline")
+    kwargs["as_written"] = {k: v for k, v in as_written.items() if k in paths} or None
+    return DataSpec(**kwargs)
+
+
+def _parse_files(c: Checker, raw: Any) -> dict:
+    """References to data files in the store, as ``create-study`` writes them (hpo.data.tables)."""
+    files = c.mapping(raw, "data.files")
+    c.unknown_keys(files, ("train", "test"), "data.files.")
+    for part, ref in files.items():
+        sha = c.mapping(ref, f"data.files.{part}").get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+            raise c.fail(f"data.files.{part}.sha256", f"expected 64 lowercase hex digits, got {sha!r}")
+    return files
+
+
+def _resolve(path: str, base_dir: Path | None) -> str:
+    p = Path(os.path.expanduser(path))
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return str(p)
+
+
+def studies_dirs() -> list[Path]:
+    """Where ``hpo create-study NAME`` looks for ``NAME.yaml``, in order."""
+    dirs = []
+    if os.environ.get("HPO_STUDIES_DIR"):
+        dirs.append(Path(os.environ["HPO_STUDIES_DIR"]))
+    dirs.append(Path.cwd() / "studies")
+    dirs.append(Path(__file__).resolve().parent.parent / "studies")
+    return dirs
+
+
+def find_spec_file(name_or_path: str) -> Path:
+    """Resolve a study name (``regression``) or a path to a YAML file.
+
+    Raises:
+        SpecError: when neither exists, listing where it looked and the known names.
+    """
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if p.is_file():
+            return p
+        raise SpecError(f"spec file {name_or_path!r} does not exist")
+    looked = []
+    for d in studies_dirs():
+        for suffix in (".yaml", ".yml"):
+            candidate = d / f"{name_or_path}{suffix}"
+            if candidate.is_file():
+                return candidate
+        looked.append(str(d))
+    known = sorted({f.stem for d in studies_dirs() if d.is_dir() for f in d.glob("*.y*ml")})
+    raise SpecError(f"no study spec named {name_or_path!r} (looked in {', '.join(dict.fromkeys(looked))}); "
+                    f"known: {', '.join(known) or 'none'}")
+
+
+def load_spec_file(path: Path) -> StudySpec:
+    """Read and validate one YAML spec file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise SpecError(f"{path}: {where}: malformed YAML: {getattr(e, 'problem', e)}") from e
+    return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)

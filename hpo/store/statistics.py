@@ -1,0 +1,183 @@
+"""Study statistics from aggregate queries on the store: counts by state, the finished count, the best
+trial and its parameters, the wall time. A few small queries per study, whatever its number of
+trials: no trial is loaded whole, so ``hpo studies`` and ``hpo status`` cost the same at 10 or
+10,000 trials.
+
+The answers are those of the trials read in full through Optuna: ``best_*`` is Optuna's
+``study.best_trial`` (ties go to the lowest trial number), ``finished`` counts COMPLETE, PRUNED and
+the FAILs that were not re-queued (:func:`hpo.store.budget.retried_numbers`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from optuna.distributions import json_to_distribution
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+
+from hpo.errors import StoreError
+from hpo.search.study import SPEC_ATTR
+from hpo.store import optuna_private
+from hpo.store.budget import RETRY_HISTORY_ATTR
+from hpo.store.optuna_private import (
+    STUDIES,
+    STUDY_DIRECTIONS,
+    STUDY_USER_ATTRS,
+    TRIAL_PARAMS,
+    TRIAL_SYSTEM_ATTRS,
+    TRIAL_USER_ATTRS,
+    TRIAL_VALUES,
+    TRIALS,
+    stored_trial_value,
+    trial_value,
+)
+
+IN_CHUNK = 500  # trial numbers per IN (...) list
+GPU_SHARING_ATTR = "gpu_sharing"  # trial user attr set by the objective (hpo.running.devices.gpu_sharing)
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    direction: str  # minimize | maximize (objectives joined by "/" in a multi-objective study)
+    metric: str  # what the value measures (the spec's metric)
+    counts: dict[str, int]  # by TrialState name
+    finished: int
+    best_value: float | None
+    best_trial: int | None
+    best_params: dict[str, Any]
+    wall_seconds: float | None
+    gpu_sharing: dict[str, int]  # trials by their gpu_sharing user attr (mps, time-slice, exclusive)
+
+
+def _spec_field(dialect: str, key: str) -> sa.ColumnElement:
+    """``value_json[key]`` of a study user attr, extracted by the database: a spec may hold whole data
+    sets, and only one field of it is wanted. PostgreSQL keeps the column as text (cast it);
+    SQLite and MariaDB read JSON from text as it is (and MariaDB has no CAST AS JSON)."""
+    column = STUDY_USER_ATTRS.c.value_json
+    document = sa.cast(column, sa.JSON) if dialect == "postgresql" else sa.type_coerce(column, sa.JSON)
+    return document[key].as_string()
+
+
+def _best_order(direction: StudyDirection) -> list[sa.ColumnElement]:
+    """ORDER BY of Optuna's best-trial query (values stored as number + kind: -inf, finite, inf),
+    with the lowest trial number first among equal values."""
+    rank = sa.case((TRIAL_VALUES.c.value_type == stored_trial_value(-float("inf"))[1], -1),
+                   (TRIAL_VALUES.c.value_type == stored_trial_value(0.0)[1], 0), else_=1)
+    if direction == StudyDirection.MAXIMIZE:
+        return [rank.desc(), TRIAL_VALUES.c.value.desc(), TRIALS.c.number]
+    return [rank, TRIAL_VALUES.c.value, TRIALS.c.number]
+
+
+def _best(conn: sa.Connection, study_id: int, direction: StudyDirection) -> tuple[float, int, dict[str, Any]] | None:
+    """(value, number, params) of the best COMPLETE trial, or None when none is complete."""
+    row = conn.execute(
+        sa.select(TRIALS.c.trial_id, TRIALS.c.number, TRIAL_VALUES.c.value, TRIAL_VALUES.c.value_type)
+        .join(TRIAL_VALUES, TRIAL_VALUES.c.trial_id == TRIALS.c.trial_id)
+        .where(TRIALS.c.study_id == study_id, TRIALS.c.state == TrialState.COMPLETE, TRIAL_VALUES.c.objective == 0)
+        .order_by(*_best_order(direction)).limit(1)).first()
+    if row is None:
+        return None
+    params = {}
+    for name, internal, distribution in conn.execute(
+            sa.select(TRIAL_PARAMS.c.param_name, TRIAL_PARAMS.c.param_value, TRIAL_PARAMS.c.distribution_json)
+            .where(TRIAL_PARAMS.c.trial_id == row.trial_id).order_by(TRIAL_PARAMS.c.param_id)):
+        params[name] = json_to_distribution(distribution).to_external_repr(internal)
+    return trial_value(row.value, row.value_type), row.number, params
+
+
+def _retried_fails(conn: sa.Connection, study_id: int) -> int:
+    """FAIL trials that were re-queued. Only the retries' histories are read (a few rows, however
+    many trials), then the states of the trials they name."""
+    histories = conn.execute(
+        sa.select(TRIAL_SYSTEM_ATTRS.c.value_json)
+        .join(TRIALS, TRIALS.c.trial_id == TRIAL_SYSTEM_ATTRS.c.trial_id)
+        .where(TRIALS.c.study_id == study_id, TRIAL_SYSTEM_ATTRS.c.key == RETRY_HISTORY_ATTR)).scalars()
+    retried = sorted({int(n) for text in histories for n in json.loads(text)})
+    n = 0
+    for i in range(0, len(retried), IN_CHUNK):
+        n += conn.execute(sa.select(sa.func.count()).select_from(TRIALS).where(
+            TRIALS.c.study_id == study_id, TRIALS.c.state == TrialState.FAIL,
+            TRIALS.c.number.in_(retried[i:i + IN_CHUNK]))).scalar_one()
+    return n
+
+
+def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None = None) -> list[Summary]:
+    """Statistics of the studies ``study_ids`` (default: every study in the store), by study name.
+
+    Cost: five queries for all the studies (names, directions, metrics, counts by state, trials by
+    GPU sharing), then
+    per study at most two for the best trial and its parameters and two for the re-queued trials:
+    the trials' own rows are only counted.
+    """
+    selected = (lambda column: column.in_(study_ids)) if study_ids is not None else (lambda column: sa.true())
+    with storage.engine.connect() as conn:
+        studies = {sid: name for sid, name in conn.execute(
+            sa.select(STUDIES.c.study_id, STUDIES.c.study_name).where(selected(STUDIES.c.study_id)))}
+        directions: dict[int, list[StudyDirection]] = {sid: [] for sid in studies}
+        for sid, direction in conn.execute(
+                sa.select(STUDY_DIRECTIONS.c.study_id, STUDY_DIRECTIONS.c.direction)
+                .where(selected(STUDY_DIRECTIONS.c.study_id)).order_by(STUDY_DIRECTIONS.c.objective)):
+            directions[sid].append(direction)
+        metrics = dict(conn.execute(
+            sa.select(STUDY_USER_ATTRS.c.study_id, _spec_field(conn.dialect.name, "metric"))
+            .where(selected(STUDY_USER_ATTRS.c.study_id), STUDY_USER_ATTRS.c.key == SPEC_ATTR)).all())
+        counts = {sid: {state.name: 0 for state in TrialState} for sid in studies}
+        starts: dict[int, list[datetime]] = {sid: [] for sid in studies}
+        ends: dict[int, list[datetime]] = {sid: [] for sid in studies}
+        for sid, state, n, first_start, last_end in conn.execute(
+                sa.select(TRIALS.c.study_id, TRIALS.c.state, sa.func.count(), sa.func.min(TRIALS.c.datetime_start),
+                          sa.func.max(TRIALS.c.datetime_complete))
+                .where(selected(TRIALS.c.study_id)).group_by(TRIALS.c.study_id, TRIALS.c.state)):
+            counts[sid][state.name] = n
+            starts[sid] += [first_start] if first_start else []
+            ends[sid] += [last_end] if last_end else []
+        sharing: dict[int, dict[str, int]] = {sid: {} for sid in studies}
+        for sid, value, n in conn.execute(
+                sa.select(TRIALS.c.study_id, TRIAL_USER_ATTRS.c.value_json, sa.func.count())
+                .join(TRIALS, TRIALS.c.trial_id == TRIAL_USER_ATTRS.c.trial_id)
+                .where(selected(TRIALS.c.study_id), TRIAL_USER_ATTRS.c.key == GPU_SHARING_ATTR)
+                .group_by(TRIALS.c.study_id, TRIAL_USER_ATTRS.c.value_json)):
+            sharing[sid][str(json.loads(value))] = n
+        out = []
+        for sid, name in studies.items():
+            c = counts[sid]
+            single = len(directions[sid]) == 1
+            best = _best(conn, sid, directions[sid][0]) if single and c["COMPLETE"] else None
+            retried = _retried_fails(conn, sid) if c["FAIL"] else 0
+            out.append(Summary(
+                name=name,
+                direction="/".join(d.name.lower() for d in directions[sid]),
+                metric=metrics.get(sid) or "value",
+                counts=c,
+                finished=c["COMPLETE"] + c["PRUNED"] + c["FAIL"] - retried,
+                best_value=best[0] if best else None,
+                best_trial=best[1] if best else None,
+                best_params=best[2] if best else {},
+                wall_seconds=(max(ends[sid]) - min(starts[sid])).total_seconds() if starts[sid] and ends[sid] else None,
+                gpu_sharing=dict(sorted(sharing[sid].items())),
+            ))
+    return sorted(out, key=lambda s: s.name)
+
+
+def summary(storage: optuna.storages.RDBStorage, study_id: int) -> Summary:
+    """Statistics of one study (see :func:`summaries`)."""
+    return summaries(storage, [study_id])[0]
+
+
+def summarize(study: optuna.Study) -> Summary:
+    """Statistics of ``study``, a study in an SQL store.
+
+    Raises:
+        StoreError: when the study is not kept in an SQL store (an in-memory study, say).
+    """
+    storage = optuna_private.rdb_storage(study)
+    if storage is None:
+        raise StoreError(f"study {study.study_name!r} is not in an SQL store; its statistics come from SQL queries")
+    return summary(storage, optuna_private.study_id(study))

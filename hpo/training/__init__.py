@@ -1,0 +1,1 @@
+"""Training: the trainer (``trainer``), optimizers and lr schedules (``optim``), the trainer's whole state (``state``), trial checkpoints (``checkpoint``) and K models trained together (``stacked``, ``stacked_step``)."""

@@ -49,6 +49,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _register_commands() -> None:
     from hpo.commands import (
         bench,
+        control,
         create_study,
         dashboard,
         export,
@@ -60,7 +61,7 @@ def _register_commands() -> None:
         worker,
     )
 
-    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench):
+    for module in (create_study, worker, status, control, retrain, report, export, dashboard, fleet, launch, bench):
         for command in module.COMMANDS:
             main.add_command(command)
 

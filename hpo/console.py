@@ -62,6 +62,8 @@ def summary_text(s: Summary) -> str:
         lines.append(f"  Wall time:                 {s.wall_seconds:.1f}s")
     if s.gpu_sharing:
         lines.append(f"  GPU sharing (trials):      {sharing_text(s.gpu_sharing)}")
+    if s.stopped:
+        lines.append(f"  Stopped:                   {s.stopped['rule']}: {s.stopped['reason']}")
     if s.infeasible:
         lines.append(f"  Infeasible trials:         {s.infeasible} (broke a constraint; never best)")
     if s.pareto is not None:

@@ -28,9 +28,11 @@ from hpo.search.pareto import minimizing, non_dominated
 from hpo.search.study import SPEC_ATTR
 from hpo.store import optuna_private
 from hpo.store.budget import RETRY_HISTORY_ATTR
+from hpo.store.control import STOP_ATTR
 from hpo.store.optuna_private import (
     STUDIES,
     STUDY_DIRECTIONS,
+    STUDY_SYSTEM_ATTRS,
     STUDY_USER_ATTRS,
     TRIAL_PARAMS,
     TRIAL_SYSTEM_ATTRS,
@@ -62,6 +64,7 @@ class Summary:
     # number (None for a study of one objective); metric is then the objectives' names joined by "/".
     pareto: list[dict[str, Any]] | None = None
     infeasible: int = 0  # trials that broke a constraint (user attr feasible: false)
+    stopped: dict[str, Any] | None = None  # the study's stop ({"rule", "reason", "now", "at"}), hpo.store.control
 
 
 def _spec_field(dialect: str, key: str) -> sa.ColumnElement:
@@ -204,6 +207,9 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
         several = [sid for sid in studies if len(directions[sid]) > 1]
         metrics.update(_objective_names(conn, several) if several else {})
         infeasible = _infeasible(conn, list(studies)) if studies else {}
+        stops = {sid: json.loads(text) for sid, text in conn.execute(
+            sa.select(STUDY_SYSTEM_ATTRS.c.study_id, STUDY_SYSTEM_ATTRS.c.value_json)
+            .where(selected(STUDY_SYSTEM_ATTRS.c.study_id), STUDY_SYSTEM_ATTRS.c.key == STOP_ATTR))}
         out = []
         for sid, name in studies.items():
             c = counts[sid]
@@ -224,6 +230,7 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 gpu_sharing=dict(sorted(sharing[sid].items())),
                 pareto=pareto,
                 infeasible=infeasible.get(sid, 0),
+                stopped=stops.get(sid) or None,
             ))
     return sorted(out, key=lambda s: s.name)
 

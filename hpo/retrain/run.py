@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from hpo.data.dataset import Dataset
 from hpo.data.sources import load_dataset
 from hpo.errors import HpoError
+from hpo.nn import registry
 from hpo.nn.models import build_model
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
@@ -141,7 +142,9 @@ def run_retrain(
     data = _training_pool(spec, storage, data_dir=data_dir, device=device)
     fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
     models = fold_models(spec, hp, data, seeds=[f.seed for f in fold_list], device=device)
-    use_stacked, reason = _choose_path(models, stacked, device)
+    unstackable = None if registry.family(spec.model).stackable else \
+        f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
+    use_stacked, reason = _choose_path(models, stacked, device, unstackable=unstackable)
     path = "stacked" if use_stacked else "sequential"
     echo(f"retrain of trial #{trial.number} of {study_name!r}: {k} folds, {hp['epochs']} epochs, "
          f"{path} on {device}")
@@ -223,14 +226,15 @@ def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: 
                  seed=base_seed * 100 + i) for i, (tr, va) in enumerate(splits)]
 
 
-def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device) -> tuple[bool, str]:
+def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device, *,
+                 unstackable: str | None = None) -> tuple[bool, str]:
     """Whether to train the fold models stacked, and why: as asked, else stacked on a CUDA device
-    when they can be.
+    when they can be (``unstackable``: the family's own reason why they cannot).
 
     Raises:
         HpoError: when stacked is asked for models that cannot be stacked.
     """
-    problem = stack_problem(models)
+    problem = unstackable or stack_problem(models)
     if stacked and problem:
         raise HpoError(f"cannot train stacked: {problem}")
     if stacked is not None:

@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 
 from hpo.errors import SpecError, StoreError
+from hpo.nn import registry
 from hpo.spec.domains import PRUNER_SETTINGS, SAMPLER_SETTINGS, show
 from hpo.spec.hyperparams import DEFAULTS
 from hpo.spec.schema import StudySpec, find_spec_file, load_spec_file, parse_spec
@@ -303,10 +304,9 @@ def create_from_file(spec: str, *, storage_url: str | None = None, force: bool =
     parsed = embed_csv(load_spec_file(path))
     check_buildable(parsed, source=str(path))  # before the store is opened: a refusal leaves nothing
     warnings = []
-    if parsed.model == "cnn":
-        from hpo.nn.cnn import check_cnn_spec  # torch: only CNN specs pay its import
-
-        warning = check_cnn_spec(parsed)  # raises when no configuration fits the images
+    family = registry.family(parsed.model)
+    if family.check is not None:
+        warning = family.check(parsed)  # the built-in cnn's: raises when no configuration fits the images
         warnings += [warning] if warning else []
     study = create(parsed, open_storage(storage_url, heartbeat=False), force=force, heartbeat=heartbeat,
                    source=str(path))

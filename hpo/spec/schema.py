@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from hpo.errors import SpecError
+from hpo.nn import registry
 from hpo.spec.checks import (
     Checker,
     check_layer_lists,
@@ -23,8 +24,7 @@ from hpo.spec.checks import (
     known_name,
     search_range,
 )
-from hpo.spec.domains import DOMAINS, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
-from hpo.spec.hyperparams import HYPERPARAMETERS
+from hpo.spec.domains import METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
 
 PARAM_KINDS = ("int", "float", "choice")
 
@@ -186,32 +186,32 @@ class StudySpec:
         }
 
 
-def _parse_param(c: Checker, name: str, raw: Any, family: str) -> ParamSpec:
+def _parse_param(c: Checker, vocab: dict, name: str, raw: Any, family: str) -> ParamSpec:
     where = f"space.{name}"
-    known_name(c, name, family, where)
+    known_name(c, vocab, name, family, where)
     raw = c.mapping(raw, where)
     kinds = [k for k in PARAM_KINDS if k in raw]
     if len(kinds) != 1:
         raise c.refuse(where, raw, f"exactly one of {', '.join(PARAM_KINDS)} (e.g. {{float: [1e-4, 1e-2], log: true}})")
     kind = kinds[0]
     c.unknown_keys(raw, (kind, "step", "log", "when", "per_layer", "schedule"), f"{where}.")
-    hp = HYPERPARAMETERS[name]
+    hp = vocab[name]
     spec: dict[str, Any] = {"name": name, "kind": kind}
     if kind == "choice":
         choices = raw["choice"]
         if not isinstance(choices, list) or not choices:
-            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {DOMAINS[name]}")
-        spec["choices"] = tuple(check_value(c, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
+            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {hp.domain}")
+        spec["choices"] = tuple(check_value(c, vocab, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
         if len(set(map(repr, spec["choices"]))) != len(spec["choices"]):
             raise c.refuse(f"{where}.choice", choices, "values that do not repeat")
     else:
-        spec.update(search_range(c, name, kind, raw, where))
+        spec.update(search_range(c, hp.domain, name, kind, raw, where))
     when = c.mapping(raw.get("when"), f"{where}.when")
-    spec["when"] = {k: tuple(DOMAINS[k].canonical(x) if k in DOMAINS else x for x in (v if isinstance(v, list) else [v]))
+    spec["when"] = {k: tuple(vocab[k].domain.canonical(x) if k in vocab else x for x in (v if isinstance(v, list) else [v]))
                     for k, v in when.items()}
     per_layer = raw.get("per_layer")
     if per_layer is not None:
-        count = (hp.layers or {}).get(family)
+        count = hp.per_layer
         if count is None:
             raise c.refuse(f"{where}.per_layer", per_layer, f"nothing: {name} is not a per-layer parameter of model {family!r}")
         if per_layer != count:
@@ -243,7 +243,8 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     c.unknown_keys(raw, ("name", "description", "direction", "metric", "seed", "data", "model", "space",
                          "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint", "report_every"), "")
     name = c.value("name", raw.get("name"))
-    model = c.value("model", raw.get("model", "mlp"))
+    model = _parse_model(c, raw.get("model", "mlp"))
+    vocab = registry.vocabulary(model)
 
     data = _parse_data(c, c.mapping(raw.get("data"), "data"), base_dir)
     metrics = METRICS[data.task]
@@ -255,15 +256,15 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     fixed_raw = c.mapping(raw.get("fixed"), "fixed")
     fixed = {}
     for key, value in fixed_raw.items():
-        known_name(c, key, model, f"fixed.{key}")
-        fixed[key] = check_value(c, key, value, f"fixed.{key}")
+        known_name(c, vocab, key, model, f"fixed.{key}")
+        fixed[key] = check_value(c, vocab, key, value, f"fixed.{key}")
     space_raw = c.mapping(raw.get("space"), "space")
-    space = tuple(_parse_param(c, k, v, model) for k, v in space_raw.items())
+    space = tuple(_parse_param(c, vocab, k, v, model) for k, v in space_raw.items())
     for p in space:
         if p.name in fixed:
             raise c.fail(f"fixed.{p.name}", "is also in space: keep one")
     check_references(c, space, fixed)
-    check_layer_lists(c, space, fixed, model)
+    check_layer_lists(c, vocab, space, fixed)
 
     sampler_raw = c.mapping(raw.get("sampler"), "sampler")
     kind = c.value("sampler.kind", sampler_raw.get("kind", "tpe"))
@@ -303,6 +304,20 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         checkpoint=_parse_checkpoint(c, raw.get("checkpoint", True)),
         report_every=c.value("report_every", raw.get("report_every", 1)),
     )
+
+
+def _parse_model(c: Checker, raw: Any) -> str:
+    """The name of an installed, usable model family (``hpo.nn.registry``)."""
+    domain = Domain("choice", choices=registry.names())
+    model = domain.canonical(raw)
+    if not domain.contains(model):
+        raise c.refuse("model", model, f"{domain} (the installed model families: a package's family needs "
+                                       f"that package installed; hpo families lists them)")
+    try:
+        registry.entry(model)
+    except SpecError as e:
+        raise c.fail("model", str(e)) from None
+    return model
 
 
 def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:

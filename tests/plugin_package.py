@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 EXAMPLE = REPO / "examples" / "resnet_small"
@@ -42,3 +43,35 @@ def install_example(site: Path, *, version: str = "0.1.0") -> Path:
 def env_with(site: Path, env: dict[str, str]) -> dict[str, str]:
     """``env`` with ``site`` on PYTHONPATH, after the repository (the CLI runs hpo from the worktree)."""
     return {**env, "PYTHONPATH": os.pathsep.join([str(REPO), str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+@pytest.fixture
+def example_installed(tmp_path, monkeypatch):
+    """The worked example's family installed for this test's process (see :func:`install_example`)."""
+    from hpo.nn import registry
+
+    site = install_example(tmp_path / "site")
+    monkeypatch.syspath_prepend(str(site))
+    registry.refresh()
+    yield site
+    registry.refresh()
+
+
+def digits_folders(root: Path, *, n_train: int = 240, n_test: int = 60) -> tuple[Path, Path]:
+    """scikit-learn's bundled 8x8 digits written as RGB PNGs in torchvision's ImageFolder layout
+    (``root/train/<digit>/<i>.png``, ``root/test/...``): grey ink on a blue ground, so the three
+    channels differ. Returns the train and test folders."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    grey = (digits.images * (255 / 16)).astype(np.uint8)
+    for part, rows in (("train", range(n_train)), ("test", range(n_train, n_train + n_test))):
+        for i in rows:
+            folder = root / part / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            g = grey[i]
+            rgb = np.stack([g, g, 255 - g // 2], axis=-1)
+            Image.fromarray(rgb, "RGB").save(folder / f"{i}.png")
+    return root / "train", root / "test"

@@ -26,9 +26,10 @@ from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainRecord
 from hpo.running.progress import QUIET, Progress
+from hpo.search import provenance
 from hpo.search.objective import trial_seed
 from hpo.search.space import hyperparams_from_params
-from hpo.search.study import load
+from hpo.search.study import load, study_id
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
@@ -100,6 +101,7 @@ def run_retrain(
     echo: Callable[[str], None] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
+    allow_version_mismatch: bool = False,
 ) -> RetrainRecord:
     """Retrain a trial's configuration on K folds and save the results as artifacts of the study.
 
@@ -116,6 +118,8 @@ def run_retrain(
         on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
         progress: shows the folds x epochs done, the latest fold's validation value and the time
             left (default: nothing).
+        allow_version_mismatch: go on with the study's model family at another version here
+            (``metrics.json`` records the difference as ``version_mismatch``).
 
     Returns:
         The new record (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
@@ -128,6 +132,8 @@ def run_retrain(
     """
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
+    mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id(storage, study_name)).get(provenance.ATTR),
+                                       study=study_name, allow=allow_version_mismatch)
     study, spec = load(study_name, storage)
     store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
         if spec.checkpoint.enabled else None
@@ -172,6 +178,8 @@ def run_retrain(
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
         "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
     }
+    if mismatches:
+        metrics["version_mismatch"] = "; ".join(mismatches)
     arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
     record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
                                   curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,

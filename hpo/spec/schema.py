@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from hpo.errors import SpecError
+from hpo.errors import HpoError, SpecError
 from hpo.nn import registry
 from hpo.spec.checks import (
     Checker,
@@ -24,7 +24,7 @@ from hpo.spec.checks import (
     known_name,
     search_range,
 )
-from hpo.spec.domains import METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
+from hpo.spec.domains import DATA_SOURCES, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
 
 PARAM_KINDS = ("int", "float", "choice")
 
@@ -86,6 +86,8 @@ class DataSpec:
         }
         if self.source == "csv":
             d.update(train=self.train, test=self.test, features=list(self.features), target=self.target)
+        elif self.source not in DATA_SOURCES:  # a registry source (hpo.data.registry)
+            d.update({k: getattr(self, k) for k in ("train", "test") if getattr(self, k) is not None})
         for key in ("train_subset", "val_subset", "data_dir", "files", "inline", "as_written"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
@@ -332,16 +334,19 @@ def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:
 
 def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
     c.unknown_keys(raw, tuple(DataSpec.__dataclass_fields__), "data.")
-    source = c.value("data.source", raw.get("source"))
+    source, tasks, wanted = _parse_source(c, raw)
     task = c.value("data.task", raw.get("task", "regression" if source == "csv" else "classification"))
-    if source != "csv" and task != "classification":
-        raise c.refuse("data.task", task, f"classification ({source} is a classification data set)")
+    if task not in tasks:
+        raise c.refuse("data.task", task, f"{', '.join(tasks)} (what data.source {source} serves)")
     kwargs: dict[str, Any] = {"source": source, "task": task,
                               "val_fraction": c.value("data.val_fraction", raw.get("val_fraction", 0.2))}
     for key in ("train_subset", "val_subset"):
         kwargs[key] = c.value(f"data.{key}", raw.get(key))
     as_written = dict(c.mapping(raw.get("as_written"), "data.as_written"))
-    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [])
+    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [k for k in ("train", "test") if k in raw])
+    for key in wanted:
+        if raw.get(key) is None and not raw.get("files"):
+            raise c.refuse(f"data.{key}", None, f"a path (data.source {source} reads data.train and data.test)")
     for key in paths:
         written = c.value(f"data.{key}", raw.get(key))
         if written is not None:
@@ -356,14 +361,37 @@ def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
             kwargs["files"] = _parse_files(c, raw["files"])
         if raw.get("inline") is not None:
             kwargs["inline"] = c.mapping(raw["inline"], "data.inline")
+    elif source not in DATA_SOURCES and raw.get("files") is not None:
+        kwargs["files"] = _parse_files(c, raw["files"], ("arrays",))
     kwargs["as_written"] = {k: v for k, v in as_written.items() if k in paths} or None
     return DataSpec(**kwargs)
 
 
-def _parse_files(c: Checker, raw: Any) -> dict:
+def _parse_source(c: Checker, raw: dict) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """``data.source``: a legacy source or an installed registry one (``hpo.data.registry``); a stored
+    spec whose data are in the store (``files.arrays``) needs no source installed. Returns the source,
+    the tasks it serves and the paths it needs."""
+    from hpo.data import registry as sources
+
+    source = raw.get("source")
+    if source in DATA_SOURCES:
+        return c.value("data.source", source), ("regression", "classification") if source == "csv" else (
+            "classification",), ()
+    domain = Domain("choice", choices=sources.names())
+    if isinstance(raw.get("files"), dict) and "arrays" in raw["files"] and isinstance(source, str):
+        return source, ("regression", "classification"), ()
+    source = c.value(domain, domain.canonical(source), "data.source")
+    try:
+        src = sources.source(source)
+    except HpoError as e:
+        raise c.fail("data.source", str(e)) from None
+    return source, src.tasks, src.paths
+
+
+def _parse_files(c: Checker, raw: Any, parts: tuple[str, ...] = ("train", "test")) -> dict:
     """References to data files in the store, as ``create-study`` writes them (hpo.data.tables)."""
     files = c.mapping(raw, "data.files")
-    c.unknown_keys(files, ("train", "test"), "data.files.")
+    c.unknown_keys(files, parts, "data.files.")
     for part, ref in files.items():
         sha = c.mapping(ref, f"data.files.{part}").get("sha256")
         if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):

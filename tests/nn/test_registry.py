@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_hpo
-from plugin_package import env_with, fake_install, install_example
+from plugin_package import env_with, example_installed, fake_install  # noqa: F401 (a fixture)
 
 from hpo.errors import SpecError
 from hpo.nn import registry
@@ -18,15 +18,6 @@ from hpo.nn.models import build_model
 from hpo.spec.schema import parse_spec
 
 SOURCE = "studies/own.yaml"
-
-
-@pytest.fixture
-def example_installed(tmp_path, monkeypatch):
-    site = install_example(tmp_path / "site")
-    monkeypatch.syspath_prepend(str(site))
-    registry.refresh()
-    yield site
-    registry.refresh()
 
 
 def spec(**overrides) -> dict:
@@ -55,7 +46,8 @@ def test_builtin_families_come_from_hpos_own_entry_points():
     assert "lr" in registry.vocabulary("mlp") and "lr" not in registry.family("mlp").hyperparameters
 
 
-def test_a_plugin_family_is_found_validated_and_built(example_installed):
+@pytest.mark.usefixtures("example_installed")
+def test_a_plugin_family_is_found_validated_and_built():
     assert "resnet_small" in registry.names()
     e = registry.entry("resnet_small")
     assert e.provenance == {"name": "resnet_small", "distribution": "hpo-resnet-small", "version": "0.1.0"}
@@ -69,7 +61,8 @@ def test_a_plugin_family_is_found_validated_and_built(example_installed):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
-def test_a_plugin_familys_domains_refuse_with_one_line(example_installed):
+@pytest.mark.usefixtures("example_installed")
+def test_a_plugin_familys_domains_refuse_with_one_line():
     assert refused(spec(space={"depth": {"int": [1, 3]}})) == (
         f"{SOURCE}: space.depth: unknown hyperparameter 'depth' of model 'resnet_small'; allowed: augment, batch_size, "
         "blocks, dropout, early_stopping, epochs, lr, lr_decay, momentum, optimizer, plateau_cooldown, "

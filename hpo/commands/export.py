@@ -47,7 +47,7 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
 
 @click.command()
 @click.option("--model", "model_dir", required=True, metavar="DIR", help="A folder written by hpo export-best.")
-@click.option("--input", "input_path", required=True, metavar="FILE", help="CSV (feature columns by name), .npy or IDX file.")
+@click.option("--input", "input_path", required=True, metavar="FILE", help="CSV (feature columns by name), .npy or IDX file, an image or a folder of images.")
 @click.option("--output", "output_path", default=None, metavar="FILE|-",
               help="Where to write the predictions: .csv or .npy, or '-' for a CSV on standard output "
                    "(default: storage/predictions/<study>/<input name>.csv).")

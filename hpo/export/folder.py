@@ -213,6 +213,15 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
         raise _cannot_write(out, e) from e
 
 
+def _family_of(folder: Path) -> dict[str, str] | None:
+    """The model family of the exported weights, with the distribution and version that trained
+    them (what ``hpo.load`` needs installed); None without weights."""
+    if not (folder / MODEL).is_file():
+        return None
+    d = json.loads((folder / MODEL).read_text())
+    return {"name": d["family"], "distribution": d.get("distribution", "hpo"), "version": d.get("version", "?")}
+
+
 def _cannot_write(out: Path, e: OSError) -> HpoError:
     where = "" if e.filename in (None, str(out)) else f"{e.filename}: "
     return HpoError(f"--out: cannot write the export {out}: {where}{e.strerror or e}")
@@ -241,6 +250,7 @@ def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna
             "ensemble": model["ensemble"] if model else None,
             "note": note,
             "versions": versions(),
+            "model_family": _family_of(staging),
             "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                       for p in sorted(staging.iterdir())},
         }

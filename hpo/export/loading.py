@@ -36,6 +36,18 @@ from hpo.retrain import ensemble as ens
 from hpo.store.config import STORAGE_ROOT
 
 
+def _check_family(folder: Path, description: dict[str, Any]) -> None:
+    """Refuse, in one line naming the package to install, an export whose family is not installed here."""
+    from hpo.nn import registry
+
+    name = description["family"]
+    if name not in registry.names():
+        dist, version = description.get("distribution", "hpo"), description.get("version", "")
+        pin = f"=={version}" if version and version != "?" else ""
+        raise HpoError(f"{folder}: the model is of family {name!r} from {dist} {version}, which is not installed "
+                       f"here: pip install '{dist}{pin}'")
+
+
 class ExportedModel(nn.Module):
     """The fold models of a retrain behind the stored normalisation and the ensemble rule."""
 
@@ -167,6 +179,7 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         raise HpoError(f"ensemble: got {rule!r}; allowed: {', '.join(description['ensemble_rules'])}")
     if fold is not None and description["task"] == "classification":
         rule = "soft_vote"  # one fold: its own probabilities
+    _check_family(folder, description)
     models = []
     for name in weights:
         try:
@@ -180,9 +193,29 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
 
 
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
-    """Inputs from a CSV (feature columns by name), .npy or IDX file; also the CSV frame, if any."""
+    """Inputs from a CSV (feature columns by name), .npy or IDX file, an image file or a folder of
+    images (for image models: decoded as the training images were, converted to the model's
+    channels); also the frame of input columns to write beside the predictions (the CSV's, the
+    image files'), if any."""
     import pandas as pd
 
+    from hpo.data.builtin_sources import IMAGE_EXTENSIONS, decode_images
+
+    images = None
+    if path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise DataError(f"--input: {path}: a folder without image files ({', '.join(IMAGE_EXTENSIONS)})")
+    elif path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        images = [path]
+    if images is not None:
+        if len(model.in_shape) != 3 or model.in_shape[0] not in (1, 3):
+            raise DataError(f"--input: {path}: images, but the model takes inputs of shape {model.in_shape}")
+        x = decode_images(images, channels=model.in_shape[0])
+        if x.shape[1:] != model.in_shape:
+            raise DataError(f"--input: {images[0]}: {x.shape[3]}x{x.shape[2]} pixels; the model takes "
+                            f"{model.in_shape[2]}x{model.in_shape[1]}")
+        return x.astype(np.float32), pd.DataFrame({"file": [str(p) for p in images]})
     if not path.is_file():
         raise DataError(f"--input: {path} not found")
     name = path.name.lower()
@@ -209,7 +242,8 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
         from hpo.data.images import read_idx
 
         return read_idx(path).astype(np.float32), None
-    raise DataError(f"--input: {path}: unknown file type; use .csv, .npy or an IDX file (e.g. t10k-images-idx3-ubyte.gz)")
+    raise DataError(f"--input: {path}: unknown file type; use .csv, .npy, an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
+                    f"an image or a folder of images")
 
 
 def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None) -> Path:

@@ -30,9 +30,9 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
     if out == "-":
         click.echo(best_params_text(study_name, storage_url=storage, fmt=fmt), nl=False)
         return
-    from hpo.store.config import STORAGE_ROOT
+    from hpo.export.folder import default_export_dir
 
-    out_dir = Path(out) if out else STORAGE_ROOT / "exports" / study_name
+    out_dir = Path(out) if out else default_export_dir(study_name)
     folder = export(study_name, storage_url=storage, artifacts=artifacts, out=out_dir,
                     fmt=fmt, force=force, retrain_id=retrain_id, ensemble=ensemble)
     manifest = json.loads((folder / MANIFEST).read_text())

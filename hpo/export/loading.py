@@ -34,6 +34,7 @@ from hpo.errors import DataError, HpoError
 from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL, sha256
 from hpo.retrain import ensemble as ens
 from hpo.store.config import STORAGE_ROOT
+from hpo.store.paths import name_in
 
 
 def _check_family(folder: Path, description: dict[str, Any]) -> None:
@@ -189,7 +190,7 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         except Exception as e:  # unpickling refused, or weights that do not fit the described model
             raise HpoError(f"{folder / name}: cannot load the weights: {str(e).splitlines()[0]}") from e
     return ExportedModel(models, description=description, rule=rule,
-                         study=str(manifest.get("study") or folder.name)).to(device).eval()
+                         study=str(manifest.get("study") or folder.resolve().name)).to(device).eval()
 
 
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
@@ -246,11 +247,18 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
                     f"an image or a folder of images")
 
 
-def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None) -> Path:
+def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None,
+                   what: str = f"{MANIFEST}: study") -> Path:
     """Where ``hpo predict`` writes by default: ``storage/predictions/<study>/<input name>.csv``
-    (``.fold<K>.csv`` for one fold's model), never beside the input."""
-    stem = input_path.name.split(".")[0] + (f".fold{fold}" if fold is not None else "")
-    return STORAGE_ROOT / "predictions" / model.study / f"{stem}.csv"
+    (``.fold<K>.csv`` for one fold's model), never beside the input.
+
+    Raises:
+        HpoError: a study name (read from the export's manifest: ``what``) that would leave
+            ``storage/predictions`` (``hpo.store.paths``).
+    """
+    stem = (input_path.name.split(".")[0] or "input") + (f".fold{fold}" if fold is not None else "")
+    folder = name_in(STORAGE_ROOT / "predictions", model.study, what=what)
+    return name_in(folder, stem, what="--input", suffix=".csv")
 
 
 def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str | Path | None = None, *,
@@ -279,7 +287,8 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
     model = load(model_dir, fold=fold, device=device)
     to_stdout = str(output_path) == "-"
     if not to_stdout:
-        output_path = Path(output_path) if output_path else default_output(model, input_path, fold=fold)
+        output_path = Path(output_path) if output_path else default_output(
+            model, input_path, fold=fold, what=f"{Path(model_dir) / MANIFEST}: study")
         try:
             taken = output_path.exists()
         except OSError as e:  # e.g. a name too long for the file system

@@ -34,6 +34,7 @@ from optuna.artifacts import download_artifact, upload_artifact
 
 from hpo.errors import HpoError
 from hpo.store import optuna_private
+from hpo.store.paths import name_in
 
 ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts' study system-attr key
 DASHBOARD_TRIAL_PREFIX = "dashboard:artifacts:"  # optuna-dashboard's per-trial link
@@ -110,13 +111,13 @@ def fetch_files(artifact_store, record: RetrainRecord, dest: Path | None = None,
                 names: Iterable[str] | None = None) -> Path:
     """Download the files of a retrain (all, or those of ``names`` it has) into ``dest`` (a new
     temporary folder by default)."""
-    dest = Path(dest or tempfile.mkdtemp(prefix=f"hpo-retrain-{record.id}-"))
+    dest = Path(dest or tempfile.mkdtemp(prefix="hpo-retrain-"))
     dest.mkdir(parents=True, exist_ok=True)
     wanted = None if names is None else set(names)
     for name, artifact_id in record.files.items():
         if wanted is not None and name not in wanted:
             continue
-        target = dest / name
+        target = name_in(dest, name, what=f"retrain {record.id!r} in the store: file name")
         if target.exists():
             target.unlink()
         download_artifact(artifact_store=artifact_store, artifact_id=artifact_id, file_path=str(target))

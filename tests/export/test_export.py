@@ -301,7 +301,14 @@ def test_bad_input_exits_2(tmp_path, trained):
     proc = run_hpo("export-best", "--study", "regression", "--out", str(existing), env=env, check=2)
     assert "already exists" in proc.stderr and "--force" in proc.stderr
     assert (existing / "keep.txt").read_text() == "mine"
-    export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)
+    # --force replaces only a folder export-best wrote: never a folder of someone else's files.
+    with pytest.raises(HpoError, match=r"is not an export folder \(no manifest.json\); --force replaces only"):
+        export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)
+    assert (existing / "keep.txt").read_text() == "mine"
+    (existing / "keep.txt").unlink()
+    export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)  # an empty folder
+    (existing / "keep.txt").write_text("mine")
+    export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)  # an export
     assert not (existing / "keep.txt").exists() and (existing / "manifest.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
@@ -414,6 +421,20 @@ def test_predict_output_and_load_types(tmp_path, retrained, monkeypatch):
                    "--output", str(tmp_path / "work" / written), env=env, check=2)
     assert proc.stderr.strip().endswith("already exists; pass --force to replace it (or --output FILE, or --output - "
                                         "for standard output)")
+
+    # The manifest is not signed: a study name edited to leave storage/predictions is refused, nothing written.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    for study in ("../../../outside", "..", "/tmp/x"):
+        manifest["study"] = study
+        (tampered / "manifest.json").write_text(json.dumps(manifest))
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        proc = run_hpo("predict", "--model", str(tampered), "--input", str(data / "points.csv"), cwd=tmp_path / "work",
+                       env=env, check=2)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{tampered / 'manifest.json'}: study: got " in lines[0], proc.stderr
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
     too_long = tmp_path / ("x" * 300)
     proc = run_hpo("export-best", "--study", "regression", "--out", str(too_long), env=env, check=2)

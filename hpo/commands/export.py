@@ -51,13 +51,23 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
 @click.option("--output", "output_path", default=None, metavar="FILE|-",
               help="Where to write the predictions: .csv or .npy, or '-' for a CSV on standard output "
                    "(default: storage/predictions/<study>/<input name>.csv).")
-@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists, and predict on inputs clearly "
+                                            "on another scale than the training inputs (refused otherwise).")
 @click.option("--fold", type=click.IntRange(min=0), default=None, metavar="K", help="Use fold K's model alone instead of the ensemble.")
-def predict(model_dir: str, input_path: str, output_path: str | None, force: bool, fold: int | None) -> None:
-    """Predict with an exported model on a file of raw inputs."""
-    from hpo.export.loading import predict_file
+@click.option("--proba", is_flag=True, help="Also write a classifier's class probabilities (proba_<class> columns; "
+                                            "each row sums to 1).")
+def predict(model_dir: str, input_path: str, output_path: str | None, force: bool, fold: int | None,
+            proba: bool) -> None:
+    """Predict with an exported model on a file of raw inputs (in the training data's units)."""
+    import warnings
 
-    written = predict_file(model_dir, input_path, output_path, fold=fold, force=force)
+    from hpo.export.loading import InputScaleWarning, predict_file
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", InputScaleWarning)
+        written = predict_file(model_dir, input_path, output_path, fold=fold, force=force, proba=proba)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
     if written is not None:
         click.echo(f"wrote predictions to {written}")
 

@@ -6,7 +6,8 @@ The folder holds:
 - ``spec.<fmt>``: the full study spec; ``study.<fmt>``: the study statistics;
 - when a retrain of the best trial exists: ``fold_<i>.pt`` (state dicts), ``metrics.json`` (the
   retrain's numbers) and ``model.json`` (family, shapes, hyperparameters, normalisation, classes,
-  feature names and the ensemble rule);
+  feature names, the ensemble rule and, for retrains since they are recorded, the training inputs'
+  raw statistics ``input_stats`` that ``hpo predict`` checks inputs against);
 - ``manifest.json``: versions of hpo, torch and optuna, and the sha256 of every other file.
 
 The folder is written under a temporary name beside ``out`` and renamed at the end, so a failed

@@ -19,8 +19,10 @@ from hpo.commands.options import artifacts_option, storage_option, study_option
 @click.option("--retrain", "retrain_id", default=None, metavar="ID", help="Export this retrain (default: the newest of the best trial).")
 @click.option("--ensemble", type=click.Choice(["soft_vote", "majority_vote"]), default=None,
               help="Ensemble rule of a classifier (default soft_vote; regression always averages).")
+@click.option("--trial", "trial_number", type=int, default=None, metavar="N",
+              help="Export trial N (a study of several objectives needs it: one of its Pareto trials).")
 def export_best(study_name: str, storage: str | None, artifacts: str | None, out: str | None, fmt: str,
-                force: bool, retrain_id: str | None, ensemble: str | None) -> None:
+                force: bool, retrain_id: str | None, ensemble: str | None, trial_number: int | None) -> None:
     """Export the best trial: parameters, spec, statistics and, after a retrain, the fold models."""
     import json
 
@@ -28,13 +30,13 @@ def export_best(study_name: str, storage: str | None, artifacts: str | None, out
     from hpo.export.folder import export_best as export
 
     if out == "-":
-        click.echo(best_params_text(study_name, storage_url=storage, fmt=fmt), nl=False)
+        click.echo(best_params_text(study_name, storage_url=storage, fmt=fmt, trial_number=trial_number), nl=False)
         return
     from hpo.export.folder import default_export_dir
 
     out_dir = Path(out) if out else default_export_dir(study_name)
     folder = export(study_name, storage_url=storage, artifacts=artifacts, out=out_dir,
-                    fmt=fmt, force=force, retrain_id=retrain_id, ensemble=ensemble)
+                    fmt=fmt, force=force, retrain_id=retrain_id, ensemble=ensemble, trial_number=trial_number)
     manifest = json.loads((folder / MANIFEST).read_text())
     click.echo(f"exported trial {manifest['trial_number']} of study {study_name!r} to {folder} "
                f"({len(manifest['files'])} files)")

@@ -109,17 +109,30 @@ def _check_format(fmt: str) -> None:
         raise HpoError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
 
 
-def open_study(study_name: str, storage_url: str | None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
-    """The study, its spec and its best trial.
+def open_study(study_name: str, storage_url: str | None,
+               trial_number: int | None = None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
+    """The study, its spec and its best trial (or trial ``trial_number``, COMPLETE).
 
     Raises:
-        StoreError: no such study. HpoError: the study has no complete trial yet.
+        StoreError: no such study. HpoError: the study has no complete trial yet; it has several
+            objectives and no ``trial_number`` (listing its Pareto trials); ``trial_number`` is not
+            a COMPLETE trial of it.
     """
     import optuna
 
+    from hpo.search.pareto import needs_trial
     from hpo.search.study import open_study
 
     study, spec = open_study(study_name, storage_url)
+    if trial_number is not None:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= trial_number < len(trials) or trials[trial_number].state != optuna.trial.TrialState.COMPLETE:
+            complete = [t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            raise HpoError(f"--trial: got {trial_number}; allowed: a COMPLETE trial of study {study_name!r} "
+                           f"({', '.join(map(str, complete[:20])) or 'none yet'}{' ...' if len(complete) > 20 else ''})")
+        return study, spec, trials[trial_number]
+    if spec.multi_objective:
+        raise needs_trial(study, "hpo export-best")
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {study_name!r} has no complete trial yet, so there is no best trial to export; "
@@ -133,18 +146,18 @@ def best_params(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenT
     return {
         "study": study.study_name,
         "trial_number": best.number,
-        "metric": spec.metric,
-        "direction": spec.direction,
-        "value": best.value,
+        **({"metric": spec.metric, "direction": spec.direction, "value": best.value} if not spec.multi_objective else
+           {"metrics": spec.metric_names, "directions": spec.directions, "values": list(best.values)}),
         "params": dict(best.params),
         "hyperparams": hyperparams_from_params(spec, best.params),
     }
 
 
-def best_params_text(study_name: str, *, storage_url: str | None = None, fmt: str = "json") -> str:
-    """The best trial's parameters alone, as JSON or YAML (for ``--out -``)."""
+def best_params_text(study_name: str, *, storage_url: str | None = None, fmt: str = "json",
+                     trial_number: int | None = None) -> str:
+    """The best trial's (or trial ``trial_number``'s) parameters alone, as JSON or YAML (for ``--out -``)."""
     _check_format(fmt)
-    _, _, best = open_study(study_name, storage_url)
+    _, _, best = open_study(study_name, storage_url, trial_number)
     return dumps(dict(best.params), fmt)
 
 
@@ -161,7 +174,8 @@ def _pick_retrain(study: optuna.Study, best_number: int, retrain_id: str | None)
     others = sorted({r.trial_number for r in retrains})
     why = (f"the retrains are of trial(s) {', '.join(map(str, others))}, not of the best trial {best_number}"
            if others else "the study has no retrain yet")
-    return None, f"{why}; weights come from: hpo retrain --study {study.study_name}"
+    chosen = f" --trial {best_number}" if len(study.directions) > 1 else ""
+    return None, f"{why}; weights come from: hpo retrain --study {study.study_name}{chosen}"
 
 
 def _model_description(folder: Path, record: RetrainRecord, spec: StudySpec, ensemble: str | None) -> dict:
@@ -208,7 +222,7 @@ def _write_weights(staging: Path, record: RetrainRecord, artifact_store, spec: S
 
 def export_best(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None, out: Path,
                 fmt: str = "json", force: bool = False, retrain_id: str | None = None,
-                ensemble: str | None = None) -> Path:
+                ensemble: str | None = None, trial_number: int | None = None) -> Path:
     """Write the export folder of a study's best trial.
 
     Args:
@@ -218,6 +232,8 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
             anything else.
         retrain_id: export this retrain (default: the newest retrain of the best trial).
         ensemble: the ensemble rule of a classifier (``soft_vote`` by default, or ``majority_vote``).
+        trial_number: export this COMPLETE trial instead of the best (required with several
+            objectives: there is no single best).
 
     Returns:
         The folder. Its ``manifest.json`` says ``"weights": false`` with a ``note`` naming the
@@ -233,7 +249,7 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
     _check_format(fmt)
     out = Path(out)
     _check_out(out, force=force)
-    study, spec, best = open_study(study_name, storage_url)
+    study, spec, best = open_study(study_name, storage_url, trial_number)
     record, note = _pick_retrain(study, best.number, retrain_id)
     # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
     trial = best if record is None or record.trial_number == best.number \

@@ -29,6 +29,7 @@ from hpo.retrain.results import RetrainRecord
 from hpo.running.progress import QUIET, Progress
 from hpo.search import provenance
 from hpo.search.objective import trial_seed
+from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
 from hpo.search.study import load, study_id
 from hpo.spec.schema import StudySpec
@@ -77,6 +78,8 @@ def _choose_trial(study, trial_number: int | None):
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
     if trial_number is None:
+        if len(study.directions) > 1:
+            raise needs_trial(study, "hpo retrain")
         if not any(t.state == TrialState.COMPLETE for t in trials):
             raise HpoError(f"study {name!r} has no complete trial; run hpo worker --study {name} first")
         return study.best_trial

@@ -6,7 +6,8 @@ The folder holds:
 - ``spec.<fmt>``: the full study spec; ``study.<fmt>``: the study statistics;
 - when a retrain of the best trial exists: ``fold_<i>.pt`` (state dicts), ``metrics.json`` (the
   retrain's numbers) and ``model.json`` (family, shapes, hyperparameters, normalisation, classes,
-  feature names and the ensemble rule);
+  feature names, the ensemble rule and, for retrains since they are recorded, the training inputs'
+  raw statistics ``input_stats`` that ``hpo predict`` checks inputs against);
 - ``manifest.json``: versions of hpo, torch and optuna, and the sha256 of every other file.
 
 The folder is written under a temporary name beside ``out`` and renamed at the end, so a failed
@@ -66,6 +67,41 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[package] = "unknown"
     return out
+
+
+def default_export_dir(study_name: str) -> Path:
+    """``storage/exports/<study>``.
+
+    Raises:
+        HpoError: a study name that would leave that folder (``hpo.store.paths``).
+    """
+    from hpo.store.config import STORAGE_ROOT
+    from hpo.store.paths import name_in
+
+    return name_in(STORAGE_ROOT / "exports", study_name, what="study name")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder (not a link) that ``export-best`` wrote (it holds a
+    ``manifest.json``), or an empty one: the only things ``--force`` replaces."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return (folder / MANIFEST).is_file() or not any(folder.iterdir())
+
+
+def _check_out(out: Path, *, force: bool) -> None:
+    """Refuse an ``--out`` that names no folder of its own, or one that ``--force`` may not replace."""
+    if out.name in ("", ".", ".."):
+        raise HpoError(f"--out: got {str(out)!r}; name the folder to create (not '.', '..' or a root)")
+    try:
+        taken = out.exists() or out.is_symlink()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise _cannot_write(out, e) from e
+    if taken and not force:
+        raise HpoError(f"--out: {out} already exists; pass --force to replace it")
+    if taken and not is_export(out):
+        raise HpoError(f"--out: {out} exists and is not an export folder (no {MANIFEST}); --force replaces only "
+                       f"a folder that hpo export-best wrote: remove it yourself or choose another --out")
 
 
 def _check_format(fmt: str) -> None:
@@ -192,7 +228,8 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
     Args:
         out: the folder to create.
         fmt: ``json`` or ``yaml`` for the params, spec and statistics files.
-        force: replace ``out`` when it exists.
+        force: replace ``out`` when it exists and is an export folder (or an empty folder): never
+            anything else.
         retrain_id: export this retrain (default: the newest retrain of the best trial).
         ensemble: the ensemble rule of a classifier (``soft_vote`` by default, or ``majority_vote``).
         trial_number: export this COMPLETE trial instead of the best (required with several
@@ -203,19 +240,15 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
         command to run when the best trial has no retrain.
 
     Raises:
-        HpoError: unknown study, no complete trial, ``out`` exists without ``force``, a bad format
+        HpoError: unknown study, no complete trial, ``out`` exists without ``force`` (or is not an
+            export folder), names no folder of its own (``.``, ``..``, ``/``), a bad format
             or ensemble rule, a retrain whose files are missing, or ``out`` cannot be written
             (naming the file and the file system's reason).
     """
     from hpo.store.artifacts import open_artifact_store
     _check_format(fmt)
     out = Path(out)
-    try:
-        taken = out.exists()
-    except OSError as e:  # e.g. a name too long for the file system
-        raise _cannot_write(out, e) from e
-    if taken and not force:
-        raise HpoError(f"--out: {out} already exists; pass --force to replace it")
+    _check_out(out, force=force)
     study, spec, best = open_study(study_name, storage_url, trial_number)
     record, note = _pick_retrain(study, best.number, retrain_id)
     # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
@@ -227,6 +260,15 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
                              artifact_store=lambda: open_artifact_store(storage_url, artifacts))
     except OSError as e:
         raise _cannot_write(out, e) from e
+
+
+def _family_of(folder: Path) -> dict[str, str] | None:
+    """The model family of the exported weights, with the distribution and version that trained
+    them (what ``hpo.load`` needs installed); None without weights."""
+    if not (folder / MODEL).is_file():
+        return None
+    d = json.loads((folder / MODEL).read_text())
+    return {"name": d["family"], "distribution": d.get("distribution", "hpo"), "version": d.get("version", "?")}
 
 
 def _cannot_write(out: Path, e: OSError) -> HpoError:
@@ -257,13 +299,20 @@ def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna
             "ensemble": model["ensemble"] if model else None,
             "note": note,
             "versions": versions(),
+            "model_family": _family_of(staging),
             "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                       for p in sorted(staging.iterdir())},
         }
         (staging / MANIFEST).write_text(dumps(manifest, "json"))
+        _check_out(out, force=True)  # again: something may have appeared there meanwhile
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        staging.rename(out)
+            # The old export moves aside in one rename and goes only once the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

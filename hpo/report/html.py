@@ -36,6 +36,7 @@ from hpo.spec.schema import StudySpec
 from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.config import STORAGE_ROOT
+from hpo.store.paths import name_in
 from hpo.store.statistics import Summary, summarize
 from hpo.store.storage import open_storage
 from hpo.store.trials import read_trials
@@ -199,7 +200,23 @@ def render(page: Page, *, title: str, subtitle: str) -> str:
 
 
 def default_out(study_name: str) -> Path:
-    return STORAGE_ROOT / "reports" / f"{study_name}.html"
+    """``storage/reports/<study>.html``.
+
+    Raises:
+        HpoError: a study name that would leave that folder (``hpo.store.paths``).
+    """
+    return name_in(STORAGE_ROOT / "reports", study_name, what="study name", suffix=".html")
+
+
+def report_path(study_name: str, out: str | Path | None) -> Path:
+    """The file ``hpo report`` writes: ``out``; ``out/<study>.html`` when ``out`` is a folder or ends
+    with a slash; ``default_out`` when ``out`` is None."""
+    if out is None:
+        return default_out(study_name)
+    text = str(out)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return name_in(Path(text), study_name, what="study name", suffix=".html")
+    return Path(text)
 
 
 def write_report(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None,
@@ -208,13 +225,15 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
 
     Args:
         artifacts: artifact folder of the retrain files (default: beside the store, see ``hpo.store``).
-        out: file to write (default ``storage/reports/<study>.html``); written whole or not at all.
+        out: file to write (default ``storage/reports/<study>.html``; a folder, or a path ending
+            with a slash: ``out/<study>.html``); written whole or not at all.
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
         HpoError: when the study has no trials yet.
     """
     start = time.perf_counter()
+    path = report_path(study_name, out)
     storage = open_storage(storage_url, heartbeat=False)
     study, spec = load(study_name, storage)
     trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials
@@ -232,7 +251,6 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = render(page, title=f"hpo report: {study_name}",
                   subtitle=f"generated {created} in {time.perf_counter() - start:.1f} s")
-    path = Path(out) if out is not None else default_out(study_name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

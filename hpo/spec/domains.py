@@ -104,8 +104,8 @@ class Domain:
         elif self.kind == "texts":
             text = "a non-empty list of column names"
         elif self.kind == "name":
-            text = (f"a name of 1 to {NAME_MAX_BYTES} bytes (UTF-8) without spaces, slashes or control "
-                    f"characters (reports and exports are files named after it)")
+            text = (f"a name of 1 to {NAME_MAX_BYTES} bytes (UTF-8), not '.' or '..', without spaces, slashes "
+                    f"or control characters (reports and exports are files named after it)")
         else:
             noun = "an integer" if self.kind == "int" else "a number"
             low, high = show(self.low), show(self.high)
@@ -239,9 +239,12 @@ def show(value: Any) -> str:
 
 def is_study_name(name: Any) -> bool:
     """Whether ``name`` can name a study: a non-blank string of at most ``NAME_MAX_BYTES`` bytes
-    (UTF-8) without spaces, slashes, backslashes or control characters."""
-    if not isinstance(name, str) or not name.strip():
+    (UTF-8), not ``.`` or ``..``, without spaces, slashes, backslashes or control characters."""
+    if not isinstance(name, str) or not name.strip() or name in (".", ".."):
         return False
     if any(ch in "/\\ " or ord(ch) < 32 or ord(ch) == 127 for ch in name):
         return False
-    return len(name.encode("utf-8", "surrogatepass")) <= NAME_MAX_BYTES
+    try:
+        return len(name.encode("utf-8")) <= NAME_MAX_BYTES
+    except UnicodeEncodeError:  # a lone surrogate (undecodable bytes on the command line): no file name
+        return False

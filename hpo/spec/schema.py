@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from hpo.errors import SpecError
+from hpo.errors import HpoError, SpecError
+from hpo.nn import registry
 from hpo.spec.checks import (
     Checker,
     check_layer_lists,
@@ -24,7 +25,7 @@ from hpo.spec.checks import (
     search_range,
 )
 from hpo.spec.domains import (
-    DOMAINS,
+    DATA_SOURCES,
     KNOWN_BEFORE_TRAINING,
     METRICS,
     MODEL_METRICS,
@@ -33,7 +34,6 @@ from hpo.spec.domains import (
     SAMPLER_SETTINGS,
     Domain,
 )
-from hpo.spec.hyperparams import HYPERPARAMETERS
 
 PARAM_KINDS = ("int", "float", "choice")
 
@@ -95,6 +95,8 @@ class DataSpec:
         }
         if self.source == "csv":
             d.update(train=self.train, test=self.test, features=list(self.features), target=self.target)
+        elif self.source not in DATA_SOURCES:  # a registry source (hpo.data.registry)
+            d.update({k: getattr(self, k) for k in ("train", "test") if getattr(self, k) is not None})
         for key in ("train_subset", "val_subset", "data_dir", "files", "inline", "as_written"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
@@ -269,32 +271,32 @@ class StudySpec:
         return d
 
 
-def _parse_param(c: Checker, name: str, raw: Any, family: str) -> ParamSpec:
+def _parse_param(c: Checker, vocab: dict, name: str, raw: Any, family: str) -> ParamSpec:
     where = f"space.{name}"
-    known_name(c, name, family, where)
+    known_name(c, vocab, name, family, where)
     raw = c.mapping(raw, where)
     kinds = [k for k in PARAM_KINDS if k in raw]
     if len(kinds) != 1:
         raise c.refuse(where, raw, f"exactly one of {', '.join(PARAM_KINDS)} (e.g. {{float: [1e-4, 1e-2], log: true}})")
     kind = kinds[0]
     c.unknown_keys(raw, (kind, "step", "log", "when", "per_layer", "schedule"), f"{where}.")
-    hp = HYPERPARAMETERS[name]
+    hp = vocab[name]
     spec: dict[str, Any] = {"name": name, "kind": kind}
     if kind == "choice":
         choices = raw["choice"]
         if not isinstance(choices, list) or not choices:
-            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {DOMAINS[name]}")
-        spec["choices"] = tuple(check_value(c, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
+            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {hp.domain}")
+        spec["choices"] = tuple(check_value(c, vocab, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
         if len(set(map(repr, spec["choices"]))) != len(spec["choices"]):
             raise c.refuse(f"{where}.choice", choices, "values that do not repeat")
     else:
-        spec.update(search_range(c, name, kind, raw, where))
+        spec.update(search_range(c, hp.domain, name, kind, raw, where))
     when = c.mapping(raw.get("when"), f"{where}.when")
-    spec["when"] = {k: tuple(DOMAINS[k].canonical(x) if k in DOMAINS else x for x in (v if isinstance(v, list) else [v]))
+    spec["when"] = {k: tuple(vocab[k].domain.canonical(x) if k in vocab else x for x in (v if isinstance(v, list) else [v]))
                     for k, v in when.items()}
     per_layer = raw.get("per_layer")
     if per_layer is not None:
-        count = (hp.layers or {}).get(family)
+        count = hp.per_layer
         if count is None:
             raise c.refuse(f"{where}.per_layer", per_layer, f"nothing: {name} is not a per-layer parameter of model {family!r}")
         if per_layer != count:
@@ -327,7 +329,8 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
                          "model", "space", "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint",
                          "report_every"), "")
     name = c.value("name", raw.get("name"))
-    model = c.value("model", raw.get("model", "mlp"))
+    model = _parse_model(c, raw.get("model", "mlp"))
+    vocab = registry.vocabulary(model)
 
     data = _parse_data(c, c.mapping(raw.get("data"), "data"), base_dir)
     metrics = METRICS[data.task]
@@ -351,15 +354,15 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     fixed_raw = c.mapping(raw.get("fixed"), "fixed")
     fixed = {}
     for key, value in fixed_raw.items():
-        known_name(c, key, model, f"fixed.{key}")
-        fixed[key] = check_value(c, key, value, f"fixed.{key}")
+        known_name(c, vocab, key, model, f"fixed.{key}")
+        fixed[key] = check_value(c, vocab, key, value, f"fixed.{key}")
     space_raw = c.mapping(raw.get("space"), "space")
-    space = tuple(_parse_param(c, k, v, model) for k, v in space_raw.items())
+    space = tuple(_parse_param(c, vocab, k, v, model) for k, v in space_raw.items())
     for p in space:
         if p.name in fixed:
             raise c.fail(f"fixed.{p.name}", "is also in space: keep one")
     check_references(c, space, fixed)
-    check_layer_lists(c, space, fixed, model)
+    check_layer_lists(c, vocab, space, fixed)
 
     sampler_raw = c.mapping(raw.get("sampler"), "sampler")
     kind = c.value("sampler.kind", sampler_raw.get("kind", "tpe"))
@@ -408,6 +411,20 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         objectives=objectives,
         constraints=constraints,
     )
+
+
+def _parse_model(c: Checker, raw: Any) -> str:
+    """The name of an installed, usable model family (``hpo.nn.registry``)."""
+    domain = Domain("choice", choices=registry.names())
+    model = domain.canonical(raw)
+    if not domain.contains(model):
+        raise c.refuse("model", model, f"{domain} (the installed model families: a package's family needs "
+                                       f"that package installed; hpo families lists them)")
+    try:
+        registry.entry(model)
+    except SpecError as e:
+        raise c.fail("model", str(e)) from None
+    return model
 
 
 def _parse_objectives(c: Checker, raw: Any, metrics: dict[str, str]) -> tuple[ObjectiveSpec, ...]:
@@ -466,16 +483,19 @@ def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:
 
 def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
     c.unknown_keys(raw, tuple(DataSpec.__dataclass_fields__), "data.")
-    source = c.value("data.source", raw.get("source"))
+    source, tasks, wanted = _parse_source(c, raw)
     task = c.value("data.task", raw.get("task", "regression" if source == "csv" else "classification"))
-    if source != "csv" and task != "classification":
-        raise c.refuse("data.task", task, f"classification ({source} is a classification data set)")
+    if task not in tasks:
+        raise c.refuse("data.task", task, f"{', '.join(tasks)} (what data.source {source} serves)")
     kwargs: dict[str, Any] = {"source": source, "task": task,
                               "val_fraction": c.value("data.val_fraction", raw.get("val_fraction", 0.2))}
     for key in ("train_subset", "val_subset"):
         kwargs[key] = c.value(f"data.{key}", raw.get(key))
     as_written = dict(c.mapping(raw.get("as_written"), "data.as_written"))
-    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [])
+    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [k for k in ("train", "test") if k in raw])
+    for key in wanted:
+        if raw.get(key) is None and not raw.get("files"):
+            raise c.refuse(f"data.{key}", None, f"a path (data.source {source} reads data.train and data.test)")
     for key in paths:
         written = c.value(f"data.{key}", raw.get(key))
         if written is not None:
@@ -490,14 +510,37 @@ def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
             kwargs["files"] = _parse_files(c, raw["files"])
         if raw.get("inline") is not None:
             kwargs["inline"] = c.mapping(raw["inline"], "data.inline")
+    elif source not in DATA_SOURCES and raw.get("files") is not None:
+        kwargs["files"] = _parse_files(c, raw["files"], ("arrays",))
     kwargs["as_written"] = {k: v for k, v in as_written.items() if k in paths} or None
     return DataSpec(**kwargs)
 
 
-def _parse_files(c: Checker, raw: Any) -> dict:
+def _parse_source(c: Checker, raw: dict) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """``data.source``: a legacy source or an installed registry one (``hpo.data.registry``); a stored
+    spec whose data are in the store (``files.arrays``) needs no source installed. Returns the source,
+    the tasks it serves and the paths it needs."""
+    from hpo.data import registry as sources
+
+    source = raw.get("source")
+    if source in DATA_SOURCES:
+        return c.value("data.source", source), ("regression", "classification") if source == "csv" else (
+            "classification",), ()
+    domain = Domain("choice", choices=sources.names())
+    if isinstance(raw.get("files"), dict) and "arrays" in raw["files"] and isinstance(source, str):
+        return source, ("regression", "classification"), ()
+    source = c.value(domain, domain.canonical(source), "data.source")
+    try:
+        src = sources.source(source)
+    except HpoError as e:
+        raise c.fail("data.source", str(e)) from None
+    return source, src.tasks, src.paths
+
+
+def _parse_files(c: Checker, raw: Any, parts: tuple[str, ...] = ("train", "test")) -> dict:
     """References to data files in the store, as ``create-study`` writes them (hpo.data.tables)."""
     files = c.mapping(raw, "data.files")
-    c.unknown_keys(files, ("train", "test"), "data.files.")
+    c.unknown_keys(files, parts, "data.files.")
     for part, ref in files.items():
         sha = c.mapping(ref, f"data.files.{part}").get("sha256")
         if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):

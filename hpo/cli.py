@@ -59,11 +59,12 @@ def _register_commands() -> None:
         report,
         retrain,
         status,
+        warm,
         worker,
     )
 
     for module in (create_study, worker, status, control, retrain, report, export, dashboard, fleet, launch, bench,
-                   families):
+                   families, warm):
         for command in module.COMMANDS:
             main.add_command(command)
 

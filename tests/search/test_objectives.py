@@ -93,7 +93,7 @@ def test_constraints_best_is_feasible(tmp_path, store_url):
     create(spec_file(tmp_path, "con", sampler={"kind": "random"}, pruner={"kind": "none"}, budget={"n_trials": 10},
                      constraints={"n_params": {"max": 1000}, "val_mse": {"min": 0.39}}), store_url)
     env = dict(os.environ, HPO_STORAGE=store_url)
-    run_hpo("worker", "--study", "con", env=env, check=0)
+    run_hpo("worker", "--study", "con", env=env, check=0, timeout=900)
     trials = optuna.load_study(study_name="con", storage=store_url).get_trials()
 
     def feasible(t):

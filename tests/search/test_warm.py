@@ -45,7 +45,7 @@ def test_enqueued_sets_run_first_and_once(tmp_path, store_url):
 def test_warm_start_takes_only_fitting_configurations(tmp_path, store_url):
     create(fast_spec(tmp_path, 6, name="old"), store_url)
     env = dict(os.environ, HPO_STORAGE=store_url)
-    run_hpo("worker", "--study", "old", env=env, check=0)
+    run_hpo("worker", "--study", "old", env=env, check=0, timeout=900)
     new = fast_spec(tmp_path, 4, name="new")
     raw = yaml.safe_load(new.read_text())
     raw["space"]["n_layers"] = {"int": [1, 1]}

@@ -83,10 +83,10 @@ def test_target_and_max_minutes(tmp_path, store_url):
 def test_extend_runs_exactly_the_added_trials(tmp_path, store_url):
     create(fast_spec(tmp_path, 3), store_url)
     env = dict(os.environ, HPO_STORAGE=store_url)
-    assert "used its budget of 3 trials" in run_hpo("worker", "--study", "regression", env=env, check=0).stdout
+    assert "used its budget of 3 trials" in run_hpo("worker", "--study", "regression", env=env, check=0, timeout=900).stdout
     assert run_hpo("extend", "--study", "regression", "--n-trials", "3", env=env, check=2).stderr.count("\n") == 1
     run_hpo("extend", "--study", "regression", "--n-trials", "5", env=env, check=0)
-    out = run_hpo("worker", "--study", "regression", env=env, check=0).stdout
+    out = run_hpo("worker", "--study", "regression", env=env, check=0, timeout=900).stdout
     assert "(2 trials)" in out and "used its budget of 5 trials" in out
     assert len(budget_trials(store_url, "regression")) == 5
 
@@ -99,7 +99,7 @@ def test_stop_now_then_delete_leaves_nothing(tmp_path, store_url):
     create(spec, store_url, heartbeat=Heartbeat(interval=1, grace=30))
     create(fast_spec(tmp_path, 2, name="other"), store_url)
     env = dict(os.environ, HPO_STORAGE=store_url, PYTHONUNBUFFERED="1")
-    run_hpo("worker", "--study", "other", env=env, check=0)
+    run_hpo("worker", "--study", "other", env=env, check=0, timeout=900)
     storage = open_storage(store_url, heartbeat=False)
     other_before = [(t.number, t.state, t.values) for t in optuna.load_study(study_name="other", storage=storage).trials]
 
@@ -116,7 +116,7 @@ def test_stop_now_then_delete_leaves_nothing(tmp_path, store_url):
     checkpoints = tmp_path / "store" / "artifacts" / "checkpoints" / "regression"
     assert any(checkpoints.iterdir())
     assert "Stopped:" in run_hpo("status", "--study", "regression", env=env, check=0).stdout
-    again = run_hpo("worker", "--study", "regression", env=env, check=0).stdout
+    again = run_hpo("worker", "--study", "regression", env=env, check=0, timeout=900).stdout
     assert "is stopped" in again and "(0 trials)" in again
 
     sid = storage.get_study_id_from_name("regression")

@@ -37,7 +37,7 @@ def create_study(spec: str, storage: str | None, force: bool, heartbeat_interval
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"created study {created.study_name!r} in {mask_url(resolve_url(storage))} "
-               f"({parsed.model}, {parsed.metric}, budget {parsed.budget.n_trials} trials)")
+               f"({parsed.model}, {'/'.join(parsed.metric_names)}, budget {parsed.budget.n_trials} trials)")
     note = grid_note(parsed)
     if note:
         click.echo(f"note: {note}")

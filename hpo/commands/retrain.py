@@ -83,10 +83,10 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
 
     The retrain checkpoints as it goes (the spec's checkpoint settings): after a kill, or a stop by
     SIGINT/SIGTERM, continue it with --resume."""
-    from hpo.retrain.checkpoint import RetrainInterrupted
     from hpo.retrain.run import run_retrain
     from hpo.running.devices import resolve_device
     from hpo.running.progress import Progress
+    from hpo.training.boundary import Interrupted
 
     saved: list[dict] = []
     try:
@@ -94,8 +94,9 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
                              trial_number=trial_number, device=resolve_device(gpu=gpu, device=device),
                              data_dir=data_dir, stacked=stacked, resume=resume, echo=click.echo,
                              on_metrics=saved.append, progress=Progress())
-    except RetrainInterrupted as e:
-        click.echo(f"retrain {e}; continue it with: hpo retrain --study {study_name} --resume", err=True)
+    except Interrupted as e:
+        click.echo(f"retrain {e}; continue it with: hpo retrain --study {study_name} --resume" if e.saved
+                   else f"retrain {e}; nothing to resume", err=True)
         raise
     metrics = saved[0]
     click.echo(results_table(metrics))

@@ -7,7 +7,6 @@ the shapes in ``predictions.npz``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -25,12 +24,14 @@ from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainRecord
 from hpo.running.progress import QUIET, Progress
+from hpo.running.signals import StopSignal
 from hpo.search.objective import trial_seed
 from hpo.search.space import hyperparams_from_params
 from hpo.search.study import load
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
+from hpo.training.boundary import EpochBoundary
 from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
 from hpo.training.stacked import Fold, StackedResult, stack_problem, train_stacked
 from hpo.training.state import (
@@ -123,7 +124,8 @@ def run_retrain(
         HpoError: no such study, no complete trial, bad fold count, training failed, or
             ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked that differ
             from it).
-        RetrainInterrupted: told to stop (SIGINT/SIGTERM); the checkpoint is saved.
+        hpo.training.boundary.Interrupted: told to stop (SIGINT/SIGTERM) at an epoch boundary, after
+            the checkpoint was saved (its ``saved`` says whether; None when checkpoints are off).
     """
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
@@ -147,10 +149,14 @@ def run_retrain(
          f"{path} on {device}")
     meta = {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k, "path": path,
             "params": dict(trial.params), "hyperparams": hp, "spec": fingerprint(spec.to_dict())}
-    ckpt, saved, resumed_from = _open_checkpoint(store, meta, spec=spec, resume=resume, echo=echo)
+    ckpt, saved, resumed_from = _open_checkpoint(store, meta, resume=resume, echo=echo)
 
-    trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, saved=saved,
-                           device=device, progress=progress or QUIET, echo=echo)
+    with StopSignal("checkpointing the retrain after the current epoch" if ckpt is not None
+                    else "stopping the retrain after the current epoch (checkpoint: false, nothing to resume)") as stop:
+        boundary = EpochBoundary(should_stop=lambda: stop.requested, every_seconds=spec.checkpoint.every_seconds,
+                                 label="retrain", **({"warn": store.warn} if store is not None else {}))
+        trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, boundary=boundary,
+                               saved=saved, device=device, progress=progress or QUIET, echo=echo)
     for note in trained.notes:
         echo(f"  note: {note}")
 
@@ -242,14 +248,14 @@ def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: to
     return use_stacked, "CUDA device" if use_stacked else "CPU device"
 
 
-def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, spec: StudySpec, resume: bool,
+def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, resume: bool,
                      echo: Callable[[str], None]) -> tuple[RetrainCheckpoint | None, dict[str, Any] | None, str | None]:
     """The retrain's checkpoint (None when checkpoints are off), the saved state to resume from
     (None: start over) and when it was taken. Without ``resume``, an unfinished retrain's
     checkpoint is discarded: --resume continues the latest retrain."""
     if store is None:
         return None, None, None
-    ckpt = RetrainCheckpoint(store, meta, every_seconds=spec.checkpoint.every_seconds)
+    ckpt = RetrainCheckpoint(store, meta)
     if not resume:
         ckpt.discard()
         return ckpt, None, None
@@ -269,10 +275,11 @@ class _Trained:
 
 
 def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
-                 stacked: bool, checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None,
-                 device: torch.device, progress: Progress, echo: Callable[[str], None]) -> _Trained:
+                 stacked: bool, checkpoint: RetrainCheckpoint | None, boundary: EpochBoundary,
+                 saved: dict[str, Any] | None, device: torch.device, progress: Progress,
+                 echo: Callable[[str], None]) -> _Trained:
     """Train the fold models, stacked or one after another, with a progress bar over folds x
-    epochs and the checkpoint's SIGINT/SIGTERM handling."""
+    epochs, checkpointing and stopping at epoch boundaries as ``boundary`` says."""
     k, epochs, metric = len(models), int(hp["epochs"]), retrain_outputs.metric_name(data.task)
     bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
 
@@ -287,14 +294,14 @@ def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any
 
     start = time.perf_counter()
     cuda_graph, notes = False, []
-    with bar, (checkpoint if checkpoint is not None else contextlib.nullcontext()):
+    with bar:
         if stacked:
             outcome = train_stacked_folds(models, data, hp, folds, on_epoch=record, checkpoint=checkpoint,
-                                          saved=saved, bar=bar)
+                                          boundary=boundary, saved=saved, bar=bar)
             results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
         else:
             results = train_sequential(models, data, hp, folds, on_epoch=record, on_fold=fold_done,
-                                       checkpoint=checkpoint, saved=saved, bar=bar)
+                                       checkpoint=checkpoint, boundary=boundary, saved=saved, bar=bar)
             cuda_graph = all(r.path == "cuda_graph" for r in results)
             if device.type == "cuda":
                 notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
@@ -305,23 +312,28 @@ def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any
 
 def train_stacked_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
                         on_epoch: Callable[[int, int, dict[str, float]], None],
-                        checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None, bar) -> StackedResult:
-    """Train the K fold models together (``hpo.training.stacked.train_stacked``), checkpointing as
-    ``hpo.retrain.checkpoint`` says; with ``saved`` (a checkpoint's payload), from its epoch."""
+                        checkpoint: RetrainCheckpoint | None, boundary: EpochBoundary, saved: dict[str, Any] | None,
+                        bar) -> StackedResult:
+    """Train the K fold models together (``hpo.training.stacked.train_stacked``), checkpointing
+    and stopping as ``boundary`` says; with ``saved`` (a checkpoint's payload), from its epoch."""
     resume_state = saved["stacked"] if saved is not None else None
     if resume_state is not None:
         bar.update(sum(len(r["history"]) for r in resume_state["results"]))
-    boundary = None if checkpoint is None else (
-        lambda done, state: checkpoint.boundary(lambda: {"stacked": state()}, where=f"epoch {done} of all folds"))
-    return train_stacked(models, data, hp, folds=folds, on_epoch=on_epoch, resume=resume_state, checkpoint=boundary)
+
+    def at_boundary(done: int, state) -> None:
+        where = f"epoch {done} of all folds"
+        write = None if checkpoint is None else lambda: checkpoint.save({"stacked": state()}, where=where)
+        boundary.check(where, epochs=done, write=write)
+
+    return train_stacked(models, data, hp, folds=folds, on_epoch=on_epoch, resume=resume_state, checkpoint=at_boundary)
 
 
 def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
                      on_epoch: Callable[[int, int, dict[str, float]], None],
                      on_fold: Callable[[int, TrainResult], None], checkpoint: RetrainCheckpoint | None,
-                     saved: dict[str, Any] | None, bar) -> list[TrainResult]:
-    """Train fold model i on fold i, one after another, checkpointing as ``hpo.retrain.checkpoint``
-    says; with ``saved`` (a checkpoint's payload), finished folds get their weights back and the
+                     boundary: EpochBoundary, saved: dict[str, Any] | None, bar) -> list[TrainResult]:
+    """Train fold model i on fold i, one after another, checkpointing and stopping as ``boundary``
+    says (and after every fold); with ``saved`` (a checkpoint's payload), finished folds get their weights back and the
     fold in training resumes."""
     device = data.x.device
     done: list[dict[str, Any]] = list(saved["done"]) if saved is not None else []
@@ -338,18 +350,21 @@ def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str,
         f = folds[i]
 
         def at_boundary(epochs_done: int, state, i=i) -> None:
-            checkpoint.boundary(lambda: {"done": done, "rng": None, "current": state().to_dict()},
-                                where=f"fold {i}, epoch {epochs_done}")
+            where = f"fold {i}, epoch {epochs_done}"
+            write = None if checkpoint is None else lambda: checkpoint.save(
+                {"done": done, "rng": None, "current": state().to_dict()}, where=where)
+            boundary.check(where, epochs=epochs_done, write=write)
 
         result = train(models[i], data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
                        on_epoch=lambda epoch, stats, i=i: on_epoch(i, epoch, stats),
                        resume=current if i == first else None,
-                       checkpoint=at_boundary if checkpoint is not None else None)
+                       checkpoint=at_boundary)
         results.append(result)
         on_fold(i, result)
         done.append({"model": cpu_copy(models[i].state_dict()), "result": asdict(result)})
         if checkpoint is not None and i + 1 < len(models):  # a finished fold is never trained again
-            checkpoint.save({"done": done, "rng": rng_state(device), "current": None}, where=f"fold {i} done")
+            boundary.save(lambda i=i: checkpoint.save({"done": done, "rng": rng_state(device), "current": None},
+                                                      where=f"fold {i} done"))
     return results
 
 

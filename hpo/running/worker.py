@@ -37,7 +37,7 @@ from hpo.running.signals import StopSignal
 from hpo.search import study as studies
 from hpo.search.grid import GridSampler, trials_to_run
 from hpo.search.grid import points as grid_points
-from hpo.search.objective import Abandoned, Interrupted, lineage_number, make_objective
+from hpo.search.objective import Abandoned, lineage_number, make_objective
 from hpo.search.study import load
 from hpo.store import budget as budgets
 from hpo.store import optuna_private
@@ -46,6 +46,7 @@ from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
 from hpo.store.retry import is_transient
 from hpo.store.statistics import Summary, summarize
 from hpo.store.storage import WorkerStorage, open_storage
+from hpo.training.boundary import Interrupted
 from hpo.training.checkpoint import CheckpointStore, trial_key
 
 WORKER_PREFIX = "hpo:worker:"

@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,14 +33,12 @@ from typing import Any
 
 import torch
 
+from hpo.errors import warn
 from hpo.store.artifacts import artifact_dir
 
 MAGIC = b"hpo-checkpoint 1\n"
 SUFFIX = ".ckpt"
 RETRAIN_KEY = "retrain"
-
-_log = logging.getLogger("hpo.training.checkpoint")
-
 
 def trial_key(number: int) -> str:
     """The key of trial lineage ``number`` (its original trial's number)."""
@@ -54,15 +50,10 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _warn(text: str) -> None:
-    _log.warning(text)
-    print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
 class CheckpointStore:
     """The checkpoint files of one study, in ``folder`` (created on first save)."""
 
-    def __init__(self, folder: Path, *, warn: Callable[[str], None] = _warn):
+    def __init__(self, folder: Path, *, warn: Callable[[str], None] = warn):
         self.folder, self.warn = Path(folder), warn
 
     @classmethod

@@ -15,7 +15,6 @@ export leaves nothing half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from hpo.data.checksum import sha256_file
 from hpo.errors import HpoError
 
 if TYPE_CHECKING:  # optuna stays out of ``hpo.load``'s imports
@@ -48,14 +48,6 @@ def dumps(data: Any, fmt: str) -> str:
     if fmt == "yaml":
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     return json.dumps(data, indent=2) + "\n"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -241,7 +233,7 @@ def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna
             "ensemble": model["ensemble"] if model else None,
             "note": note,
             "versions": versions(),
-            "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                       for p in sorted(staging.iterdir())},
         }
         (staging / MANIFEST).write_text(dumps(manifest, "json"))

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from optuna.trial import TrialState
 
 from hpo.data.dataset import Dataset
-from hpo.data.sources import load_dataset
+from hpo.data.sources import load_on_device
+from hpo.data.splits import split_folds
 from hpo.errors import HpoError
 from hpo.nn.models import build_model
 from hpo.retrain import outputs as retrain_outputs
@@ -25,7 +25,6 @@ from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainRecord
 from hpo.running.progress import QUIET, Progress
 from hpo.running.signals import StopSignal
-from hpo.search.objective import trial_seed
 from hpo.search.space import hyperparams_from_params
 from hpo.search.study import load
 from hpo.spec.schema import StudySpec
@@ -33,6 +32,7 @@ from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 from hpo.training.boundary import EpochBoundary
 from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
+from hpo.training.seeds import fold_seed, trial_seed
 from hpo.training.stacked import Fold, StackedResult, stack_problem, train_stacked
 from hpo.training.state import (
     TrainState,
@@ -42,33 +42,6 @@ from hpo.training.state import (
     set_rng_state,
 )
 from hpo.training.trainer import TrainResult, predict, train
-
-
-def split_folds(data: Dataset, *, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K seeded folds of the whole training pool ``data.x``: stratified by class for classification.
-
-    Raises:
-        HpoError: when there are too few samples (or samples of some class) for K folds.
-    """
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    n = len(data.x)
-    if folds < 2:
-        raise HpoError(f"--folds: need at least 2 folds, got {folds}")
-    if folds > n:
-        raise HpoError(f"--folds: {folds} folds need at least {folds} samples; the training pool has {n}")
-    pool = np.arange(n)
-    if data.task == "classification":
-        labels = data.y.cpu().numpy()
-        present = np.bincount(labels)
-        smallest = int(present[present > 0].min())
-        if folds > smallest:
-            raise HpoError(f"--folds: {folds} stratified folds need at least {folds} samples of every class; "
-                           f"the rarest class has {smallest}")
-        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(pool, labels)
-    else:
-        splits = KFold(n_splits=folds, shuffle=True, random_state=seed).split(pool)
-    return [(np.sort(tr), np.sort(va)) for tr, va in splits]
 
 
 def _choose_trial(study, trial_number: int | None):
@@ -130,8 +103,7 @@ def run_retrain(
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
     study, spec = load(study_name, storage)
-    store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
-        if spec.checkpoint.enabled else None
+    store = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     if resume:
         trial_number, folds, stacked = _unfinished_retrain(store, study_name, trial_number=trial_number,
                                                            folds=folds, stacked=stacked)
@@ -141,7 +113,7 @@ def run_retrain(
     artifact_store = open_artifact_store(storage_url, artifacts)
 
     data = _training_pool(spec, storage, data_dir=data_dir, device=device)
-    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
+    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec.seed, trial.number), device=device)
     models = fold_models(spec, hp, data, seeds=[f.seed for f in fold_list], device=device)
     use_stacked, reason = _choose_path(models, stacked, device)
     path = "stacked" if use_stacked else "sequential"
@@ -212,21 +184,19 @@ def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any]) -> dict[str, A
 def _training_pool(spec: StudySpec, storage, *, data_dir: str | None, device: torch.device) -> Dataset:
     """The whole training pool (the spec's train/val subsets left out: the folds split it), on the device."""
     full = replace(spec.data, train_subset=None, val_subset=None)
-    data = load_dataset(spec.with_data(full), storage=storage, data_dir=data_dir).to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
-    return data
+    return load_on_device(spec.with_data(full), device=device, storage=storage, data_dir=data_dir)
 
 
 def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: torch.device) -> list[Fold]:
-    """``split_folds`` as index tensors on the device, fold i's batch order seeded ``base_seed * 100 + i``.
+    """``split_folds`` as index tensors on the device, fold i seeded ``fold_seed(base_seed, i)``.
 
     Raises:
         HpoError: as ``split_folds``.
     """
-    splits = split_folds(data, folds=folds, seed=seed)
+    labels = data.y.cpu().numpy() if data.task == "classification" else None
+    splits = split_folds(len(data.x), folds=folds, seed=seed, labels=labels)
     return [Fold(train_idx=torch.from_numpy(tr).to(device), val_idx=torch.from_numpy(va).to(device),
-                 seed=base_seed * 100 + i) for i, (tr, va) in enumerate(splits)]
+                 seed=fold_seed(base_seed, i)) for i, (tr, va) in enumerate(splits)]
 
 
 def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device) -> tuple[bool, str]:

@@ -31,16 +31,13 @@ from hpo.store import budget as budgets
 from hpo.store import optuna_private
 from hpo.training.boundary import EpochBoundary, Interrupted
 from hpo.training.checkpoint import CheckpointStore, fingerprint, trial_key
+from hpo.training.seeds import trial_seed
 from hpo.training.state import TrainState
 from hpo.training.trainer import CheckpointCallback, TrainResult, train
 
 
 class Abandoned(Exception):
     """Another process finished the running trial (failed it as stale, or told it): stop training it."""
-
-
-def trial_seed(spec: StudySpec, trial_number: int) -> int:
-    return spec.seed * 1_000_003 + trial_number
 
 
 def lineage_number(trial: optuna.trial.FrozenTrial) -> int:
@@ -80,7 +77,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     def objective(trial: optuna.Trial) -> float:
         hp = suggest(trial, spec)
         lineage = lineage_number(optuna_private.cached_frozen_trial(trial))
-        seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
+        seed = trial_seed(spec.seed, lineage)  # a retry is the same trial: its original's seed
         torch.manual_seed(seed)
         meta = {"study": spec.name, "trial": lineage, "params": dict(trial.params), "spec": spec_fingerprint}
         resume = _resume(checkpoints, trial, lineage, meta)

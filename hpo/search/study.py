@@ -21,6 +21,7 @@ from hpo.spec.schema import StudySpec, find_spec_file, load_spec_file, parse_spe
 from hpo.store import data_tables as datastore
 from hpo.store import optuna_private
 from hpo.store.config import Heartbeat
+from hpo.training.seeds import sampler_seed
 
 SPEC_ATTR = "hpo_spec"
 HEARTBEAT_ATTR = "hpo:heartbeat"  # study system attr: the heartbeat interval and grace period every worker uses
@@ -29,8 +30,8 @@ HEARTBEAT_ATTR = "hpo:heartbeat"  # study system attr: the heartbeat interval an
 def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """The study's sampler, as every worker builds it.
 
-    Which samplers take the per-worker ``seed_offset`` (the worker's number in the store, plus
-    ``SEED_STRIDE`` times its ``--worker-index``), and why:
+    Which samplers take the per-worker ``seed_offset`` (``hpo.training.seeds.sampler_seed_offset``),
+    and why:
 
     - tpe, random: yes. Each draws its points from its own random stream; workers with one seed
       would draw the same points (TPE's startup trials are random ones too). TPE's later draws
@@ -41,7 +42,7 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
       handed out in the transaction that starts a trial (``hpo.search.grid``), not drawn at random.
 
     The pruners keep no per-worker state that decides anything (see :func:`build_pruner`), and a
-    trial's training seed comes from its number in the study (``hpo.search.objective.trial_seed``),
+    trial's training seed comes from its number in the study (``hpo.training.seeds.trial_seed``),
     never from a counter of the worker's own.
     """
     if spec.sampler.kind == "grid":
@@ -49,7 +50,7 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
         from hpo.search.space import grid_space
 
         return GridSampler(grid_space(spec), seed=spec.seed)
-    seed = spec.seed + seed_offset
+    seed = sampler_seed(spec.seed, seed_offset)
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(
@@ -71,6 +72,9 @@ class _RecentTrials:
         if trial_number != self._trial_number:
             self._trial_number, self._read_at = trial_number, -float("inf")
         return self
+
+    def wraps(self, study: optuna.Study) -> bool:
+        return self._study is study
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
         now = time.monotonic()
@@ -96,7 +100,7 @@ class MedianPruner(optuna.pruners.MedianPruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         recent = self._recent.get(optuna_private.study_id(study))
-        if recent is None or recent._study is not study:
+        if recent is None or not recent.wraps(study):
             recent = self._recent[optuna_private.study_id(study)] = _RecentTrials(study, self._max_age)
         # A trial's first check reads afresh: a lone worker then prunes exactly as Optuna would,
         # whatever the machine's speed, so its runs stay reproducible.

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from hpo.errors import warn
+from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import artifact_dir
 
 MAGIC = b"hpo-checkpoint 1\n"
@@ -62,6 +63,15 @@ class CheckpointStore:
         """The study's checkpoints under the artifact folder of ``storage_url`` / ``artifacts``
         (``hpo.store.artifacts.artifact_dir``)."""
         return cls(artifact_dir(storage_url, artifacts) / "checkpoints" / study_name)
+
+    @classmethod
+    def for_spec(cls, spec: StudySpec, *, storage_url: str | None = None,
+                 artifacts: str | None = None) -> CheckpointStore | None:
+        """The study's checkpoints as :meth:`for_study` finds them, or None when the spec turns
+        checkpoints off (``checkpoint: false``): how a worker and a retrain open them."""
+        if not spec.checkpoint.enabled:
+            return None
+        return cls.for_study(spec.name, storage_url=storage_url, artifacts=artifacts)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"

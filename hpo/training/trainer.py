@@ -32,6 +32,7 @@ from hpo.data.dataset import Dataset
 from hpo.errors import TrainingError
 from hpo.training import state as train_state
 from hpo.training.optim import make_optimizer, make_scheduler, step_scheduler
+from hpo.training.seeds import batch_reseed
 from hpo.training.state import TrainState
 
 EVAL_BATCH = 8192
@@ -275,7 +276,7 @@ def _resume(state: TrainState, model: nn.Module, training: _Training, generator:
     """Put ``state`` back (after capture, into the very tensors the graphs read); the history goes
     on in ``result``. Returns early stopping as it stood."""
     train_state.put_back(state, model=model, optimizer=training.optimizer, scheduler=training.scheduler,
-                         generator=generator, reseed=seed + state.epoch, device=device)
+                         generator=generator, reseed=batch_reseed(seed, state.epoch), device=device)
     result.history = [dict(h) for h in state.history]
     result.epochs_run = result.resumed_from_epoch = state.epoch
     return replace(stopping, best_loss=state.best_loss, best_model=state.best_model, since_best=state.since_best)

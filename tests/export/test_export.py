@@ -237,8 +237,9 @@ def test_classification_round_trip_both_vote_rules(tmp_path):
 
 def test_tampered_truncated_or_pickled_weights_are_refused(tmp_path, retrained):
     import hpo
+    from hpo.data.checksum import sha256_file as sha256
     from hpo.errors import HpoError
-    from hpo.export.folder import export_best, sha256
+    from hpo.export.folder import export_best
 
     good = export_best("regression", storage_url=store_env(retrained)["HPO_STORAGE"], out=tmp_path / "export")
     assert hpo.load(good).predict(np.zeros((2, 1), dtype=np.float32)).shape == (2, 1)
@@ -320,8 +321,9 @@ def test_image_export_takes_raw_idx_pixels(tmp_path):
     import torch
 
     import hpo
+    from hpo.data.checksum import sha256_file as sha256
     from hpo.data.images import SOURCES
-    from hpo.export.folder import EXPORT_FORMAT, MANIFEST, _model_description, sha256
+    from hpo.export.folder import EXPORT_FORMAT, MANIFEST, _model_description
     from hpo.export.loading import predict_file
     from hpo.nn.models import build_model
     from hpo.retrain.results import RetrainRecord

@@ -9,14 +9,13 @@ import pytest
 import torch
 import yaml
 
-from hpo.data.dataset import Dataset
 from hpo.data.sources import load_dataset
 from hpo.data.tables import embed_csv
 from hpo.errors import HpoError
 from hpo.nn.models import rebuild
 from hpo.retrain import ensemble
 from hpo.retrain.results import fetch_files, list_retrains, load_retrain, read_json
-from hpo.retrain.run import run_retrain, split_folds
+from hpo.retrain.run import run_retrain
 from hpo.running.worker import run_worker
 from hpo.search.study import create, load
 from hpo.spec.schema import load_spec_file
@@ -76,32 +75,6 @@ def read_back(store_url: str, artifacts: Path, name: str, retrain_id: str | None
 def rebuilt_models(folder: Path, folds: int) -> list[torch.nn.Module]:
     info = read_json(folder, "model.json")
     return [rebuild(info, folder / f"fold_{i}.pt") for i in range(folds)]
-
-
-def test_stratified_folds_keep_class_balance():
-    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 15)
-    data = Dataset(task="classification", x=torch.zeros(105, 2), y=labels, train_idx=torch.arange(105),
-                   val_idx=torch.arange(0), x_test=torch.zeros(1, 2), y_test=labels[:1], in_shape=(2,), out_features=3)
-    folds = split_folds(data, folds=5, seed=0)
-    for train_idx, val_idx in folds:
-        assert np.bincount(labels[val_idx].numpy(), minlength=3).tolist() == [12, 6, 3]
-        assert np.bincount(labels[train_idx].numpy(), minlength=3).tolist() == [48, 24, 12]
-    assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(105))
-    assert [v.tolist() for _, v in split_folds(data, folds=5, seed=0)] == [v.tolist() for _, v in folds]
-    with pytest.raises(HpoError, match="rarest class has 15"):
-        split_folds(data, folds=16, seed=0)
-
-
-def test_regression_folds_cover_the_pool_once():
-    data = Dataset(task="regression", x=torch.zeros(23, 1), y=torch.zeros(23, 1), train_idx=torch.arange(23),
-                   val_idx=torch.arange(0), x_test=torch.zeros(1, 1), y_test=torch.zeros(1, 1), in_shape=(1,), out_features=1)
-    folds = split_folds(data, folds=4, seed=1)
-    assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(23))
-    assert all(len(np.intersect1d(t, v)) == 0 and len(t) + len(v) == 23 for t, v in folds)
-    with pytest.raises(HpoError, match="need at least 2 folds"):
-        split_folds(data, folds=1, seed=0)
-    with pytest.raises(HpoError, match="24 folds need at least 24 samples"):
-        split_folds(data, folds=24, seed=0)
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "sequential"])

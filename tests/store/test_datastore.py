@@ -26,6 +26,7 @@ from conftest import HPO, REPO, run_hpo, small_regression_spec
 from race_helpers import ensure_tables_rounds
 
 from hpo.data.cache import local_copy
+from hpo.data.checksum import sha256_file
 from hpo.data.sources import load_dataset
 from hpo.data.tables import embed_csv, read_csv_table
 from hpo.errors import DataError
@@ -34,7 +35,7 @@ from hpo.running.worker import run_worker
 from hpo.search.study import SPEC_ATTR, create, load
 from hpo.spec.schema import load_spec_file
 from hpo.store import data_tables as datastore
-from hpo.store.data_tables import CHUNKS, sha256_file
+from hpo.store.data_tables import CHUNKS
 from hpo.store.storage import open_storage
 
 MARKER = 4242.424242  # a value only the training CSV holds

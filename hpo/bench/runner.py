@@ -210,7 +210,7 @@ def run_bench(*, device: torch.device, data_dir: str | None = None, quick: bool 
     start = time.perf_counter()
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(1)  # as hpo's CPU workers run these small models (hpo.data.sources.load_on_device)
+        torch.set_num_threads(1)  # as hpo's CPU workers run these small models (hpo.data.sources.on_device)
     report: dict[str, Any] = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()})"),

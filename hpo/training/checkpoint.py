@@ -36,6 +36,7 @@ import torch
 from hpo.errors import warn
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import artifact_dir
+from hpo.store.paths import name_in
 
 MAGIC = b"hpo-checkpoint 1\n"
 SUFFIX = ".ckpt"
@@ -62,7 +63,7 @@ class CheckpointStore:
                   artifacts: str | None = None) -> CheckpointStore:
         """The study's checkpoints under the artifact folder of ``storage_url`` / ``artifacts``
         (``hpo.store.artifacts.artifact_dir``)."""
-        return cls(artifact_dir(storage_url, artifacts) / "checkpoints" / study_name)
+        return cls(name_in(artifact_dir(storage_url, artifacts) / "checkpoints", study_name, what="study name"))
 
     @classmethod
     def for_spec(cls, spec: StudySpec, *, storage_url: str | None = None,

@@ -179,3 +179,15 @@ def test_folder_inits_are_docstrings_only():
             continue
         body = ast.parse(init.read_text()).body
         assert len(body) == 1 and isinstance(body[0], ast.Expr), f"{init} holds more than its docstring"
+
+
+def test_no_test_expects_just_any_exception():
+    """``pytest.raises(Exception)`` passes on a typo or a wrong argument as well as on the error
+    meant: every test names the error it expects (an HpoError subclass, one SQLAlchemy error, ...)."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.raises" and node.args
+                    and ast.unparse(node.args[0]) in {"Exception", "BaseException"}):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []

@@ -352,7 +352,7 @@ def test_a_study_created_with_its_data_inside_the_spec_still_loads_runs_and_retr
     assert summary.counts["COMPLETE"] + summary.counts["PRUNED"] == 2
     record = run_retrain("regression", storage_url=any_url, artifacts=str(tmp_path / "artifacts"), folds=2,
                          device=torch.device("cpu"), stacked=False)
-    assert record.trial_number is not None
+    assert record.trial_number == study.best_trial.number and record.folds == 2
     # Replacing it with a study of today's form works on a store without hpo's data tables.
     create(embed_csv(spec), storage, force=True)
     assert len(datastore.stored(storage.engine)) == 2

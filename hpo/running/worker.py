@@ -35,7 +35,7 @@ from hpo.running.progress import Progress
 from hpo.running.signals import StopSignal
 from hpo.search import provenance
 from hpo.search import study as studies
-from hpo.search.grid import GridSampler, trials_to_run
+from hpo.search.grid import StoreGridSampler, trials_to_run
 from hpo.search.grid import points as grid_points
 from hpo.search.objective import Abandoned, lineage_number, make_objective
 from hpo.search.study import load
@@ -319,7 +319,7 @@ def run_worker(
     data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.search.grid), and the study ends when every point has run.
-    grid = study.sampler if isinstance(study.sampler, GridSampler) else None
+    grid = study.sampler if isinstance(study.sampler, StoreGridSampler) else None
     budget = trials_to_run(spec)
     checkpoints = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     worker = Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),

@@ -39,7 +39,7 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     - tpe, nsga2, random: yes. Each draws its points from its own random stream; workers with one seed
       would draw the same points (TPE's startup trials are random ones too). TPE's later draws
       read the study's trials from the store, with the running ones as constant liars.
-    - grid: no, the spec's seed only. GridSampler shuffles the grid with its seed and records a
+    - grid: no, the spec's seed only. StoreGridSampler shuffles the grid with its seed and records a
       trial's point as an index into that order (``grid_id``); workers with different seeds read
       the same index as different points, running some twice and others never. Points are
       handed out in the transaction that starts a trial (``hpo.search.grid``), not drawn at random.
@@ -49,10 +49,10 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     never from a counter of the worker's own.
     """
     if spec.sampler.kind == "grid":
-        from hpo.search.grid import GridSampler
+        from hpo.search.grid import StoreGridSampler
         from hpo.search.space import grid_space
 
-        return GridSampler(grid_space(spec), seed=spec.seed)
+        return StoreGridSampler(grid_space(spec), seed=spec.seed)
     seed = sampler_seed(spec.seed, seed_offset)
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -92,7 +92,7 @@ class _RecentTrials:
         return getattr(self._study, name)
 
 
-class MedianPruner(optuna.pruners.MedianPruner):
+class CachingMedianPruner(optuna.pruners.MedianPruner):
     """Optuna's median pruner, comparing against the study's trials as read at a trial's first
     check and at most ``max_age`` seconds ago after that. Each check otherwise re-reads every
     running trial of the study from the store: with short epochs that is most of a worker's
@@ -144,7 +144,7 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=last_step(spec),
                                               reduction_factor=p.reduction_factor)
-    return MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+    return CachingMedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
                         interval_steps=p.interval_steps)
 
 

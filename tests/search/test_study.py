@@ -6,7 +6,7 @@ from optuna.trial import TrialState
 from hpo.data.tables import embed_csv
 from hpo.errors import StoreError
 from hpo.running.worker import run_worker
-from hpo.search.study import SPEC_ATTR, MedianPruner, create, load
+from hpo.search.study import SPEC_ATTR, CachingMedianPruner, create, load
 from hpo.spec.schema import load_spec_file
 from hpo.store.statistics import summarize
 from hpo.store.storage import open_storage
@@ -98,7 +98,7 @@ def test_median_pruner_decides_as_optunas_and_reads_the_study_at_most_once_a_sec
     reads = []
     real_get_trials = study.get_trials
     study.get_trials = lambda *a, **k: reads.append(1) or real_get_trials(*a, **k)
-    ours = MedianPruner(n_startup_trials=5, max_age=1.0)
+    ours = CachingMedianPruner(n_startup_trials=5, max_age=1.0)
     theirs = optuna.pruners.MedianPruner(n_startup_trials=5)
     for curve in ([1.0, 0.6, 0.2], [1.5, 1.4, 1.3], [1.2, 0.5]):
         probe = _finished_trial(curve[-1], curve)

@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 import torch
 
-from hpo.data.dataset import Dataset
+from hpo.data.dataset import Dataset, raw_input_stats
 from hpo.nn import registry
 from hpo.retrain import ensemble
 from hpo.retrain.results import RetrainRecord, save_retrain
@@ -112,6 +112,7 @@ def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics:
         "family": spec.model, "distribution": given["distribution"], "version": given["version"],
         "in_shape": list(data.in_shape), "out_features": data.out_features,
         "task": data.task, "hyperparams": hp, "normalization": data.normalization, "classes": list(data.classes),
+        "input_stats": raw_input_stats(data),
     }, indent=2))
     for i, model in enumerate(models):
         path = folder / f"fold_{i}.pt"

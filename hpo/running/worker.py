@@ -182,7 +182,7 @@ class Worker:
                     trial.set_user_attr("retry_of", budgets.retried_trial_number(frozen))
                     trial.set_user_attr("retries", len(budgets.retry_history(frozen)))
                 value = objective(trial)
-                if not math.isfinite(value):
+                if not all(map(math.isfinite, value if isinstance(value, list) else [value])):
                     state, reason = TrialState.FAIL, f"objective value is {value}"
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
@@ -210,7 +210,7 @@ class Worker:
                      f"{stored.user_attrs.get('fail_reason', 'no reason given')}); dropped it, taking the next")
         return None
 
-    def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> FrozenTrial:
+    def _tell(self, trial: optuna.Trial, value: float | list[float] | None, state: TrialState) -> FrozenTrial:
         """``study.tell`` (skipping a trial finished elsewhere) less its final re-read of the trial:
         the finished trial returned is Optuna's own copy of it with the state and values told."""
         state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None,
@@ -355,7 +355,7 @@ def run_worker(
             objective = _noting(objective, "version_mismatch", "; ".join(mismatches))
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
-                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric=spec.metric, echo=echo)
+                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo)
         except Exception as e:
             if is_transient(e):
                 raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "

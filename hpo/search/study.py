@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -17,7 +18,7 @@ import optuna
 from hpo.errors import SpecError, StoreError
 from hpo.nn import registry
 from hpo.search import provenance
-from hpo.spec.domains import PRUNER_SETTINGS, SAMPLER_SETTINGS, show
+from hpo.spec.domains import KNOWN_BEFORE_TRAINING, PRUNER_SETTINGS, SAMPLER_SETTINGS, show
 from hpo.spec.hyperparams import DEFAULTS
 from hpo.spec.schema import StudySpec, find_spec_file, load_spec_file, parse_spec
 from hpo.store import data_tables as datastore
@@ -34,7 +35,7 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     Which samplers take the per-worker ``seed_offset`` (the worker's number in the store, plus
     ``SEED_STRIDE`` times its ``--worker-index``), and why:
 
-    - tpe, random: yes. Each draws its points from its own random stream; workers with one seed
+    - tpe, nsga2, random: yes. Each draws its points from its own random stream; workers with one seed
       would draw the same points (TPE's startup trials are random ones too). TPE's later draws
       read the study's trials from the store, with the running ones as constant liars.
     - grid: no, the spec's seed only. GridSampler shuffles the grid with its seed and records a
@@ -54,6 +55,8 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     seed = spec.seed + seed_offset
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler.kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec.sampler.population_size)
     return optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
         multivariate=spec.sampler.multivariate, constant_liar=True)
@@ -123,9 +126,15 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     sets it from the longest trial completed when it first prunes, so workers that start at
     different times split the trial numbers into different brackets (a bracket is chosen by
     hashing the study name and the trial number, modulo budgets that depend on
-    ``max_resource``). The median pruner keeps no state: it reads the study's trials.
+    ``max_resource``). The median and Pareto pruners keep no state: they read the study's trials.
     """
     p = spec.pruner
+    if p.kind == "pareto":
+        from hpo.search.pareto import ParetoPruner
+
+        known = [(o.metric, o.direction) for o in spec.targets if o.metric in KNOWN_BEFORE_TRAINING]
+        return ParetoPruner(direction=spec.direction, known=known, n_startup_trials=p.n_startup_trials,
+                            n_warmup_steps=p.n_warmup_steps)
     if p.kind == "none":
         return optuna.pruners.NopPruner()
     if p.kind == "hyperband":
@@ -227,7 +236,7 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         # Its data stay until the new study refers to them: the same data are not stored again.
         delete(spec.name, storage, sweep=False)
     try:
-        study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
                                     sampler=build_sampler(spec), pruner=build_pruner(spec))
     except optuna.exceptions.DuplicatedStudyError:  # another process created it since the check above
         raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over") from None
@@ -237,6 +246,9 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
         storage.set_study_system_attr(optuna_private.study_id(study), provenance.ATTR,
                                       provenance.record(spec.model, spec.data.source))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.metric_names)
         storage.set_study_system_attr(optuna_private.study_id(study), HEARTBEAT_ATTR, heartbeat.to_dict())
     except BaseException:
         # A study without its spec or data is unusable: never leave one half-created.

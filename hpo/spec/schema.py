@@ -24,7 +24,16 @@ from hpo.spec.checks import (
     known_name,
     search_range,
 )
-from hpo.spec.domains import DATA_SOURCES, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
+from hpo.spec.domains import (
+    DATA_SOURCES,
+    KNOWN_BEFORE_TRAINING,
+    METRICS,
+    MODEL_METRICS,
+    MULTI_OBJECTIVE_PRUNERS,
+    PRUNER_SETTINGS,
+    SAMPLER_SETTINGS,
+    Domain,
+)
 
 PARAM_KINDS = ("int", "float", "choice")
 
@@ -99,6 +108,7 @@ class SamplerSpec:
     kind: str = "tpe"
     n_startup_trials: int = 10
     multivariate: bool = False
+    population_size: int = 50  # nsga2
 
     def to_dict(self) -> dict:
         """The kind and the settings that kind takes."""
@@ -117,6 +127,43 @@ class PrunerSpec:
     def to_dict(self) -> dict:
         """The kind and the settings that kind takes."""
         return {"kind": self.kind, **{k: getattr(self, k) for k in PRUNER_SETTINGS[self.kind]}}
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective of the study: a metric of the trial (``val_*``, or one of ``MODEL_METRICS``)."""
+
+    metric: str
+    direction: str
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "direction": self.direction}
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """Bounds a feasible trial's ``metric`` keeps (``min`` ≤ value ≤ ``max``; either may be absent)."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def before_training(self) -> bool:
+        """Whether the metric is known once the model is built (checked before any epoch)."""
+        return self.metric in KNOWN_BEFORE_TRAINING
+
+    def violations(self, value: float) -> dict[str, float]:
+        """Optuna's constraint values (feasible when ≤ 0), one per bound: ``{"n_params.max": v - max}``."""
+        out = {}
+        if self.min is not None:
+            out[f"{self.metric}.min"] = float(self.min - value)
+        if self.max is not None:
+            out[f"{self.metric}.max"] = float(value - self.max)
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("min", "max") if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -159,21 +206,43 @@ class StudySpec:
     checkpoint: CheckpointSpec = CheckpointSpec()
     report_every: int = 1
     description: str = ""
+    # Several objectives (``objectives:`` in the spec); empty: the one objective ``metric``/``direction``.
+    # With several, ``metric``/``direction`` are the learning metric: the first val_* objective, which
+    # training reports each step and pruning judges.
+    objectives: tuple[ObjectiveSpec, ...] = ()
+    constraints: tuple[ConstraintSpec, ...] = ()
 
     @property
     def task(self) -> str:
         return self.data.task
+
+    @property
+    def targets(self) -> tuple[ObjectiveSpec, ...]:
+        """The study's objectives in order (one for a single-objective study)."""
+        return self.objectives or (ObjectiveSpec(self.metric, self.direction),)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.targets) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.targets]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [o.metric for o in self.targets]
 
     def with_data(self, data: DataSpec) -> StudySpec:
         return replace(self, data=data)
 
     def to_dict(self) -> dict:
         """The canonical plain-dict form; ``parse_spec(spec.to_dict())`` gives back an equal spec."""
-        return {
+        d = {
             "name": self.name,
             "description": self.description,
-            "direction": self.direction,
-            "metric": self.metric,
+            **({"objectives": [o.to_dict() for o in self.objectives]} if self.objectives else
+               {"direction": self.direction, "metric": self.metric}),
             "seed": self.seed,
             "data": self.data.to_dict(),
             "model": self.model,
@@ -186,6 +255,9 @@ class StudySpec:
             "checkpoint": self.checkpoint.to_dict(),
             "report_every": self.report_every,
         }
+        if self.constraints:
+            d["constraints"] = {c.metric: c.to_dict() for c in self.constraints}
+        return d
 
 
 def _parse_param(c: Checker, vocab: dict, name: str, raw: Any, family: str) -> ParamSpec:
@@ -242,18 +314,31 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     c = Checker(source)
     if not isinstance(raw, dict):
         raise c.refuse("top level", raw, "a mapping of spec fields (name, data, model, space, ...)")
-    c.unknown_keys(raw, ("name", "description", "direction", "metric", "seed", "data", "model", "space",
-                         "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint", "report_every"), "")
+    c.unknown_keys(raw, ("name", "description", "direction", "metric", "objectives", "constraints", "seed", "data",
+                         "model", "space", "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint",
+                         "report_every"), "")
     name = c.value("name", raw.get("name"))
     model = _parse_model(c, raw.get("model", "mlp"))
     vocab = registry.vocabulary(model)
 
     data = _parse_data(c, c.mapping(raw.get("data"), "data"), base_dir)
     metrics = METRICS[data.task]
-    metric = c.value(Domain("choice", choices=tuple(metrics)), raw.get("metric", next(iter(metrics))), "metric")
-    direction = c.value("direction", raw.get("direction", metrics[metric]))
-    if direction != metrics[metric]:
-        raise c.refuse("direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
+    objectives: tuple[ObjectiveSpec, ...] = ()
+    if raw.get("objectives") is not None:
+        for key in ("metric", "direction"):
+            if key in raw:
+                raise c.fail(key, "given with objectives: give either metric/direction or objectives, not both")
+        objectives = _parse_objectives(c, raw["objectives"], metrics)
+        learning = next(o for o in objectives if o.metric in metrics)
+        metric, direction = learning.metric, learning.direction
+        if len(objectives) == 1:
+            objectives = ()  # one objective: the same study as metric/direction
+    else:
+        metric = c.value(Domain("choice", choices=tuple(metrics)), raw.get("metric", next(iter(metrics))), "metric")
+        direction = c.value("direction", raw.get("direction", metrics[metric]))
+        if direction != metrics[metric]:
+            raise c.refuse("direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
+    constraints = _parse_constraints(c, raw.get("constraints"), metrics)
 
     fixed_raw = c.mapping(raw.get("fixed"), "fixed")
     fixed = {}
@@ -277,7 +362,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
             if p.kind == "float" and p.step is None:
                 raise c.fail(f"space.{p.name}", "grid search needs choice or a range with step")
     pruner_raw = c.mapping(raw.get("pruner"), "pruner")
-    kind = c.value("pruner.kind", pruner_raw.get("kind", "median"))
+    kind = c.value("pruner.kind", pruner_raw.get("kind", "pareto" if len(objectives) > 1 else "median"))
+    if len(objectives) > 1 and kind not in MULTI_OBJECTIVE_PRUNERS:
+        raise c.refuse("pruner.kind", kind, f"{' or '.join(MULTI_OBJECTIVE_PRUNERS)} (a study of several objectives)")
     c.unknown_keys(pruner_raw, ("kind", *PRUNER_SETTINGS[kind]), "pruner.", f" for pruner kind {kind!r}")
     pruner = PrunerSpec(kind=kind, **{k: c.value(f"pruner.{k}", v) for k, v in pruner_raw.items() if k != "kind"})
     budget_raw = c.mapping(raw.get("budget"), "budget")
@@ -305,6 +392,8 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         retrain=retrain,
         checkpoint=_parse_checkpoint(c, raw.get("checkpoint", True)),
         report_every=c.value("report_every", raw.get("report_every", 1)),
+        objectives=objectives,
+        constraints=constraints,
     )
 
 
@@ -320,6 +409,50 @@ def _parse_model(c: Checker, raw: Any) -> str:
     except SpecError as e:
         raise c.fail("model", str(e)) from None
     return model
+
+
+def _parse_objectives(c: Checker, raw: Any, metrics: dict[str, str]) -> tuple[ObjectiveSpec, ...]:
+    """``objectives: [{metric, direction}, ...]``: the task's val_* metrics (in the direction that
+    improves them) and the model's own (``MODEL_METRICS``, either direction), at least one val_*."""
+    allowed = {**metrics, **MODEL_METRICS}
+    if not isinstance(raw, list) or not raw:
+        raise c.refuse("objectives", raw, "a non-empty list of {metric: M, direction: minimize|maximize}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"objectives[{i}]"
+        item = c.mapping(item, where)
+        c.unknown_keys(item, ("metric", "direction"), f"{where}.")
+        metric = c.value(Domain("choice", choices=tuple(allowed)), item.get("metric"), f"{where}.metric")
+        if any(o.metric == metric for o in out):
+            raise c.refuse(f"{where}.metric", metric, "a metric not already an objective")
+        direction = c.value("direction", item.get("direction", allowed[metric]), f"{where}.direction")
+        if metric in metrics and direction != metrics[metric]:
+            raise c.refuse(f"{where}.direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
+        out.append(ObjectiveSpec(metric, direction))
+    if not any(o.metric in metrics for o in out):
+        raise c.refuse("objectives", [o.metric for o in out],
+                       f"a list with at least one of {', '.join(metrics)} (the metric training reports and pruning judges)")
+    return tuple(out)
+
+
+def _parse_constraints(c: Checker, raw: Any, metrics: dict[str, str]) -> tuple[ConstraintSpec, ...]:
+    """``constraints: {n_params: {max: 100000}, val_accuracy: {min: 0.85}}``."""
+    allowed = (*metrics, *MODEL_METRICS)
+    out = []
+    for metric, bounds in c.mapping(raw, "constraints").items():
+        where = f"constraints.{metric}"
+        if metric not in allowed:
+            raise c.fail(where, f"unknown metric {metric!r}; allowed: {', '.join(allowed)}")
+        bounds = c.mapping(bounds, where)
+        c.unknown_keys(bounds, ("min", "max"), f"{where}.")
+        if not bounds:
+            raise c.refuse(where, bounds, "{min: A}, {max: B} or both")
+        low = c.value("constraints.min", bounds["min"], f"{where}.min") if "min" in bounds else None
+        high = c.value("constraints.max", bounds["max"], f"{where}.max") if "max" in bounds else None
+        if low is not None and high is not None and low > high:
+            raise c.refuse(f"{where}.max", high, f"a number >= min ({low})")
+        out.append(ConstraintSpec(metric, low, high))
+    return tuple(out)
 
 
 def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:

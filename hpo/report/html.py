@@ -145,7 +145,8 @@ def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[opt
     rows = [("study", s.name), ("description", spec.description or "-"),
             ("objective", f"{s.direction} {s.metric}"), ("model family", spec.model),
             ("finished trials", s.finished), ("pruned trials", s.counts["PRUNED"]),
-            ("complete trials", s.counts["COMPLETE"]), ("failed trials", s.counts["FAIL"]),
+            ("complete trials", s.counts["COMPLETE"]), ("failed trials", s.failed),
+            ("interrupted (re-queued)", s.interrupted),
             ("running / waiting", f"{s.counts['RUNNING']} / {s.counts['WAITING']}"),
             ("best value", f"{_num(s.best_value)}" + (f" (trial #{s.best_trial})" if s.best_trial is not None else "")
              if s.pareto is None else f"a Pareto set of {len(s.pareto)} trials (below)"),

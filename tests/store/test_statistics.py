@@ -45,6 +45,7 @@ def full_read(study: optuna.Study, metric: str = "value") -> Summary:
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     return Summary(name=study.study_name, direction=study.direction.name.lower(), metric=metric, counts=counts,
                    finished=counts["COMPLETE"] + counts["PRUNED"] + fails,
+                   failed=fails, interrupted=counts["FAIL"] - fails,
                    best_value=best.value if best else None, best_trial=best.number if best else None,
                    best_params=best.params if best else {},
                    wall_seconds=(max(ends) - min(starts)).total_seconds() if starts and ends else None,

@@ -65,6 +65,11 @@ def summary_text(s: Summary) -> str:
         lines.append(f"  Wall time:                 {s.wall_seconds:.1f}s")
     if s.gpu_sharing:
         lines.append(f"  GPU sharing (trials):      {sharing_text(s.gpu_sharing)}")
+    if s.latency_devices and len(s.latency_devices) > 1:
+        lines.append(f"  warning: latency_ms was timed on {len(s.latency_devices)} different devices "
+                     f"({sharing_text(s.latency_devices)}): latencies compare only within one device")
+    if s.stopped:
+        lines.append(f"  Stopped:                   {s.stopped['rule']}: {s.stopped['reason']}")
     if s.infeasible:
         lines.append(f"  Infeasible trials:         {s.infeasible} (broke a constraint; never best)")
     if s.pareto is not None:

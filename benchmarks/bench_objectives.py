@@ -38,7 +38,7 @@ from hpo.data.sources import load_dataset  # noqa: E402
 from hpo.data.tables import embed_csv  # noqa: E402
 from hpo.search.objective import make_objective  # noqa: E402
 from hpo.search.pareto import minimizing, non_dominated  # noqa: E402
-from hpo.search.study import create, load  # noqa: E402
+from hpo.search.study import create, open_study  # noqa: E402
 from hpo.spec.schema import load_spec_file  # noqa: E402
 from hpo.store import optuna_private  # noqa: E402
 from hpo.store.storage import open_storage  # noqa: E402
@@ -89,7 +89,7 @@ def run(folder: Path, name: str, pruner: dict, *, seed: int, epochs_budget: int)
     url = f"sqlite:///{folder / (name + '.db')}"
     storage = open_storage(url, heartbeat=False)
     create(embed_csv(load_spec_file(spec_file(folder, name, pruner, seed=seed))), storage, force=True)
-    study, spec = load(name, storage)
+    study, spec = open_study(name, storage)
     objective = make_objective(spec, load_dataset(spec, storage=storage))
     spent = 0
 

@@ -40,11 +40,11 @@ def resume(study_name: str, storage: str | None) -> None:
 @click.option("--n-trials", type=click.IntRange(min=1), required=True, metavar="N", help="The new trial budget.")
 def extend(study_name: str, storage: str | None, n_trials: int) -> None:
     """Raise a study's trial budget; its workers (or new ones) run the added trials."""
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store import control
 
     store, sid = control.open_control(study_name, storage)
-    _, spec = load(study_name, store)
+    _, spec = open_study(study_name, store)
     before = control.n_trials_of(store, sid, spec.budget.n_trials)
     control.extend(store, sid, n_trials, current=before)
     click.echo(f"study {study_name!r}: budget {before} -> {n_trials} trials; run: hpo worker --study {study_name}")

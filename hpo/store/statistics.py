@@ -7,7 +7,9 @@ The answers are those of the trials read in full through Optuna: ``best_*`` is O
 ``study.best_trial`` (ties go to the lowest trial number; in a constrained study among the feasible
 trials only), ``pareto`` is ``study.best_trials`` of a study of several objectives (the feasible
 COMPLETE trials no other dominates), ``finished`` counts COMPLETE, PRUNED and the FAILs that were not
-re-queued (:func:`hpo.store.budget.retried_numbers`).
+re-queued (:func:`hpo.store.budget.retried_numbers`). Of Optuna's FAIL state, ``interrupted`` counts
+the trials stopped by a signal or a dead worker (preemption) and re-queued, whose retry carries on
+their work, and ``failed`` the real failures: the rest.
 """
 
 from __future__ import annotations
@@ -51,11 +53,18 @@ FEASIBLE_ATTR = "feasible"  # trial user attr of a constrained study (hpo.search
 
 @dataclass(frozen=True)
 class Summary:
+    """One study's statistics, as ``hpo status`` prints them (``hpo.console.summary_text``) and a
+    worker returns them: trial counts by state, the best trial and its parameters (or the Pareto
+    set for several objectives), the study's wall time in seconds, and how trials shared GPUs.
+    Read with aggregate queries (:func:`summarize`), never by loading every trial."""
+
     name: str
     direction: str  # minimize | maximize (objectives joined by "/" in a multi-objective study)
     metric: str  # what the value measures (the spec's metric)
-    counts: dict[str, int]  # by TrialState name
+    counts: dict[str, int]  # by TrialState name (Optuna's FAIL holds both of the next two)
     finished: int
+    failed: int  # real failures: FAIL trials that were not re-queued
+    interrupted: int  # FAIL trials stopped by a signal or a dead worker and re-queued
     best_value: float | None
     best_trial: int | None
     best_params: dict[str, Any]
@@ -226,6 +235,8 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 metric=metrics.get(sid) or "value",
                 counts=c,
                 finished=c["COMPLETE"] + c["PRUNED"] + c["FAIL"] - retried,
+                failed=c["FAIL"] - retried,
+                interrupted=retried,
                 best_value=best[0] if best else None,
                 best_trial=best[1] if best else None,
                 best_params=best[2] if best else {},

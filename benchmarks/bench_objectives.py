@@ -60,7 +60,7 @@ def constrained_share(folder: Path, sampler: str, *, seed: int, n_trials: int) -
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     storage = open_storage(f"sqlite:///{folder / ('c_' + sampler + '.db')}", heartbeat=False)
     create(embed_csv(load_spec_file(path)), storage, force=True)
-    study, spec = load(f"c_{sampler}", storage)
+    study, spec = open_study(f"c_{sampler}", storage)
     study.optimize(make_objective(spec, load_dataset(spec, storage=storage)), n_trials=n_trials)
     infeasible = [t.user_attrs.get("feasible") is False for t in study.get_trials(deepcopy=False)]
     half = len(infeasible) // 2

@@ -23,6 +23,7 @@ from hpo.data.sources import load_dataset
 from hpo.errors import HpoError
 from hpo.nn import registry
 from hpo.nn.models import build_model
+from hpo.report.dashboard import save_retrain_note
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainRecord
@@ -198,6 +199,7 @@ def run_retrain(
     record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
                                   curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
                                   models=models)
+    save_retrain_note(study, metrics, record)  # fold scores and votes, readable in optuna-dashboard
     if ckpt is not None:
         ckpt.discard()  # saved: nothing left to resume
     if on_metrics:

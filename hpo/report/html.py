@@ -32,7 +32,7 @@ from hpo.report.figures import retrain_sections
 from hpo.report.pareto_figures import pareto_sections
 from hpo.report.study_figures import optuna_sections
 from hpo.report.trials_table import trials_section
-from hpo.search.study import SPEC_TEXT_ATTR, load
+from hpo.search.study import SPEC_TEXT_ATTR, open_study
 from hpo.spec.schema import StudySpec
 from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
@@ -244,7 +244,7 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     start = time.perf_counter()
     path = report_path(study_name, out)
     storage = open_storage(storage_url, heartbeat=False)
-    study, spec = load(study_name, storage)
+    study, spec = open_study(study_name, storage)
     trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials
     if not trials:
         raise HpoError(f"study {study_name!r} has no trials yet; run: hpo worker --study {study_name}")

@@ -22,6 +22,7 @@ from hpo.data.splits import split_folds
 from hpo.errors import HpoError
 from hpo.nn import registry
 from hpo.nn.models import build_model
+from hpo.report.dashboard import save_retrain_note
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainMetrics, RetrainRecord
@@ -172,6 +173,7 @@ def run_retrain(
     record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=measured,
                                   curves=retrain_outputs.curves(trained.results, measured.metric), arrays=arrays,
                                   models=models)
+    save_retrain_note(study, metrics, record)  # fold scores and votes, readable in optuna-dashboard
     if ckpt is not None:
         ckpt.discard()  # saved: nothing left to resume
     return replace(record, metrics=measured)

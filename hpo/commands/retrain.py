@@ -88,11 +88,13 @@ def trained_line(metrics: dict) -> str:
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 @click.option("--resume", is_flag=True,
               help="Continue the study's latest unfinished retrain from its checkpoint (finished folds are kept).")
+@click.option("--allow-version-mismatch", is_flag=True,
+              help="Retrain with the study's model family installed here at another version (recorded in metrics.json).")
 @storage_option
 @artifacts_option
 def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: int | None, device: str | None,
             stacked: bool | None, full_data: bool | None, epochs: int | None, data_dir: str | None, resume: bool,
-            storage: str | None, artifacts: str | None) -> None:
+            allow_version_mismatch: bool, storage: str | None, artifacts: str | None) -> None:
     """Retrain a trial on K folds of the data the search used (or all of it with --full-data); save
     fold models, predictions and ensembles.
 
@@ -108,8 +110,8 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
         record = run_retrain(study_name, storage_url=storage, artifacts=artifacts, folds=folds,
                              trial_number=trial_number, device=resolve_device(gpu=gpu, device=device),
                              data_dir=data_dir, stacked=stacked, resume=resume, full_data=full_data,
-                             epochs=epochs, echo=click.echo,
-                             on_metrics=saved.append, progress=Progress())
+                             epochs=epochs, echo=click.echo, on_metrics=saved.append, progress=Progress(),
+                             allow_version_mismatch=allow_version_mismatch)
     except RetrainInterrupted as e:
         click.echo(f"retrain {e}; continue it with: hpo retrain --study {study_name} --resume", err=True)
         raise

@@ -21,14 +21,17 @@ from optuna.trial import TrialState
 from hpo.data.dataset import Dataset
 from hpo.data.sources import load_dataset
 from hpo.errors import HpoError
+from hpo.nn import registry
 from hpo.nn.models import build_model
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainRecord
 from hpo.running.progress import QUIET, Progress
+from hpo.search import provenance
 from hpo.search.objective import trial_seed
+from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
-from hpo.search.study import load
+from hpo.search.study import load, study_id
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
@@ -75,6 +78,8 @@ def _choose_trial(study, trial_number: int | None):
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
     if trial_number is None:
+        if len(study.directions) > 1:
+            raise needs_trial(study, "hpo retrain")
         if not any(t.state == TrialState.COMPLETE for t in trials):
             raise HpoError(f"study {name!r} has no complete trial; run hpo worker --study {name} first")
         return study.best_trial
@@ -102,6 +107,7 @@ def run_retrain(
     echo: Callable[[str], None] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
+    allow_version_mismatch: bool = False,
 ) -> RetrainRecord:
     """Retrain a trial's configuration on K folds and save the results as artifacts of the study.
 
@@ -122,6 +128,8 @@ def run_retrain(
         on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
         progress: shows the folds x epochs done, the latest fold's validation value and the time
             left (default: nothing).
+        allow_version_mismatch: go on with the study's model family at another version here
+            (``metrics.json`` records the difference as ``version_mismatch``).
 
     Returns:
         The new record (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
@@ -134,6 +142,8 @@ def run_retrain(
     """
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
+    mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id(storage, study_name)).get(provenance.ATTR),
+                                       study=study_name, allow=allow_version_mismatch)
     study, spec = load(study_name, storage)
     store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
         if spec.checkpoint.enabled else None
@@ -149,7 +159,9 @@ def run_retrain(
     data, pool = _training_pool(spec, storage, full_data=bool(full_data), data_dir=data_dir, device=device)
     fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
     models = fold_models(spec, hp, data, seeds=[f.seed for f in fold_list], device=device)
-    use_stacked, reason = _choose_path(models, stacked, device)
+    unstackable = None if registry.family(spec.model).stackable else \
+        f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
+    use_stacked, reason = _choose_path(models, stacked, device, unstackable=unstackable)
     path = "stacked" if use_stacked else "sequential"
     echo(f"retrain of trial #{trial.number} of {study_name!r}: {k} folds, {hp['epochs']} epochs, "
          f"{path} on {device}")
@@ -180,6 +192,8 @@ def run_retrain(
         "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
         "data": {k: v for k, v in pool.items() if k != "says"},  # samples, of, full_data
     }
+    if mismatches:
+        metrics["version_mismatch"] = "; ".join(mismatches)
     arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
     record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
                                   curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
@@ -263,14 +277,15 @@ def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: 
                  seed=base_seed * 100 + i) for i, (tr, va) in enumerate(splits)]
 
 
-def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device) -> tuple[bool, str]:
+def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device, *,
+                 unstackable: str | None = None) -> tuple[bool, str]:
     """Whether to train the fold models stacked, and why: as asked, else stacked on a CUDA device
-    when they can be.
+    when they can be (``unstackable``: the family's own reason why they cannot).
 
     Raises:
         HpoError: when stacked is asked for models that cannot be stacked.
     """
-    problem = stack_problem(models)
+    problem = unstackable or stack_problem(models)
     if stacked and problem:
         raise HpoError(f"cannot train stacked: {problem}")
     if stacked is not None:

@@ -57,11 +57,13 @@ def _register_commands() -> None:
         launch,
         report,
         retrain,
+        schema,
         status,
         worker,
     )
 
-    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench, families):
+    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench, families,
+                   schema):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -58,9 +58,13 @@ def test_worker_output_says_what_happens_through_a_stop_and_a_resumed_retry(tmp_
     env = dict(os.environ, HPO_STORAGE=store_url, HPO_ARTIFACTS=str(tmp_path / "artifacts"), **FAST_HEARTBEAT)
     create(slow_spec(tmp_path, 1, LONG_EPOCHS), store_url)
     first = start_worker(env, "regression", tmp_path / "first.log")
-    wait_for(lambda: running_with_reports(store_url))
+    try:
+        wait_for(lambda: running_with_reports(store_url), timeout=240)
+    except AssertionError:
+        first.kill()
+        raise AssertionError((tmp_path / "first.log").read_text()) from None
     first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == 0
+    assert first.wait(timeout=60) == 0, (tmp_path / "first.log").read_text()
     lines = (tmp_path / "first.log").read_text().splitlines()
     assert re.fullmatch(r"  loading regression_train\.csv \([\d,]+ rows\) \.\.\.", lines[1]), lines
     assert re.fullmatch(r"  \d+ training and \d+ validation samples, \d+ test on cpu in [\d.]+s", lines[2]), lines

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hpo.data.checksum import sha256_file
 from hpo.data.registry import Arrays
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
-from hpo.store.data_tables import max_data_bytes, sha256_file
+from hpo.store.data_tables import max_data_bytes
 
 
 def check_arrays(a: Arrays, *, task: str, source: str) -> Arrays:

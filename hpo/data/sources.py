@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hpo.data.dataset import Dataset, split_indices
+from hpo.data.dataset import Dataset
 from hpo.data.images import SOURCES, load_image_dataset
+from hpo.data.splits import split_indices
 from hpo.data.tables import read_csv_table
 from hpo.spec.schema import DataSpec, StudySpec
 
 if TYPE_CHECKING:
     import optuna
+
 
 def csv_arrays(d: DataSpec, part: str, *, storage: optuna.storages.RDBStorage | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,3 +139,16 @@ def load_dataset(spec: StudySpec, *, storage: optuna.storages.RDBStorage | None 
         return _load_arrays(spec, storage)
     return load_image_dataset(spec, data_dir=data_dir)
 
+
+
+SMALL_SAMPLE = 1024  # values per sample below which a CPU run uses one thread
+
+
+def on_device(data: Dataset, device: torch.device) -> Dataset:
+    """``data`` moved onto ``device`` once for the whole run (a worker's trials, a retrain's folds).
+    On the CPU, data of small samples (under ``SMALL_SAMPLE`` values each) set torch to one thread
+    for the process: for such models thread hand-offs cost more than the arithmetic they would split."""
+    data = data.to(device)
+    if device.type == "cpu" and data.x[0].numel() < SMALL_SAMPLE:
+        torch.set_num_threads(1)
+    return data

@@ -99,10 +99,12 @@ class BudgetProgress:
     Args:
         read: the study's statistics now (``hpo.store.statistics.summary``); called once here and
             once per line.
-        budget: the trials the study runs (None: no limit).
+        budget: the trials the study runs (None: no limit), or what tells it at each line (``hpo
+            extend`` may raise it while the study runs).
     """
 
-    def __init__(self, read: Callable[[], Summary], *, budget: int | None, every: float = BUDGET_EVERY):
+    def __init__(self, read: Callable[[], Summary], *, budget: int | None | Callable[[], int | None],
+                 every: float = BUDGET_EVERY):
         self._read, self.budget, self.every = read, budget, every
         self._finished_at_start, self._start = read().finished, time.monotonic()
         self._last = -float("inf")
@@ -115,4 +117,5 @@ class BudgetProgress:
         self._last = now
         s = self._read()
         done, minutes = s.finished - self._finished_at_start, (now - self._start) / 60
-        return budget_line(s, budget=self.budget, per_minute=done / minutes if done > 0 and minutes > 0 else None)
+        budget = self.budget() if callable(self.budget) else self.budget
+        return budget_line(s, budget=budget, per_minute=done / minutes if done > 0 and minutes > 0 else None)

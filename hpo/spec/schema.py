@@ -191,6 +191,14 @@ class CheckpointSpec:
 
 @dataclass(frozen=True)
 class StudySpec:
+    """A study as its YAML spec describes it, parsed and checked once (:func:`parse_spec`) and
+    frozen: its name, what it optimises (``metric`` and ``direction``, or ``objectives``), the data
+    (``data``), the model family (``model``) with its search ``space`` and ``fixed``
+    hyperparameters, the sampler, pruner, budget, retrain and checkpoint settings, and ``seed``
+    (every seed hpo uses derives from it: ``hpo.training.seeds``). The store keeps it as JSON
+    (``to_dict``) in the study's user attrs: workers read it from there, not from the file.
+    """
+
     name: str
     direction: str
     metric: str

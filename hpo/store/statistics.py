@@ -48,6 +48,11 @@ FEASIBLE_ATTR = "feasible"  # trial user attr of a constrained study (hpo.search
 
 @dataclass(frozen=True)
 class Summary:
+    """One study's statistics, as ``hpo status`` prints them (``hpo.console.summary_text``) and a
+    worker returns them: trial counts by state, the best trial and its parameters (or the Pareto
+    set for several objectives), the study's wall time in seconds, and how trials shared GPUs.
+    Read with aggregate queries (:func:`summarize`), never by loading every trial."""
+
     name: str
     direction: str  # minimize | maximize (objectives joined by "/" in a multi-objective study)
     metric: str  # what the value measures (the spec's metric)

@@ -46,6 +46,12 @@ Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns for one model: its per-epoch ``history`` (one dict per epoch:
+    ``epoch``, ``train_loss``, ``val_loss``, ``val_<metric>``, ...), the validation ``metrics`` of
+    the model returned (the best epoch's weights under early stopping), how many epochs ran
+    (counting those before a resume), the wall time of this run in seconds, and which path
+    trained it (``cuda_graph`` or ``eager``, with the reason for eager)."""
+
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # of the returned model, on the validation data
     epochs_run: int = 0

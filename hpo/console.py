@@ -1,8 +1,9 @@
-"""Plain-text formatting of what the commands print: trial lines and study statistics."""
+"""Plain-text formatting of what the commands print: trial lines, study statistics, retrain results."""
 
 from __future__ import annotations
 
 import json
+from statistics import fmean, pstdev
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -98,3 +99,60 @@ def studies_table(rows: list[Summary]) -> str:
 
 def as_json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str)
+
+
+ENSEMBLE_LABELS = {"mean": "ensemble mean", "majority_vote": "majority vote", "soft_vote": "soft vote"}
+
+
+def _sig(value: float | None, digits: int = 4) -> str:
+    """``value`` with ``digits`` significant digits, trailing zeros kept (0.8900, 0.01234, 1235)."""
+    if value is None:
+        return "-"
+    text = f"{value:#.{digits}g}"
+    return text[:-1] if text.endswith(".") else text
+
+
+def retrain_table(metrics: dict) -> str:
+    """Per-fold and ensemble test results of one retrain (its ``metrics.json`` object,
+    ``hpo.retrain.results.RetrainMetrics.to_dict``) as a text table.
+
+    Rows: each fold model (the best on validation starred), the folds' mean ± std, then each
+    ensemble's own score (the ensemble-mean model for regression; the votes for classifiers).
+    A loss column that repeats the metric's (the MSE loss of a regression) is left out; every
+    number has 4 significant digits.
+    """
+    name, folds = metrics["metric"], metrics["per_fold"]
+    ensembles = metrics["ensemble"]
+    columns = [("val_loss", "val_loss"), (f"val_{name}", "val_metric"),
+               ("test_loss", "test_loss"), (f"test_{name}", "test_metric")]
+
+    def repeats(loss: str, metric: str) -> bool:
+        rows = [*folds, *ensembles.values()]
+        return all(r.get(loss) is None or r.get(loss) == r.get(metric) for r in rows)
+
+    columns = [(h, k) for h, k in columns
+               if not (k.endswith("_loss") and repeats(k, k.replace("_loss", "_metric")))]
+    rows = [["model", "epochs", *(h for h, _ in columns)]]
+    for f in folds:
+        mark = " *" if f["fold"] == metrics["best_fold"] else ""
+        rows.append([f"fold {f['fold']}{mark}", str(f["epochs_run"]), *(_sig(f[k]) for _, k in columns)])
+    if len(folds) > 1:
+        spread = [f"{_sig(fmean(v))} ± {_sig(pstdev(v))}"
+                  for v in ([f[k] for f in folds] for _, k in columns)]
+        rows.append(["folds: mean ± std", "", *spread])
+    for ens, e in ensembles.items():
+        rows.append([ENSEMBLE_LABELS.get(ens, ens), "", *("" if k.startswith("val_") else _sig(e.get(k)) for _, k in columns)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    tie_note = " (breaks majority-vote ties)" if "majority_vote" in ensembles else ""
+    lines.append(f"* best fold on validation{tie_note}")
+    return "\n".join(lines)
+
+
+def trained_line(metrics: dict) -> str:
+    """How many models trained, how, how long, and at how many model-epochs per second (3 significant
+    digits: a slow CPU retrain's 0.0333 is not 0.0)."""
+    rate = metrics["model_epochs_per_s"]
+    return (f"trained {metrics['folds']} models ({metrics['path']}) in {metrics['train_seconds']:.1f}s"
+            + (f", {_sig(rate, 3)} model-epochs/s" if rate else ""))

@@ -101,8 +101,8 @@ def _check_format(fmt: str) -> None:
         raise HpoError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
 
 
-def open_study(study_name: str, storage_url: str | None,
-               trial_number: int | None = None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
+def study_and_trial(study_name: str, storage_url: str | None,
+                    trial_number: int | None = None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
     """The study, its spec and its best trial (or trial ``trial_number``, COMPLETE).
 
     Raises:
@@ -149,7 +149,7 @@ def best_params_text(study_name: str, *, storage_url: str | None = None, fmt: st
                      trial_number: int | None = None) -> str:
     """The best trial's (or trial ``trial_number``'s) parameters alone, as JSON or YAML (for ``--out -``)."""
     _check_format(fmt)
-    _, _, best = open_study(study_name, storage_url, trial_number)
+    _, _, best = study_and_trial(study_name, storage_url, trial_number)
     return dumps(dict(best.params), fmt)
 
 
@@ -241,7 +241,7 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
     _check_format(fmt)
     out = Path(out)
     _check_out(out, force=force)
-    study, spec, best = open_study(study_name, storage_url, trial_number)
+    study, spec, best = study_and_trial(study_name, storage_url, trial_number)
     record, note = _pick_retrain(study, best.number, retrain_id)
     # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
     trial = best if record is None or record.trial_number == best.number \

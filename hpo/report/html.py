@@ -31,7 +31,7 @@ from hpo.errors import HpoError
 from hpo.report.figures import retrain_sections
 from hpo.report.pareto_figures import pareto_sections
 from hpo.report.study_figures import optuna_sections
-from hpo.search.study import load
+from hpo.search.study import open_study
 from hpo.spec.schema import StudySpec
 from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
@@ -235,7 +235,7 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     start = time.perf_counter()
     path = report_path(study_name, out)
     storage = open_storage(storage_url, heartbeat=False)
-    study, spec = load(study_name, storage)
+    study, spec = open_study(study_name, storage)
     trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials
     if not trials:
         raise HpoError(f"study {study_name!r} has no trials yet; run: hpo worker --study {study_name}")

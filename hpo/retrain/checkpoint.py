@@ -44,10 +44,10 @@ class RetrainCheckpoint:
                            f"start one with: hpo retrain --study {study_name}")
         return meta
 
-    def load(self) -> dict[str, Any] | None:
+    def read(self) -> dict[str, Any] | None:
         """The saved payload, when the file was written for this very retrain (else None, with a
         warning for a file that is damaged or another's)."""
-        found = self.store.load(RETRAIN_KEY, expect=self.meta)
+        found = self.store.read(RETRAIN_KEY, expect=self.meta)
         return None if found is None else found[0]
 
     def discard(self) -> None:

@@ -24,13 +24,13 @@ from hpo.nn import registry
 from hpo.nn.models import build_model
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
-from hpo.retrain.results import RetrainRecord
+from hpo.retrain.results import RetrainMetrics, RetrainRecord
 from hpo.running.progress import QUIET, Progress
 from hpo.running.signals import StopSignal
 from hpo.search import provenance
 from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
-from hpo.search.study import load, study_id
+from hpo.search.study import open_study, study_id
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
@@ -79,7 +79,6 @@ def run_retrain(
     full_data: bool | None = None,
     epochs: int | None = None,
     echo: Callable[[str], None] | None = None,
-    on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
     allow_version_mismatch: bool = False,
 ) -> RetrainRecord:
@@ -99,14 +98,13 @@ def run_retrain(
             when the spec sets neither).
         epochs: epochs per fold model (default: the spec's ``retrain.epochs``, else the trial's).
         echo: where progress lines go (default: nowhere).
-        on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
         progress: shows the folds x epochs done, the latest fold's validation value and the time
             left (default: nothing).
         allow_version_mismatch: go on with the study's model family at another version here
             (``metrics.json`` records the difference as ``version_mismatch``).
 
     Returns:
-        The new record (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
+        The new record, with its :class:`~hpo.retrain.results.RetrainMetrics` (the run's ``metrics.json``) in ``metrics`` (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
 
     Raises:
         HpoError: no such study, no complete trial, bad fold count, training failed, or
@@ -119,7 +117,7 @@ def run_retrain(
     storage = open_storage(storage_url, heartbeat=False)
     mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id(storage, study_name)).get(provenance.ATTR),
                                        study=study_name, allow=allow_version_mismatch)
-    study, spec = load(study_name, storage)
+    study, spec = open_study(study_name, storage)
     store = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     if resume:
         trial_number, folds, stacked, full_data, epochs = _unfinished_retrain(
@@ -145,6 +143,8 @@ def run_retrain(
             "full_data": bool(full_data)}
     ckpt, saved, resumed_from = _open_checkpoint(store, meta, resume=resume, echo=echo)
 
+    # The stop signal is the retrain's, with checkpoints or without: SIGINT/SIGTERM stop it at the
+    # next epoch boundary (hpo.training.boundary), as they stop a worker's trial.
     with StopSignal("checkpointing the retrain after the current epoch" if ckpt is not None
                     else "stopping the retrain after the current epoch (checkpoint: false, nothing to resume)") as stop:
         boundary = EpochBoundary(should_stop=lambda: stop.requested, every_seconds=spec.checkpoint.every_seconds,
@@ -156,31 +156,32 @@ def run_retrain(
 
     outputs = torch.stack([predict(m, data.x_test) for m in models])  # (K, N, C)
     per_fold, best = retrain_outputs.fold_scores(data, outputs, trained.results)
-    metric_name = retrain_outputs.metric_name(data.task)
-    epochs_total = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)  # trained by this run
-    metrics: dict[str, Any] = {
+    metrics = {
         "task": data.task, "folds": k, "seed": spec.seed, "trial_number": trial.number,
-        "params": dict(trial.params), "hyperparams": hp, "path": path,
-        "path_reason": reason, "cuda_graph": trained.cuda_graph, "device": str(device),
-        "train_seconds": trained.seconds,
-        "model_epochs_per_s": epochs_total / trained.seconds if trained.seconds > 0 else None,
-        "per_fold": per_fold, "best_fold": best, "metric": metric_name, "classes": list(data.classes),
-        "fold_seeds": [f.seed for f in fold_list],
+        "params": dict(trial.params), "hyperparams": hp, "path": path, "path_reason": reason,
+        "cuda_graph": trained.cuda_graph, "device": str(device), **_speed(trained),
+        "per_fold": per_fold, "best_fold": best, "metric": retrain_outputs.metric_name(data.task),
+        "classes": list(data.classes), "fold_seeds": [f.seed for f in fold_list],
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
         "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
-        "data": {k: v for k, v in pool.items() if k != "says"},  # samples, of, full_data
+        "data": {key: v for key, v in pool.items() if key != "says"},  # samples, of, full_data
     }
-    if mismatches:
-        metrics["version_mismatch"] = "; ".join(mismatches)
     arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
-    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
-                                  curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
+    # RetrainMetrics is the documented metrics.json: a key missing or extra fails here, not in a reader.
+    measured = RetrainMetrics(**metrics, version_mismatch="; ".join(mismatches) or None)
+    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=measured,
+                                  curves=retrain_outputs.curves(trained.results, measured.metric), arrays=arrays,
                                   models=models)
     if ckpt is not None:
         ckpt.discard()  # saved: nothing left to resume
-    if on_metrics:
-        on_metrics(metrics)
-    return record
+    return replace(record, metrics=measured)
+
+
+def _speed(trained: _Trained) -> dict[str, float | None]:
+    """``train_seconds`` and ``model_epochs_per_s`` of this run (a resumed run: the epochs it trained)."""
+    epochs = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)
+    return {"train_seconds": trained.seconds,
+            "model_epochs_per_s": epochs / trained.seconds if trained.seconds > 0 else None}
 
 
 def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial_number: int | None,
@@ -285,7 +286,7 @@ def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, res
     if not resume:
         ckpt.discard()
         return ckpt, None, None
-    saved = ckpt.load()
+    saved = ckpt.read()
     resumed_from = store.meta(RETRAIN_KEY)["at"] if saved is not None else None
     echo(f"  resuming from its checkpoint ({resumed_from})" if saved is not None
          else "  its checkpoint could not be used: starting over")

@@ -38,7 +38,7 @@ from hpo.search import study as studies
 from hpo.search.grid import StoreGridSampler, trials_to_run
 from hpo.search.grid import points as grid_points
 from hpo.search.objective import Abandoned, lineage_number, make_objective
-from hpo.search.study import load
+from hpo.search.study import open_study
 from hpo.store import budget as budgets
 from hpo.store import optuna_private
 from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
@@ -315,7 +315,7 @@ def run_worker(
         echo(f"warning: {note} (--allow-version-mismatch: recorded in every trial)")
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
-    study, spec = load(study_name, storage, seed_offset=sampler_seed_offset(number, worker_index))
+    study, spec = open_study(study_name, storage, seed_offset=sampler_seed_offset(number, worker_index))
     data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.search.grid), and the study ends when every point has run.

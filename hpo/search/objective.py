@@ -173,7 +173,7 @@ def _resume(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: i
     one written for this study, trial and parameters (anything else is ignored with a warning)."""
     if checkpoints is None or lineage == trial.number:
         return None
-    found = checkpoints.load(trial_key(lineage), expect=meta)
+    found = checkpoints.read(trial_key(lineage), expect=meta)
     if found is None:
         return None
     try:

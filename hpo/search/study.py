@@ -269,13 +269,21 @@ def heartbeat_of(storage: optuna.storages.BaseStorage, study_id: int) -> Heartbe
     return Heartbeat(**stored) if stored else Heartbeat.from_env()
 
 
-def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
-    """Load a study and its spec from the store.
+def open_study(name: str, storage: optuna.storages.BaseStorage | str | None = None, *,
+               seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
+    """Study ``name`` and its spec, with the spec's sampler (seeded ``seed_offset`` past the spec's
+    seed: ``hpo.training.seeds.sampler_seed_offset``) and pruner.
+
+    Args:
+        storage: an open store, or its URL (None: ``HPO_STORAGE``, else the default store).
 
     Raises:
-        StoreError: when there is no such study (listing the ones there are).
-        SpecError: when the study was not created by hpo.
+        StoreError: the store cannot be opened, or it has no such study (listing the ones there are).
+        SpecError: the study was not created by hpo.
     """
+    if storage is None or isinstance(storage, str):
+        from hpo.store.storage import open_storage
+        storage = open_storage(storage, heartbeat=False)
     sid = study_id(storage, name)
     raw = storage.get_study_user_attrs(sid).get(SPEC_ATTR)
     if raw is None:
@@ -296,17 +304,6 @@ def _upgraded(raw: dict) -> dict:
         if isinstance(d, dict) and d.get("kind") in settings:
             raw[section] = {k: v for k, v in d.items() if k == "kind" or k in settings[d["kind"]]}
     return raw
-
-
-def open_study(name: str, storage_url: str | None = None) -> tuple[optuna.Study, StudySpec]:
-    """Study ``name`` and its spec, from the store at ``storage_url`` (flag, ``HPO_STORAGE``, default).
-
-    Raises:
-        StoreError: the store cannot be opened, or it has no such study (listing the ones there are).
-        SpecError: the study was not created by hpo.
-    """
-    from hpo.store.storage import open_storage
-    return load(name, open_storage(storage_url, heartbeat=False))
 
 
 def create_from_file(spec: str, *, storage_url: str | None = None, force: bool = False,

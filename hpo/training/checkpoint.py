@@ -114,7 +114,7 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError):
             return None
 
-    def load(self, key: str, *, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    def read(self, key: str, *, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The payload and meta under ``key``, or None when there is none.
 
         A file that is damaged (bad magic or header, wrong size, checksum mismatch, unreadable

@@ -18,7 +18,7 @@ from conftest import run_hpo, small_regression_spec
 from hpo.errors import DataError
 from hpo.nn.models import build_model
 from hpo.retrain.results import save_retrain
-from hpo.search.study import load
+from hpo.search.study import open_study
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 
@@ -167,7 +167,7 @@ def test_cnn_insight_on_fashion_mnist(tmp_path, store_url):
         pytest.skip(f"Fashion-MNIST files not found: {e}")
     storage = open_storage(store_url, heartbeat=False)
     study = _synthetic_study(storage, "cnn", n_trials=12, steps=3, spec_name="fmnist-cnn")
-    _, spec = load("cnn", storage)
+    _, spec = open_study("cnn", storage)
     hp = hyperparams_from_params(spec, study.best_trial.params)
     write_contract_retrain(study, open_artifact_store(store_url), tmp_path / "retrain", folds=2, family="cnn",
                            hp=hp, task="classification", in_shape=(1, 28, 28), classes=[f"c{i}" for i in range(10)])

@@ -22,7 +22,7 @@ from test_parallel import create
 from hpo.retrain.results import fetch_files, load_retrain, read_json
 from hpo.retrain.run import run_retrain
 from hpo.running.worker import run_worker
-from hpo.search.study import load
+from hpo.search.study import open_study
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore
@@ -32,7 +32,7 @@ CPU = torch.device("cpu")
 
 
 def latest(url: str, artifacts: str) -> tuple[dict, dict, dict]:
-    study, _ = load("ck", open_storage(url, heartbeat=False))
+    study, _ = open_study("ck", open_storage(url, heartbeat=False))
     folder = fetch_files(open_artifact_store(url, artifacts), load_retrain(study))
     return read_json(folder, "metrics.json"), read_json(folder, "curves.json"), dict(np.load(folder / "predictions.npz"))
 

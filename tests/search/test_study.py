@@ -6,7 +6,7 @@ from optuna.trial import TrialState
 from hpo.data.tables import embed_csv
 from hpo.errors import StoreError
 from hpo.running.worker import run_worker
-from hpo.search.study import SPEC_ATTR, CachingMedianPruner, create, load
+from hpo.search.study import SPEC_ATTR, CachingMedianPruner, create, open_study
 from hpo.spec.schema import load_spec_file
 from hpo.store.statistics import summarize
 from hpo.store.storage import open_storage
@@ -20,7 +20,7 @@ def created(tmp_path, store_url, **overrides):
 
 def test_spec_and_data_travel_inside_the_store(tmp_path, store_url):
     spec = created(tmp_path, store_url)
-    study, loaded = load("regression", open_storage(store_url))
+    study, loaded = open_study("regression", open_storage(store_url))
     assert loaded == spec
     assert loaded.data.files["train"]["rows"] == 100 and loaded.data.inline is None
     assert study.user_attrs[SPEC_ATTR]["name"] == "regression"
@@ -69,7 +69,7 @@ def test_same_seed_one_worker_same_parameter_sequence(tmp_path):
 
 def test_summary_counts(tmp_path, store_url):
     created(tmp_path, store_url)
-    study, _ = load("regression", open_storage(store_url))
+    study, _ = open_study("regression", open_storage(store_url))
     for value in (0.5, 0.2):
         trial = study.ask()
         study.tell(trial, value)
@@ -129,5 +129,5 @@ def test_specs_stored_by_earlier_versions_still_load(tmp_path, store_url):
     old["pruner"] = {"kind": "median", "n_startup_trials": 3, "n_warmup_steps": 5, "interval_steps": 1,
                      "min_resource": 1, "reduction_factor": 3}
     optuna.load_study(study_name="regression", storage=storage).set_user_attr(SPEC_ATTR, old)
-    _, loaded = load("regression", storage)
+    _, loaded = open_study("regression", storage)
     assert loaded == spec

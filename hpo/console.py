@@ -55,14 +55,21 @@ def summary_text(s: Summary) -> str:
         f"  Number of finished trials: {s.finished}",
         f"  Number of pruned trials:   {s.counts['PRUNED']}",
         f"  Number of complete trials: {s.counts['COMPLETE']}",
-        f"  Number of failed trials:   {s.counts['FAIL']}",
+        f"  Number of failed trials:   {s.failed}",
     ]
+    if s.interrupted:
+        lines.append(f"  Interrupted (re-queued):   {s.interrupted}")
     if s.counts["RUNNING"] or s.counts["WAITING"]:
         lines.append(f"  Running / waiting:         {s.counts['RUNNING']} / {s.counts['WAITING']}")
     if s.wall_seconds is not None:
         lines.append(f"  Wall time:                 {s.wall_seconds:.1f}s")
     if s.gpu_sharing:
         lines.append(f"  GPU sharing (trials):      {sharing_text(s.gpu_sharing)}")
+    if s.latency_devices and len(s.latency_devices) > 1:
+        lines.append(f"  warning: latency_ms was timed on {len(s.latency_devices)} different devices "
+                     f"({sharing_text(s.latency_devices)}): latencies compare only within one device")
+    if s.stopped:
+        lines.append(f"  Stopped:                   {s.stopped['rule']}: {s.stopped['reason']}")
     if s.infeasible:
         lines.append(f"  Infeasible trials:         {s.infeasible} (broke a constraint; never best)")
     if s.pareto is not None:
@@ -85,15 +92,15 @@ def summary_text(s: Summary) -> str:
 def studies_table(rows: list[Summary]) -> str:
     if not rows:
         return "no studies in the store (create one with: hpo create-study NAME)"
-    header = f"{'study':24s} {'complete':>8s} {'pruned':>7s} {'fail':>5s} {'running':>7s}  best"
+    header = f"{'study':24s} {'complete':>8s} {'pruned':>7s} {'failed':>6s} {'interrupted':>11s} {'running':>7s}  best"
     out = [header]
     for s in rows:
         if s.pareto is not None:
             best = f"pareto set of {len(s.pareto)} ({s.metric})"
         else:
             best = f"{s.metric}={_num(s.best_value)} (#{s.best_trial})" if s.best_trial is not None else "-"
-        out.append(f"{s.name:24s} {s.counts['COMPLETE']:8d} {s.counts['PRUNED']:7d} {s.counts['FAIL']:5d} "
-                   f"{s.counts['RUNNING']:7d}  {best}")
+        out.append(f"{s.name:24s} {s.counts['COMPLETE']:8d} {s.counts['PRUNED']:7d} {s.failed:6d} "
+                   f"{s.interrupted:11d} {s.counts['RUNNING']:7d}  {best}")
     return "\n".join(out)
 
 

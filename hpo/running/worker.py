@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import optuna
 import torch
@@ -40,7 +41,7 @@ from hpo.search.grid import points as grid_points
 from hpo.search.objective import Abandoned, lineage_number, make_objective
 from hpo.search.study import open_study
 from hpo.store import budget as budgets
-from hpo.store import optuna_private
+from hpo.store import control, optuna_private
 from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
 from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
 from hpo.store.retry import is_transient
@@ -230,19 +231,30 @@ def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage
 
 def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: StopSignal, *,
                 n_trials: int | None, deadline: float | None, poll: float, done_line: str, metric: str,
-                echo: Callable[[str], None]) -> int:
+                echo: Callable[[str], None], gate: control.Gate | None = None,
+                budget_now: Callable[[], int | None] | None = None) -> int:
     """The worker's loop: fail dead workers' trials, start the next trial, run it, say how it ended;
-    until the study's budget (or grid) is done, this worker's limit or deadline, or a stop signal.
-    Returns how many trials this worker ran."""
+    until the study's budget (or grid) is done, this worker's limit or deadline, a stop signal, or
+    the study's stop (``gate``: ``hpo stop`` or a stopping rule). When the budget is used up,
+    ``budget_now`` is asked once more (``hpo extend`` may have raised it). Returns how many
+    trials this worker ran."""
     ran = 0
     try:
         while not stop.requested and (n_trials is None or ran < n_trials):
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            closed = gate.closed() if gate is not None else None
+            if closed is not None:
+                echo(closed)
+                break
             worker.fail_stale()
             trial = worker.next_trial()
             if trial is None:
                 if not worker.in_flight():
+                    raised = budget_now() if budget_now is not None else None
+                    if raised is not None and worker.budget is not None and raised > worker.budget:
+                        worker.budget = raised
+                        continue
                     echo(done_line)
                     break
                 time.sleep(poll)  # the budget is taken but trials still run: one may come back
@@ -253,6 +265,9 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
                 echo(trial_line(worker.study, frozen, metric))
     except Interrupted:
         echo("interrupted: the running trial is re-queued")
+        closed = gate.closed() if gate is not None else None
+        if closed is not None:
+            echo(closed)
     return ran
 
 
@@ -320,7 +335,14 @@ def run_worker(
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.search.grid), and the study ends when every point has run.
     grid = study.sampler if isinstance(study.sampler, StoreGridSampler) else None
-    budget = trials_to_run(spec)
+
+    def budget_now() -> int | None:
+        return trials_to_run(replace(spec, budget=replace(
+            spec.budget, n_trials=control.n_trials_of(storage, study_id, spec.budget.n_trials))))
+
+    budget = budget_now()
+    gate = control.Gate(study, storage, study_id, directions=spec.directions, max_minutes=spec.budget.max_minutes,
+                        patience=spec.budget.patience, target=spec.budget.target)
     checkpoints = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     worker = Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
                     new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
@@ -331,17 +353,18 @@ def run_worker(
     deadline = time.monotonic() + min(timeouts) if timeouts else None
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
-         f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
+         f"budget {budget} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
     start = time.perf_counter()
     with StopSignal() as stop:
-        objective = make_objective(spec, data, should_stop=lambda: stop.requested,
+        objective = make_objective(spec, data, should_stop=lambda: stop.requested or gate.stop_now(),
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
                                    progress=progress, checkpoints=checkpoints)
         if mismatches:
             objective = _noting(objective, "version_mismatch", "; ".join(mismatches))
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
-                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo)
+                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo,
+                              gate=gate, budget_now=budget_now)
         except Exception as e:
             if is_transient(e):
                 raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "

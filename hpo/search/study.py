@@ -27,6 +27,7 @@ from hpo.store.config import Heartbeat
 from hpo.training.seeds import sampler_seed
 
 SPEC_ATTR = "hpo_spec"
+SPEC_TEXT_ATTR = "hpo_spec_text"  # the spec file's text as its author wrote it (studies made from a file)
 HEARTBEAT_ATTR = "hpo:heartbeat"  # study system attr: the heartbeat interval and grace period every worker uses
 
 
@@ -216,7 +217,7 @@ def check_buildable(spec: StudySpec, *, source: str = "<spec>") -> None:
 
 
 def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool = False,
-           heartbeat: Heartbeat | None = None, source: str = "<spec>") -> optuna.Study:
+           heartbeat: Heartbeat | None = None, source: str = "<spec>", text: str | None = None) -> optuna.Study:
     """Create the study with its spec stored inside it, its data files (``spec.data.files``, read
     from ``spec.data.train``/``test`` unless the store holds them already) beside it, and the
     heartbeat settings its workers will share (default: ``HPO_HEARTBEAT_INTERVAL``/``HPO_GRACE_PERIOD``,
@@ -224,6 +225,7 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
 
     Args:
         source: how to name the spec in errors (its file).
+        text: the spec file's text, kept as written (comments and all) for the report.
 
     Raises:
         SpecError: when Optuna refuses the sampler or pruner settings, or the name does not fit
@@ -248,6 +250,8 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         if spec.data.files:
             datastore.attach(storage.engine, optuna_private.study_id(study), _data_files(spec))
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        if text is not None:
+            study.set_user_attr(SPEC_TEXT_ATTR, text)
         storage.set_study_system_attr(optuna_private.study_id(study), provenance.ATTR,
                                       provenance.record(spec.model, spec.data.source))
         with warnings.catch_warnings():
@@ -339,5 +343,5 @@ def create_from_file(spec: str, *, storage_url: str | None = None, force: bool =
         raise SpecError(f"{path}: model: {parsed.model} takes images (channels, height, width); "
                         f"data.source {parsed.data.source} gives rows of features")
     study = create(parsed, open_storage(storage_url, heartbeat=False), force=force, heartbeat=heartbeat,
-                   source=str(path))
+                   source=str(path), text=path.read_text())
     return study, parsed, warnings

@@ -9,6 +9,10 @@ Faults a worker survives (each tested): a trial that raises or returns NaN/inf (
 ``fail_reason``), a trial failed meanwhile by another process (dropped with a warning line),
 SIGINT/SIGTERM (FAIL "interrupted", re-queued, exit 0), a store that goes away for less than
 ``HPO_STORE_RETRY`` seconds, another worker dying at any moment.
+
+A store lost for longer, or whose disk is full, is no fault of the trial: the worker leaves the
+trial RUNNING and ends with one line (``StoreUnreachable``: exit 75; ``StoreFull``: exit 74); the
+next worker finds the trial silent after the grace period and re-queues it in its budget place.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.console import trial_line
 from hpo.data.dataset import Dataset
 from hpo.data.sources import load_dataset
-from hpo.errors import StoreError
+from hpo.errors import StoreFault, StoreFull, StoreUnreachable
 from hpo.running.progress import Progress
 from hpo.running.signals import StopSignal
 from hpo.search import study as studies
@@ -43,7 +47,7 @@ from hpo.store import budget as budgets
 from hpo.store import optuna_private
 from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
 from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
-from hpo.store.retry import is_transient
+from hpo.store.retry import is_disk_full, is_transient, reason
 from hpo.store.statistics import Summary, summarize
 from hpo.store.storage import WorkerStorage, open_storage
 from hpo.training.checkpoint import CheckpointStore, trial_key
@@ -100,6 +104,7 @@ class Worker:
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
         self._stale_checked = -float("inf")
         self._none_waiting_at: float | None = None
+        self.current: int | None = None  # the number of the trial this worker runs now
 
     def next_trial(self) -> optuna.Trial | None:
         """A re-queued retry if one waits, else an enqueued or new trial within the budget;
@@ -171,6 +176,12 @@ class Worker:
         Raises:
             Interrupted: when the worker was told to stop; the trial is failed and re-queued first.
         """
+        self.current = trial.number
+        finished = self._run(trial, objective)
+        self.current = None  # left set when the store failed under the trial: it is still RUNNING
+        return finished
+
+    def _run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial | None:
         trial_id = optuna_private.trial_id(trial)
         value, state, reason = None, TrialState.COMPLETE, None
         with _Heartbeat(self.storage, trial_id):
@@ -192,7 +203,11 @@ class Worker:
                 raise
             except (Abandoned, optuna.exceptions.UpdateFinishedTrialError):
                 return self._abandon(trial)
+            except StoreFault:
+                raise  # the store failed, not the trial: it stays RUNNING for the next worker to re-queue
             except Exception as e:  # noqa: BLE001 - any failure of one trial must not end the worker
+                if is_transient(e) or is_disk_full(e):
+                    raise
                 state, reason = TrialState.FAIL, f"{type(e).__name__}: {e}"[:500]
         try:
             if reason is not None:
@@ -215,7 +230,7 @@ class Worker:
         state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None,
                                                state)
         frozen = copy.deepcopy(optuna_private.cached_frozen_trial(trial))
-        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()
+        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now().astimezone()
         return frozen
 
 
@@ -304,8 +319,51 @@ def run_worker(
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
+        StoreUnreachable: the store stayed unreachable for longer than ``HPO_STORE_RETRY`` (at
+            start or at any later call); a trial it was running stays RUNNING for the next worker.
+        StoreFull: the store's disk is full (the same).
     """
+    try:
+        return _run_worker(study_name, storage_url=storage_url, device=device, n_trials=n_trials, timeout=timeout,
+                           worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
+                           progress=progress)
+    except Exception as e:
+        fault = store_fault(e, storage_url)
+        if fault is None or fault is e:
+            raise
+        raise fault from e
+
+
+def store_fault(error: Exception, storage_url: str | None) -> StoreFault | None:
+    """``error`` as the store fault it is (naming the store), or ``None`` when it is none: a store
+    unreachable past its retries, or a full disk, met in hpo's retries or in a call of Optuna's."""
+    url = mask_url(resolve_url(storage_url))
+    if isinstance(error, StoreFault):
+        return error if url in str(error) else type(error)(f"{url}: {error}")
+    if is_transient(error):
+        return StoreUnreachable(f"the store {url} is unreachable: {mask_url(reason(error))}")
+    if is_disk_full(error):
+        return StoreFull(f"the store {url}: its disk is full: {mask_url(reason(error))}")
+    return None
+
+
+def _run_worker(study_name: str, *, storage_url: str | None, device: torch.device, n_trials: int | None,
+                timeout: float | None, worker_index: int, data_dir: str | None, artifacts: str | None,
+                echo: Callable[[str], None], progress: Progress | None) -> Summary:
     storage, heartbeat = _open_store(study_name, storage_url)
+    try:
+        return _work(storage, heartbeat, study_name, storage_url=storage_url, device=device, n_trials=n_trials,
+                     timeout=timeout, worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
+                     progress=progress)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()  # what it holds goes back however the worker ends
+
+
+def _work(storage: WorkerStorage, heartbeat: Heartbeat, study_name: str, *, storage_url: str | None,
+          device: torch.device, n_trials: int | None, timeout: float | None, worker_index: int,
+          data_dir: str | None, artifacts: str | None, echo: Callable[[str], None],
+          progress: Progress | None) -> Summary:
     study_id = studies.study_id(storage, study_name)
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
@@ -336,13 +394,14 @@ def run_worker(
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
                               poll=min(2.0, heartbeat.interval), done_line=done_line, metric=spec.metric, echo=echo)
         except Exception as e:
-            if is_transient(e):
-                raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "
-                                 f"retry window (HPO_STORE_RETRY): {mask_url(str(e).splitlines()[0])}") from e
-            raise
+            fault = store_fault(e, storage_url)
+            if fault is None:
+                raise
+            held = "" if worker.current is None else (
+                f"; its trial {worker.current} stays RUNNING until the next worker re-queues it (after the "
+                f"study's grace period of {heartbeat.grace} s), in its budget place")
+            raise type(fault)(f"worker {number} stopped: {fault}{held}") from e
         summary = summarize(study)
-        storage.remove_session()
-        storage.engine.dispose()
     echo(f"worker {number} done in {time.perf_counter() - start:.1f}s ({ran} trials)")
     sys.stdout.flush()
     return summary

@@ -144,11 +144,12 @@ def prepare_sqlite(path: Path) -> None:
 
 def engine_kwargs(url: str, *, sqlite_timeout: float = SQLITE_TIMEOUT) -> dict:
     """SQLAlchemy engine settings: SQLite waits ``sqlite_timeout`` seconds for its lock; a server
-    store keeps one pooled connection per process, pre-pinged."""
+    store keeps one pooled connection per process (no overflow), pre-pinged."""
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": sqlite_timeout}}
     connect_timeout = int(env_seconds("HPO_CONNECT_TIMEOUT", 5))
-    # One worker keeps one idle connection; the heartbeat thread borrows a second one briefly,
-    # so N workers hold about N connections. Pre-ping replaces connections a server restart killed.
-    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 3600,
+    # At most one connection per process: the worker's thread and its heartbeat take turns on it
+    # (each holds it for one short transaction), so N workers hold at most N connections and a
+    # role limited to N connections runs N workers. Pre-ping replaces connections a restart killed.
+    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 0, "pool_recycle": 3600,
             "connect_args": {"connect_timeout": connect_timeout}}

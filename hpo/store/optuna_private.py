@@ -112,6 +112,11 @@ def tell(study: optuna.Study, trial: optuna.Trial, value: float | None,
     return _tell_with_warning(study, trial, value, state, skip_if_finished=True)
 
 
+def schema_head(storage: optuna.storages.RDBStorage) -> str:
+    """The schema revision this Optuna writes (alembic's head; read from Optuna's files)."""
+    return storage._version_manager.get_head_version()
+
+
 def cache_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Tell Optuna's cache in front of the store about ``trial``, created or started by hpo's own
     transaction (Optuna's ``create_new_trial`` does this for the trials it creates)."""

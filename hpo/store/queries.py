@@ -31,7 +31,8 @@ RETRY_ATTR = "failed_trial"  # trial system attr of a re-queued retry (Optuna's 
 
 def retried(storage: optuna.storages.RDBStorage, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` retried within ``storage``'s retry window (none for a plain RDBStorage)."""
-    return call_retrying(getattr(storage, "retry_seconds", 0), fn, *args, **kwargs)
+    return call_retrying(getattr(storage, "retry_seconds", 0), fn, *args, outage=getattr(storage, "outage", None),
+                         **kwargs)
 
 
 def upsert(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: tuple[str, str]) -> None:

@@ -37,7 +37,8 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
     summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
                          n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
                          artifacts=artifacts, echo=click.echo, progress=Progress())
-    click.echo(summary_text(summary))
+    if summary is not None:
+        click.echo(summary_text(summary))
 
 
 COMMANDS = [worker]

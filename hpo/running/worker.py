@@ -60,31 +60,52 @@ WAITING_CHECK_EVERY = 1.0  # seconds
 _log = logging.getLogger("hpo.running.worker")
 
 
+class StudyGone(Exception):
+    """The worker's study was deleted, or replaced by one of the same name (``create-study --force``)."""
+
+
 class _Heartbeat:
     """Every interval, in a thread: records the trial's heartbeat, then writes its pending reports
     and attrs (so the dashboard follows a running trial) and sees whether another process
-    finished it. The beat never waits on the write: a write that keeps failing does not let
-    other workers think the trial dead. A store outage only skips beats."""
+    finished it, or whether the study was deleted or replaced. The beat never waits on the write: a
+    write that keeps failing does not let other workers think the trial dead. A store outage skips
+    beats; one past ``HPO_STORE_RETRY`` stops the trial after its epoch (``fault``)."""
 
-    def __init__(self, storage: WorkerStorage, trial_id: int):
-        self._storage, self._trial_id = storage, trial_id
+    def __init__(self, storage: WorkerStorage, trial_id: int, study_gone: Callable[[], bool]):
+        self._storage, self._trial_id, self._study_gone = storage, trial_id, study_gone
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.fault: StoreFault | None = None  # the store was lost past its retries: the trial stops
 
     def _run(self) -> None:
         # The first beat comes after one interval: a trial shorter than that costs no heartbeat
         # writes, and a worker that dies before it is caught by the silent-trial check instead.
         interval = self._storage.get_heartbeat_interval()
         while not self._stop.wait(interval):
-            for step in (self._storage.record_heartbeat, self._storage.refresh):
+            for step in (self._check_study, self._storage.record_heartbeat, self._storage.refresh):
                 try:
-                    step(self._trial_id)
-                except Exception as e:  # noqa: BLE001 - the store's own retries are exhausted; try next beat
+                    if step(self._trial_id) is False:
+                        return
+                except StoreFault as e:
+                    # Past HPO_STORE_RETRY: stop training for nothing; the worker stops after the
+                    # epoch, leaving the trial RUNNING for the next worker to re-queue.
+                    self.fault = e
+                    self._storage.drop(self._trial_id)
+                    return
+                except Exception as e:  # noqa: BLE001 - try again at the next beat
                     _log.warning("heartbeat %s failed: %s", step.__name__,
                                  mask_url(str(e).splitlines()[0] if str(e) else repr(e)))
 
-    def __enter__(self) -> None:
+    def _check_study(self, trial_id: int) -> bool:
+        if self._study_gone():
+            # Write nothing more: the trial's id may be reused by the new study's trials.
+            self._storage.drop(trial_id)
+            return False
+        return True
+
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
+        return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -105,6 +126,7 @@ class Worker:
         self._stale_checked = -float("inf")
         self._none_waiting_at: float | None = None
         self.current: int | None = None  # the number of the trial this worker runs now
+        self.identity = studies.identity(storage, study.study_name)  # (id, creation token) when loaded
 
     def next_trial(self) -> optuna.Trial | None:
         """A re-queued retry if one waits, else an enqueued or new trial within the budget;
@@ -177,14 +199,27 @@ class Worker:
             Interrupted: when the worker was told to stop; the trial is failed and re-queued first.
         """
         self.current = trial.number
-        finished = self._run(trial, objective)
+        try:
+            finished = self._run(trial, objective)
+        except Exception as e:
+            if not isinstance(e, StoreFault) and self.study_gone():
+                # Its trial went with the study: only the checkpoint is left, which a trial of the
+                # new study with the same number must never resume.
+                self.lineage_ended(optuna_private.cached_frozen_trial(trial))
+                self.current = None
+                raise StudyGone from e
+            raise
         self.current = None  # left set when the store failed under the trial: it is still RUNNING
         return finished
+
+    def study_gone(self) -> bool:
+        """Whether the study was deleted or replaced since this worker loaded it (one query)."""
+        return studies.identity(self.storage, self.study.study_name) != self.identity
 
     def _run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial | None:
         trial_id = optuna_private.trial_id(trial)
         value, state, reason = None, TrialState.COMPLETE, None
-        with _Heartbeat(self.storage, trial_id):
+        with _Heartbeat(self.storage, trial_id, self.study_gone) as beat:
             frozen = optuna_private.cached_frozen_trial(trial)
             try:
                 trial.set_user_attr("worker", self.label)
@@ -202,6 +237,8 @@ class Worker:
                                    requeue=True)
                 raise
             except (Abandoned, optuna.exceptions.UpdateFinishedTrialError):
+                if beat.fault is not None:
+                    raise beat.fault from None
                 return self._abandon(trial)
             except StoreFault:
                 raise  # the store failed, not the trial: it stays RUNNING for the next worker to re-queue
@@ -209,6 +246,8 @@ class Worker:
                 if is_transient(e) or is_disk_full(e):
                     raise
                 state, reason = TrialState.FAIL, f"{type(e).__name__}: {e}"[:500]
+        if self.study_gone():  # its id may now belong to a trial of the new study: tell nothing
+            raise StudyGone
         try:
             if reason is not None:
                 trial.set_user_attr("fail_reason", reason)
@@ -230,7 +269,7 @@ class Worker:
         state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None,
                                                state)
         frozen = copy.deepcopy(optuna_private.cached_frozen_trial(trial))
-        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now().astimezone()
+        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()  # local and naive, as Optuna 5 reads trial times
         return frozen
 
 
@@ -266,8 +305,13 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
         while not stop.requested and (n_trials is None or ran < n_trials):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            worker.fail_stale()
-            trial = worker.next_trial()
+            try:
+                worker.fail_stale()
+                trial = worker.next_trial()
+            except Exception as e:
+                if not isinstance(e, StoreFault) and worker.study_gone():
+                    raise StudyGone from e
+                raise
             if trial is None:
                 if not worker.in_flight():
                     echo(done_line)
@@ -298,8 +342,10 @@ def run_worker(
     artifacts: str | None = None,
     echo: Callable[[str], None] = print,
     progress: Progress | None = None,
-) -> Summary:
-    """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards.
+) -> Summary | None:
+    """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards
+    (``None`` when the study was deleted or replaced under the worker: it says so on one line,
+    drops the trial it ran, with its checkpoint, and writes nothing to the new study).
 
     SIGINT/SIGTERM end the running trial as FAIL (``fail_reason`` "interrupted"), re-queue it,
     close the store's connections and return; a second signal exits at once.
@@ -349,7 +395,7 @@ def store_fault(error: Exception, storage_url: str | None) -> StoreFault | None:
 
 def _run_worker(study_name: str, *, storage_url: str | None, device: torch.device, n_trials: int | None,
                 timeout: float | None, worker_index: int, data_dir: str | None, artifacts: str | None,
-                echo: Callable[[str], None], progress: Progress | None) -> Summary:
+                echo: Callable[[str], None], progress: Progress | None) -> Summary | None:
     storage, heartbeat = _open_store(study_name, storage_url)
     try:
         return _work(storage, heartbeat, study_name, storage_url=storage_url, device=device, n_trials=n_trials,
@@ -363,7 +409,7 @@ def _run_worker(study_name: str, *, storage_url: str | None, device: torch.devic
 def _work(storage: WorkerStorage, heartbeat: Heartbeat, study_name: str, *, storage_url: str | None,
           device: torch.device, n_trials: int | None, timeout: float | None, worker_index: int,
           data_dir: str | None, artifacts: str | None, echo: Callable[[str], None],
-          progress: Progress | None) -> Summary:
+          progress: Progress | None) -> Summary | None:
     study_id = studies.study_id(storage, study_name)
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
@@ -393,6 +439,9 @@ def _work(storage: WorkerStorage, heartbeat: Heartbeat, study_name: str, *, stor
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
                               poll=min(2.0, heartbeat.interval), done_line=done_line, metric=spec.metric, echo=echo)
+        except StudyGone:
+            echo(f"study {study_name!r} was deleted or replaced; stopping")
+            return None
         except Exception as e:
             fault = store_fault(e, storage_url)
             if fault is None:

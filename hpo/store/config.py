@@ -100,10 +100,18 @@ def resolve_url(flag: str | None = None) -> str:
     return flag or os.environ.get("HPO_STORAGE") or DEFAULT_URL
 
 
+# user:password@ of a URL (the user may be empty; the password runs to the last @ of the word, so
+# an unencoded @ or / in it is masked too); a password in a query string or a libpq key=value DSN,
+# plain or URL-encoded (a pyodbc odbc_connect string), quoted or not, under the names drivers take.
+_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)\S*@")
+_KEYED = re.compile(r"((?:ssl)?(?:password|passwd|pwd)\s*(?:=|%3D))(?:'[^']*'|\"[^\"]*\"|.*?)(?=&|;|%26|%3B|\s|$)",
+                    re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The text with every URL password replaced by ``***`` (for every log line and error)."""
-    text = re.sub(r"(\w[\w+.-]*://[^:/@\s]+:)\S*@", r"\1***@", url)
-    return re.sub(r"(password=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)
+    """The text with every URL password replaced by ``***`` (for every log line and error): in the
+    user info of any SQLAlchemy URL, and in query strings and DSNs (``password``, ``passwd``, ``pwd``)."""
+    return _KEYED.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 def driver_url(url: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 from collections.abc import Iterator
 
 import optuna
@@ -37,6 +38,17 @@ TRIAL_USER_ATTRS = models.TrialUserAttributeModel.__table__
 TRIAL_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
 TRIAL_HEARTBEATS = models.TrialHeartbeatModel.__table__
 METADATA = models.BaseModel.metadata
+
+
+def stored_now() -> datetime.datetime:
+    """Now, as Optuna 5 writes trial times into its tables (``datetime_start``, ``datetime_complete``):
+    UTC without a time zone (its models convert on the way in and out; optuna#6708, PR #6776)."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+def stored_time(value: datetime.datetime | None) -> datetime.datetime | None:
+    """A trial time read from Optuna's tables as Optuna 5's models return it: local time, naive."""
+    return None if value is None else value.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
 
 
 def stored_intermediate_value(value: float) -> tuple[float | None, object]:

@@ -33,8 +33,9 @@ _PG_TRANSIENT_CODES = {"40001", "40P01", "57P01", "57P02", "57P03", "53300", "55
 _MYSQL_TRANSIENT = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 # libpq puts no SQLSTATE on errors raised while connecting; these texts say the URL is wrong.
 _PERMANENT_CONNECT = re.compile(r"does not exist|password authentication failed|no password supplied|"
-                                r"no pg_hba\.conf entry|permission denied|could not translate host name|"
-                                r"authentication failed", re.IGNORECASE)
+                                r"no pg_hba\.conf entry|permission denied|authentication failed|"
+                                r"could not translate host name|failed to resolve host|"
+                                r"name or service not known|nodename nor servname", re.IGNORECASE)
 _PG_DISK_FULL = "53100"
 _MYSQL_DISK_FULL = {1021, 1114}  # disk full; the table is full
 _SQLITE_FULL = 13

@@ -10,7 +10,6 @@ heartbeat, so writes to it are refused at the call within one heartbeat interval
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import logging
 import threading
@@ -71,7 +70,7 @@ class RetryingRDBStorage(optuna_private.RDBStorage):
             KeyError: no such trial.
             UpdateFinishedTrialError: the trial is already finished.
         """
-        now = datetime.datetime.now()
+        now = optuna_private.stored_now()
         if state == TrialState.RUNNING:
             allowed, changes = (TrialState.WAITING,), {"state": state, "datetime_start": now}
         else:
@@ -184,6 +183,14 @@ class WorkerStorage(RetryingRDBStorage):
         if dropped and any(dropped):
             _log.warning("trial id %d was finished elsewhere (%s); dropped %d values and %d attrs written here",
                          trial_id, state.name, len(dropped[0]), len(dropped[1]))
+
+    def drop(self, trial_id: int) -> None:
+        """Stop running ``trial_id`` here without writing anything more to it (its study is gone):
+        pending writes are dropped, later writes raise ``UpdateFinishedTrialError``."""
+        with self._lock:
+            self._own.pop(trial_id, None)
+            self._pending.pop(trial_id, None)
+            self._finished[trial_id] = TrialState.FAIL
 
     def _refuse_finished(self, trial_id: int) -> None:
         if trial_id in self._finished:

@@ -13,11 +13,22 @@ import time
 import uuid
 
 import pytest
-from conftest import _pg_conn
 from optuna.trial import TrialState
 from tcp_proxy import Proxy
 from test_faults import FAST_HEARTBEAT, LONG_EPOCHS, create, running_with_reports, slow_spec, trials_of, wait_for
 from test_parallel import budget_trials, fast_spec, start_worker
+
+
+def _pg_conn():
+    """An autocommit connection to the test server as its superuser."""
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=3)
+    conn.autocommit = True
+    return conn
+
+
+LOADED = 900  # seconds: CI machines run many suites at once (a LONG_EPOCHS trial took minutes there)
 
 
 def _log(path) -> str:
@@ -44,12 +55,12 @@ def test_an_outage_longer_than_the_retry_window_stops_the_worker_and_costs_no_bu
     try:
         env = dict(os.environ, HPO_STORAGE=proxy.url(pg_url), HPO_STORE_RETRY="3", **FAST_HEARTBEAT)
         proc = start_worker(env, "regression", tmp_path / "lost.log")
-        victim = wait_for(lambda: running_with_reports(pg_url, proc.pid))
+        victim = wait_for(lambda: running_with_reports(pg_url, proc.pid), timeout=LOADED)
         proxy.cut()
         cut_at = time.monotonic()
-        assert proc.wait(timeout=120) == 75, _log(tmp_path / "lost.log")
+        assert proc.wait(timeout=LOADED) == 75, _log(tmp_path / "lost.log")
         # It stopped training at the first beat past the window, not at the end of the trial.
-        assert time.monotonic() - cut_at < 30, _log(tmp_path / "lost.log")
+        assert time.monotonic() - cut_at < 60, _log(tmp_path / "lost.log")
         text = _log(tmp_path / "lost.log")
         assert "store unreachable" in text and "retrying for up to 3 s (HPO_STORE_RETRY sets it)" in text, text
         last = text.strip().splitlines()[-1]
@@ -59,7 +70,7 @@ def test_an_outage_longer_than_the_retry_window_stops_the_worker_and_costs_no_bu
         assert {t.number: t.state for t in trials_of(pg_url)}[victim.number] == TrialState.RUNNING
         proxy.restore()
         after = start_worker(env, "regression", tmp_path / "next.log")
-        assert after.wait(timeout=300) == 0, _log(tmp_path / "next.log")
+        assert after.wait(timeout=LOADED) == 0, _log(tmp_path / "next.log")
     finally:
         proxy.close()
     _assert_nothing_lost(pg_url, 2, victim)
@@ -95,9 +106,9 @@ def test_a_full_disk_under_a_sqlite_store_is_one_line_and_nothing_is_lost(tmp_pa
         create(slow_spec(tmp_path, 2, LONG_EPOCHS), url)
         env = dict(os.environ, HPO_STORAGE=url, **FAST_HEARTBEAT)
         proc = start_worker(env, "regression", tmp_path / "full.log")
-        victim = wait_for(lambda: running_with_reports(url, proc.pid))
+        victim = wait_for(lambda: running_with_reports(url, proc.pid), timeout=LOADED)
         _fill(fs)
-        code = proc.wait(timeout=120)
+        code = proc.wait(timeout=LOADED)
         text = _log(tmp_path / "full.log")
         assert code == 74 and "Traceback" not in text, text
         last = text.strip().splitlines()[-1]
@@ -108,7 +119,7 @@ def test_a_full_disk_under_a_sqlite_store_is_one_line_and_nothing_is_lost(tmp_pa
         conn.close()
         assert {t.number: t.state for t in trials_of(url)}[victim.number] == TrialState.RUNNING
         after = start_worker(env, "regression", tmp_path / "next.log")
-        assert after.wait(timeout=300) == 0, _log(tmp_path / "next.log")
+        assert after.wait(timeout=LOADED) == 0, _log(tmp_path / "next.log")
         _assert_nothing_lost(url, 2, victim)
 
 
@@ -133,13 +144,13 @@ def test_four_workers_start_while_connections_are_killed_every_0_2_s(tmp_path, p
         logs = [tmp_path / f"w{i}.log" for i in range(4)]
         procs = [start_worker(env, "regression", log) for log in logs]
         # Every worker past its start (it said which worker it is) while the kills go on.
-        wait_for(lambda: all("for study 'regression'" in _log(log) for log in logs), timeout=240,
+        wait_for(lambda: all("for study 'regression'" in _log(log) for log in logs), timeout=LOADED,
                  what="every worker to start")
     finally:
         stop.set()
         killer.join()
     for proc, log in zip(procs, logs):
-        assert proc.wait(timeout=300) == 0, _log(log)
+        assert proc.wait(timeout=LOADED) == 0, _log(log)
     assert any("store unreachable" in _log(log) for log in logs)  # the kills did reach them
     assert len(budget_trials(pg_url, "regression")) == 8
     assert not [t for t in trials_of(pg_url) if t.state == TrialState.RUNNING]
@@ -187,7 +198,7 @@ def test_a_role_limited_to_2_connections_runs_2_workers(tmp_path, limited_role):
     logs = [tmp_path / f"w{i}.log" for i in range(2)]
     procs = [start_worker(env, "regression", log) for log in logs]
     for proc, log in zip(procs, logs):
-        assert proc.wait(timeout=300) == 0, _log(log)
+        assert proc.wait(timeout=LOADED) == 0, _log(log)
     text = "".join(_log(log) for log in logs)
     assert "too many connections" not in text and "store unreachable" not in text, text
     _limit(role, -1)  # the test's own reads
@@ -209,11 +220,11 @@ def test_workers_in_two_time_zones_write_true_times(tmp_path, store_url):
     began = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
     start = time.monotonic()
     tokyo = start_worker(dict(base, TZ="Asia/Tokyo"), "regression", tmp_path / "tokyo.log")
-    wait_for(lambda: running_with_reports(store_url, tokyo.pid))
+    wait_for(lambda: running_with_reports(store_url, tokyo.pid), timeout=LOADED)
     tokyo.send_signal(signal.SIGTERM)  # its trial: FAIL and re-queued (hpo's own writes of trial times)
-    assert tokyo.wait(timeout=120) == 0, _log(tmp_path / "tokyo.log")
+    assert tokyo.wait(timeout=LOADED) == 0, _log(tmp_path / "tokyo.log")
     new_york = start_worker(dict(base, TZ="America/New_York"), "regression", tmp_path / "ny.log")
-    assert new_york.wait(timeout=300) == 0, _log(tmp_path / "ny.log")
+    assert new_york.wait(timeout=LOADED) == 0, _log(tmp_path / "ny.log")
     elapsed = time.monotonic() - start
     ended = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=1)
     trials = trials_of(store_url)
@@ -235,9 +246,9 @@ def test_a_study_replaced_under_a_worker_stops_it_with_one_line_and_exit_0(tmp_p
     create(spec, store_url)
     env = dict(os.environ, HPO_STORAGE=store_url, **FAST_HEARTBEAT)
     proc = start_worker(env, "regression", tmp_path / "w.log")
-    wait_for(lambda: running_with_reports(store_url, proc.pid))
+    wait_for(lambda: running_with_reports(store_url, proc.pid), timeout=LOADED)
     run_hpo("create-study", str(spec), "--force", env=env, check=0)
-    assert proc.wait(timeout=120) == 0, _log(tmp_path / "w.log")
+    assert proc.wait(timeout=LOADED) == 0, _log(tmp_path / "w.log")
     text = _log(tmp_path / "w.log")
     assert "study 'regression' was deleted or replaced; stopping" in text and "Traceback" not in text, text
     assert "error" not in text.lower(), text
@@ -267,7 +278,7 @@ def test_fleet_gives_its_workers_the_store_url_in_the_environment_not_on_the_com
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             seen.append((open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(),
                          open(f"/proc/{pid}/environ", "rb").read().decode(errors="replace")))
-    out = "".join(lines) + fleet.communicate(timeout=300)[0]
+    out = "".join(lines) + fleet.communicate(timeout=LOADED)[0]
     assert fleet.returncode == 0, out
     assert seen and all("s3cretPW" not in cmdline and "--storage" not in cmdline for cmdline, _ in seen), seen
     assert all(f"HPO_STORAGE={url}" in environ for _, environ in seen)

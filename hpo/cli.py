@@ -50,18 +50,22 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _register_commands() -> None:
     from hpo.commands import (
         bench,
+        control,
         create_study,
         dashboard,
         export,
+        families,
         fleet,
         launch,
         report,
         retrain,
         status,
+        warm,
         worker,
     )
 
-    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench):
+    for module in (create_study, worker, status, control, retrain, report, export, dashboard, fleet, launch, bench,
+                   families, warm):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -46,29 +46,19 @@ def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: st
           storage: str | None) -> None:
     """Submit N workers of a study as a SLURM job array (sbatch)."""
     from hpo.running.launch import slurm as sl
-    from hpo.store.config import mask_url, resolve_url
     p = sl.plan(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker, device=device,
                 workers_per_gpu=workers_per_gpu, partition=partition, time=time_limit, account=account,
                 sbatch_args=sbatch_args, grace=grace, python=python)
-    url = resolve_url(storage)
-    sl.check_shared(url, allow_sqlite=allow_sqlite)
-    sbatch = None if dry_run else sl.sbatch_path()
-    budget = sl.study_budget(url, study_name)
-    jobs_dir = jobs_dir or sl.JOBS_DIR
-    script = sl.job_script(p, log_dir=jobs_dir)
-    what = (f"{p.workers} workers of study {study_name!r} (budget {budget} trials) as {p.tasks} array tasks "
-            f"on {p.device}, store {mask_url(url)}")
+    done = sl.launch(p, storage_url=storage, jobs_dir=jobs_dir, allow_sqlite=allow_sqlite, dry_run=dry_run)
     if dry_run:
-        click.echo(script, nl=False)
-        click.echo(f"# dry run: {what}; nothing submitted", err=True)
+        click.echo(done.script, nl=False)
+        click.echo(f"# dry run: {done.what}; nothing submitted", err=True)
         return
-    path = sl.write_script(script, p, jobs_dir=jobs_dir)
-    job = sl.submit(path, url=url, sbatch=sbatch)
-    click.echo(f"submitted job {job}: {what}")
-    click.echo(f"script: {path}")
-    click.echo(f"logs:   {(jobs_dir / sl.job_name(p)).resolve()}-{job}_<task>.out")
-    click.echo(f"follow: squeue -j {job}   (and: hpo status --study {study_name})")
-    click.echo(f"stop:   scancel {job}   (running trials end after their epoch and are re-queued)")
+    click.echo(f"submitted job {done.job}: {done.what}")
+    click.echo(f"script: {done.path}")
+    click.echo(f"logs:   {done.logs}")
+    click.echo(f"follow: squeue -j {done.job}   (and: hpo status --study {study_name})")
+    click.echo(f"stop:   scancel {done.job}   (running trials end after their epoch and are re-queued)")
 
 
 @launch.command("k8s")

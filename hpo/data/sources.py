@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hpo.data.dataset import Dataset, split_indices
+from hpo.data.dataset import Dataset
 from hpo.data.images import load_image_dataset
+from hpo.data.splits import split_indices
 from hpo.data.tables import read_csv_table
 from hpo.spec.schema import DataSpec, StudySpec
 
 if TYPE_CHECKING:
     import optuna
+
 
 def csv_arrays(d: DataSpec, part: str, *, storage: optuna.storages.RDBStorage | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +83,36 @@ def _load_csv(spec: StudySpec, storage) -> Dataset:
     )
 
 
+def _load_arrays(spec: StudySpec, storage) -> Dataset:
+    """A registry source's data set (``hpo.data.arrays``): images scaled to [0, 1] and normalised
+    per channel, features per column, with the training pool's statistics."""
+    from hpo.data.arrays import read_arrays
+    from hpo.data.cache import local_copy
+
+    d = spec.data
+    a = read_arrays(local_copy(d.files["arrays"], storage.engine if storage is not None else None))
+    images = a.x.ndim == 4
+    scale = 1 / 255 if images else 1.0
+    x, x_test = a.x.astype(np.float32) * scale, a.x_test.astype(np.float32) * scale
+    axes = (0, 2, 3) if images else 0
+    mean, std = x.mean(axis=axes), x.std(axis=axes)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+    shape = (1, -1, 1, 1) if images else (1, -1)
+    x, x_test = (x - mean.reshape(shape)) / std.reshape(shape), (x_test - mean.reshape(shape)) / std.reshape(shape)
+    classification = d.task == "classification"
+    train_idx, val_idx = split_indices(len(x), val_fraction=d.val_fraction, seed=spec.seed,
+                                       labels=a.y if classification else None,
+                                       train_subset=d.train_subset, val_subset=d.val_subset)
+    y, y_test = torch.from_numpy(a.y), torch.from_numpy(a.y_test)
+    norm = {"mean": mean.tolist(), "std": std.tolist()}
+    return Dataset(
+        task=d.task, x=torch.from_numpy(x), y=y if classification else y[:, None],
+        train_idx=torch.from_numpy(train_idx), val_idx=torch.from_numpy(val_idx),
+        x_test=torch.from_numpy(x_test), y_test=y_test if classification else y_test[:, None],
+        in_shape=tuple(x.shape[1:]), out_features=len(a.classes) if classification else 1, classes=a.classes,
+        normalization={"scale": scale, **norm} if images else norm)
+
+
 def load_dataset(spec: StudySpec, *, storage: optuna.storages.RDBStorage | None = None,
                  data_dir: str | None = None) -> Dataset:
     """Load the study's data set as CPU tensors (move it with ``Dataset.to(device)``).
@@ -95,5 +127,20 @@ def load_dataset(spec: StudySpec, *, storage: optuna.storages.RDBStorage | None 
     """
     if spec.data.source == "csv":
         return _load_csv(spec, storage)
+    if spec.data.files and "arrays" in spec.data.files:
+        return _load_arrays(spec, storage)
     return load_image_dataset(spec, data_dir=data_dir)
 
+
+
+SMALL_SAMPLE = 1024  # values per sample below which a CPU run uses one thread
+
+
+def on_device(data: Dataset, device: torch.device) -> Dataset:
+    """``data`` moved onto ``device`` once for the whole run (a worker's trials, a retrain's folds).
+    On the CPU, data of small samples (under ``SMALL_SAMPLE`` values each) set torch to one thread
+    for the process: for such models thread hand-offs cost more than the arithmetic they would split."""
+    data = data.to(device)
+    if device.type == "cpu" and data.x[0].numel() < SMALL_SAMPLE:
+        torch.set_num_threads(1)
+    return data

@@ -49,9 +49,9 @@ def study_url(study_name: str, *, storage_url: str | None = None, storage=None, 
     Raises:
         StoreError: no such study.
     """
-    from hpo.search.study import load, open_study
+    from hpo.search.study import open_study
 
-    study, _ = load(study_name, storage) if storage is not None else open_study(study_name, storage_url)
+    study, _ = open_study(study_name, storage if storage is not None else storage_url)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/dashboard/studies/{optuna_private.study_id(study)}"
 

@@ -27,33 +27,35 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo.console import trial_line
-from hpo.data.dataset import Dataset
-from hpo.data.sources import load_dataset
-from hpo.errors import StoreFault, StoreFull, StoreUnreachable
+from hpo.data.sources import load_dataset, on_device
+from hpo.errors import StoreFault, StoreFull, StoreUnreachable, warn
 from hpo.running.progress import Progress
 from hpo.running.signals import StopSignal
+from hpo.search import provenance
 from hpo.search import study as studies
-from hpo.search.grid import GridSampler, trials_to_run
+from hpo.search.grid import StoreGridSampler, trials_to_run
 from hpo.search.grid import points as grid_points
-from hpo.search.objective import Abandoned, Interrupted, lineage_number, make_objective
-from hpo.search.study import load
+from hpo.search.objective import Abandoned, lineage_number, make_objective
+from hpo.search.study import open_study
 from hpo.store import budget as budgets
-from hpo.store import optuna_private
+from hpo.store import control, optuna_private
 from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
 from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
 from hpo.store.retry import is_disk_full, is_transient, reason
 from hpo.store.statistics import Summary, summarize
 from hpo.store.storage import WorkerStorage, open_storage
+from hpo.training.boundary import Interrupted
 from hpo.training.checkpoint import CheckpointStore, trial_key
+from hpo.training.seeds import sampler_seed_offset
 
 WORKER_PREFIX = "hpo:worker:"
-SEED_STRIDE = 10_007  # seed offset = worker number in the store + SEED_STRIDE * --worker-index
 STALE_CHECK_EVERY = 1.0  # seconds
 WAITING_CHECK_EVERY = 1.0  # seconds
 
@@ -137,7 +139,7 @@ class Worker:
             return None
         self.storage.adopt(frozen)
         optuna_private.cache_trial(self.study, frozen)
-        return optuna.Trial(self.study, frozen._trial_id)
+        return optuna.Trial(self.study, optuna_private.trial_id(frozen))
 
     def _waiting(self) -> list[tuple[int, bool]]:
         """The study's waiting trials, read at most once a second while none waits: a re-queued or
@@ -227,7 +229,7 @@ class Worker:
                     trial.set_user_attr("retry_of", budgets.retried_trial_number(frozen))
                     trial.set_user_attr("retries", len(budgets.retry_history(frozen)))
                 value = objective(trial)
-                if not math.isfinite(value):
+                if not all(map(math.isfinite, value if isinstance(value, list) else [value])):
                     state, reason = TrialState.FAIL, f"objective value is {value}"
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
@@ -259,11 +261,11 @@ class Worker:
 
     def _abandon(self, trial: optuna.Trial) -> None:
         stored = self.storage.get_trial(optuna_private.trial_id(trial))
-        echo_warning(f"trial {trial.number} was finished elsewhere ({stored.state.name}: "
+        warn(f"trial {trial.number} was finished elsewhere ({stored.state.name}: "
                      f"{stored.user_attrs.get('fail_reason', 'no reason given')}); dropped it, taking the next")
         return None
 
-    def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> FrozenTrial:
+    def _tell(self, trial: optuna.Trial, value: float | list[float] | None, state: TrialState) -> FrozenTrial:
         """``study.tell`` (skipping a trial finished elsewhere) less its final re-read of the trial:
         the finished trial returned is Optuna's own copy of it with the state and values told."""
         state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None,
@@ -271,11 +273,6 @@ class Worker:
         frozen = copy.deepcopy(optuna_private.cached_frozen_trial(trial))
         frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()  # local and naive, as Optuna 5 reads trial times
         return frozen
-
-
-def echo_warning(text: str) -> None:
-    _log.warning(text)
-    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage, Heartbeat]:
@@ -286,24 +283,23 @@ def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage
     return open_storage(storage_url, heartbeat=heartbeat), heartbeat
 
 
-def _data_on(device: torch.device, spec, storage: WorkerStorage, data_dir: str | None) -> Dataset:
-    data = load_dataset(spec, storage=storage, data_dir=data_dir).to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        # Tiny models: thread hand-offs cost more than the arithmetic they would split.
-        torch.set_num_threads(1)
-    return data
-
-
 def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: StopSignal, *,
                 n_trials: int | None, deadline: float | None, poll: float, done_line: str, metric: str,
-                echo: Callable[[str], None]) -> int:
+                echo: Callable[[str], None], gate: control.Gate | None = None,
+                budget_now: Callable[[], int | None] | None = None) -> int:
     """The worker's loop: fail dead workers' trials, start the next trial, run it, say how it ended;
-    until the study's budget (or grid) is done, this worker's limit or deadline, or a stop signal.
-    Returns how many trials this worker ran."""
+    until the study's budget (or grid) is done, this worker's limit or deadline, a stop signal, or
+    the study's stop (``gate``: ``hpo stop`` or a stopping rule). When the budget is used up,
+    ``budget_now`` is asked once more (``hpo extend`` may have raised it). Returns how many
+    trials this worker ran."""
     ran = 0
     try:
         while not stop.requested and (n_trials is None or ran < n_trials):
             if deadline is not None and time.monotonic() >= deadline:
+                break
+            closed = gate.closed() if gate is not None else None
+            if closed is not None:
+                echo(closed)
                 break
             try:
                 worker.fail_stale()
@@ -314,6 +310,10 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
                 raise
             if trial is None:
                 if not worker.in_flight():
+                    raised = budget_now() if budget_now is not None else None
+                    if raised is not None and worker.budget is not None and raised > worker.budget:
+                        worker.budget = raised
+                        continue
                     echo(done_line)
                     break
                 time.sleep(poll)  # the budget is taken but trials still run: one may come back
@@ -324,10 +324,21 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
                 echo(trial_line(worker.study, frozen, metric))
     except Interrupted:
         echo("interrupted: the running trial is re-queued")
+        closed = gate.closed() if gate is not None else None
+        if closed is not None:
+            echo(closed)
     return ran
 
 
 CPU = torch.device("cpu")
+
+
+def _noting(objective: Callable[[optuna.Trial], float], key: str, value: str) -> Callable[[optuna.Trial], float]:
+    """``objective`` that first records ``key: value`` in the trial's user attrs."""
+    def noted(trial: optuna.Trial) -> float:
+        trial.set_user_attr(key, value)
+        return objective(trial)
+    return noted
 
 
 def run_worker(
@@ -342,6 +353,7 @@ def run_worker(
     artifacts: str | None = None,
     echo: Callable[[str], None] = print,
     progress: Progress | None = None,
+    allow_version_mismatch: bool = False,
 ) -> Summary | None:
     """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards
     (``None`` when the study was deleted or replaced under the worker: it says so on one line,
@@ -362,17 +374,22 @@ def run_worker(
             ``hpo.store.artifacts.artifact_dir``). Workers on several machines resume each other's trials
             when they share it.
         progress: shows the running trial's epoch and latest value (default: nothing).
+        allow_version_mismatch: run a study whose model family is installed here at another
+            version than the study was created with; each trial records the difference
+            (user attr ``version_mismatch``).
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
         StoreUnreachable: the store stayed unreachable for longer than ``HPO_STORE_RETRY`` (at
             start or at any later call); a trial it was running stays RUNNING for the next worker.
         StoreFull: the store's disk is full (the same).
+        SpecError: the study's model family is not installed here, or at another version (without
+            ``allow_version_mismatch``): one line naming the package and version.
     """
     try:
         return _run_worker(study_name, storage_url=storage_url, device=device, n_trials=n_trials, timeout=timeout,
                            worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
-                           progress=progress)
+                           progress=progress, allow_version_mismatch=allow_version_mismatch)
     except Exception as e:
         fault = store_fault(e, storage_url)
         if fault is None or fault is e:
@@ -395,12 +412,13 @@ def store_fault(error: Exception, storage_url: str | None) -> StoreFault | None:
 
 def _run_worker(study_name: str, *, storage_url: str | None, device: torch.device, n_trials: int | None,
                 timeout: float | None, worker_index: int, data_dir: str | None, artifacts: str | None,
-                echo: Callable[[str], None], progress: Progress | None) -> Summary | None:
+                echo: Callable[[str], None], progress: Progress | None,
+                allow_version_mismatch: bool) -> Summary | None:
     storage, heartbeat = _open_store(study_name, storage_url)
     try:
         return _work(storage, heartbeat, study_name, storage_url=storage_url, device=device, n_trials=n_trials,
                      timeout=timeout, worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
-                     progress=progress)
+                     progress=progress, allow_version_mismatch=allow_version_mismatch)
     finally:
         storage.remove_session()
         storage.engine.dispose()  # what it holds goes back however the worker ends
@@ -409,18 +427,28 @@ def _run_worker(study_name: str, *, storage_url: str | None, device: torch.devic
 def _work(storage: WorkerStorage, heartbeat: Heartbeat, study_name: str, *, storage_url: str | None,
           device: torch.device, n_trials: int | None, timeout: float | None, worker_index: int,
           data_dir: str | None, artifacts: str | None, echo: Callable[[str], None],
-          progress: Progress | None) -> Summary | None:
+          progress: Progress | None, allow_version_mismatch: bool) -> Summary | None:
     study_id = studies.study_id(storage, study_name)
+    mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id).get(provenance.ATTR),
+                                       study=study_name, allow=allow_version_mismatch)
+    for note in mismatches:
+        echo(f"warning: {note} (--allow-version-mismatch: recorded in every trial)")
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
-    study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)
-    data = _data_on(device, spec, storage, data_dir)
+    study, spec = open_study(study_name, storage, seed_offset=sampler_seed_offset(number, worker_index))
+    data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.search.grid), and the study ends when every point has run.
-    grid = study.sampler if isinstance(study.sampler, GridSampler) else None
-    budget = trials_to_run(spec)
-    checkpoints = (CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts)
-                   if spec.checkpoint.enabled else None)
+    grid = study.sampler if isinstance(study.sampler, StoreGridSampler) else None
+
+    def budget_now() -> int | None:
+        return trials_to_run(replace(spec, budget=replace(
+            spec.budget, n_trials=control.n_trials_of(storage, study_id, spec.budget.n_trials))))
+
+    budget = budget_now()
+    gate = control.Gate(study, storage, study_id, directions=spec.directions, max_minutes=spec.budget.max_minutes,
+                        patience=spec.budget.patience, target=spec.budget.target)
+    checkpoints = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     worker = Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
                     new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
     done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
@@ -430,15 +458,18 @@ def _work(storage: WorkerStorage, heartbeat: Heartbeat, study_name: str, *, stor
     deadline = time.monotonic() + min(timeouts) if timeouts else None
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
-         f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
+         f"budget {budget} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
     start = time.perf_counter()
     with StopSignal() as stop:
-        objective = make_objective(spec, data, should_stop=lambda: stop.requested,
+        objective = make_objective(spec, data, should_stop=lambda: stop.requested or gate.stop_now(),
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
                                    progress=progress, checkpoints=checkpoints)
+        if mismatches:
+            objective = _noting(objective, "version_mismatch", "; ".join(mismatches))
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
-                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric=spec.metric, echo=echo)
+                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo,
+                              gate=gate, budget_now=budget_now)
         except StudyGone:
             echo(f"study {study_name!r} was deleted or replaced; stopping")
             return None

@@ -67,12 +67,6 @@ REFS = sa.Table(
 _ready: weakref.WeakSet[sa.Engine] = weakref.WeakSet()  # engines whose store has the tables
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in blocks (any size)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def max_data_bytes() -> int:
     """The most bytes of data files one study may keep in the store (``HPO_MAX_DATA_BYTES``).
 

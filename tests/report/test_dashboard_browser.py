@@ -74,7 +74,7 @@ def served(tmp_path_factory):
 
 def test_api_lists_study_trials_and_retrain_files_in_the_trial_view(served):
     from hpo.retrain.results import load_retrain
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.artifacts import open_artifact_store
     from hpo.store.storage import open_storage
 
@@ -86,7 +86,7 @@ def test_api_lists_study_trials_and_retrain_files_in_the_trial_view(served):
     assert {t["state"] for t in detail["trials"]} == {"Complete"}
 
     url = store_env(folder)["HPO_STORAGE"]
-    study, _ = load("regression", open_storage(url, heartbeat=False))
+    study, _ = open_study("regression", open_storage(url, heartbeat=False))
     record = load_retrain(study)
     trial = next(t for t in detail["trials"] if t["number"] == record.trial_number)
     shown = {a["artifact_id"]: a["filename"] for a in trial["artifacts"]}

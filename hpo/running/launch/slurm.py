@@ -152,12 +152,12 @@ def study_budget(url: str, study: str) -> int:
     Raises:
         StoreError: when the store cannot be opened or has no study ``study``.
     """
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.storage import open_storage
 
     storage = open_storage(url, heartbeat=False)
     try:
-        _, spec = load(study, storage)
+        _, spec = open_study(study, storage)
     finally:
         storage.engine.dispose()
     return spec.budget.n_trials
@@ -203,3 +203,40 @@ def submit(script: Path, *, url: str, sbatch: str) -> str:
         raise HpoError(f"sbatch refused the job script {script}: {mask_url(reason)}")
     return proc.stdout.strip().split(";")[0]
 
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What :func:`launch` submitted (or, on a dry run, would submit)."""
+
+    what: str  # one line: workers, study, budget, tasks, device, store (password masked)
+    script: str  # the job script's text
+    path: Path | None = None  # where the script was written (None: dry run)
+    job: str | None = None  # SLURM's job id (None: dry run)
+    logs: str | None = None  # the tasks' log files, ``<task>`` standing for the array index
+
+
+def launch(p: SlurmPlan, *, storage_url: str | None, jobs_dir: Path | None = None, allow_sqlite: bool = False,
+           dry_run: bool = False) -> Submission:
+    """Check the store and the study, write the job script and submit it with ``sbatch`` (a dry run
+    writes and submits nothing).
+
+    Raises:
+        HpoError: a store the nodes may not share (SQLite without ``allow_sqlite``), no such study,
+            no ``sbatch`` on PATH, or sbatch refusing the job.
+    """
+    from hpo.store.config import mask_url, resolve_url
+    url = resolve_url(storage_url)
+    check_shared(url, allow_sqlite=allow_sqlite)
+    sbatch = None if dry_run else sbatch_path()
+    budget = study_budget(url, p.study)
+    jobs_dir = jobs_dir or JOBS_DIR
+    script = job_script(p, log_dir=jobs_dir)
+    what = (f"{p.workers} workers of study {p.study!r} (budget {budget} trials) as {p.tasks} array tasks "
+            f"on {p.device}, store {mask_url(url)}")
+    if dry_run:
+        return Submission(what=what, script=script)
+    path = write_script(script, p, jobs_dir=jobs_dir)
+    job = submit(path, url=url, sbatch=sbatch)
+    return Submission(what=what, script=script, path=path, job=job,
+                      logs=f"{(jobs_dir / job_name(p)).resolve()}-{job}_<task>.out")

@@ -29,24 +29,24 @@ def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, 
     """Start several `hpo worker` processes on this machine and supervise them.
 
     Ctrl-C or SIGTERM stops them all cleanly (running trials are re-queued); a second one kills them.
-    A worker that crashes is restarted (--max-restarts). With several workers on one GPU the fleet
+    A worker that crashes or loses the store (exit 75) is restarted (--max-restarts). With several workers on one GPU the fleet
     starts the CUDA MPS daemon unless one runs, and stops it at the end.
     """
     from hpo.console import summary_text
-    from hpo.running.fleet import exit_text, plan, run_fleet, worker_command
+    from hpo.running.fleet import check_study, exit_text, plan, run_fleet, worker_command
     from hpo.search.study import open_study
     from hpo.store.statistics import summarize
 
     members = plan(gpus=gpus, per_gpu=per_gpu, device=device, workers=workers)
-    study, _ = open_study(study_name, storage)  # fail fast, once, on a bad store or name
+    check_study(study_name, storage)  # fail fast, once, on a bad store or name
     click.echo(f"fleet: {len(members)} workers on study {study_name!r}")
-    command = worker_command(study_name, storage=storage, n_trials=n_trials, timeout=timeout, data_dir=data_dir,
-                             artifacts=artifacts)
-    result = run_fleet(members, command, mps=mps, max_restarts=max_restarts, echo=click.echo)
+    command = worker_command(study_name, n_trials=n_trials, timeout=timeout, data_dir=data_dir, artifacts=artifacts)
+    result = run_fleet(members, command, mps=mps, max_restarts=max_restarts, echo=click.echo, storage=storage)
     failed = [f"w{i}={exit_text(c)}" for i, c in enumerate(result.codes) if c != 0]
     restarted = [f"w{i} {n}x" for i, n in enumerate(result.restarts) if n]
     click.echo(f"fleet: all workers stopped ({'exit codes ' + ' '.join(failed) if failed else 'all exit 0'}"
                + (f"; restarted: {' '.join(restarted)}" if restarted else "") + ")")
+    study, _ = open_study(study_name, storage)
     click.echo(summary_text(summarize(study)))  # once for the fleet, not once per worker
     if result.failed:
         raise SystemExit(1)

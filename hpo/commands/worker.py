@@ -44,7 +44,7 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
                        n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
                        artifacts=artifacts, echo=click.echo, progress=Progress(),
                        allow_version_mismatch=allow_version_mismatch)
-    if summary:
+    if summary and stats is not None:  # None: the study was deleted or replaced under the worker
         click.echo(summary_text(stats))
 
 

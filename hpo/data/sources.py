@@ -41,7 +41,12 @@ def csv_arrays(d: DataSpec, part: str, *, storage: optuna.storages.RDBStorage | 
         if d.files:
             from hpo.data.cache import local_copy
 
-            path = local_copy(d.files[part], storage.engine if storage is not None else None, original=path)
+            if storage is None:
+                path = local_copy(d.files[part], None, original=path)
+            else:  # a dropped connection mid-fetch fetches again, within the store's retry window
+                from hpo.store.queries import retried
+
+                path = retried(storage, local_copy, d.files[part], storage.engine, original=path)
         table = read_csv_table(str(path), (*d.features, d.target))
     rows = np.asarray(table["rows"], dtype=np.float32)
     return rows[:, :-1], rows[:, -1]

@@ -90,7 +90,8 @@ def timeline_webgl(trials: list[FrozenTrial]) -> go.Figure:
     """Optuna's timeline (a bar per trial from its start to its end, by state) as WebGL line
     segments: 10,000 SVG bars take seconds to draw and megabytes of page."""
     def ms(moment: datetime.datetime) -> float:  # a date axis reads numbers as ms since 1970 UTC
-        return moment.replace(tzinfo=datetime.UTC).timestamp() * 1000
+        # Optuna 5 reads trial times as local times without a zone (it stores them in UTC).
+        return moment.timestamp() * 1000
 
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     latest = ms(max(ends) if ends else max(t.datetime_start for t in trials if t.datetime_start))

@@ -9,6 +9,10 @@ Faults a worker survives (each tested): a trial that raises or returns NaN/inf (
 ``fail_reason``), a trial failed meanwhile by another process (dropped with a warning line),
 SIGINT/SIGTERM (FAIL "interrupted", re-queued, exit 0), a store that goes away for less than
 ``HPO_STORE_RETRY`` seconds, another worker dying at any moment.
+
+A store lost for longer, or whose disk is full, is no fault of the trial: the worker leaves the
+trial RUNNING and ends with one line (``StoreUnreachable``: exit 75; ``StoreFull``: exit 74); the
+next worker finds the trial silent after the grace period and re-queues it in its budget place.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.console import params_line, retry_line, trial_line
 from hpo.data.dataset import Dataset
 from hpo.data.sources import data_title, load_dataset, on_device
-from hpo.errors import StoreError, warn
+from hpo.errors import StoreFault, StoreFull, StoreUnreachable, warn
 from hpo.running.progress import BudgetProgress, Progress
 from hpo.running.signals import StopSignal
 from hpo.search import provenance
@@ -45,7 +49,7 @@ from hpo.store import budget as budgets
 from hpo.store import control, optuna_private
 from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
 from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
-from hpo.store.retry import is_transient
+from hpo.store.retry import is_disk_full, is_transient, reason
 from hpo.store.statistics import Summary, summarize
 from hpo.store.statistics import summary as study_summary
 from hpo.store.storage import WorkerStorage, open_storage
@@ -60,31 +64,52 @@ WAITING_CHECK_EVERY = 1.0  # seconds
 _log = logging.getLogger("hpo.running.worker")
 
 
+class StudyGone(Exception):
+    """The worker's study was deleted, or replaced by one of the same name (``create-study --force``)."""
+
+
 class _Heartbeat:
     """Every interval, in a thread: records the trial's heartbeat, then writes its pending reports
     and attrs (so the dashboard follows a running trial) and sees whether another process
-    finished it. The beat never waits on the write: a write that keeps failing does not let
-    other workers think the trial dead. A store outage only skips beats."""
+    finished it, or whether the study was deleted or replaced. The beat never waits on the write: a
+    write that keeps failing does not let other workers think the trial dead. A store outage skips
+    beats; one past ``HPO_STORE_RETRY`` stops the trial after its epoch (``fault``)."""
 
-    def __init__(self, storage: WorkerStorage, trial_id: int):
-        self._storage, self._trial_id = storage, trial_id
+    def __init__(self, storage: WorkerStorage, trial_id: int, study_gone: Callable[[], bool]):
+        self._storage, self._trial_id, self._study_gone = storage, trial_id, study_gone
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.fault: StoreFault | None = None  # the store was lost past its retries: the trial stops
 
     def _run(self) -> None:
         # The first beat comes after one interval: a trial shorter than that costs no heartbeat
         # writes, and a worker that dies before it is caught by the silent-trial check instead.
         interval = self._storage.get_heartbeat_interval()
         while not self._stop.wait(interval):
-            for step in (self._storage.record_heartbeat, self._storage.refresh):
+            for step in (self._check_study, self._storage.record_heartbeat, self._storage.refresh):
                 try:
-                    step(self._trial_id)
-                except Exception as e:  # noqa: BLE001 - the store's own retries are exhausted; try next beat
+                    if step(self._trial_id) is False:
+                        return
+                except StoreFault as e:
+                    # Past HPO_STORE_RETRY: stop training for nothing; the worker stops after the
+                    # epoch, leaving the trial RUNNING for the next worker to re-queue.
+                    self.fault = e
+                    self._storage.drop(self._trial_id)
+                    return
+                except Exception as e:  # noqa: BLE001 - try again at the next beat
                     _log.warning("heartbeat %s failed: %s", step.__name__,
                                  mask_url(str(e).splitlines()[0] if str(e) else repr(e)))
 
-    def __enter__(self) -> None:
+    def _check_study(self, trial_id: int) -> bool:
+        if self._study_gone():
+            # Write nothing more: the trial's id may be reused by the new study's trials.
+            self._storage.drop(trial_id)
+            return False
+        return True
+
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
+        return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -104,6 +129,8 @@ class Worker:
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
         self._stale_checked = -float("inf")
         self._none_waiting_at: float | None = None
+        self.current: int | None = None  # the number of the trial this worker runs now
+        self.identity = studies.identity(storage, study.study_name)  # (id, creation token) when loaded
 
     def next_trial(self) -> optuna.Trial | None:
         """A re-queued retry if one waits, else an enqueued or new trial within the budget;
@@ -175,9 +202,28 @@ class Worker:
         Raises:
             Interrupted: when the worker was told to stop; the trial is failed and re-queued first.
         """
+        self.current = trial.number
+        try:
+            finished = self._run(trial, objective)
+        except Exception as e:
+            if not isinstance(e, StoreFault) and self.study_gone():
+                # Its trial went with the study: only the checkpoint is left, which a trial of the
+                # new study with the same number must never resume.
+                self.lineage_ended(optuna_private.cached_frozen_trial(trial))
+                self.current = None
+                raise StudyGone from e
+            raise
+        self.current = None  # left set when the store failed under the trial: it is still RUNNING
+        return finished
+
+    def study_gone(self) -> bool:
+        """Whether the study was deleted or replaced since this worker loaded it (one query)."""
+        return studies.identity(self.storage, self.study.study_name) != self.identity
+
+    def _run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial | None:
         trial_id = optuna_private.trial_id(trial)
         value, state, reason = None, TrialState.COMPLETE, None
-        with _Heartbeat(self.storage, trial_id):
+        with _Heartbeat(self.storage, trial_id, self.study_gone) as beat:
             frozen = optuna_private.cached_frozen_trial(trial)
             try:
                 trial.set_user_attr("worker", self.label)
@@ -195,9 +241,17 @@ class Worker:
                                    requeue=True)
                 raise
             except (Abandoned, optuna.exceptions.UpdateFinishedTrialError):
+                if beat.fault is not None:
+                    raise beat.fault from None
                 return self._abandon(trial)
+            except StoreFault:
+                raise  # the store failed, not the trial: it stays RUNNING for the next worker to re-queue
             except Exception as e:  # noqa: BLE001 - any failure of one trial must not end the worker
+                if is_transient(e) or is_disk_full(e):
+                    raise
                 state, reason = TrialState.FAIL, f"{type(e).__name__}: {e}"[:500]
+        if self.study_gone():  # its id may now belong to a trial of the new study: tell nothing
+            raise StudyGone
         try:
             if reason is not None:
                 trial.set_user_attr("fail_reason", reason)
@@ -219,7 +273,7 @@ class Worker:
         state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None,
                                                state)
         frozen = copy.deepcopy(optuna_private.cached_frozen_trial(trial))
-        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()
+        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()  # local and naive, as Optuna 5 reads trial times
         return frozen
 
 
@@ -258,8 +312,13 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
             if closed is not None:
                 echo(closed)
                 break
-            worker.fail_stale()
-            trial = worker.next_trial()
+            try:
+                worker.fail_stale()
+                trial = worker.next_trial()
+            except Exception as e:
+                if not isinstance(e, StoreFault) and worker.study_gone():
+                    raise StudyGone from e
+                raise
             if trial is None:
                 if not worker.in_flight():
                     raised = budget_now() if budget_now is not None else None
@@ -309,8 +368,10 @@ def run_worker(
     echo: Callable[[str], None] = print,
     progress: Progress | None = None,
     allow_version_mismatch: bool = False,
-) -> Summary:
-    """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards.
+) -> Summary | None:
+    """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards
+    (``None`` when the study was deleted or replaced under the worker: it says so on one line,
+    drops the trial it ran, with its checkpoint, and writes nothing to the new study).
 
     SIGINT/SIGTERM end the running trial as FAIL (``fail_reason`` "interrupted"), re-queue it,
     close the store's connections and return; a second signal exits at once.
@@ -333,10 +394,54 @@ def run_worker(
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
+        StoreUnreachable: the store stayed unreachable for longer than ``HPO_STORE_RETRY`` (at
+            start or at any later call); a trial it was running stays RUNNING for the next worker.
+        StoreFull: the store's disk is full (the same).
         SpecError: the study's model family is not installed here, or at another version (without
             ``allow_version_mismatch``): one line naming the package and version.
     """
+    try:
+        return _run_worker(study_name, storage_url=storage_url, device=device, n_trials=n_trials, timeout=timeout,
+                           worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
+                           progress=progress, allow_version_mismatch=allow_version_mismatch)
+    except Exception as e:
+        fault = store_fault(e, storage_url)
+        if fault is None or fault is e:
+            raise
+        raise fault from e
+
+
+def store_fault(error: Exception, storage_url: str | None) -> StoreFault | None:
+    """``error`` as the store fault it is (naming the store), or ``None`` when it is none: a store
+    unreachable past its retries, or a full disk, met in hpo's retries or in a call of Optuna's."""
+    url = mask_url(resolve_url(storage_url))
+    if isinstance(error, StoreFault):
+        return error if url in str(error) else type(error)(f"{url}: {error}")
+    if is_transient(error):
+        return StoreUnreachable(f"the store {url} is unreachable: {mask_url(reason(error))}")
+    if is_disk_full(error):
+        return StoreFull(f"the store {url}: its disk is full: {mask_url(reason(error))}")
+    return None
+
+
+def _run_worker(study_name: str, *, storage_url: str | None, device: torch.device, n_trials: int | None,
+                timeout: float | None, worker_index: int, data_dir: str | None, artifacts: str | None,
+                echo: Callable[[str], None], progress: Progress | None,
+                allow_version_mismatch: bool) -> Summary | None:
     storage, heartbeat = _open_store(study_name, storage_url)
+    try:
+        return _work(storage, heartbeat, study_name, storage_url=storage_url, device=device, n_trials=n_trials,
+                     timeout=timeout, worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
+                     progress=progress, allow_version_mismatch=allow_version_mismatch)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()  # what it holds goes back however the worker ends
+
+
+def _work(storage: WorkerStorage, heartbeat: Heartbeat, study_name: str, *, storage_url: str | None,
+          device: torch.device, n_trials: int | None, timeout: float | None, worker_index: int,
+          data_dir: str | None, artifacts: str | None, echo: Callable[[str], None],
+          progress: Progress | None, allow_version_mismatch: bool) -> Summary | None:
     study_id = studies.study_id(storage, study_name)
     mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id).get(provenance.ATTR),
                                        study=study_name, allow=allow_version_mismatch)
@@ -383,14 +488,18 @@ def run_worker(
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
                               poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo,
                               gate=gate, budget_now=budget_now, budget_progress=budget_progress)
+        except StudyGone:
+            echo(f"study {study_name!r} was deleted or replaced; stopping")
+            return None
         except Exception as e:
-            if is_transient(e):
-                raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "
-                                 f"retry window (HPO_STORE_RETRY): {mask_url(str(e).splitlines()[0])}") from e
-            raise
+            fault = store_fault(e, storage_url)
+            if fault is None:
+                raise
+            held = "" if worker.current is None else (
+                f"; its trial {worker.current} stays RUNNING until the next worker re-queues it (after the "
+                f"study's grace period of {heartbeat.grace} s), in its budget place")
+            raise type(fault)(f"worker {number} stopped: {fault}{held}") from e
         summary = summarize(study)
-        storage.remove_session()
-        storage.engine.dispose()
     echo(f"worker {number} done in {time.perf_counter() - start:.1f}s ({ran} trials)")
     sys.stdout.flush()
     return summary

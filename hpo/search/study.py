@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import uuid
 import warnings
 from typing import Any
 
@@ -24,11 +25,15 @@ from hpo.spec.schema import StudySpec, find_spec_file, load_spec_file, parse_spe
 from hpo.store import data_tables as datastore
 from hpo.store import optuna_private
 from hpo.store.config import Heartbeat
+from hpo.store.queries import study_identity
 from hpo.training.seeds import sampler_seed
 
 SPEC_ATTR = "hpo_spec"
 SPEC_TEXT_ATTR = "hpo_spec_text"  # the spec file's text as its author wrote it (studies made from a file)
 HEARTBEAT_ATTR = "hpo:heartbeat"  # study system attr: the heartbeat interval and grace period every worker uses
+# Study system attr: a token drawn when the study is created. A study replaced by one of the same name
+# is told apart by it even where the store reuses ids (SQLite reuses the highest row id once deleted).
+CREATED_ATTR = "hpo:created"
 
 
 def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -258,12 +263,19 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(spec.metric_names)
         storage.set_study_system_attr(optuna_private.study_id(study), HEARTBEAT_ATTR, heartbeat.to_dict())
+        storage.set_study_system_attr(optuna_private.study_id(study), CREATED_ATTR, uuid.uuid4().hex)
     except BaseException:
         # A study without its spec or data is unusable: never leave one half-created.
         delete(spec.name, storage)
         raise
     datastore.delete_unreferenced(storage.engine)  # the replaced study's, and any left by Optuna's own delete
     return study
+
+
+def identity(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, str | None] | None:
+    """(id, creation token) of study ``name`` now, or ``None`` when there is none: a study deleted
+    and created again under the same name has another token (a study from before tokens: ``None``)."""
+    return study_identity(storage, name, CREATED_ATTR)
 
 
 def heartbeat_of(storage: optuna.storages.BaseStorage, study_id: int) -> Heartbeat:

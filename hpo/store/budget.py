@@ -17,7 +17,6 @@ the way Optuna's :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` mark
 
 from __future__ import annotations
 
-import datetime
 import json
 import uuid
 import warnings
@@ -36,6 +35,7 @@ from hpo.store.optuna_private import (
     TRIAL_SYSTEM_ATTRS,
     TRIAL_USER_ATTRS,
     TRIALS,
+    stored_now,
 )
 from hpo.store.queries import RETRY_ATTR, count_keys, retried, upsert
 from hpo.store.storage import RetryingRDBStorage
@@ -153,7 +153,7 @@ def _pop(storage: RetryingRDBStorage, study_id: int, trial_id: int, retry: bool,
                 storage.lock_study(session, study_id)
             taken = session.execute(sa.update(TRIALS).where(
                 TRIALS.c.trial_id == trial_id, TRIALS.c.state == TrialState.WAITING).values(
-                state=TrialState.RUNNING, datetime_start=datetime.datetime.now())).rowcount
+                state=TrialState.RUNNING, datetime_start=stored_now())).rowcount
             if taken != 1:
                 raise _Abort("taken by another process")
             if not retry:
@@ -251,7 +251,7 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
                     storage.lock_study(session, study_id)  # the retry gets the next number
                 failed = session.execute(sa.update(TRIALS).where(
                     TRIALS.c.trial_id == optuna_private.trial_id(trial), TRIALS.c.state == TrialState.RUNNING).values(
-                    state=TrialState.FAIL, datetime_complete=datetime.datetime.now())).rowcount
+                    state=TrialState.FAIL, datetime_complete=stored_now())).rowcount
                 if failed != 1:
                     raise _Abort("finished elsewhere")
                 upsert(session.connection(), TRIAL_USER_ATTRS,

@@ -100,10 +100,18 @@ def resolve_url(flag: str | None = None) -> str:
     return flag or os.environ.get("HPO_STORAGE") or DEFAULT_URL
 
 
+# user:password@ of a URL (the user may be empty; the password runs to the last @ of the word, so
+# an unencoded @ or / in it is masked too); a password in a query string or a libpq key=value DSN,
+# plain or URL-encoded (a pyodbc odbc_connect string), quoted or not, under the names drivers take.
+_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)\S*@")
+_KEYED = re.compile(r"((?:ssl)?(?:password|passwd|pwd)\s*(?:=|%3D))(?:'[^']*'|\"[^\"]*\"|.*?)(?=&|;|%26|%3B|\s|$)",
+                    re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The text with every URL password replaced by ``***`` (for every log line and error)."""
-    text = re.sub(r"(\w[\w+.-]*://[^:/@\s]+:)\S*@", r"\1***@", url)
-    return re.sub(r"(password=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)
+    """The text with every URL password replaced by ``***`` (for every log line and error): in the
+    user info of any SQLAlchemy URL, and in query strings and DSNs (``password``, ``passwd``, ``pwd``)."""
+    return _KEYED.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 def driver_url(url: str) -> str:
@@ -149,11 +157,12 @@ def prepare_sqlite(path: Path) -> None:
 
 def engine_kwargs(url: str, *, sqlite_timeout: float = SQLITE_TIMEOUT) -> dict:
     """SQLAlchemy engine settings: SQLite waits ``sqlite_timeout`` seconds for its lock; a server
-    store keeps one pooled connection per process, pre-pinged."""
+    store keeps one pooled connection per process (no overflow), pre-pinged."""
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": sqlite_timeout}}
     connect_timeout = int(env_seconds("HPO_CONNECT_TIMEOUT", 5))
-    # One worker keeps one idle connection; the heartbeat thread borrows a second one briefly,
-    # so N workers hold about N connections. Pre-ping replaces connections a server restart killed.
-    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 3600,
+    # At most one connection per process: the worker's thread and its heartbeat take turns on it
+    # (each holds it for one short transaction), so N workers hold at most N connections and a
+    # role limited to N connections runs N workers. Pre-ping replaces connections a restart killed.
+    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 0, "pool_recycle": 3600,
             "connect_args": {"connect_timeout": connect_timeout}}

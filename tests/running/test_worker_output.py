@@ -48,7 +48,7 @@ def test_budget_progress_rate_comes_from_trials_finished_since_it_started(monkey
 
 
 def test_fleet_workers_get_the_artifact_folder_and_print_no_statistics():
-    command = worker_command("s", storage=None, n_trials=None, timeout=None, data_dir=None, artifacts="/shared/art")
+    command = worker_command("s", n_trials=None, timeout=None, data_dir=None, artifacts="/shared/art")
     assert command[:3] == [sys.executable, "-m", "hpo.cli"] and "--no-summary" in command
     assert command[command.index("--artifacts") + 1] == "/shared/art"
 

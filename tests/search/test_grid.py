@@ -58,8 +58,10 @@ def trials_of(url: str) -> list[optuna.trial.FrozenTrial]:
 
 
 def running_with_params(url: str) -> optuna.trial.FrozenTrial | None:
-    """A RUNNING trial that has its parameters: its worker is training it (or about to)."""
-    return next((t for t in trials_of(url) if t.state == TrialState.RUNNING and t.params), None)
+    """A RUNNING trial whose worker is training it: it has reported (its reports reach the store at
+    its heartbeats), so every parameter of its point is there. A trial that has only some of them
+    is still being suggested: a snapshot then misses the rest (seen in CI on a loaded machine)."""
+    return next((t for t in trials_of(url) if t.state == TrialState.RUNNING and t.intermediate_values), None)
 
 
 def done_line(grid: int, n_trials: int) -> str:

@@ -155,7 +155,7 @@ def spec_schema(*, families: tuple[str, ...] = FAMILIES, sources: tuple[str, ...
         "fixed": _closed(fixed),
         "sampler": _kinds("sampler", SAMPLERS, SAMPLER_SETTINGS, "tpe"),
         "pruner": _kinds("pruner", PRUNERS, PRUNER_SETTINGS, "median"),
-        "budget": _closed(_section("budget", ("n_trials", "timeout"))),
+        "budget": _closed(_section("budget", ("n_trials", "timeout", "max_minutes", "patience", "target"))),
         "retrain": _closed(_section("retrain", ("folds", "epochs"))),
         "checkpoint": {"anyOf": [{"type": "boolean"}, _closed(_section("checkpoint", ("every_seconds",)))]},
         "report_every": domain_schema(DOMAINS["report_every"]),

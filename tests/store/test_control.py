@@ -22,10 +22,12 @@ from hpo.store.storage import open_storage
 
 
 def ruled_spec(tmp_path, n_trials: int, name: str = "regression", **rules):
-    """The fast regression spec with stopping rules in its budget."""
+    """The fast regression spec with stopping rules in its budget, without pruning: patience counts
+    COMPLETE trials, and the median pruner would prune most of these short trials."""
     path = fast_spec(tmp_path, n_trials, name=name)
     raw = yaml.safe_load(path.read_text())
     raw["budget"].update(rules)
+    raw["pruner"] = {"kind": "none"}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 

@@ -22,8 +22,8 @@ from hpo.store.statistics import Summary
 
 def stats(finished: int, running: int = 0) -> Summary:
     counts = {"COMPLETE": finished, "PRUNED": 0, "FAIL": 0, "RUNNING": running, "WAITING": 0}
-    return Summary(name="s", direction="minimize", metric="val_mse", counts=counts, finished=finished,
-                   best_value=None, best_trial=None, best_params={}, wall_seconds=None, gpu_sharing={})
+    return Summary(name="s", direction="minimize", metric="val_mse", counts=counts, finished=finished, failed=0,
+                   interrupted=0, best_value=None, best_trial=None, best_params={}, wall_seconds=None, gpu_sharing={})
 
 
 def test_budget_line_gives_the_share_done_and_the_time_left():

@@ -58,13 +58,14 @@ def _register_commands() -> None:
         launch,
         report,
         retrain,
+        schema,
         status,
         warm,
         worker,
     )
 
     for module in (create_study, worker, status, control, retrain, report, export, dashboard, fleet, launch, bench,
-                   families, warm):
+                   families, warm, schema):
         for command in module.COMMANDS:
             main.add_command(command)
 

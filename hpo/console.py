@@ -43,6 +43,46 @@ def trial_line(study: optuna.Study, trial: FrozenTrial, metric: str) -> str:
     return f"trial {trial.number:4d}  {trial.state.name:8s} {value:42s} {best}  {seconds:.1f}s"
 
 
+def params_line(trial: FrozenTrial) -> str:
+    """A finished trial's parameters on one short line, as Optuna's own log gives them
+    (``  params: lr=0.00123, optimizer=Adam``; floats to 4 significant digits)."""
+    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    return f"           params: {text or '-'}"
+
+
+def retry_line(trial: FrozenTrial) -> str | None:
+    """For a re-queued retry, where it came from and where it started:
+    ``trial 14: retry of #9, resumed from epoch 147`` (None for a trial that is no retry)."""
+    origin = trial.user_attrs.get("retry_of")
+    if origin is None:
+        return None
+    epoch = trial.user_attrs.get("resumed_from_epoch")
+    start = f"resumed from epoch {epoch}" if epoch else "started over (no checkpoint to resume)"
+    return f"trial {trial.number}: retry of #{origin}, {start}"
+
+
+def duration_text(seconds: float) -> str:
+    """``42s``, ``4m 12s``, ``3h 05m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def budget_line(s: Summary, *, budget: int | None, per_minute: float | None) -> str:
+    """The study's progress against its budget, with an estimate of the time left from the rate at
+    which trials finished (``per_minute``; None: not known yet):
+    ``study: 12 of 300 trials finished (4%), 3 running; about 1h 39m left at 2.9 trials/min``."""
+    text = f"study: {s.finished} of {budget} trials finished ({s.finished / budget:.0%})" if budget else \
+        f"study: {s.finished} trials finished (no trial budget)"
+    text += f", {s.counts['RUNNING']} running"
+    if budget and s.finished < budget and per_minute:
+        text += f"; about {duration_text((budget - s.finished) / per_minute * 60)} left at {per_minute:.3g} trials/min"
+    return text
+
+
 def sharing_text(counts: dict[str, int]) -> str:
     """Trials by how their GPU was shared, e.g. ``mps 12, time-slice 3``."""
     return ", ".join(f"{mode} {n}" for mode, n in counts.items())

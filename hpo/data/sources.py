@@ -8,13 +8,14 @@ created before the store kept data carry their tables inside the spec (``DataSpe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from hpo.data.dataset import Dataset
-from hpo.data.images import load_image_dataset
+from hpo.data.images import SOURCES, load_image_dataset
 from hpo.data.splits import split_indices
 from hpo.data.tables import read_csv_table
 from hpo.spec.schema import DataSpec, StudySpec
@@ -76,6 +77,18 @@ def _load_csv(spec: StudySpec, storage) -> Dataset:
         classes=classes,
         normalization={"mean": mean.tolist(), "std": std.tolist()},
     )
+
+
+def data_title(spec: StudySpec) -> str:
+    """What the study's data set is called, for the line a worker prints while loading it:
+    ``Fashion-MNIST`` or ``regression_train.csv (100 rows)``."""
+    d = spec.data
+    if d.source != "csv":
+        return SOURCES[d.source].title if d.source in SOURCES else d.source
+    ref = (d.files or {}).get("train")
+    if ref:
+        return f"{ref['name']} ({ref['rows']:,} rows)"
+    return Path(d.train).name if d.train else "the CSV data"
 
 
 def _load_arrays(spec: StudySpec, storage) -> Dataset:

@@ -188,7 +188,7 @@ def _speed(trained: _Trained) -> dict[str, float | None]:
 
 def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial_number: int | None,
                         folds: int | None, stacked: bool | None, full_data: bool | None,
-                        epochs: int | None) -> tuple[int, int, bool, bool, int]:
+                        epochs: int | None) -> tuple[int, int, bool, bool, int | None]:
     """The trial, K, path (stacked or not), data (full or the search's) and epochs of the study's
     unfinished retrain, which --resume continues.
 
@@ -198,13 +198,16 @@ def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial
     asked = RetrainCheckpoint.unfinished(store, study_name)
     # A checkpoint from before retrains used the search's data trained on the whole pool.
     saved_full = bool(asked.get("full_data", True))
-    saved_epochs = int(asked["hyperparams"]["epochs"])
+    # A checkpoint that does not say its epochs (another retrain's meta) is refused later, when its meta
+    # is compared with this retrain's; here it only cannot contradict --epochs.
+    saved_epochs = (asked.get("hyperparams") or {}).get("epochs")
     for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
                                ("--stacked/--sequential", stacked, asked["path"] == "stacked"),
                                ("--full-data", full_data, saved_full), ("--epochs", epochs, saved_epochs)):
-        if given is not None and given != saved:
+        if given is not None and saved is not None and given != saved:
             raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
-    return asked["trial"], asked["folds"], asked["path"] == "stacked", saved_full, saved_epochs
+    return (asked["trial"], asked["folds"], asked["path"] == "stacked", saved_full,
+            int(saved_epochs) if saved_epochs is not None else epochs)
 
 
 def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any], *, epochs: int | None = None) -> dict[str, Any]:

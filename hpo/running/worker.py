@@ -29,10 +29,11 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.console import trial_line
-from hpo.data.sources import load_dataset, on_device
+from hpo.console import params_line, retry_line, trial_line
+from hpo.data.dataset import Dataset
+from hpo.data.sources import data_title, load_dataset, on_device
 from hpo.errors import StoreError, warn
-from hpo.running.progress import Progress
+from hpo.running.progress import BudgetProgress, Progress
 from hpo.running.signals import StopSignal
 from hpo.search import provenance
 from hpo.search import study as studies
@@ -46,6 +47,7 @@ from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
 from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
 from hpo.store.retry import is_transient
 from hpo.store.statistics import Summary, summarize
+from hpo.store.statistics import summary as study_summary
 from hpo.store.storage import WorkerStorage, open_storage
 from hpo.training.boundary import Interrupted
 from hpo.training.checkpoint import CheckpointStore, trial_key
@@ -229,10 +231,19 @@ def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage
     return open_storage(storage_url, heartbeat=heartbeat), heartbeat
 
 
+def _data_text(data: Dataset) -> str:
+    """``48,000 training and 12,000 validation samples (of 60,000), 10,000 test``."""
+    pool = len(data.x)
+    used = len(data.train_idx) + len(data.val_idx)
+    return (f"{len(data.train_idx):,} training and {len(data.val_idx):,} validation samples"
+            + (f" (of {pool:,})" if used < pool else "") + f", {len(data.x_test):,} test")
+
+
 def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: StopSignal, *,
                 n_trials: int | None, deadline: float | None, poll: float, done_line: str, metric: str,
                 echo: Callable[[str], None], gate: control.Gate | None = None,
-                budget_now: Callable[[], int | None] | None = None) -> int:
+                budget_now: Callable[[], int | None] | None = None,
+                budget_progress: BudgetProgress | None = None) -> int:
     """The worker's loop: fail dead workers' trials, start the next trial, run it, say how it ended;
     until the study's budget (or grid) is done, this worker's limit or deadline, a stop signal, or
     the study's stop (``gate``: ``hpo stop`` or a stopping rule). When the budget is used up,
@@ -262,7 +273,10 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
             frozen = worker.run(trial, objective)
             ran += 1
             if frozen is not None:
-                echo(trial_line(worker.study, frozen, metric))
+                lines = [retry_line(frozen), trial_line(worker.study, frozen, metric), params_line(frozen),
+                         budget_progress.line() if budget_progress is not None else None]
+                for line in filter(None, lines):
+                    echo(line)
     except Interrupted:
         echo("interrupted: the running trial is re-queued")
         closed = gate.closed() if gate is not None else None
@@ -331,7 +345,6 @@ def run_worker(
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
     study, spec = open_study(study_name, storage, seed_offset=sampler_seed_offset(number, worker_index))
-    data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.search.grid), and the study ends when every point has run.
     grid = study.sampler if isinstance(study.sampler, StoreGridSampler) else None
@@ -354,6 +367,10 @@ def run_worker(
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
          f"budget {budget} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
+    echo(f"  loading {data_title(spec)} ...")
+    loading = time.perf_counter()
+    data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
+    echo(f"  {_data_text(data)} on {device} in {time.perf_counter() - loading:.1f}s")
     start = time.perf_counter()
     with StopSignal() as stop:
         objective = make_objective(spec, data, should_stop=lambda: stop.requested or gate.stop_now(),
@@ -361,10 +378,11 @@ def run_worker(
                                    progress=progress, checkpoints=checkpoints)
         if mismatches:
             objective = _noting(objective, "version_mismatch", "; ".join(mismatches))
+        budget_progress = BudgetProgress(lambda: study_summary(storage, study_id), budget=budget_now)
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
                               poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo,
-                              gate=gate, budget_now=budget_now)
+                              gate=gate, budget_now=budget_now, budget_progress=budget_progress)
         except Exception as e:
             if is_transient(e):
                 raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "

@@ -20,6 +20,7 @@ from hpo.retrain.run import run_retrain
 from hpo.running.worker import run_worker
 from hpo.search.study import create, open_study
 from hpo.spec.schema import load_spec_file
+from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 from hpo.training.trainer import score
@@ -87,8 +88,9 @@ def test_classification_retrain_artifacts_reproduce_the_metrics(tmp_path, store_
     assert loaded == record and record.folds == 3 and record.trial_number == study.best_trial.number
     assert set(record.files) == {"metrics.json", "curves.json", "predictions.npz", "model.json",
                                  "fold_0.pt", "fold_1.pt", "fold_2.pt"}
-    trial_id = study.best_trial._trial_id  # each file is linked to the retrained trial in optuna-dashboard
-    assert {f"dashboard:artifacts:{trial_id}:{a}" for a in record.files.values()} <= set(study._storage.get_study_system_attrs(study._study_id))
+    trial_id = optuna_private.trial_id(study.best_trial)  # each file is linked to the retrained trial in optuna-dashboard
+    attrs = optuna_private.study_storage(study).get_study_system_attrs(optuna_private.study_id(study))
+    assert {f"dashboard:artifacts:{trial_id}:{a}" for a in record.files.values()} <= set(attrs)
 
     metrics = read_json(folder, "metrics.json")
     assert metrics["path"] == ("stacked" if stacked else "sequential")

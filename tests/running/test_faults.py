@@ -19,6 +19,7 @@ from test_parallel import create as create_study
 
 from hpo.errors import TrainingError
 from hpo.running.worker import run_worker
+from hpo.store import optuna_private
 from hpo.store.config import Heartbeat
 from hpo.store.storage import open_storage
 
@@ -152,7 +153,7 @@ def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, 
     orphan = budget.start_trial(storage, study_id, budget=2)
     for name, dist, value in (("n_layers", optuna.distributions.IntDistribution(1, 3), 1),
                               ("lr", optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True), 1e-3)):
-        storage.set_trial_param(orphan._trial_id, name, dist.to_internal_repr(value), dist)
+        storage.set_trial_param(optuna_private.trial_id(orphan), name, dist.to_internal_repr(value), dist)
     storage.engine.dispose()
     run_worker("regression", storage_url=store_url, echo=lambda line: None)
     trials = trials_of(store_url)

@@ -127,21 +127,21 @@ def test_a_retry_keeps_its_point_and_new_trials_take_the_lowest_free_one(tmp_pat
         if frozen is None:
             return None
         optuna_private.cache_trial(study, frozen)  # as the worker does
-        trial = optuna.Trial(study, frozen._trial_id)  # Optuna's before_trial sees the grid_id and keeps it
+        trial = optuna.Trial(study, optuna_private.trial_id(frozen))  # Optuna's before_trial sees the grid_id and keeps it
         return trial, [trial.suggest_categorical(n, v) for n, v in (("n_layers", [1, 2]), ("width", [8, 16]),
                                                                      ("lr", [0.01]))]
 
     first, first_point = start()
     second, second_point = start()
     assert first_point != second_point
-    assert budgets.fail_trial(storage, storage.get_trial(second._trial_id), reason="worker lost", requeue=True)
-    retry_id = next(t._trial_id for t in storage.get_all_trials(sid) if t.state == TrialState.WAITING)
+    assert budgets.fail_trial(storage, storage.get_trial(optuna_private.trial_id(second)), reason="worker lost", requeue=True)
+    retry_id = next(optuna_private.trial_id(t) for t in storage.get_all_trials(sid) if t.state == TrialState.WAITING)
     retry, retry_point = start(waiting=[(retry_id, True)])
     assert retry_point == second_point and retry.number == 2
     ids = {t.number: t.system_attrs["grid_id"] for t in storage.get_all_trials(sid)}
     assert ids == {0: 0, 1: 1, 2: 1}
     third, third_point = start()  # trial 3: the lowest free grid_id, 2, not its number
-    assert storage.get_trial(third._trial_id).system_attrs["grid_id"] == 2
+    assert storage.get_trial(optuna_private.trial_id(third)).system_attrs["grid_id"] == 2
     assert len({tuple(first_point), tuple(second_point), tuple(third_point)}) == 3
     start()
     assert start() is None  # every point is held: no new trial, whatever the budget

@@ -8,6 +8,7 @@ from hpo.errors import StoreError
 from hpo.running.worker import run_worker
 from hpo.search.study import SPEC_ATTR, CachingMedianPruner, create, open_study
 from hpo.spec.schema import load_spec_file
+from hpo.store import optuna_private
 from hpo.store.statistics import summarize
 from hpo.store.storage import open_storage
 
@@ -80,7 +81,7 @@ def test_summary_counts(tmp_path, store_url):
     failed = study.ask()
     study.tell(failed, state=TrialState.FAIL)
     retry = study.ask()
-    study._storage.set_trial_system_attr(retry._trial_id, "retry_history", [failed.number])
+    optuna_private.study_storage(study).set_trial_system_attr(optuna_private.trial_id(retry), "retry_history", [failed.number])
     assert summarize(study).finished == 3
     study.tell(retry, 0.3)
     assert summarize(study).finished == 4

@@ -48,17 +48,21 @@ def test_warm_start_takes_only_fitting_configurations(tmp_path, store_url):
     run_hpo("worker", "--study", "old", env=env, check=0, timeout=900)
     new = fast_spec(tmp_path, 4, name="new")
     raw = yaml.safe_load(new.read_text())
-    raw["space"]["n_layers"] = {"int": [1, 1]}
+    raw["space"]["width"]["int"] = [128, 200]  # narrower than old's [128, 256]
     new.write_text(yaml.safe_dump(raw, sort_keys=False))
     out = run_hpo("create-study", str(new), "--warm-start", "old", "--top", "6", env=env, check=0).stdout
 
     old = optuna.load_study(study_name="old", storage=store_url)
     ranked = sorted((t for t in old.trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, t.number))
-    fitting = [t.params for t in ranked[:6] if t.params["n_layers"] == 1]
-    skipped = [t for t in ranked[:6] if t.params["n_layers"] != 1]
-    assert fitting and skipped, "the old study should have trials of one and of more layers"
+
+    def fits(t):
+        return all(v <= 200 for k, v in t.params.items() if k.startswith("width_l"))
+
+    fitting = [t.params for t in ranked[:6] if fits(t)]
+    skipped = [t for t in ranked[:6] if not fits(t)]
+    assert fitting and skipped, "the old study should have trials with widths on both sides of 200"
     assert f"queued {len(fitting)} of the best 6 trials of 'old'" in out
-    assert out.count("warm start: skipped trial ") == len(skipped) and "n_layers=" in out
+    assert out.count("warm start: skipped trial ") == len(skipped) and "width_l" in out
     queued = optuna.load_study(study_name="new", storage=store_url).trials
     assert [t.state for t in queued] == [TrialState.WAITING] * len(fitting)
     assert [t.system_attrs["fixed_params"] for t in queued] == fitting

@@ -105,7 +105,7 @@ def test_stop_now_then_delete_leaves_nothing(tmp_path, store_url):
 
     log = tmp_path / "long.log"
     worker = start_worker(env, "regression", log)
-    trial = wait_for(lambda: running_with_reports(store_url), what="a running trial")
+    trial = wait_for(lambda: running_with_reports(store_url), timeout=600, what="a running trial")
     refused = run_hpo("delete", "--study", "regression", env=env, check=2)
     assert refused.stderr.count("\n") == 1 and "1 running trial" in refused.stderr
     run_hpo("stop", "--study", "regression", "--now", env=env, check=0)

@@ -44,6 +44,7 @@ class SlurmPlan:
     time: str | None = None
     account: str | None = None
     sbatch_args: tuple[str, ...] = ()
+    artifacts: str | None = None  # absolute; the tasks' --artifacts
 
     @property
     def workers(self) -> int:
@@ -53,12 +54,14 @@ class SlurmPlan:
 def plan(*, study: str, workers: int, gpus_per_worker: int | None = None, device: str | None = None,
          workers_per_gpu: int = 1, partition: str | None = None, time: str | None = None,
          account: str | None = None, sbatch_args: tuple[str, ...] = (), grace: int = GRACE,
-         python: str | None = None) -> SlurmPlan:
+         python: str | None = None, artifacts: str | None = None) -> SlurmPlan:
     """Check the options and lay the workers out as array tasks.
 
     ``workers`` counts workers: with ``workers_per_gpu`` K there are ``workers / K`` tasks, each one
     GPU running ``hpo fleet`` of K workers. ``python`` (default: this interpreter) runs
     ``-m hpo.cli`` in the tasks, so they run the same hpo as the command that submits them.
+    ``artifacts`` (made absolute here: a task may start elsewhere) is the tasks' artifact folder,
+    where they checkpoint running trials; it should be on a filesystem every node shares.
 
     Raises:
         HpoError: on fewer than 1 worker, a worker count that is not a multiple of K, K workers on
@@ -83,7 +86,8 @@ def plan(*, study: str, workers: int, gpus_per_worker: int | None = None, device
             raise HpoError(f"--sbatch-arg {arg!r}: give one sbatch option per --sbatch-arg, e.g. --sbatch-arg=--mem=8G")
     return SlurmPlan(study=study, tasks=workers // workers_per_gpu, workers_per_task=workers_per_gpu, gpus=gpus,
                      device=dev, python=python or sys.executable, grace=grace, partition=partition, time=time,
-                     account=account, sbatch_args=tuple(sbatch_args))
+                     account=account, sbatch_args=tuple(sbatch_args),
+                     artifacts=str(Path(artifacts).expanduser().resolve()) if artifacts else None)
 
 
 def task_command(p: SlurmPlan) -> list[str]:
@@ -93,9 +97,10 @@ def task_command(p: SlurmPlan) -> list[str]:
     ``cuda``, i.e. the GPU SLURM made visible to the task (``CUDA_VISIBLE_DEVICES``).
     """
     hpo = [p.python, "-m", "hpo.cli"]
+    artifacts = ["--artifacts", p.artifacts] if p.artifacts else []
     if p.workers_per_task == 1:
-        return [*hpo, "worker", "--study", p.study, "--device", p.device]
-    return [*hpo, "fleet", "--study", p.study, "--device", p.device, "--workers", str(p.workers_per_task)]
+        return [*hpo, "worker", "--study", p.study, "--device", p.device, *artifacts]
+    return [*hpo, "fleet", "--study", p.study, "--device", p.device, "--workers", str(p.workers_per_task), *artifacts]
 
 
 def job_name(p: SlurmPlan) -> str:

@@ -62,6 +62,7 @@ def _check_family(folder: Path, description: dict[str, Any]) -> None:
         raise HpoError(f"{folder}: the model is of family {name!r} from {dist} {version}, which is not installed "
                        f"here: pip install '{dist}{pin}'")
 
+
 FAR_OUTSIDE = 10  # training spans beyond the training range: clearly another scale
 SQUEEZED = 20  # inputs spanning under 1/SQUEEZED of the training span: clearly another scale ...
 MIN_VALUES = 100  # ... when there are at least this many of them (one row of a CSV says nothing)

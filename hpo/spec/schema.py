@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hpo.errors import SpecError
 from hpo.spec.checks import (
     Checker,
@@ -23,7 +21,7 @@ from hpo.spec.checks import (
     known_name,
     search_range,
 )
-from hpo.spec.domains import DOMAINS, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain
+from hpo.spec.domains import DOMAINS, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain, domain_of
 from hpo.spec.hyperparams import HYPERPARAMETERS
 
 PARAM_KINDS = ("int", "float", "choice")
@@ -200,7 +198,7 @@ def _parse_param(c: Checker, name: str, raw: Any, family: str) -> ParamSpec:
     if kind == "choice":
         choices = raw["choice"]
         if not isinstance(choices, list) or not choices:
-            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {DOMAINS[name]}")
+            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {domain_of(name)}")
         spec["choices"] = tuple(check_value(c, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
         if len(set(map(repr, spec["choices"]))) != len(spec["choices"]):
             raise c.refuse(f"{where}.choice", choices, "values that do not repeat")
@@ -397,15 +395,7 @@ def find_spec_file(name_or_path: str) -> Path:
 
 
 def load_spec_file(path: Path) -> StudySpec:
-    """Read and validate one YAML spec file."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise SpecError(f"{path}: {where}: malformed YAML: {getattr(e, 'problem', e)}") from e
-    return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+    """Read and validate one YAML spec file (within the limits of ``hpo.spec.yaml_file``)."""
+    from hpo.spec.yaml_file import read_yaml
+
+    return parse_spec(read_yaml(path), source=str(path), base_dir=path.resolve().parent)

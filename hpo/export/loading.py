@@ -182,35 +182,41 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
 
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
     """Inputs from a CSV (feature columns by name), .npy or IDX file; also the CSV frame, if any."""
-    import pandas as pd
+    from hpo.data.csv_lines import FINITE, not_float32, read_numeric_csv
+    from hpo.store.config import max_data_bytes
 
     if not path.is_file():
         raise DataError(f"--input: {path} not found")
+    size, limit = path.stat().st_size, max_data_bytes()
+    if size > limit:
+        raise DataError(f"--input: {path}: {size:,} bytes, over the limit of {limit:,} (HPO_MAX_DATA_BYTES); "
+                        f"raise it, or predict on smaller files")
     name = path.name.lower()
     if name.endswith(".csv"):
-        frame = pd.read_csv(path)
-        missing = [c for c in model.features if c not in frame.columns]
-        if missing or not model.features:
-            raise DataError(f"{path}: missing feature column(s) {', '.join(missing or ['(model has no named features)'])}; "
-                            f"the file has {', '.join(map(str, frame.columns))}")
-        values = frame[list(model.features)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
-        if not np.isfinite(values).all():
-            row, col = np.argwhere(~np.isfinite(values))[0]
-            from hpo.data.csv_lines import csv_line
-
-            raise DataError(f"{path}: line {csv_line(str(path), int(row))}, column {model.features[col]!r}: "
-                            f"expected a number")
-        return values, frame
+        if not model.features:
+            raise DataError(f"{path}: this model has no named features (it was not trained on a CSV); "
+                            f"use a .npy or IDX file")
+        frame, values = read_numeric_csv(str(path), model.features)
+        return values.astype(np.float32), frame
     if name.endswith(".npy"):
         try:
-            return np.load(path, allow_pickle=False).astype(np.float32), None
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path}: cannot read as .npy: {e}") from e
-    if "idx" in name or name.endswith("-ubyte") or name.endswith(".gz"):
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # truncated, not .npy, or an object array
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{path}: cannot read as .npy: {first}") from e
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{path}: holds {array.dtype} values; allowed: numbers")
+    elif "idx" in name or name.endswith("-ubyte") or name.endswith(".gz"):
         from hpo.data.images import read_idx
 
-        return read_idx(path).astype(np.float32), None
-    raise DataError(f"--input: {path}: unknown file type; use .csv, .npy or an IDX file (e.g. t10k-images-idx3-ubyte.gz)")
+        array = read_idx(path, max_bytes=limit)
+    else:
+        raise DataError(f"--input: {path}: unknown file type; use .csv, .npy or an IDX file (e.g. t10k-images-idx3-ubyte.gz)")
+    bad = not_float32(array)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path}: element {list(where)}: got {array[where].item()!r}; allowed: {FINITE}")
+    return array.astype(np.float32), None
 
 
 def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -73,4 +71,6 @@ def studies_table(rows: list[Summary]) -> str:
 
 
 def as_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+    from hpo.export.json_text import strict_dumps
+
+    return strict_dumps(obj, sort_keys=True, default=str)

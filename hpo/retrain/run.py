@@ -70,12 +70,14 @@ def split_folds(data: Dataset, *, folds: int, seed: int) -> list[tuple[np.ndarra
     return [(np.sort(tr), np.sort(va)) for tr, va in splits]
 
 
-def _choose_trial(study, trial_number: int | None):
+def _choose_trial(study, trial_number: int | None, budget: int | None = None):
+    from hpo.store.budget import more_trials_hint
+
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
     if trial_number is None:
         if not any(t.state == TrialState.COMPLETE for t in trials):
-            raise HpoError(f"study {name!r} has no complete trial; run hpo worker --study {name} first")
+            raise HpoError(f"study {name!r} has no complete trial; {more_trials_hint(study, budget)}")
         return study.best_trial
     if not 0 <= trial_number < len(trials):
         raise HpoError(f"--trial: study {name!r} has no trial {trial_number}; trials are 0..{len(trials) - 1}")
@@ -133,7 +135,7 @@ def run_retrain(
     if resume:
         trial_number, folds, stacked = _unfinished_retrain(store, study_name, trial_number=trial_number,
                                                            folds=folds, stacked=stacked)
-    trial = _choose_trial(study, trial_number)
+    trial = _choose_trial(study, trial_number, spec.budget.n_trials)
     k = int(folds or spec.retrain.folds)
     hp = _retrain_hyperparams(spec, trial.params)
     artifact_store = open_artifact_store(storage_url, artifacts)

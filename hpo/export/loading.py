@@ -33,8 +33,9 @@ from torch import nn
 from hpo.errors import DataError, HpoError
 from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL, sha256
 from hpo.retrain import ensemble as ens
+from hpo.spec.domains import show
 from hpo.store.config import STORAGE_ROOT
-from hpo.store.paths import name_in
+from hpo.store.paths import component_problem, name_in
 
 
 class ExportedModel(nn.Module):
@@ -108,6 +109,17 @@ class ExportedModel(nn.Module):
         return out if isinstance(x, torch.Tensor) else out.cpu().numpy()
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``, or one line naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise HpoError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:120]}); export the model again") from e
+    if not isinstance(data, dict):
+        raise HpoError(f"{path}: unreadable {what} (expected a JSON object); export the model again")
+    return data
+
+
 def verify(folder: Path) -> dict:
     """Check every file of an export against its manifest. Returns the manifest.
 
@@ -117,16 +129,18 @@ def verify(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise HpoError(f"{folder}: not an hpo export (no {MANIFEST}); make one with: hpo export-best --study NAME --out DIR")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise HpoError(f"{path}: unreadable manifest ({e}); export the model again") from e
+    manifest = _read_json(path, "manifest")
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                            and isinstance(e.get("sha256"), str) for e in files.values())):
+        raise HpoError(f"{path}: unreadable manifest (files: expected {{name: {{sha256, bytes}}}}); export the model again")
     if manifest.get("format") != EXPORT_FORMAT:
-        raise HpoError(f"{path}: format {manifest.get('format')!r} is not {EXPORT_FORMAT!r}")
+        raise HpoError(f"{path}: format {show(manifest.get('format'))} is not {EXPORT_FORMAT!r}")
     for name, entry in files.items():
+        if component_problem(name) is not None:
+            raise HpoError(f"{path}: files: {show(name)} is not a file name of the folder; export the model again")
         file = folder / name
-        if Path(name).name != name or not file.is_file():
+        if not file.is_file():
             raise HpoError(f"{folder}: {name} is missing; the export is incomplete, export it again")
         if file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]:
             raise HpoError(f"{file}: checksum mismatch (truncated or changed since the export); refusing to load it")
@@ -154,8 +168,12 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
     if not manifest.get("weights") or MODEL not in manifest["files"]:
         raise HpoError(f"{folder}: this export has parameters but no weights ({manifest.get('note') or 'no retrain'}); "
                        f"export again after the retrain")
-    description = json.loads((folder / MODEL).read_text())
-    weights = description["weights"]
+    description = _read_json(folder / MODEL, MODEL)
+    weights = description.get("weights")
+    if not (isinstance(weights, list) and weights and all(isinstance(w, str) for w in weights)
+            and isinstance(description.get("ensemble_rules"), list)):
+        raise HpoError(f"{folder / MODEL}: malformed (weights and ensemble_rules: expected lists of names); "
+                       f"export the model again")
     unlisted = [w for w in weights if w not in manifest["files"]]
     if unlisted:
         raise HpoError(f"{folder}: {', '.join(unlisted)} not in the manifest; refusing to load unverified weights")
@@ -163,10 +181,10 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         if not 0 <= fold < len(weights):
             raise HpoError(f"--fold: got {fold}; this export has folds 0..{len(weights) - 1}")
         weights = [weights[fold]]
-    rule = ensemble or description["ensemble"]
+    rule = ensemble or description.get("ensemble")
     if rule not in description["ensemble_rules"]:
-        raise HpoError(f"ensemble: got {rule!r}; allowed: {', '.join(description['ensemble_rules'])}")
-    if fold is not None and description["task"] == "classification":
+        raise HpoError(f"ensemble: got {show(rule)}; allowed: {', '.join(map(str, description['ensemble_rules']))}")
+    if fold is not None and description.get("task") == "classification":
         rule = "soft_vote"  # one fold: its own probabilities
     models = []
     for name in weights:
@@ -176,8 +194,15 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
             raise
         except Exception as e:  # unpickling refused, or weights that do not fit the described model
             raise HpoError(f"{folder / name}: cannot load the weights: {str(e).splitlines()[0]}") from e
-    return ExportedModel(models, description=description, rule=rule,
-                         study=str(manifest.get("study") or folder.resolve().name)).to(device).eval()
+    try:
+        exported = ExportedModel(models, description=description, rule=rule,
+                                 study=str(manifest.get("study") or folder.resolve().name))
+    except HpoError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise HpoError(f"{folder / MODEL}: malformed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                       f"export the model again") from e
+    return exported.to(device).eval()
 
 
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:

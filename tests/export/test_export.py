@@ -504,3 +504,44 @@ def test_an_infinite_best_value_exports_as_strict_json(tmp_path, trained):
         json.loads((out / name).read_text(), parse_constant=refuse)
     params = json.loads((out / "params.json").read_text())
     assert params["value"] is None and params["non_finite"] == {"value": "-inf"}
+
+
+def test_malformed_export_files_are_one_line_naming_the_file(tmp_path, retrained):
+    """A manifest or model.json that is not JSON, not UTF-8, or of the wrong shape (checksums made to
+    match): one line naming the file, never a traceback."""
+    import hpo
+    from hpo.errors import HpoError
+    from hpo.export.folder import export_best, sha256
+
+    good = export_best("regression", storage_url=store_env(retrained)["HPO_STORAGE"], out=tmp_path / "export")
+    manifest = json.loads((good / "manifest.json").read_text())
+
+    def variant(name: str, *, manifest_text: str | bytes | None = None, model: object = None) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        m = json.loads(json.dumps(manifest))
+        if model is not None:
+            (folder / "model.json").write_text(json.dumps(model))
+            m["files"]["model.json"] = {"sha256": sha256(folder / "model.json"), "bytes": (folder / "model.json").stat().st_size}
+        text = manifest_text if manifest_text is not None else json.dumps(m)
+        (folder / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        return folder
+
+    description = json.loads((good / "model.json").read_text())
+    cases = {
+        variant("not-json", manifest_text="{"): r"not-json/manifest.json: unreadable manifest \(",
+        variant("not-utf8", manifest_text=b"\xff\xfe{}"): r"not-utf8/manifest.json: unreadable manifest \(",
+        variant("a-list", manifest_text="[]"): r"a-list/manifest.json: unreadable manifest \(expected a JSON object\)",
+        variant("files-text", manifest_text=json.dumps({**manifest, "files": "x"})): r"files-text/manifest.json: unreadable manifest \(files:",
+        variant("files-out", manifest_text=json.dumps({**manifest, "files": {"../x": {"sha256": "0", "bytes": 1}}})):
+            r"files-out/manifest.json: files: '../x' is not a file name of the folder",
+        variant("model-list", model=[]): r"model-list/model.json: unreadable model.json \(expected a JSON object\)",
+        variant("model-weights", model={**description, "weights": "fold_0.pt"}): r"model-weights/model.json: malformed \(weights",
+        variant("model-shape", model={k: v for k, v in description.items() if k != "in_shape"}): r"model-shape/fold_0.pt: cannot load",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(HpoError, match=message) as e:
+            hpo.load(folder)
+        assert "\n" not in str(e.value), folder.name
+    proc = run_hpo("predict", "--model", str(tmp_path / "not-utf8"), "--input", str(REGRESSION_TEST_CSV), check=2)
+    assert proc.stderr.count("\n") == 1 and "not-utf8/manifest.json: unreadable manifest" in proc.stderr

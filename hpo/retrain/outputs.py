@@ -20,8 +20,9 @@ import numpy as np
 import optuna
 import torch
 
-from hpo.data.dataset import Dataset
+from hpo.data.dataset import Dataset, raw_input_stats
 from hpo.export.json_text import strict_dumps
+from hpo.nn import registry
 from hpo.retrain import ensemble
 from hpo.retrain.results import RetrainRecord, save_retrain
 from hpo.spec.schema import StudySpec
@@ -106,9 +107,12 @@ def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics:
     files["metrics.json"].write_text(strict_dumps(metrics))
     files["curves.json"].write_text(strict_dumps({"folds": curves}, indent=None))
     np.savez_compressed(files["predictions.npz"], **arrays)
+    given = registry.entry(spec.model).provenance  # the code that trained these weights
     files["model.json"].write_text(strict_dumps({
-        "family": spec.model, "in_shape": list(data.in_shape), "out_features": data.out_features,
+        "family": spec.model, "distribution": given["distribution"], "version": given["version"],
+        "in_shape": list(data.in_shape), "out_features": data.out_features,
         "task": data.task, "hyperparams": hp, "normalization": data.normalization, "classes": list(data.classes),
+        "input_stats": raw_input_stats(data),
     }))
     for i, model in enumerate(models):
         path = folder / f"fold_{i}.pt"

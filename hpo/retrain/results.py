@@ -14,7 +14,8 @@ Files of one retrain (names are the keys of ``RetrainRecord.files``):
 - ``curves.json``: {"folds": [{"epoch": [...], "train_loss": [...], "val_loss": [...], "val_metric": [...]}]}.
 - ``predictions.npz``: y_test, fold_outputs (K, N, C), and for regression ensemble_mean, grid_x,
   grid_best, grid_mean; for classification majority_vote, soft_vote.
-- ``model.json``: family, in_shape, out_features, task, hyperparams, normalization, classes.
+- ``model.json``: family, in_shape, out_features, task, hyperparams, normalization, classes,
+  input_stats (the training inputs' raw min, max, mean, std: ``hpo.data.dataset.raw_input_stats``).
 - ``fold_<i>.pt``: each fold model's ``state_dict`` (load with ``weights_only=True``).
 """
 

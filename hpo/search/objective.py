@@ -25,6 +25,8 @@ from hpo.data.dataset import Dataset
 from hpo.nn.models import build_model
 from hpo.running.devices import gpu_sharing
 from hpo.running.progress import QUIET, Progress
+from hpo.search import objectives as outcomes
+from hpo.search.pareto import PRUNED_BY_ATTR
 from hpo.search.space import suggest
 from hpo.spec.schema import StudySpec
 from hpo.store import budget as budgets
@@ -56,11 +58,13 @@ def lineage_number(trial: optuna.trial.FrozenTrial) -> int:
 def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], bool] | None = None,
                    is_abandoned: Callable[[int], bool] | None = None,
                    progress: Progress | None = None,
-                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float]:
-    """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
+                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float | list[float]]:
+    """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``, or
+    with several objectives their values in order (``hpo.search.objectives``).
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
-    is pruned when the pruner says so.
+    is pruned when the pruner says so (``pruned_by`` records it). A configuration that breaks a
+    constraint known before training (``n_params``, ``latency_ms``) is pruned before its first epoch.
 
     Args:
         should_stop: polled at every epoch boundary where training goes on (a stop during the
@@ -80,7 +84,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | list[float]:
         hp = suggest(trial, spec)
         lineage = lineage_number(optuna_private.cached_frozen_trial(trial))
         seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
@@ -94,13 +98,15 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         trial.set_user_attr("device", device_name)
         if sharing:
             trial.set_user_attr("gpu_sharing", sharing)
+        measures = outcomes.measure_model(trial, spec, model, data, device_name)
+        outcomes.check_before_training(trial, spec, measures)
         with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
                           initial=resume.epoch if resume is not None else 0) as bar:
             on_epoch = _epoch_reporter(trial, spec, bar, is_abandoned)
             at_boundary = _EpochBoundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
             result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
         _record_result(trial, result)
-        return result.metrics[spec.metric]
+        return outcomes.outcome(trial, spec, result, measures)
 
     return objective
 
@@ -111,7 +117,7 @@ def _report_resumed(trial: optuna.Trial, resume: TrainState, spec: StudySpec) ->
     for h in resume.history:
         done = int(h["epoch"]) + 1
         if done % spec.report_every == 0:
-            trial.report(h[spec.metric], done)
+            outcomes.report(trial, spec, h[spec.metric], done)
     trial.set_user_attr("resumed_from_epoch", resume.epoch)
 
 
@@ -129,8 +135,10 @@ def _epoch_reporter(trial: optuna.Trial, spec: StudySpec, bar,
             raise Abandoned(f"finished elsewhere after {done} epochs")
         if done % spec.report_every:
             return
-        trial.report(stats[spec.metric], done)
-        if trial.should_prune():
+        outcomes.report(trial, spec, stats[spec.metric], done)
+        reason = outcomes.prune_reason(trial, spec)
+        if reason is not None:
+            trial.set_user_attr(PRUNED_BY_ATTR, reason)
             trial.set_user_attr("epochs_run", done)
             raise optuna.TrialPruned(f"pruned after {done} epochs")
 

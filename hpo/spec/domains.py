@@ -22,14 +22,19 @@ DIRECTIONS = ("minimize", "maximize")
 DATA_SOURCES = ("csv", "fashion_mnist", "mnist")
 TASKS = ("regression", "classification")
 FAMILIES = ("mlp", "cnn")
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "none", "hyperband")
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+PRUNERS = ("median", "none", "hyperband", "pareto")
 SCHEDULES = ("free", "constant", "decreasing", "search")
 # metric -> the direction that improves it
 METRICS = {
     "regression": {"val_mse": "minimize", "val_mae": "minimize", "val_loss": "minimize"},
     "classification": {"val_accuracy": "maximize", "val_loss": "minimize"},
 }
+# Quantities of a trial's model that any task has, for `objectives` and `constraints` beside the
+# val_* metrics (hpo.search.measures): metric -> the direction that improves it.
+MODEL_METRICS = {"n_params": "minimize", "train_seconds": "minimize", "latency_ms": "minimize"}
+# Those known once the model is built, before any training: a constraint on one is checked then.
+KNOWN_BEFORE_TRAINING = ("n_params", "latency_ms")
 # Study names become file names (storage/reports/NAME.html, storage/exports/NAME and the hidden
 # temporary names written beside them, up to 19 bytes longer): Linux and macOS allow 255 bytes per
 # path component, so names stay well under that.
@@ -201,6 +206,7 @@ DOMAINS: dict[str, Domain] = {
     "sampler.kind": one_of(SAMPLERS),
     "sampler.n_startup_trials": integer(0),
     "sampler.multivariate": BOOL,
+    "sampler.population_size": integer(2),
     "pruner.kind": one_of(PRUNERS),
     "pruner.n_startup_trials": integer(0),
     "pruner.n_warmup_steps": integer(0),
@@ -209,6 +215,8 @@ DOMAINS: dict[str, Domain] = {
     "pruner.reduction_factor": integer(2),
     "budget.n_trials": integer(1, optional=True),  # null: no limit (stop workers with --n-trials or a signal)
     "budget.timeout": number(0, low_open=True, optional=True),  # seconds
+    "constraints.min": number(),
+    "constraints.max": number(),
     "retrain.folds": integer(2, LIMITS["retrain.folds"]),
     "retrain.epochs": integer(1, LIMITS["retrain.epochs"], optional=True),  # null: each fold model trains the trial's epochs
     # seconds of training between a running trial's (or retrain's) checkpoints; 0: every epoch
@@ -220,8 +228,12 @@ DOMAINS: dict[str, Domain] = {
 
 # Which settings each pruner / sampler kind takes (Optuna's constructor arguments of that name).
 PRUNER_SETTINGS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
-                   "hyperband": ("min_resource", "reduction_factor"), "none": ()}
-SAMPLER_SETTINGS = {"tpe": ("n_startup_trials", "multivariate"), "random": (), "grid": ()}
+                   "hyperband": ("min_resource", "reduction_factor"), "none": (),
+                   "pareto": ("n_startup_trials", "n_warmup_steps")}
+SAMPLER_SETTINGS = {"tpe": ("n_startup_trials", "multivariate"), "nsga2": ("population_size",), "random": (),
+                    "grid": ()}
+# Pruners a study of several objectives takes (Optuna's own refuse them: optuna/optuna#3450).
+MULTI_OBJECTIVE_PRUNERS = ("pareto", "none")
 
 def limits() -> dict[str, int]:
     """``LIMITS`` with the owner's overrides from ``HPO_LIMITS`` (``NAME=N,NAME=N``, e.g.
@@ -248,10 +260,11 @@ def limits() -> dict[str, int]:
     return out
 
 
-def domain_of(key: str) -> Domain:
-    """``DOMAINS[key]``, its upper bound raised or lowered by ``HPO_LIMITS`` when it has one."""
-    domain = DOMAINS[key]
-    if key not in LIMITS:
+def domain_of(key: str, domain: Domain | None = None) -> Domain:
+    """``domain`` (default ``DOMAINS[key]``) with the upper bound of ``LIMITS`` that ``HPO_LIMITS``
+    raises or lowers, when it has that bound (a model plugin's own bounds stay as they are)."""
+    domain = DOMAINS[key] if domain is None else domain
+    if key not in LIMITS or domain.high != LIMITS[key]:
         return domain
     return replace(domain, high=limits()[key], note=f"HPO_LIMITS={key}=N sets the upper bound")
 

@@ -219,6 +219,20 @@ def report_path(study_name: str, out: str | Path | None) -> Path:
     return Path(text)
 
 
+def _check_replaceable(path: Path) -> None:
+    """A report replaces an earlier report, never another file (``--out README.md``)."""
+    try:
+        if not path.exists():
+            return
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise HpoError(f"--out: cannot write the report to {path}: {e.strerror or e}") from e
+    if b"<title>hpo report: " not in head:
+        raise HpoError(f"--out: {path} exists and is not an hpo report; a report replaces only an earlier "
+                       f"report: remove it yourself or choose another --out")
+
+
 def write_report(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None,
                  out: str | Path | None = None) -> Path:
     """Write the study's HTML report and return its path.
@@ -226,7 +240,8 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     Args:
         artifacts: artifact folder of the retrain files (default: beside the store, see ``hpo.store``).
         out: file to write (default ``storage/reports/<study>.html``; a folder, or a path ending
-            with a slash: ``out/<study>.html``); written whole or not at all.
+            with a slash: ``out/<study>.html``); written whole or not at all, replacing an earlier
+            report there but no other file.
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
@@ -234,6 +249,7 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     """
     start = time.perf_counter()
     path = report_path(study_name, out)
+    _check_replaceable(path)
     storage = open_storage(storage_url, heartbeat=False)
     study, spec = load(study_name, storage)
     trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials

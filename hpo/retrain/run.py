@@ -32,6 +32,7 @@ from hpo.search.objective import trial_seed
 from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
 from hpo.search.study import load, study_id
+from hpo.spec.domains import domain_of
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
@@ -155,6 +156,8 @@ def run_retrain(
             epochs=epochs)
     trial = _choose_trial(study, trial_number, spec.budget.n_trials)
     k = int(folds or spec.retrain.folds)
+    if folds is not None and not domain_of("retrain.folds").contains(k):
+        raise HpoError(f"--folds: got {k}; allowed: {domain_of('retrain.folds')}")
     hp = _retrain_hyperparams(spec, trial.params, epochs=epochs)
     artifact_store = open_artifact_store(storage_url, artifacts)
 

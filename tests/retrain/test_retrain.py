@@ -223,6 +223,8 @@ def test_bad_trial_choices_are_clear_errors(tmp_path, store_url):
     with pytest.raises(HpoError, match="no complete trial; run: hpo worker --study blobs$"):
         run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), device=CPU)
     run_worker("blobs", storage_url=store_url, n_trials=1, echo=lambda line: None)
+    with pytest.raises(HpoError, match=r"^--folds: got 1000; allowed: an integer in \[2, 100\] \(HPO_LIMITS=retrain.folds=N"):
+        run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), folds=1000, device=CPU)
     with pytest.raises(HpoError, match="no trial 5; trials are 0..0"):
         run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), trial_number=5, device=CPU)
     study, _ = load("blobs", open_storage(store_url, heartbeat=False))

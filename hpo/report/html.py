@@ -214,7 +214,11 @@ def report_path(study_name: str, out: str | Path | None) -> Path:
     if out is None:
         return default_out(study_name)
     text = str(out)
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+    try:
+        folder = text.endswith(("/", os.sep)) or Path(text).is_dir()
+    except OSError:  # e.g. a name too long: writing it says so in one line
+        folder = False
+    if folder:
         return name_in(Path(text), study_name, what="study name", suffix=".html")
     return Path(text)
 

@@ -36,7 +36,8 @@ from hpo.spec.schema import (
 from hpo.store import optuna_private
 
 SOURCE = "studies/walk.yaml"
-SPEC_FIELDS = [k for k in DOMAINS if k not in HYPERPARAMETERS and not k.startswith("space.")]
+# constraints.min/max are the bounds under constraints.METRIC, not fields of their own
+SPEC_FIELDS = [k for k in DOMAINS if k not in HYPERPARAMETERS and not k.startswith(("space.", "constraints."))]
 
 
 def regression_raw() -> dict:

@@ -59,7 +59,7 @@ def test_categorical_values_are_canonicalised():
         (lambda r: r.update(metric="val_accuracy"), r"metric: got 'val_accuracy'; allowed: val_mse, val_mae, val_loss"),
         (lambda r: r["data"].update(source="parquet"), r"data.source: got 'parquet'; allowed: csv, fashion_mnist, mnist"),
         (lambda r: r["pruner"].update(kind="asha"), r"pruner.kind: got 'asha'; allowed: median, none, hyperband"),
-        (lambda r: r["sampler"].update(kind="cmaes"), r"sampler.kind: got 'cmaes'; allowed: tpe, random, grid"),
+        (lambda r: r["sampler"].update(kind="cmaes"), r"sampler.kind: got 'cmaes'; allowed: tpe, nsga2, random, grid"),
         (lambda r: r["budget"].update(n_trials=0), r"budget.n_trials: got 0; allowed: an integer >= 1, or null"),
         (lambda r: r["space"]["momentum"].update(when={"optim": ["SGD"]}), r"'optim' must be searched above 'momentum'"),
         (lambda r: r["space"]["momentum"].update(when={"optimizer": ["Adagrad"]}), r"'Adagrad' is not among optimizer's choices"),

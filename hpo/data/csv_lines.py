@@ -29,9 +29,9 @@ def csv_line(path: str, data_row: int) -> int:
     raise IndexError(f"{path} has no data row {data_row}")
 
 
-def read_numeric_csv(path: str, columns: tuple[str, ...], *, what: str = "CSV"):
+def read_numeric_csv(path: str, columns: tuple[str, ...], *, what: str = "CSV", role: str = ""):
     """The CSV at ``path`` as written (a pandas frame of text cells) and its named ``columns`` as
-    numbers (float64 array, rows x columns). The one rule for every CSV hpo reads (a study's data
+    numbers (float64 array, rows x columns); ``role`` names the columns in errors (``feature ``). The one rule for every CSV hpo reads (a study's data
     at create-study and in workers, ``hpo predict``'s inputs): every named cell a finite number.
 
     Raises:
@@ -57,7 +57,7 @@ def read_numeric_csv(path: str, columns: tuple[str, ...], *, what: str = "CSV"):
         raise DataError(f"{path}: cannot read as {what}: {first}") from e
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has {', '.join(map(str, frame.columns))}")
+        raise DataError(f"{path}: missing {role}column(s) {', '.join(missing)}; the file has {', '.join(map(str, frame.columns))}")
     if frame.empty:
         raise DataError(f"{path}: no rows")
     cells = frame[list(columns)]

@@ -339,7 +339,7 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
         if not model.features:
             raise DataError(f"{path}: this model has no named features (it was not trained on a CSV); "
                             f"use a .npy or IDX file")
-        frame, values = read_numeric_csv(str(path), model.features)
+        frame, values = read_numeric_csv(str(path), model.features, role="feature ")
         return values.astype(np.float32), frame
     if name.endswith(".npy"):
         try:

@@ -49,6 +49,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _register_commands() -> None:
     from hpo.commands import (
         bench,
+        control,
         create_study,
         dashboard,
         export,
@@ -57,11 +58,14 @@ def _register_commands() -> None:
         launch,
         report,
         retrain,
+        schema,
         status,
+        warm,
         worker,
     )
 
-    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench, families):
+    for module in (create_study, worker, status, control, retrain, report, export, dashboard, fleet, launch, bench,
+                   families, warm, schema):
         for command in module.COMMANDS:
             main.add_command(command)
 

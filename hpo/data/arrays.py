@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hpo.data.checksum import sha256_file
 from hpo.data.csv_lines import FINITE, not_float32
 from hpo.data.registry import Arrays
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
 from hpo.store.config import max_data_bytes
-from hpo.store.data_tables import sha256_file
 
 
 def check_arrays(a: Arrays, *, task: str, source: str) -> Arrays:

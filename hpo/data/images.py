@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpo.data.dataset import Dataset, split_indices
+from hpo.data.dataset import Dataset
+from hpo.data.splits import split_indices
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
 

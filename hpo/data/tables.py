@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hpo.data.checksum import sha256_file
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
 from hpo.store.config import max_data_bytes
-from hpo.store.data_tables import sha256_file
 
 
 def read_csv_table(path: str, columns: tuple[str, ...]) -> dict:

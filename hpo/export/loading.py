@@ -43,8 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpo.data.checksum import sha256_file
 from hpo.errors import DataError, HpoError
-from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL, sha256
+from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL
 from hpo.retrain import ensemble as ens
 from hpo.spec.domains import show
 from hpo.store.config import STORAGE_ROOT
@@ -238,7 +239,7 @@ def verify(folder: Path) -> dict:
         file = folder / name
         if not file.is_file():
             raise HpoError(f"{folder}: {name} is missing; the export is incomplete, export it again")
-        if file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
             raise HpoError(f"{file}: checksum mismatch (truncated or changed since the export); refusing to load it")
     return manifest
 

@@ -8,35 +8,37 @@ the shapes in ``predictions.npz``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from optuna.trial import TrialState
 
 from hpo.data.dataset import Dataset
-from hpo.data.sources import load_dataset
+from hpo.data.sources import load_dataset, on_device
+from hpo.data.splits import split_folds
 from hpo.errors import HpoError
 from hpo.nn import registry
 from hpo.nn.models import build_model
+from hpo.report.dashboard import save_retrain_note
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
-from hpo.retrain.results import RetrainRecord
+from hpo.retrain.results import RetrainMetrics, RetrainRecord
 from hpo.running.progress import QUIET, Progress
+from hpo.running.signals import StopSignal
 from hpo.search import provenance
-from hpo.search.objective import trial_seed
 from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
-from hpo.search.study import load, study_id
+from hpo.search.study import open_study, study_id
 from hpo.spec.domains import domain_of
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
+from hpo.training.boundary import EpochBoundary
 from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
+from hpo.training.seeds import fold_seed, trial_seed
 from hpo.training.stacked import Fold, StackedResult, stack_problem, train_stacked
 from hpo.training.state import (
     TrainState,
@@ -46,33 +48,6 @@ from hpo.training.state import (
     set_rng_state,
 )
 from hpo.training.trainer import TrainResult, predict, train
-
-
-def split_folds(data: Dataset, *, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K seeded folds of the whole training pool ``data.x``: stratified by class for classification.
-
-    Raises:
-        HpoError: when there are too few samples (or samples of some class) for K folds.
-    """
-    from sklearn.model_selection import KFold, StratifiedKFold
-
-    n = len(data.x)
-    if folds < 2:
-        raise HpoError(f"--folds: need at least 2 folds, got {folds}")
-    if folds > n:
-        raise HpoError(f"--folds: {folds} folds need at least {folds} samples; the training pool has {n}")
-    pool = np.arange(n)
-    if data.task == "classification":
-        labels = data.y.cpu().numpy()
-        present = np.bincount(labels)
-        smallest = int(present[present > 0].min())
-        if folds > smallest:
-            raise HpoError(f"--folds: {folds} stratified folds need at least {folds} samples of every class; "
-                           f"the rarest class has {smallest}")
-        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(pool, labels)
-    else:
-        splits = KFold(n_splits=folds, shuffle=True, random_state=seed).split(pool)
-    return [(np.sort(tr), np.sort(va)) for tr, va in splits]
 
 
 def _choose_trial(study, trial_number: int | None, budget: int | None = None):
@@ -108,7 +83,6 @@ def run_retrain(
     full_data: bool | None = None,
     epochs: int | None = None,
     echo: Callable[[str], None] | None = None,
-    on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
     allow_version_mismatch: bool = False,
 ) -> RetrainRecord:
@@ -128,28 +102,27 @@ def run_retrain(
             when the spec sets neither).
         epochs: epochs per fold model (default: the spec's ``retrain.epochs``, else the trial's).
         echo: where progress lines go (default: nowhere).
-        on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
         progress: shows the folds x epochs done, the latest fold's validation value and the time
             left (default: nothing).
         allow_version_mismatch: go on with the study's model family at another version here
             (``metrics.json`` records the difference as ``version_mismatch``).
 
     Returns:
-        The new record (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
+        The new record, with its :class:`~hpo.retrain.results.RetrainMetrics` (the run's ``metrics.json``) in ``metrics`` (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
 
     Raises:
         HpoError: no such study, no complete trial, bad fold count, training failed, or
             ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked/--full-data/
             --epochs that differ from it).
-        RetrainInterrupted: told to stop (SIGINT/SIGTERM); the checkpoint is saved.
+        hpo.training.boundary.Interrupted: told to stop (SIGINT/SIGTERM) at an epoch boundary, after
+            the checkpoint was saved (its ``saved`` says whether; None when checkpoints are off).
     """
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
     mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id(storage, study_name)).get(provenance.ATTR),
                                        study=study_name, allow=allow_version_mismatch)
-    study, spec = load(study_name, storage)
-    store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
-        if spec.checkpoint.enabled else None
+    study, spec = open_study(study_name, storage)
+    store = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     if resume:
         trial_number, folds, stacked, full_data, epochs = _unfinished_retrain(
             store, study_name, trial_number=trial_number, folds=folds, stacked=stacked, full_data=full_data,
@@ -162,7 +135,7 @@ def run_retrain(
     artifact_store = open_artifact_store(storage_url, artifacts)
 
     data, pool = _training_pool(spec, storage, full_data=bool(full_data), data_dir=data_dir, device=device)
-    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
+    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec.seed, trial.number), device=device)
     models = fold_models(spec, hp, data, seeds=[f.seed for f in fold_list], device=device)
     unstackable = None if registry.family(spec.model).stackable else \
         f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
@@ -174,45 +147,53 @@ def run_retrain(
     meta = {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k, "path": path,
             "params": dict(trial.params), "hyperparams": hp, "spec": fingerprint(spec.to_dict()),
             "full_data": bool(full_data)}
-    ckpt, saved, resumed_from = _open_checkpoint(store, meta, spec=spec, resume=resume, echo=echo)
+    ckpt, saved, resumed_from = _open_checkpoint(store, meta, resume=resume, echo=echo)
 
-    trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, saved=saved,
-                           device=device, progress=progress or QUIET, echo=echo)
+    # The stop signal is the retrain's, with checkpoints or without: SIGINT/SIGTERM stop it at the
+    # next epoch boundary (hpo.training.boundary), as they stop a worker's trial.
+    with StopSignal("checkpointing the retrain after the current epoch" if ckpt is not None
+                    else "stopping the retrain after the current epoch (checkpoint: false, nothing to resume)") as stop:
+        boundary = EpochBoundary(should_stop=lambda: stop.requested, every_seconds=spec.checkpoint.every_seconds,
+                                 label="retrain", **({"warn": store.warn} if store is not None else {}))
+        trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, boundary=boundary,
+                               saved=saved, device=device, progress=progress or QUIET, echo=echo)
     for note in trained.notes:
         echo(f"  note: {note}")
 
     outputs = torch.stack([predict(m, data.x_test) for m in models])  # (K, N, C)
     per_fold, best = retrain_outputs.fold_scores(data, outputs, trained.results)
-    metric_name = retrain_outputs.metric_name(data.task)
-    epochs_total = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)  # trained by this run
-    metrics: dict[str, Any] = {
+    metrics = {
         "task": data.task, "folds": k, "seed": spec.seed, "trial_number": trial.number,
-        "params": dict(trial.params), "hyperparams": hp, "path": path,
-        "path_reason": reason, "cuda_graph": trained.cuda_graph, "device": str(device),
-        "train_seconds": trained.seconds,
-        "model_epochs_per_s": epochs_total / trained.seconds if trained.seconds > 0 else None,
-        "per_fold": per_fold, "best_fold": best, "metric": metric_name, "classes": list(data.classes),
-        "fold_seeds": [f.seed for f in fold_list],
+        "params": dict(trial.params), "hyperparams": hp, "path": path, "path_reason": reason,
+        "cuda_graph": trained.cuda_graph, "device": str(device), **_speed(trained),
+        "per_fold": per_fold, "best_fold": best, "metric": retrain_outputs.metric_name(data.task),
+        "classes": list(data.classes), "fold_seeds": [f.seed for f in fold_list],
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
         "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
-        "data": {k: v for k, v in pool.items() if k != "says"},  # samples, of, full_data
+        "data": {key: v for key, v in pool.items() if key != "says"},  # samples, of, full_data
     }
-    if mismatches:
-        metrics["version_mismatch"] = "; ".join(mismatches)
     arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
-    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
-                                  curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
+    # RetrainMetrics is the documented metrics.json: a key missing or extra fails here, not in a reader.
+    measured = RetrainMetrics(**metrics, version_mismatch="; ".join(mismatches) or None)
+    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=measured,
+                                  curves=retrain_outputs.curves(trained.results, measured.metric), arrays=arrays,
                                   models=models)
+    save_retrain_note(study, metrics, record)  # fold scores and votes, readable in optuna-dashboard
     if ckpt is not None:
         ckpt.discard()  # saved: nothing left to resume
-    if on_metrics:
-        on_metrics(metrics)
-    return record
+    return replace(record, metrics=measured)
+
+
+def _speed(trained: _Trained) -> dict[str, float | None]:
+    """``train_seconds`` and ``model_epochs_per_s`` of this run (a resumed run: the epochs it trained)."""
+    epochs = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)
+    return {"train_seconds": trained.seconds,
+            "model_epochs_per_s": epochs / trained.seconds if trained.seconds > 0 else None}
 
 
 def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial_number: int | None,
                         folds: int | None, stacked: bool | None, full_data: bool | None,
-                        epochs: int | None) -> tuple[int, int, bool, bool, int]:
+                        epochs: int | None) -> tuple[int, int, bool, bool, int | None]:
     """The trial, K, path (stacked or not), data (full or the search's) and epochs of the study's
     unfinished retrain, which --resume continues.
 
@@ -222,13 +203,16 @@ def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial
     asked = RetrainCheckpoint.unfinished(store, study_name)
     # A checkpoint from before retrains used the search's data trained on the whole pool.
     saved_full = bool(asked.get("full_data", True))
-    saved_epochs = int(asked["hyperparams"]["epochs"])
+    # A checkpoint that does not say its epochs (another retrain's meta) is refused later, when its meta
+    # is compared with this retrain's; here it only cannot contradict --epochs.
+    saved_epochs = (asked.get("hyperparams") or {}).get("epochs")
     for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
                                ("--stacked/--sequential", stacked, asked["path"] == "stacked"),
                                ("--full-data", full_data, saved_full), ("--epochs", epochs, saved_epochs)):
-        if given is not None and given != saved:
+        if given is not None and saved is not None and given != saved:
             raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
-    return asked["trial"], asked["folds"], asked["path"] == "stacked", saved_full, saved_epochs
+    return (asked["trial"], asked["folds"], asked["path"] == "stacked", saved_full,
+            int(saved_epochs) if saved_epochs is not None else epochs)
 
 
 def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any], *, epochs: int | None = None) -> dict[str, Any]:
@@ -265,21 +249,20 @@ def _training_pool(spec: StudySpec, storage, *, full_data: bool, data_dir: str |
                                    if getattr(d, k) is not None)
             says = (f"the search's {len(searched):,} of {total:,} training samples ({subsets}); "
                     f"--full-data trains on all")
-    data = data.to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
+    data = on_device(data, device)
     return data, {"samples": len(data.x), "of": total, "full_data": len(data.x) == total, "says": says}
 
 
 def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: torch.device) -> list[Fold]:
-    """``split_folds`` as index tensors on the device, fold i's batch order seeded ``base_seed * 100 + i``.
+    """``split_folds`` as index tensors on the device, fold i seeded ``fold_seed(base_seed, i)``.
 
     Raises:
         HpoError: as ``split_folds``.
     """
-    splits = split_folds(data, folds=folds, seed=seed)
+    labels = data.y.cpu().numpy() if data.task == "classification" else None
+    splits = split_folds(len(data.x), folds=folds, seed=seed, labels=labels)
     return [Fold(train_idx=torch.from_numpy(tr).to(device), val_idx=torch.from_numpy(va).to(device),
-                 seed=base_seed * 100 + i) for i, (tr, va) in enumerate(splits)]
+                 seed=fold_seed(base_seed, i)) for i, (tr, va) in enumerate(splits)]
 
 
 def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device, *,
@@ -302,18 +285,18 @@ def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: to
     return use_stacked, "CUDA device" if use_stacked else "CPU device"
 
 
-def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, spec: StudySpec, resume: bool,
+def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, resume: bool,
                      echo: Callable[[str], None]) -> tuple[RetrainCheckpoint | None, dict[str, Any] | None, str | None]:
     """The retrain's checkpoint (None when checkpoints are off), the saved state to resume from
     (None: start over) and when it was taken. Without ``resume``, an unfinished retrain's
     checkpoint is discarded: --resume continues the latest retrain."""
     if store is None:
         return None, None, None
-    ckpt = RetrainCheckpoint(store, meta, every_seconds=spec.checkpoint.every_seconds)
+    ckpt = RetrainCheckpoint(store, meta)
     if not resume:
         ckpt.discard()
         return ckpt, None, None
-    saved = ckpt.load()
+    saved = ckpt.read()
     resumed_from = store.meta(RETRAIN_KEY)["at"] if saved is not None else None
     echo(f"  resuming from its checkpoint ({resumed_from})" if saved is not None
          else "  its checkpoint could not be used: starting over")
@@ -329,10 +312,11 @@ class _Trained:
 
 
 def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
-                 stacked: bool, checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None,
-                 device: torch.device, progress: Progress, echo: Callable[[str], None]) -> _Trained:
+                 stacked: bool, checkpoint: RetrainCheckpoint | None, boundary: EpochBoundary,
+                 saved: dict[str, Any] | None, device: torch.device, progress: Progress,
+                 echo: Callable[[str], None]) -> _Trained:
     """Train the fold models, stacked or one after another, with a progress bar over folds x
-    epochs and the checkpoint's SIGINT/SIGTERM handling."""
+    epochs, checkpointing and stopping at epoch boundaries as ``boundary`` says."""
     k, epochs, metric = len(models), int(hp["epochs"]), retrain_outputs.metric_name(data.task)
     bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
 
@@ -347,14 +331,14 @@ def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any
 
     start = time.perf_counter()
     cuda_graph, notes = False, []
-    with bar, (checkpoint if checkpoint is not None else contextlib.nullcontext()):
+    with bar:
         if stacked:
             outcome = train_stacked_folds(models, data, hp, folds, on_epoch=record, checkpoint=checkpoint,
-                                          saved=saved, bar=bar)
+                                          boundary=boundary, saved=saved, bar=bar)
             results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
         else:
             results = train_sequential(models, data, hp, folds, on_epoch=record, on_fold=fold_done,
-                                       checkpoint=checkpoint, saved=saved, bar=bar)
+                                       checkpoint=checkpoint, boundary=boundary, saved=saved, bar=bar)
             cuda_graph = all(r.path == "cuda_graph" for r in results)
             if device.type == "cuda":
                 notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
@@ -365,23 +349,28 @@ def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any
 
 def train_stacked_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
                         on_epoch: Callable[[int, int, dict[str, float]], None],
-                        checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None, bar) -> StackedResult:
-    """Train the K fold models together (``hpo.training.stacked.train_stacked``), checkpointing as
-    ``hpo.retrain.checkpoint`` says; with ``saved`` (a checkpoint's payload), from its epoch."""
+                        checkpoint: RetrainCheckpoint | None, boundary: EpochBoundary, saved: dict[str, Any] | None,
+                        bar) -> StackedResult:
+    """Train the K fold models together (``hpo.training.stacked.train_stacked``), checkpointing
+    and stopping as ``boundary`` says; with ``saved`` (a checkpoint's payload), from its epoch."""
     resume_state = saved["stacked"] if saved is not None else None
     if resume_state is not None:
         bar.update(sum(len(r["history"]) for r in resume_state["results"]))
-    boundary = None if checkpoint is None else (
-        lambda done, state: checkpoint.boundary(lambda: {"stacked": state()}, where=f"epoch {done} of all folds"))
-    return train_stacked(models, data, hp, folds=folds, on_epoch=on_epoch, resume=resume_state, checkpoint=boundary)
+
+    def at_boundary(done: int, state) -> None:
+        where = f"epoch {done} of all folds"
+        write = None if checkpoint is None else lambda: checkpoint.save({"stacked": state()}, where=where)
+        boundary.check(where, epochs=done, write=write)
+
+    return train_stacked(models, data, hp, folds=folds, on_epoch=on_epoch, resume=resume_state, checkpoint=at_boundary)
 
 
 def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
                      on_epoch: Callable[[int, int, dict[str, float]], None],
                      on_fold: Callable[[int, TrainResult], None], checkpoint: RetrainCheckpoint | None,
-                     saved: dict[str, Any] | None, bar) -> list[TrainResult]:
-    """Train fold model i on fold i, one after another, checkpointing as ``hpo.retrain.checkpoint``
-    says; with ``saved`` (a checkpoint's payload), finished folds get their weights back and the
+                     boundary: EpochBoundary, saved: dict[str, Any] | None, bar) -> list[TrainResult]:
+    """Train fold model i on fold i, one after another, checkpointing and stopping as ``boundary``
+    says (and after every fold); with ``saved`` (a checkpoint's payload), finished folds get their weights back and the
     fold in training resumes."""
     device = data.x.device
     done: list[dict[str, Any]] = list(saved["done"]) if saved is not None else []
@@ -398,18 +387,21 @@ def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str,
         f = folds[i]
 
         def at_boundary(epochs_done: int, state, i=i) -> None:
-            checkpoint.boundary(lambda: {"done": done, "rng": None, "current": state().to_dict()},
-                                where=f"fold {i}, epoch {epochs_done}")
+            where = f"fold {i}, epoch {epochs_done}"
+            write = None if checkpoint is None else lambda: checkpoint.save(
+                {"done": done, "rng": None, "current": state().to_dict()}, where=where)
+            boundary.check(where, epochs=epochs_done, write=write)
 
         result = train(models[i], data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
                        on_epoch=lambda epoch, stats, i=i: on_epoch(i, epoch, stats),
                        resume=current if i == first else None,
-                       checkpoint=at_boundary if checkpoint is not None else None)
+                       checkpoint=at_boundary)
         results.append(result)
         on_fold(i, result)
         done.append({"model": cpu_copy(models[i].state_dict()), "result": asdict(result)})
         if checkpoint is not None and i + 1 < len(models):  # a finished fold is never trained again
-            checkpoint.save({"done": done, "rng": rng_state(device), "current": None}, where=f"fold {i} done")
+            boundary.save(lambda i=i: checkpoint.save({"done": done, "rng": rng_state(device), "current": None},
+                                                      where=f"fold {i} done"))
     return results
 
 

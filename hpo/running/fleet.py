@@ -85,11 +85,12 @@ def sharing_modes(members: list[Member], *, mps: bool) -> list[str | None]:
 
 
 def worker_command(study_name: str, *, storage: str | None, n_trials: int | None, timeout: float | None,
-                   data_dir: str | None) -> list[str]:
-    """The ``hpo worker`` command line shared by every member (without ``--device``/``--worker-index``)."""
-    command = [sys.executable, "-m", "hpo.cli", "worker", "--study", study_name]
+                   data_dir: str | None, artifacts: str | None = None) -> list[str]:
+    """The ``hpo worker`` command line shared by every member (without ``--device``/``--worker-index``).
+    The members print no statistics: the fleet prints them once, when all have stopped."""
+    command = [sys.executable, "-m", "hpo.cli", "worker", "--study", study_name, "--no-summary"]
     for flag, value in (("--storage", storage), ("--n-trials", n_trials), ("--timeout", timeout),
-                        ("--data-dir", data_dir)):
+                        ("--data-dir", data_dir), ("--artifacts", artifacts)):
         if value is not None:
             command += [flag, str(value)]
     return command

@@ -23,34 +23,37 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.console import trial_line
+from hpo.console import params_line, retry_line, trial_line
 from hpo.data.dataset import Dataset
-from hpo.data.sources import load_dataset
-from hpo.errors import StoreError
-from hpo.running.progress import Progress
+from hpo.data.sources import data_title, load_dataset, on_device
+from hpo.errors import StoreError, warn
+from hpo.running.progress import BudgetProgress, Progress
 from hpo.running.signals import StopSignal
 from hpo.search import provenance
 from hpo.search import study as studies
-from hpo.search.grid import GridSampler, trials_to_run
+from hpo.search.grid import StoreGridSampler, trials_to_run
 from hpo.search.grid import points as grid_points
-from hpo.search.objective import Abandoned, Interrupted, lineage_number, make_objective
-from hpo.search.study import load
+from hpo.search.objective import Abandoned, lineage_number, make_objective
+from hpo.search.study import open_study
 from hpo.store import budget as budgets
-from hpo.store import optuna_private
+from hpo.store import control, optuna_private
 from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
 from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
 from hpo.store.retry import is_transient
 from hpo.store.statistics import Summary, summarize
+from hpo.store.statistics import summary as study_summary
 from hpo.store.storage import WorkerStorage, open_storage
+from hpo.training.boundary import Interrupted
 from hpo.training.checkpoint import CheckpointStore, trial_key
+from hpo.training.seeds import sampler_seed_offset
 
 WORKER_PREFIX = "hpo:worker:"
-SEED_STRIDE = 10_007  # seed offset = worker number in the store + SEED_STRIDE * --worker-index
 STALE_CHECK_EVERY = 1.0  # seconds
 WAITING_CHECK_EVERY = 1.0  # seconds
 
@@ -111,7 +114,7 @@ class Worker:
             return None
         self.storage.adopt(frozen)
         optuna_private.cache_trial(self.study, frozen)
-        return optuna.Trial(self.study, frozen._trial_id)
+        return optuna.Trial(self.study, optuna_private.trial_id(frozen))
 
     def _waiting(self) -> list[tuple[int, bool]]:
         """The study's waiting trials, read at most once a second while none waits: a re-queued or
@@ -206,7 +209,7 @@ class Worker:
 
     def _abandon(self, trial: optuna.Trial) -> None:
         stored = self.storage.get_trial(optuna_private.trial_id(trial))
-        echo_warning(f"trial {trial.number} was finished elsewhere ({stored.state.name}: "
+        warn(f"trial {trial.number} was finished elsewhere ({stored.state.name}: "
                      f"{stored.user_attrs.get('fail_reason', 'no reason given')}); dropped it, taking the next")
         return None
 
@@ -220,11 +223,6 @@ class Worker:
         return frozen
 
 
-def echo_warning(text: str) -> None:
-    _log.warning(text)
-    print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
 def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage, Heartbeat]:
     """The worker's store, with the heartbeat settings stored in the study (every worker the same)."""
     plain = open_storage(storage_url, heartbeat=False)
@@ -233,29 +231,41 @@ def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage
     return open_storage(storage_url, heartbeat=heartbeat), heartbeat
 
 
-def _data_on(device: torch.device, spec, storage: WorkerStorage, data_dir: str | None) -> Dataset:
-    data = load_dataset(spec, storage=storage, data_dir=data_dir).to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        # Tiny models: thread hand-offs cost more than the arithmetic they would split.
-        torch.set_num_threads(1)
-    return data
+def _data_text(data: Dataset) -> str:
+    """``48,000 training and 12,000 validation samples (of 60,000), 10,000 test``."""
+    pool = len(data.x)
+    used = len(data.train_idx) + len(data.val_idx)
+    return (f"{len(data.train_idx):,} training and {len(data.val_idx):,} validation samples"
+            + (f" (of {pool:,})" if used < pool else "") + f", {len(data.x_test):,} test")
 
 
 def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: StopSignal, *,
                 n_trials: int | None, deadline: float | None, poll: float, done_line: str, metric: str,
-                echo: Callable[[str], None]) -> int:
+                echo: Callable[[str], None], gate: control.Gate | None = None,
+                budget_now: Callable[[], int | None] | None = None,
+                budget_progress: BudgetProgress | None = None) -> int:
     """The worker's loop: fail dead workers' trials, start the next trial, run it, say how it ended;
-    until the study's budget (or grid) is done, this worker's limit or deadline, or a stop signal.
-    Returns how many trials this worker ran."""
+    until the study's budget (or grid) is done, this worker's limit or deadline, a stop signal, or
+    the study's stop (``gate``: ``hpo stop`` or a stopping rule). When the budget is used up,
+    ``budget_now`` is asked once more (``hpo extend`` may have raised it). Returns how many
+    trials this worker ran."""
     ran = 0
     try:
         while not stop.requested and (n_trials is None or ran < n_trials):
             if deadline is not None and time.monotonic() >= deadline:
                 break
+            closed = gate.closed() if gate is not None else None
+            if closed is not None:
+                echo(closed)
+                break
             worker.fail_stale()
             trial = worker.next_trial()
             if trial is None:
                 if not worker.in_flight():
+                    raised = budget_now() if budget_now is not None else None
+                    if raised is not None and worker.budget is not None and raised > worker.budget:
+                        worker.budget = raised
+                        continue
                     echo(done_line)
                     break
                 time.sleep(poll)  # the budget is taken but trials still run: one may come back
@@ -263,9 +273,15 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
             frozen = worker.run(trial, objective)
             ran += 1
             if frozen is not None:
-                echo(trial_line(worker.study, frozen, metric))
+                lines = [retry_line(frozen), trial_line(worker.study, frozen, metric), params_line(frozen),
+                         budget_progress.line() if budget_progress is not None else None]
+                for line in filter(None, lines):
+                    echo(line)
     except Interrupted:
         echo("interrupted: the running trial is re-queued")
+        closed = gate.closed() if gate is not None else None
+        if closed is not None:
+            echo(closed)
     return ran
 
 
@@ -328,14 +344,19 @@ def run_worker(
         echo(f"warning: {note} (--allow-version-mismatch: recorded in every trial)")
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
-    study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)
-    data = _data_on(device, spec, storage, data_dir)
+    study, spec = open_study(study_name, storage, seed_offset=sampler_seed_offset(number, worker_index))
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.search.grid), and the study ends when every point has run.
-    grid = study.sampler if isinstance(study.sampler, GridSampler) else None
-    budget = trials_to_run(spec)
-    checkpoints = (CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts)
-                   if spec.checkpoint.enabled else None)
+    grid = study.sampler if isinstance(study.sampler, StoreGridSampler) else None
+
+    def budget_now() -> int | None:
+        return trials_to_run(replace(spec, budget=replace(
+            spec.budget, n_trials=control.n_trials_of(storage, study_id, spec.budget.n_trials))))
+
+    budget = budget_now()
+    gate = control.Gate(study, storage, study_id, directions=spec.directions, max_minutes=spec.budget.max_minutes,
+                        patience=spec.budget.patience, target=spec.budget.target)
+    checkpoints = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     worker = Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
                     new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
     done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
@@ -345,17 +366,23 @@ def run_worker(
     deadline = time.monotonic() + min(timeouts) if timeouts else None
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
-         f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
+         f"budget {budget} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
+    echo(f"  loading {data_title(spec)} ...")
+    loading = time.perf_counter()
+    data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
+    echo(f"  {_data_text(data)} on {device} in {time.perf_counter() - loading:.1f}s")
     start = time.perf_counter()
     with StopSignal() as stop:
-        objective = make_objective(spec, data, should_stop=lambda: stop.requested,
+        objective = make_objective(spec, data, should_stop=lambda: stop.requested or gate.stop_now(),
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
                                    progress=progress, checkpoints=checkpoints)
         if mismatches:
             objective = _noting(objective, "version_mismatch", "; ".join(mismatches))
+        budget_progress = BudgetProgress(lambda: study_summary(storage, study_id), budget=budget_now)
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
-                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo)
+                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo,
+                              gate=gate, budget_now=budget_now, budget_progress=budget_progress)
         except Exception as e:
             if is_transient(e):
                 raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "

@@ -4,7 +4,8 @@ each other, each failing with one line: ``<file>: <field>: got <value>; allowed:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hpo.errors import SpecError
@@ -40,7 +41,7 @@ class Checker:
         for key in d:
             if key not in allowed:
                 raise self.fail(f"{where}{key}" if where else key,
-                                f"unknown key{what}; allowed: {', '.join(allowed) or 'none'}")
+                                f"unknown key{what}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed) or 'none'}")
 
     def value(self, domain: Domain | str, value: Any, where: str | None = None) -> Any:
         """``value`` checked against a domain (or the domain of the field ``domain`` names); floats
@@ -54,6 +55,15 @@ class Checker:
                 hint = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-3)"
             raise self.refuse(where, value, f"{domain}{hint}")
         return float(value) if domain.kind == "float" and value is not None else value
+
+
+def did_you_mean(key: object, allowed: Iterable[str]) -> str:
+    """``; did you mean weight_decay?`` for a key close to one allowed (a typo), else ``""``."""
+    if not isinstance(key, str):
+        return ""
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.65) \
+        or difflib.get_close_matches(key.lower(), list(allowed), n=1, cutoff=0.65)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _is_number(text: str) -> bool:
@@ -86,7 +96,7 @@ def known_name(c: Checker, vocab: Vocabulary, name: str, family: str, where: str
     builtin = family in ("mlp", "cnn")
     allowed = sorted(HYPERPARAMETERS) if builtin else sorted(vocab)
     of = "" if builtin else f" of model {family!r}"
-    raise c.fail(where, f"unknown hyperparameter {name!r}{of}; allowed: {', '.join(allowed)}")
+    raise c.fail(where, f"unknown hyperparameter {name!r}{of}{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)}")
 
 
 def search_range(c: Checker, domain: Domain, name: str, kind: str, raw: dict, where: str) -> dict[str, Any]:

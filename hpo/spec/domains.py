@@ -215,6 +215,9 @@ DOMAINS: dict[str, Domain] = {
     "pruner.reduction_factor": integer(2),
     "budget.n_trials": integer(1, optional=True),  # null: no limit (stop workers with --n-trials or a signal)
     "budget.timeout": number(0, low_open=True, optional=True),  # seconds
+    "budget.max_minutes": number(0, low_open=True, optional=True),
+    "budget.patience": integer(1, optional=True),
+    "budget.target": number(optional=True),
     "constraints.min": number(),
     "constraints.max": number(),
     "retrain.folds": integer(2, LIMITS["retrain.folds"]),

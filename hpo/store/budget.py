@@ -30,6 +30,7 @@ import sqlalchemy.orm
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.store import optuna_private
 from hpo.store.optuna_private import (
     STUDY_SYSTEM_ATTRS,
     TRIAL_SYSTEM_ATTRS,
@@ -134,9 +135,9 @@ def _new(storage: RetryingRDBStorage, study_id: int, budget: int | None, token: 
             if attrs is None:
                 raise _Abort("nothing left to run")
             for key, value in attrs.items():
-                session.execute(sa.insert(TRIAL_SYSTEM_ATTRS).values(trial_id=trial._trial_id, key=key,
+                session.execute(sa.insert(TRIAL_SYSTEM_ATTRS).values(trial_id=optuna_private.trial_id(trial), key=key,
                                                                       value_json=json.dumps(value)))
-            _mark_runner(session, trial._trial_id, token)
+            _mark_runner(session, optuna_private.trial_id(trial), token)
     except _Abort:
         return None
     trial.system_attrs.update(attrs)
@@ -248,15 +249,15 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
                 if template is not None:
                     if study_id is None:
                         study_id = session.execute(sa.select(TRIALS.c.study_id).where(
-                            TRIALS.c.trial_id == trial._trial_id)).scalar_one()
+                            TRIALS.c.trial_id == optuna_private.trial_id(trial))).scalar_one()
                     storage.lock_study(session, study_id)  # the retry gets the next number
                 failed = session.execute(sa.update(TRIALS).where(
-                    TRIALS.c.trial_id == trial._trial_id, TRIALS.c.state == TrialState.RUNNING).values(
+                    TRIALS.c.trial_id == optuna_private.trial_id(trial), TRIALS.c.state == TrialState.RUNNING).values(
                     state=TrialState.FAIL, datetime_complete=datetime.datetime.now())).rowcount
                 if failed != 1:
                     raise _Abort("finished elsewhere")
                 upsert(session.connection(), TRIAL_USER_ATTRS,
-                       [{"trial_id": trial._trial_id, "key": "fail_reason", "value_json": json.dumps(reason)}],
+                       [{"trial_id": optuna_private.trial_id(trial), "key": "fail_reason", "value_json": json.dumps(reason)}],
                        ("trial_id", "key"))
                 if template is not None:
                     storage.add_trial_in(session, study_id, template)

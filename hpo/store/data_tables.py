@@ -65,10 +65,6 @@ REFS = sa.Table(
 _ready: weakref.WeakSet[sa.Engine] = weakref.WeakSet()  # engines whose store has the tables
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in blocks (any size)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _tables_exist(engine: sa.Engine) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import optuna
 import sqlalchemy.orm
+from optuna._hypervolume import compute_hypervolume
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -110,6 +111,15 @@ def tell(study: optuna.Study, trial: optuna.Trial, value: float | None,
     """``study.tell(trial, value, state, skip_if_finished=True)`` without its final re-read of
     the trial: returns (the state told, the values told, a warning or None)."""
     return _tell_with_warning(study, trial, value, state, skip_if_finished=True)
+
+
+def hypervolume(points, reference_point) -> float:
+    """The hypervolume that ``points`` (an n x k array, every objective minimized) dominate up to
+    ``reference_point``: Optuna's own computation (``optuna._hypervolume``; Optuna 5.0 has no public
+    name for it), the one its hypervolume history and multi-objective TPE use."""
+    import numpy as np
+
+    return float(compute_hypervolume(np.asarray(points, dtype=float), np.asarray(reference_point, dtype=float)))
 
 
 def cache_trial(study: optuna.Study, trial: FrozenTrial) -> None:

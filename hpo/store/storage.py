@@ -162,8 +162,8 @@ class WorkerStorage(RetryingRDBStorage):
     def adopt(self, trial: FrozenTrial) -> None:
         """Run ``trial`` (RUNNING, started by this process) with writes behind."""
         with self._lock:
-            self._own[trial._trial_id] = copy.deepcopy(trial)
-            self._finished.pop(trial._trial_id, None)
+            self._own[optuna_private.trial_id(trial)] = copy.deepcopy(trial)
+            self._finished.pop(optuna_private.trial_id(trial), None)
 
     def is_own(self, trial_id: int) -> bool:
         return trial_id in self._own
@@ -315,7 +315,7 @@ class WorkerStorage(RetryingRDBStorage):
     def _overlay(self, trial: FrozenTrial) -> FrozenTrial:
         """``trial`` as read from the store, with this process's pending writes on top."""
         with self._lock:
-            values, attrs = self._pending.get(trial._trial_id, ({}, {}))
+            values, attrs = self._pending.get(optuna_private.trial_id(trial), ({}, {}))
             if not values and not attrs:
                 return trial
             trial = copy.copy(trial)

@@ -64,13 +64,13 @@ def make_study(folder: Path, spec: Path, name: str, *, trials: int = 3) -> None:
 def retrain(folder: Path, name: str, *, folds: int) -> Path:
     """``hpo retrain``, then its files fetched from the artifact store (for the recorded predictions)."""
     from hpo.retrain.results import fetch_files, load_retrain
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.artifacts import open_artifact_store
     from hpo.store.storage import open_storage
 
     run_hpo("retrain", "--study", name, "--folds", str(folds), env=store_env(folder), check=0)
     url = store_env(folder)["HPO_STORAGE"]
-    study, _ = load(name, open_storage(url, heartbeat=False))
+    study, _ = open_study(name, open_storage(url, heartbeat=False))
     return fetch_files(open_artifact_store(url), load_retrain(study), folder / "retrain-files")
 
 
@@ -145,12 +145,12 @@ def test_export_of_a_retrain_of_another_trial_gives_that_trials_params(tmp_path,
 
     from hpo.export.folder import export_best
     from hpo.retrain.run import run_retrain
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.storage import open_storage
 
     shutil.copytree(trained / "store", tmp_path / "store")
     url = store_env(tmp_path)["HPO_STORAGE"]
-    study, _ = load("regression", open_storage(url, heartbeat=False))
+    study, _ = open_study("regression", open_storage(url, heartbeat=False))
     other = next(t for t in study.trials if t.number != study.best_trial.number)
     record = run_retrain("regression", storage_url=url, folds=2, trial_number=other.number,
                          device=torch.device("cpu"), stacked=False)
@@ -239,8 +239,9 @@ def test_classification_round_trip_both_vote_rules(tmp_path):
 
 def test_tampered_truncated_or_pickled_weights_are_refused(tmp_path, retrained):
     import hpo
+    from hpo.data.checksum import sha256_file as sha256
     from hpo.errors import HpoError
-    from hpo.export.folder import export_best, sha256
+    from hpo.export.folder import export_best
 
     good = export_best("regression", storage_url=store_env(retrained)["HPO_STORAGE"], out=tmp_path / "export")
     assert hpo.load(good).predict(np.zeros((2, 1), dtype=np.float32)).shape == (2, 1)
@@ -326,8 +327,9 @@ def image_export(tmp_path: Path, *, input_stats: dict | None):
     one-fold MLP; returns (export folder, the net, the source)."""
     import torch
 
+    from hpo.data.checksum import sha256_file as sha256
     from hpo.data.images import SOURCES
-    from hpo.export.folder import EXPORT_FORMAT, MANIFEST, _model_description, sha256
+    from hpo.export.folder import EXPORT_FORMAT, MANIFEST, _model_description
     from hpo.nn.models import build_model
     from hpo.retrain.results import RetrainRecord
     from hpo.spec.schema import parse_spec

@@ -333,12 +333,12 @@ def test_fleet_stops_its_workers_and_mps_on_sigint(fake_mps, fake_workers, monke
 
 def test_status_and_report_count_trials_by_gpu_sharing(tmp_path, store_url, cli_env):
     from hpo.report import html as report
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.statistics import summarize
     from hpo.store.storage import open_storage
 
     create(fast_spec(tmp_path, 5), store_url)
-    study, spec = load("regression", open_storage(store_url, heartbeat=False))
+    study, spec = open_study("regression", open_storage(store_url, heartbeat=False))
     for i, mode in enumerate(["mps", "mps", "time-slice", None]):
         attrs = {"gpu_sharing": mode} if mode else {}
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=float(i), user_attrs=attrs))

@@ -118,7 +118,7 @@ def test_workers_one_after_the_other_run_each_point_once(tmp_path, url):
 def test_a_retry_keeps_its_point_and_new_trials_take_the_lowest_free_one(tmp_path, store_url):
     create_study(grid_spec(tmp_path, widths=[8, 16], lrs=[0.01], n_trials=None), store_url)
     storage = open_storage(store_url, heartbeat=False)
-    study, spec = studies.load(STUDY, storage)
+    study, spec = studies.open_study(STUDY, storage)
     sid = storage.get_study_id_from_name(STUDY)
     sampler = study.sampler
 

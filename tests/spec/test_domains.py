@@ -163,6 +163,10 @@ def test_spec_field_values_outside_the_domain_are_refused(field):
         if section in ("sampler", "pruner") and key != "kind":
             kinds = SAMPLER_SETTINGS if section == "sampler" else PRUNER_SETTINGS
             raw[section] = {"kind": next(k for k, settings in kinds.items() if key in settings), key: value}
+        elif section == "constraints":  # a bound of one metric's constraint
+            raw["constraints"] = {"n_params": {key: value}}
+            refused(raw, f"constraints.n_params.{key}")
+            continue
         elif section:
             raw.setdefault(section, {})[key] = value
         else:

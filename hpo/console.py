@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from statistics import fmean, pstdev
 
 import optuna
@@ -145,7 +144,9 @@ def studies_table(rows: list[Summary]) -> str:
 
 
 def as_json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
+    from hpo.export.json_text import strict_dumps
+
+    return strict_dumps(obj, sort_keys=True, default=str)
 
 
 ENSEMBLE_LABELS = {"mean": "ensemble mean", "majority_vote": "majority vote", "soft_vote": "soft vote"}

@@ -38,7 +38,7 @@ def _need(path: str | None, part: str, source: str) -> Path:
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from hpo.data.tables import size_text
-    from hpo.store.data_tables import max_data_bytes
+    from hpo.store.config import max_data_bytes
 
     size, limit = path.stat().st_size, max_data_bytes()
     if size > limit:

@@ -48,7 +48,9 @@ def dumps(data: Any, fmt: str) -> str:
     """``data`` as JSON (indented) or YAML (in key order)."""
     if fmt == "yaml":
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    return json.dumps(data, indent=2) + "\n"
+    from hpo.export.json_text import strict_dumps
+
+    return strict_dumps(data) + "\n"
 
 
 def versions() -> dict[str, str]:
@@ -114,6 +116,7 @@ def study_and_trial(study_name: str, storage_url: str | None,
 
     from hpo.search.pareto import needs_trial
     from hpo.search.study import open_study
+    from hpo.store.budget import more_trials_hint
 
     study, spec = open_study(study_name, storage_url)
     if trial_number is not None:
@@ -128,7 +131,7 @@ def study_and_trial(study_name: str, storage_url: str | None,
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {study_name!r} has no complete trial yet, so there is no best trial to export; "
-                       f"run: hpo worker --study {study_name}")
+                       f"{more_trials_hint(study, spec.budget.n_trials)}")
     return study, spec, study.best_trial
 
 

@@ -223,9 +223,27 @@ def report_path(study_name: str, out: str | Path | None) -> Path:
     if out is None:
         return default_out(study_name)
     text = str(out)
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+    try:
+        folder = text.endswith(("/", os.sep)) or Path(text).is_dir()
+    except OSError:  # e.g. a name too long: writing it says so in one line
+        folder = False
+    if folder:
         return name_in(Path(text), study_name, what="study name", suffix=".html")
     return Path(text)
+
+
+def _check_replaceable(path: Path) -> None:
+    """A report replaces an earlier report, never another file (``--out README.md``)."""
+    try:
+        if not path.exists():
+            return
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise HpoError(f"--out: cannot write the report to {path}: {e.strerror or e}") from e
+    if b"<title>hpo report: " not in head:
+        raise HpoError(f"--out: {path} exists and is not an hpo report; a report replaces only an earlier "
+                       f"report: remove it yourself or choose another --out")
 
 
 def write_report(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None,
@@ -235,7 +253,8 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     Args:
         artifacts: artifact folder of the retrain files (default: beside the store, see ``hpo.store``).
         out: file to write (default ``storage/reports/<study>.html``; a folder, or a path ending
-            with a slash: ``out/<study>.html``); written whole or not at all.
+            with a slash: ``out/<study>.html``); written whole or not at all, replacing an earlier
+            report there but no other file.
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
@@ -243,6 +262,7 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     """
     start = time.perf_counter()
     path = report_path(study_name, out)
+    _check_replaceable(path)
     storage = open_storage(storage_url, heartbeat=False)
     study, spec = open_study(study_name, storage)
     trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials

@@ -12,7 +12,6 @@ grid is given only for one input feature; for classification ``y_test`` and ``ma
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import optuna
 import torch
 
 from hpo.data.dataset import Dataset, raw_input_stats
+from hpo.export.json_text import strict_dumps
 from hpo.nn import registry
 from hpo.retrain import ensemble
 from hpo.retrain.results import RetrainMetrics, RetrainRecord, save_retrain
@@ -104,16 +104,16 @@ def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics:
     """The files of ``hpo.retrain.results``' contract, written into ``folder``; returns them by name."""
     files = {"metrics.json": folder / "metrics.json", "curves.json": folder / "curves.json",
              "predictions.npz": folder / "predictions.npz", "model.json": folder / "model.json"}
-    files["metrics.json"].write_text(json.dumps(metrics.to_dict(), indent=2))
-    files["curves.json"].write_text(json.dumps({"folds": curves}))
+    files["metrics.json"].write_text(strict_dumps(metrics.to_dict()))
+    files["curves.json"].write_text(strict_dumps({"folds": curves}, indent=None))
     np.savez_compressed(files["predictions.npz"], **arrays)
     given = registry.entry(spec.model).provenance  # the code that trained these weights
-    files["model.json"].write_text(json.dumps({
+    files["model.json"].write_text(strict_dumps({
         "family": spec.model, "distribution": given["distribution"], "version": given["version"],
         "in_shape": list(data.in_shape), "out_features": data.out_features,
         "task": data.task, "hyperparams": hp, "normalization": data.normalization, "classes": list(data.classes),
         "input_stats": raw_input_stats(data),
-    }, indent=2))
+    }))
     for i, model in enumerate(models):
         path = folder / f"fold_{i}.pt"
         torch.save({n: t.detach().cpu() for n, t in model.state_dict().items()}, path)

@@ -32,6 +32,7 @@ from hpo.search import provenance
 from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
 from hpo.search.study import open_study, study_id
+from hpo.spec.domains import domain_of
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
@@ -49,14 +50,16 @@ from hpo.training.state import (
 from hpo.training.trainer import TrainResult, predict, train
 
 
-def _choose_trial(study, trial_number: int | None):
+def _choose_trial(study, trial_number: int | None, budget: int | None = None):
+    from hpo.store.budget import more_trials_hint
+
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
     if trial_number is None:
         if len(study.directions) > 1:
             raise needs_trial(study, "hpo retrain")
         if not any(t.state == TrialState.COMPLETE for t in trials):
-            raise HpoError(f"study {name!r} has no complete trial; run hpo worker --study {name} first")
+            raise HpoError(f"study {name!r} has no complete trial; {more_trials_hint(study, budget)}")
         return study.best_trial
     if not 0 <= trial_number < len(trials):
         raise HpoError(f"--trial: study {name!r} has no trial {trial_number}; trials are 0..{len(trials) - 1}")
@@ -124,8 +127,10 @@ def run_retrain(
         trial_number, folds, stacked, full_data, epochs = _unfinished_retrain(
             store, study_name, trial_number=trial_number, folds=folds, stacked=stacked, full_data=full_data,
             epochs=epochs)
-    trial = _choose_trial(study, trial_number)
+    trial = _choose_trial(study, trial_number, spec.budget.n_trials)
     k = int(folds or spec.retrain.folds)
+    if folds is not None and not domain_of("retrain.folds").contains(k):
+        raise HpoError(f"--folds: got {k}; allowed: {domain_of('retrain.folds')}")
     hp = _retrain_hyperparams(spec, trial.params, epochs=epochs)
     artifact_store = open_artifact_store(storage_url, artifacts)
 

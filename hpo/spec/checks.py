@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hpo.errors import SpecError
-from hpo.spec.domains import DOMAINS, Domain, integer, number, show
+from hpo.spec.domains import Domain, domain_of, integer, number, show
 from hpo.spec.hyperparams import HYPERPARAMETERS
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Checker:
         """``value`` checked against a domain (or the domain of the field ``domain`` names); floats
         come back as floats and choices in their canonical spelling."""
         if isinstance(domain, str):
-            domain, where = DOMAINS[domain], where or domain
+            domain, where = domain_of(domain), where or domain
         value = domain.canonical(value)
         if not domain.contains(value):
             hint = ""
@@ -76,7 +76,7 @@ def _is_number(text: str) -> bool:
 
 def check_value(c: Checker, vocab: Vocabulary, name: str, value: Any, where: str) -> Any:
     """Check one value of a hyperparameter of the model's vocabulary (scalar, or a list for per-layer ones)."""
-    domain = vocab[name].domain
+    domain = domain_of(name, vocab[name].domain)
     if isinstance(value, list):
         if not vocab[name].per_layer:
             raise c.refuse(where, value, f"one value: {domain} ({name} is not a per-layer parameter)")
@@ -102,6 +102,7 @@ def known_name(c: Checker, vocab: Vocabulary, name: str, family: str, where: str
 def search_range(c: Checker, domain: Domain, name: str, kind: str, raw: dict, where: str) -> dict[str, Any]:
     """The bounds, step and log of ``int: [low, high]`` / ``float: [low, high]``, each inside the
     hyperparameter's ``domain``."""
+    domain = domain_of(name, domain)
     bounds = raw[kind]
     if domain.kind in ("choice", "bool"):
         raise c.refuse(f"{where}.{kind}", bounds, f"choice: [...] of {domain} ({name} is categorical)")
@@ -109,7 +110,7 @@ def search_range(c: Checker, domain: Domain, name: str, kind: str, raw: dict, wh
         raise c.refuse(f"{where}.float", bounds, f"int: [low, high] ({name} is an integer)")
     if not (isinstance(bounds, list) and len(bounds) == 2):
         raise c.refuse(f"{where}.{kind}", bounds, f"[low, high], each {domain}")
-    inside = Domain(kind, domain.low, domain.high, domain.low_open, domain.high_open)  # ints of a float domain too
+    inside = Domain(kind, domain.low, domain.high, domain.low_open, domain.high_open, note=domain.note)  # ints of a float domain too
     if not all(inside.contains(b) for b in bounds):
         raise c.refuse(f"{where}.{kind}", bounds, f"[low, high], each {inside}")
     low, high = (float(b) if kind == "float" else b for b in bounds)

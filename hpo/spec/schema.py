@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hpo.errors import HpoError, SpecError
 from hpo.nn import registry
 from hpo.spec.checks import (
@@ -597,15 +595,7 @@ def find_spec_file(name_or_path: str) -> Path:
 
 
 def load_spec_file(path: Path) -> StudySpec:
-    """Read and validate one YAML spec file."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise SpecError(f"{path}: {where}: malformed YAML: {getattr(e, 'problem', e)}") from e
-    return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+    """Read and validate one YAML spec file (within the limits of ``hpo.spec.yaml_file``)."""
+    from hpo.spec.yaml_file import read_yaml
+
+    return parse_spec(read_yaml(path), source=str(path), base_dir=path.resolve().parent)

@@ -35,7 +35,9 @@ from hpo.store.optuna_private import (
     TRIAL_SYSTEM_ATTRS,
     TRIAL_USER_ATTRS,
     TRIALS,
+    rdb_storage,
     stored_now,
+    study_id,
 )
 from hpo.store.queries import RETRY_ATTR, count_keys, retried, upsert
 from hpo.store.storage import RetryingRDBStorage
@@ -264,3 +266,14 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
         return True
 
     return retried(storage, attempt)
+
+
+def more_trials_hint(study: optuna.Study, budget: int | None) -> str:
+    """What would give the study more trials: ``hpo worker`` while its budget has room; once the
+    budget is used, a worker would run nothing, and the hint says so and what would help."""
+    name = study.study_name
+    storage = rdb_storage(study)
+    if budget is None or not isinstance(storage, RetryingRDBStorage) or places_taken(storage, study_id(study)) < budget:
+        return f"run: hpo worker --study {name}"
+    return (f"its budget of {budget} trials is used, so a worker would run nothing; see what they did with "
+            f"hpo report --study {name}, and for more trials create a study with a larger budget.n_trials")

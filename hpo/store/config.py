@@ -21,10 +21,11 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpo.errors import StoreError
+from hpo.errors import DataError, StoreError
 
 STORAGE_ROOT = Path("storage")  # the default store, artifacts, reports, exports, predictions, jobs
 DEFAULT_URL = f"sqlite:///{STORAGE_ROOT / 'hpo.db'}"
+MAX_DATA_BYTES = 10**9  # default of HPO_MAX_DATA_BYTES: a study's data files together, or one file to predict on
 SQLITE_TIMEOUT = 20  # seconds a SQLite writer waits for the lock: below the shortest default grace period
 
 
@@ -43,6 +44,24 @@ def env_seconds(name: str, default: float) -> float:
         value = float("nan")
     if not (value >= 0 and value != float("inf")):
         raise StoreError(f"{name}={raw!r} is not a number of seconds >= 0")
+    return value
+
+
+def max_data_bytes() -> int:
+    """The most bytes of data files one study may keep in the store (and ``hpo predict`` may read from one file) (``HPO_MAX_DATA_BYTES``).
+
+    Raises:
+        DataError: when the setting is not a positive whole number of bytes.
+    """
+    raw = os.environ.get("HPO_MAX_DATA_BYTES")
+    if not raw:
+        return MAX_DATA_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"HPO_MAX_DATA_BYTES={raw!r}: expected a positive number of bytes (default {MAX_DATA_BYTES})")
     return value
 
 

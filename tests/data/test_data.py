@@ -12,5 +12,5 @@ def test_csv_errors_give_the_files_line_numbers(tmp_path):
     with pytest.raises(DataError, match=r"t.csv: line 12, column 'y': missing value"):
         read_csv_table(str(path), ("x", "y"))
     path.write_text('x,y,note\n\n  \n1,1,"two\nlines"\n2,oops,n\n')
-    with pytest.raises(DataError, match=r"t.csv: line 6, column 'y': expected a number, got 'oops'"):
+    with pytest.raises(DataError, match=r"t.csv: line 6, column 'y': expected a finite number, got 'oops'"):
         read_csv_table(str(path), ("x", "y"))

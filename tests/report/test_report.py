@@ -280,6 +280,33 @@ def test_spec_block_as_written_and_timeline_title_by_workers(tmp_path, store_url
         write_report("regression", storage_url=store_url, out=too_long)
 
 
+def test_out_folder_gets_the_report_inside(tmp_path, store_url, cli_env):
+    """``--out DIR/`` (new or existing) and ``--out DIR`` (existing) write DIR/STUDY.html."""
+    _synthetic_study(open_storage(store_url, heartbeat=False), "one", n_trials=1, steps=3)
+    from hpo.report.html import write_report
+
+    assert write_report("one", storage_url=store_url, out=f"{tmp_path / 'new'}/") == tmp_path / "new" / "one.html"
+    assert write_report("one", storage_url=store_url, out=tmp_path / "new") == tmp_path / "new" / "one.html"
+    assert write_report("one", storage_url=store_url, out=tmp_path / "r.html") == tmp_path / "r.html"
+    proc = run_hpo("report", "--study", "one", "--out", f"{tmp_path / 'cli'}/", env=cli_env, check=0)
+    assert (tmp_path / "cli" / "one.html").is_file() and str(tmp_path / "cli" / "one.html") in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["one.html"]
+
+
+def test_a_report_replaces_only_an_earlier_report(tmp_path, store_url):
+    _synthetic_study(open_storage(store_url, heartbeat=False), "one", n_trials=1, steps=3)
+    from hpo.errors import HpoError
+    from hpo.report.html import write_report
+
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html><title>my notes</title></html>")
+    with pytest.raises(HpoError, match=r"notes.html exists and is not an hpo report"):
+        write_report("one", storage_url=store_url, out=mine)
+    assert mine.read_text() == "<html><title>my notes</title></html>"
+    path = write_report("one", storage_url=store_url, out=tmp_path / "r.html")
+    assert write_report("one", storage_url=store_url, out=path) == path  # an earlier report: replaced
+
+
 def trials_data(text: str) -> dict:
     """The trials table's data, as the page's script reads it."""
     raw = re.search(r'<script type="application/json" id="trials-data">(.*?)</script>', text, re.S).group(1)

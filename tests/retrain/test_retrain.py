@@ -197,9 +197,11 @@ def test_rerun_makes_a_new_record_and_keeps_the_old_one(tmp_path, store_url):
 
 def test_bad_trial_choices_are_clear_errors(tmp_path, store_url):
     make_study(blobs_spec(tmp_path), store_url, n_trials=0)
-    with pytest.raises(HpoError, match="no complete trial; run hpo worker --study blobs first"):
+    with pytest.raises(HpoError, match="no complete trial; run: hpo worker --study blobs$"):
         run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), device=CPU)
     run_worker("blobs", storage_url=store_url, n_trials=1, echo=lambda line: None)
+    with pytest.raises(HpoError, match=r"^--folds: got 1000; allowed: an integer in \[2, 100\] \(HPO_LIMITS=retrain.folds=N"):
+        run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), folds=1000, device=CPU)
     with pytest.raises(HpoError, match="no trial 5; trials are 0..0"):
         run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), trial_number=5, device=CPU)
     study, _ = open_study("blobs", open_storage(store_url, heartbeat=False))
@@ -211,7 +213,7 @@ def test_cli_retrain_exits_2_without_a_complete_trial_then_prints_the_table(tmp_
     artifacts = tmp_path / "a"
     run_hpo("create-study", str(blobs_spec(tmp_path)), env=cli_env, check=0)
     proc = run_hpo("retrain", "--study", "blobs", "--artifacts", str(artifacts), env=cli_env, check=2)
-    assert proc.stderr.strip() == "hpo: error: study 'blobs' has no complete trial; run hpo worker --study blobs first"
+    assert proc.stderr.strip() == "hpo: error: study 'blobs' has no complete trial; run: hpo worker --study blobs"
     run_hpo("worker", "--study", "blobs", "--n-trials", "1", env=cli_env, check=0)
     scratch = tmp_path / "scratch"
     scratch.mkdir()

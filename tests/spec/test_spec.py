@@ -52,7 +52,7 @@ def test_categorical_values_are_canonicalised():
         (lambda r: r["space"].update(lr={"float": [0.01, 0.01]}), r"space.lr.float: got \[0.01, 0.01\]; allowed: low < high"),
         (lambda r: r["space"].update(weight_decay={"float": [0.0, 0.01], "log": True}),
          r"space.weight_decay.float: got \[0.0, 0.01\]; allowed: low > 0 with log: true"),
-        (lambda r: r["space"].update(batch_size={"int": []}), r"space.batch_size.int: got \[\]; allowed: \[low, high\], each an integer >= 1"),
+        (lambda r: r["space"].update(batch_size={"int": []}), r"space.batch_size.int: got \[\]; allowed: \[low, high\], each an integer in \[1, 1048576\] \(HPO_LIMITS=batch_size=N sets the upper bound\)"),
         (lambda r: r["space"].update(learning_rate={"float": [0.1, 0.2]}), r"space.learning_rate: unknown hyperparameter"),
         (lambda r: r["space"].update(filters={"int": [4, 8]}), r"'filters' does not apply to model 'mlp'"),
         (lambda r: r.update(direction="maximize"), r"direction: got 'maximize'; allowed: minimize \(val_mse improves by minimize\)"),

@@ -25,6 +25,7 @@ from hpo.data.dataset import Dataset
 from hpo.nn.models import build_model
 from hpo.running.devices import gpu_sharing
 from hpo.running.progress import QUIET, Progress
+from hpo.search.cv import cv_splits, run_cv_trial
 from hpo.search.space import suggest
 from hpo.spec.schema import StudySpec
 from hpo.store import budget as budgets
@@ -79,6 +80,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     device = data.x.device
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
+    splits = cv_splits(spec, data) if spec.cv is not None else None  # the same folds for every trial
 
     def objective(trial: optuna.Trial) -> float:
         hp = suggest(trial, spec)
@@ -86,14 +88,16 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
         torch.manual_seed(seed)
         meta = {"study": spec.name, "trial": lineage, "params": dict(trial.params), "spec": spec_fingerprint}
+        trial.set_user_attr("device", device_name)
+        if sharing:
+            trial.set_user_attr("gpu_sharing", sharing)
+        if splits is not None:
+            return _cv_objective(trial, hp, lineage, seed, meta)
         resume = _resume(checkpoints, trial, lineage, meta)
         if resume is not None:
             _report_resumed(trial, resume, spec)
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
         model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
-        trial.set_user_attr("device", device_name)
-        if sharing:
-            trial.set_user_attr("gpu_sharing", sharing)
         with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
                           initial=resume.epoch if resume is not None else 0) as bar:
             on_epoch = _epoch_reporter(trial, spec, bar, is_abandoned)
@@ -101,6 +105,20 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
             result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
         _record_result(trial, result)
         return result.metrics[spec.metric]
+
+    def _cv_objective(trial: optuna.Trial, hp: dict, lineage: int, seed: int, meta: dict) -> float:
+        """A cross-validated trial (``hpo.search.cv``): K fold models, scored by their mean."""
+        saved = _resume_payload(checkpoints, trial, lineage, meta, "cv")
+        trial_id = optuna_private.trial_id(trial)
+
+        def check_abandoned(done: int) -> None:
+            if is_abandoned is not None and is_abandoned(trial_id):
+                raise Abandoned(f"finished elsewhere after {done} epochs")
+
+        at_boundary = _EpochBoundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
+        with progress.bar(total=spec.cv.folds * int(hp["epochs"]), desc=f"trial {trial.number} ({spec.cv.folds} folds)") as bar:
+            return run_cv_trial(trial, spec, data, hp, splits=splits, seed=seed, boundary=at_boundary, saved=saved,
+                                check_abandoned=check_abandoned, bar=bar).value
 
     return objective
 
@@ -139,7 +157,8 @@ def _epoch_reporter(trial: optuna.Trial, spec: StudySpec, bar,
 
 class _EpochBoundary:
     """The trainer's checkpoint callback, called after ``on_epoch``: checkpoint when due (every
-    ``spec.checkpoint.every_seconds`` of training) or told to stop, then stop if told to."""
+    ``spec.checkpoint.every_seconds`` of training) or told to stop, then stop if told to.
+    ``boundary``/``save`` do the same for any payload (a cross-validated trial's folds)."""
 
     def __init__(self, trial: optuna.Trial, lineage: int, meta: dict, *, checkpoints: CheckpointStore | None,
                  should_stop: Callable[[], bool] | None, spec: StudySpec):
@@ -148,18 +167,29 @@ class _EpochBoundary:
         self.saved_at, self.save_failed = time.monotonic(), False
 
     def __call__(self, done: int, state: Callable[[], TrainState]) -> None:
+        self.boundary(lambda: {"train": state().to_dict()}, where=f"epoch {done}", epoch=done)
+
+    def boundary(self, payload: Callable[[], dict], *, where: str, epoch: int) -> None:
+        """At an epoch boundary: save ``payload()`` when due or told to stop; then stop if told to.
+
+        Raises:
+            Interrupted: after saving, when the worker was told to stop.
+        """
         stopping = self.should_stop is not None and self.should_stop()
         if self.checkpoints is not None and (stopping or time.monotonic() - self.saved_at >= self.every_seconds):
-            self._save(done, state)
+            self.save(payload(), where=where, epoch=epoch)
         if stopping:
-            self.trial.set_user_attr("epochs_run", done)  # what this run trained: done - resumed_from_epoch
-            raise Interrupted(f"interrupted after {done} epochs")
+            self.trial.set_user_attr("epochs_run", epoch)  # what this run trained: epoch - resumed_from_epoch
+            raise Interrupted(f"interrupted at {where}")
 
-    def _save(self, done: int, state: Callable[[], TrainState]) -> None:
+    def save(self, payload: dict, *, where: str, epoch: int) -> None:
+        """Save ``payload`` now (nothing without a checkpoint store); a failed write warns once."""
         trial, checkpoints = self.trial, self.checkpoints
+        if checkpoints is None:
+            return
         try:
-            checkpoints.save(trial_key(self.lineage), {"train": state().to_dict()},
-                             meta={**self.meta, "epoch": done, "writer": trial.number})
+            checkpoints.save(trial_key(self.lineage), payload,
+                             meta={**self.meta, "epoch": epoch, "at": where, "writer": trial.number})
         except OSError as e:
             if not self.save_failed:
                 checkpoints.warn(f"trial {trial.number}: checkpoint not written ({e.strerror or e}); training goes on")
@@ -180,13 +210,28 @@ def _record_result(trial: optuna.Trial, result: TrainResult) -> None:
 def _resume(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: int, meta: dict) -> TrainState | None:
     """The trainer state a retry resumes from: its lineage's checkpoint, when there is a sound
     one written for this study, trial and parameters (anything else is ignored with a warning)."""
+    saved = _resume_payload(checkpoints, trial, lineage, meta, "train")
+    if saved is None:
+        return None
+    try:
+        return TrainState.from_dict(saved)
+    except (ValueError, KeyError, TypeError) as e:
+        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: {e}; training starts over")
+        return None
+
+
+def _resume_payload(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: int, meta: dict,
+                    part: str) -> dict | None:
+    """The ``part`` of the lineage's checkpoint a retry resumes from (``train``: one model's,
+    ``cv``: a cross-validated trial's folds), when there is a sound one written for this study,
+    trial and parameters."""
     if checkpoints is None or lineage == trial.number:
         return None
     found = checkpoints.load(trial_key(lineage), expect=meta)
     if found is None:
         return None
-    try:
-        return TrainState.from_dict(found[0]["train"])
-    except (ValueError, KeyError, TypeError) as e:
-        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: {e}; training starts over")
+    if part not in found[0]:
+        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: it holds no {part!r} state; "
+                         f"training starts over")
         return None
+    return found[0][part]

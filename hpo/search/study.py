@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -126,6 +127,12 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     p = spec.pruner
     if p.kind == "none":
         return optuna.pruners.NopPruner()
+    if p.kind == "wilcoxon":
+        # Its steps are fold indices, not epochs (hpo.search.cv): it pairs each fold's value with
+        # the best trial's value on the same fold.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold, n_startup_steps=p.n_startup_steps)
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=last_step(spec),
                                               reduction_factor=p.reduction_factor)

@@ -179,7 +179,7 @@ def test_regression_ensemble_mean_and_grid(tmp_path, store_url):
 
 
 def test_sequential_retrain_records_the_path_its_folds_took(tmp_path, store_url, monkeypatch):
-    import hpo.retrain.run
+    import hpo.training.folds
 
     make_study(blobs_spec(tmp_path), store_url, n_trials=1)
     artifacts = tmp_path / "artifacts"
@@ -188,14 +188,14 @@ def test_sequential_retrain_records_the_path_its_folds_took(tmp_path, store_url,
                 on_metrics=seen.append)
     assert seen[0]["cuda_graph"] is False  # eager on the CPU
 
-    real_train = hpo.retrain.run.train
+    real_train = hpo.training.folds.train
 
     def graphed(*args, **kwargs):  # what train() reports after a CUDA-graph run
         result = real_train(*args, **kwargs)
         result.path, result.path_reason = "cuda_graph", ""
         return result
 
-    monkeypatch.setattr(hpo.retrain.run, "train", graphed)
+    monkeypatch.setattr(hpo.training.folds, "train", graphed)
     run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False,
                 on_metrics=seen.append)
     assert seen[1]["cuda_graph"] is True

@@ -45,8 +45,9 @@ import numpy as np
 import optuna
 import torch
 
-from hpo.data.dataset import Dataset
+from hpo.data.dataset import Dataset, split_indices
 from hpo.data.splits import folds_digest, kfold_indices, splitter_name
+from hpo.errors import HpoError, SpecError
 from hpo.spec.schema import StudySpec
 from hpo.training.folds import device_folds, fold_models, train_sequential, train_stacked_folds
 from hpo.training.stacked import stack_problem
@@ -68,6 +69,26 @@ def cv_splits(spec: StudySpec, data: Dataset) -> list[tuple[np.ndarray, np.ndarr
     """
     labels = data.y.cpu().numpy() if data.task == "classification" else None
     return kfold_indices(cv_pool(spec, data), folds=spec.cv.folds, seed=spec.seed, labels=labels, field="cv.folds")
+
+
+def check_folds_fit(spec: StudySpec, *, source: str) -> None:
+    """At create-study, for a CSV study (its rows at hand): the folds can be made.
+
+    Raises:
+        SpecError: one line, when there are too few rows, or rows of some class, for ``cv.folds``.
+    """
+    from hpo.data.sources import csv_arrays
+
+    _, y = csv_arrays(spec.data, "train")
+    labels = y.astype(np.int64) if spec.task == "classification" else None
+    pool = np.arange(len(y))
+    if spec.data.train_subset is not None:  # the rows the loader keeps (hpo.data.sources)
+        pool = split_indices(len(y), val_fraction=spec.data.val_fraction, seed=spec.seed, labels=labels,
+                             train_subset=spec.data.train_subset)[0]
+    try:
+        kfold_indices(pool, folds=spec.cv.folds, seed=spec.seed, labels=labels, field="cv.folds")
+    except HpoError as e:
+        raise SpecError(f"{source}: {e}") from e
 
 
 def choose_path(spec: StudySpec, models: list[torch.nn.Module]) -> tuple[bool, str]:

@@ -309,6 +309,10 @@ def create_from_file(spec: str, *, storage_url: str | None = None, force: bool =
     path = find_spec_file(spec)
     parsed = embed_csv(load_spec_file(path))
     check_buildable(parsed, source=str(path))  # before the store is opened: a refusal leaves nothing
+    if parsed.cv is not None and parsed.data.source == "csv":
+        from hpo.search.cv import check_folds_fit  # torch: only CV studies pay its import
+
+        check_folds_fit(parsed, source=str(path))
     warnings = []
     if parsed.model == "cnn":
         from hpo.nn.cnn import check_cnn_spec  # torch: only CNN specs pay its import

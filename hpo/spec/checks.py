@@ -132,6 +132,20 @@ def check_references(c: Checker, space: tuple, fixed: dict) -> None:
         seen[p.name] = p
 
 
+def _one_value_only(c: Checker, name: str, family: str, space: tuple, fixed: dict) -> None:
+    """A parameter given per layer in some families only takes one value in the others."""
+    searched = {p.name: p for p in space}
+    given = [(f"fixed.{name}", fixed[name])] if name in fixed else []
+    if name in searched:
+        p = searched[name]
+        if p.per_layer:
+            raise c.refuse(f"space.{name}.per_layer", p.per_layer, f"nothing: {name} is one value in model {family!r}")
+        given += [(f"space.{name}.choice[{i}]", v) for i, v in enumerate(p.choices)]
+    for where, value in given:
+        if isinstance(value, list):
+            raise c.refuse(where, value, f"one value: {DOMAINS[name]} ({name} is not per layer in model {family!r})")
+
+
 def check_layer_lists(c: Checker, space: tuple, fixed: dict, family: str) -> None:
     """A per-layer list (fixed, a choice, or the default such as filters [6, 16]) must have one
     value per layer for every layer count the study can draw; a count of 0 needs none."""
@@ -139,6 +153,8 @@ def check_layer_lists(c: Checker, space: tuple, fixed: dict, family: str) -> Non
     for name, hp in HYPERPARAMETERS.items():
         count = (hp.layers or {}).get(family)
         if count is None:
+            if hp.per_layer:
+                _one_value_only(c, name, family, space, fixed)
             continue
         if count in searched:
             p = searched[count]

@@ -342,10 +342,10 @@ def _parse_cv(c: Checker, raw: dict, pruner: PrunerSpec) -> CvSpec | None:
         return None
     cv_raw = c.mapping(raw["cv"], "cv")
     c.unknown_keys(cv_raw, ("folds", "score", "path"), "cv.")
+    score, path = c.value("cv.score", cv_raw.get("score", "mean")), c.value("cv.path", cv_raw.get("path", "auto"))
     if "folds" not in cv_raw:
         raise c.refuse("cv.folds", None, "an integer >= 2 (how many fold models score each trial)")
-    cv = CvSpec(folds=c.value("cv.folds", cv_raw["folds"]), score=c.value("cv.score", cv_raw.get("score", "mean")),
-                path=c.value("cv.path", cv_raw.get("path", "auto")))
+    cv = CvSpec(folds=c.value("cv.folds", cv_raw["folds"]), score=score, path=path)
     data_raw = raw.get("data") or {}
     for key in ("val_fraction", "val_subset"):
         if data_raw.get(key) is not None:

@@ -39,6 +39,7 @@ from hpo.store.optuna_private import (
 )
 
 IN_CHUNK = 500  # trial numbers per IN (...) list
+CV_ATTRS = ("cv_fold_values", "cv_std")  # trial user attrs of a cross-validated trial (hpo.search.cv)
 GPU_SHARING_ATTR = "gpu_sharing"  # trial user attr set by the objective (hpo.running.devices.gpu_sharing)
 
 
@@ -54,6 +55,8 @@ class Summary:
     best_params: dict[str, Any]
     wall_seconds: float | None
     gpu_sharing: dict[str, int]  # trials by their gpu_sharing user attr (mps, time-slice, exclusive)
+    # A cross-validated best trial's folds (hpo.search.cv): {"folds": K, "std": ..., "values": [...]}
+    best_cv: dict[str, Any] | None = None
 
 
 def _spec_field(dialect: str, key: str) -> sa.ColumnElement:
@@ -75,8 +78,10 @@ def _best_order(direction: StudyDirection) -> list[sa.ColumnElement]:
     return [rank, TRIAL_VALUES.c.value, TRIALS.c.number]
 
 
-def _best(conn: sa.Connection, study_id: int, direction: StudyDirection) -> tuple[float, int, dict[str, Any]] | None:
-    """(value, number, params) of the best COMPLETE trial, or None when none is complete."""
+def _best(conn: sa.Connection, study_id: int,
+          direction: StudyDirection) -> tuple[float, int, dict[str, Any], dict[str, Any] | None] | None:
+    """(value, number, params, its folds when cross-validated) of the best COMPLETE trial, or None
+    when none is complete."""
     row = conn.execute(
         sa.select(TRIALS.c.trial_id, TRIALS.c.number, TRIAL_VALUES.c.value, TRIAL_VALUES.c.value_type)
         .join(TRIAL_VALUES, TRIAL_VALUES.c.trial_id == TRIALS.c.trial_id)
@@ -89,7 +94,13 @@ def _best(conn: sa.Connection, study_id: int, direction: StudyDirection) -> tupl
             sa.select(TRIAL_PARAMS.c.param_name, TRIAL_PARAMS.c.param_value, TRIAL_PARAMS.c.distribution_json)
             .where(TRIAL_PARAMS.c.trial_id == row.trial_id).order_by(TRIAL_PARAMS.c.param_id)):
         params[name] = json_to_distribution(distribution).to_external_repr(internal)
-    return trial_value(row.value, row.value_type), row.number, params
+    attrs = {key: json.loads(value) for key, value in conn.execute(
+        sa.select(TRIAL_USER_ATTRS.c.key, TRIAL_USER_ATTRS.c.value_json)
+        .where(TRIAL_USER_ATTRS.c.trial_id == row.trial_id, TRIAL_USER_ATTRS.c.key.in_(CV_ATTRS)))}
+    cv = None
+    if "cv_fold_values" in attrs:
+        cv = {"folds": len(attrs["cv_fold_values"]), "std": attrs.get("cv_std"), "values": attrs["cv_fold_values"]}
+    return trial_value(row.value, row.value_type), row.number, params, cv
 
 
 def _retried_fails(conn: sa.Connection, study_id: int) -> int:
@@ -113,7 +124,7 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
 
     Cost: five queries for all the studies (names, directions, metrics, counts by state, trials by
     GPU sharing), then
-    per study at most two for the best trial and its parameters and two for the re-queued trials:
+    per study at most three for the best trial, its parameters and its folds, and two for the re-queued trials:
     the trials' own rows are only counted.
     """
     selected = (lambda column: column.in_(study_ids)) if study_ids is not None else (lambda column: sa.true())
@@ -162,6 +173,7 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 best_params=best[2] if best else {},
                 wall_seconds=(max(ends[sid]) - min(starts[sid])).total_seconds() if starts[sid] and ends[sid] else None,
                 gpu_sharing=dict(sorted(sharing[sid].items())),
+                best_cv=best[3] if best else None,
             ))
     return sorted(out, key=lambda s: s.name)
 

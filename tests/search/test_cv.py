@@ -97,6 +97,10 @@ def test_a_cv_trial_reports_the_mean_of_its_folds(tmp_path, path, score, rel):
         at = [pick(h[:step]) for h in histories]
         assert value == pytest.approx(sum(at) / 4, rel=rel), step
     assert sorted(trial.intermediate_values) == [5, 10, 15, 20, 25, 30]
+    # hpo status: the best value as mean ± std of the folds
+    env = dict(os.environ, HPO_STORAGE=f"sqlite:///{tmp_path / 'hpo.db'}")
+    out = run_hpo("status", "--study", "cv", env=env, check=0).stdout
+    assert f"value {trial.value:.6g} ± {trial.user_attrs['cv_std']:.6g} (mean ± std of 4 folds)" in out, out
 
 
 def test_same_seed_same_folds_and_values_and_stacked_equals_sequential(tmp_path):

@@ -52,6 +52,7 @@ def _register_commands() -> None:
         create_study,
         dashboard,
         export,
+        families,
         fleet,
         launch,
         report,
@@ -60,7 +61,7 @@ def _register_commands() -> None:
         worker,
     )
 
-    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench):
+    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench, families):
         for command in module.COMMANDS:
             main.add_command(command)
 

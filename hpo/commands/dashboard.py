@@ -2,11 +2,11 @@
 
 import click
 
-from hpo.commands.options import artifacts_option, storage_option
+from hpo.commands.options import artifacts_option, optional_study_option, storage_option
 
 
 @click.command()
-@click.option("--study", "study_name", default=None, metavar="NAME", help="Print the URL of this study's page first.")
+@optional_study_option
 @storage_option
 @artifacts_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback is reachable by others.")

@@ -62,6 +62,14 @@ def results_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def trained_line(metrics: dict) -> str:
+    """How many models trained, how, how long, and at how many model-epochs per second (3 significant
+    digits: a slow CPU retrain's 0.0333 is not 0.0)."""
+    rate = metrics["model_epochs_per_s"]
+    return (f"trained {metrics['folds']} models ({metrics['path']}) in {metrics['train_seconds']:.1f}s"
+            + (f", {_sig(rate, 3)} model-epochs/s" if rate else ""))
+
+
 @click.command()
 @study_option
 @click.option("--folds", type=click.IntRange(min=2), default=None, metavar="K",
@@ -72,14 +80,23 @@ def results_table(metrics: dict) -> str:
 @device_option
 @click.option("--stacked/--sequential", default=None,
               help="Train the K models together (torch.func) or one after another (default: stacked on a GPU).")
+@click.option("--full-data/--search-data", "full_data", default=None,
+              help="Train on the whole training pool, or on the data the search used (default: the search's: "
+                   "the spec's train_subset and val_subset).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Epochs per fold model (default: the spec's retrain.epochs, else the trial's).")
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 @click.option("--resume", is_flag=True,
               help="Continue the study's latest unfinished retrain from its checkpoint (finished folds are kept).")
+@click.option("--allow-version-mismatch", is_flag=True,
+              help="Retrain with the study's model family installed here at another version (recorded in metrics.json).")
 @storage_option
 @artifacts_option
 def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: int | None, device: str | None,
-            stacked: bool | None, data_dir: str | None, resume: bool, storage: str | None, artifacts: str | None) -> None:
-    """Retrain a trial on K folds of all training data; save fold models, predictions and ensembles.
+            stacked: bool | None, full_data: bool | None, epochs: int | None, data_dir: str | None, resume: bool,
+            allow_version_mismatch: bool, storage: str | None, artifacts: str | None) -> None:
+    """Retrain a trial on K folds of the data the search used (or all of it with --full-data); save
+    fold models, predictions and ensembles.
 
     The retrain checkpoints as it goes (the spec's checkpoint settings): after a kill, or a stop by
     SIGINT/SIGTERM, continue it with --resume."""
@@ -92,16 +109,15 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
     try:
         record = run_retrain(study_name, storage_url=storage, artifacts=artifacts, folds=folds,
                              trial_number=trial_number, device=resolve_device(gpu=gpu, device=device),
-                             data_dir=data_dir, stacked=stacked, resume=resume, echo=click.echo,
-                             on_metrics=saved.append, progress=Progress())
+                             data_dir=data_dir, stacked=stacked, resume=resume, full_data=full_data,
+                             epochs=epochs, echo=click.echo, on_metrics=saved.append, progress=Progress(),
+                             allow_version_mismatch=allow_version_mismatch)
     except RetrainInterrupted as e:
         click.echo(f"retrain {e}; continue it with: hpo retrain --study {study_name} --resume", err=True)
         raise
     metrics = saved[0]
     click.echo(results_table(metrics))
-    rate = metrics["model_epochs_per_s"]
-    click.echo(f"trained {metrics['folds']} models ({metrics['path']}) in {metrics['train_seconds']:.1f}s"
-               + (f", {rate:.1f} model-epochs/s" if rate else ""))
+    click.echo(trained_line(metrics))
     click.echo(f"saved retrain {record.id} (trial #{record.trial_number}); see: hpo report --study {study_name}")
 
 

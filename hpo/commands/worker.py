@@ -23,8 +23,12 @@ from hpo.commands.options import (
               help="Extra sampler-seed offset; workers already get distinct seeds from the store.")
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 @artifacts_option
+@click.option("--allow-version-mismatch", is_flag=True,
+              help="Run a study whose model family is installed here at another version than it was created "
+                   "with (each trial records the difference).")
 def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: float | None, gpu: int | None,
-           device: str | None, worker_index: int, data_dir: str | None, artifacts: str | None) -> None:
+           device: str | None, worker_index: int, data_dir: str | None, artifacts: str | None,
+           allow_version_mismatch: bool) -> None:
     """Run trials of a study; any number of workers may share one store.
 
     Running trials are checkpointed under the artifact folder (checkpoints/STUDY/): a trial whose
@@ -36,7 +40,8 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
 
     summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
                          n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
-                         artifacts=artifacts, echo=click.echo, progress=Progress())
+                         artifacts=artifacts, echo=click.echo, progress=Progress(),
+                         allow_version_mismatch=allow_version_mismatch)
     click.echo(summary_text(summary))
 
 

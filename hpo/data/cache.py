@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def local_copy(ref: dict, engine: sa.Engine | None, *, original: str | Path | No
             bytes do not match the checksum; the cache folder cannot be written.
     """
     sha256, name = ref["sha256"], ref.get("name", "data file")
+    if not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-f]{64}", sha256)):
+        # the file name of the local copy: read from the store, so checked before it becomes a path
+        raise DataError(f"{name}: the study's data reference has sha256 {str(sha256)[:80]!r}, not 64 hex digits; "
+                        "the study in the store is damaged: create it again")
     folder = cache_dir()
     path = folder / sha256
     if path.is_file():

@@ -76,6 +76,36 @@ def _load_csv(spec: StudySpec, storage) -> Dataset:
     )
 
 
+def _load_arrays(spec: StudySpec, storage) -> Dataset:
+    """A registry source's data set (``hpo.data.arrays``): images scaled to [0, 1] and normalised
+    per channel, features per column, with the training pool's statistics."""
+    from hpo.data.arrays import read_arrays
+    from hpo.data.cache import local_copy
+
+    d = spec.data
+    a = read_arrays(local_copy(d.files["arrays"], storage.engine if storage is not None else None))
+    images = a.x.ndim == 4
+    scale = 1 / 255 if images else 1.0
+    x, x_test = a.x.astype(np.float32) * scale, a.x_test.astype(np.float32) * scale
+    axes = (0, 2, 3) if images else 0
+    mean, std = x.mean(axis=axes), x.std(axis=axes)
+    std = np.where(std > 0, std, 1.0).astype(np.float32)
+    shape = (1, -1, 1, 1) if images else (1, -1)
+    x, x_test = (x - mean.reshape(shape)) / std.reshape(shape), (x_test - mean.reshape(shape)) / std.reshape(shape)
+    classification = d.task == "classification"
+    train_idx, val_idx = split_indices(len(x), val_fraction=d.val_fraction, seed=spec.seed,
+                                       labels=a.y if classification else None,
+                                       train_subset=d.train_subset, val_subset=d.val_subset)
+    y, y_test = torch.from_numpy(a.y), torch.from_numpy(a.y_test)
+    norm = {"mean": mean.tolist(), "std": std.tolist()}
+    return Dataset(
+        task=d.task, x=torch.from_numpy(x), y=y if classification else y[:, None],
+        train_idx=torch.from_numpy(train_idx), val_idx=torch.from_numpy(val_idx),
+        x_test=torch.from_numpy(x_test), y_test=y_test if classification else y_test[:, None],
+        in_shape=tuple(x.shape[1:]), out_features=len(a.classes) if classification else 1, classes=a.classes,
+        normalization={"scale": scale, **norm} if images else norm)
+
+
 def load_dataset(spec: StudySpec, *, storage: optuna.storages.RDBStorage | None = None,
                  data_dir: str | None = None) -> Dataset:
     """Load the study's data set as CPU tensors (move it with ``Dataset.to(device)``).
@@ -90,5 +120,7 @@ def load_dataset(spec: StudySpec, *, storage: optuna.storages.RDBStorage | None 
     """
     if spec.data.source == "csv":
         return _load_csv(spec, storage)
+    if spec.data.files and "arrays" in spec.data.files:
+        return _load_arrays(spec, storage)
     return load_image_dataset(spec, data_dir=data_dir)
 

@@ -6,7 +6,8 @@ The folder holds:
 - ``spec.<fmt>``: the full study spec; ``study.<fmt>``: the study statistics;
 - when a retrain of the best trial exists: ``fold_<i>.pt`` (state dicts), ``metrics.json`` (the
   retrain's numbers) and ``model.json`` (family, shapes, hyperparameters, normalisation, classes,
-  feature names and the ensemble rule);
+  feature names, the ensemble rule and, for retrains since they are recorded, the training inputs'
+  raw statistics ``input_stats`` that ``hpo predict`` checks inputs against);
 - ``manifest.json``: versions of hpo, torch and optuna, and the sha256 of every other file.
 
 The folder is written under a temporary name beside ``out`` and renamed at the end, so a failed
@@ -68,22 +69,70 @@ def versions() -> dict[str, str]:
     return out
 
 
+def default_export_dir(study_name: str) -> Path:
+    """``storage/exports/<study>``.
+
+    Raises:
+        HpoError: a study name that would leave that folder (``hpo.store.paths``).
+    """
+    from hpo.store.config import STORAGE_ROOT
+    from hpo.store.paths import name_in
+
+    return name_in(STORAGE_ROOT / "exports", study_name, what="study name")
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder (not a link) that ``export-best`` wrote (it holds a
+    ``manifest.json``), or an empty one: the only things ``--force`` replaces."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    return (folder / MANIFEST).is_file() or not any(folder.iterdir())
+
+
+def _check_out(out: Path, *, force: bool) -> None:
+    """Refuse an ``--out`` that names no folder of its own, or one that ``--force`` may not replace."""
+    if out.name in ("", ".", ".."):
+        raise HpoError(f"--out: got {str(out)!r}; name the folder to create (not '.', '..' or a root)")
+    try:
+        taken = out.exists() or out.is_symlink()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise _cannot_write(out, e) from e
+    if taken and not force:
+        raise HpoError(f"--out: {out} already exists; pass --force to replace it")
+    if taken and not is_export(out):
+        raise HpoError(f"--out: {out} exists and is not an export folder (no {MANIFEST}); --force replaces only "
+                       f"a folder that hpo export-best wrote: remove it yourself or choose another --out")
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise HpoError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
 
 
-def open_study(study_name: str, storage_url: str | None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
-    """The study, its spec and its best trial.
+def open_study(study_name: str, storage_url: str | None,
+               trial_number: int | None = None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
+    """The study, its spec and its best trial (or trial ``trial_number``, COMPLETE).
 
     Raises:
-        StoreError: no such study. HpoError: the study has no complete trial yet.
+        StoreError: no such study. HpoError: the study has no complete trial yet; it has several
+            objectives and no ``trial_number`` (listing its Pareto trials); ``trial_number`` is not
+            a COMPLETE trial of it.
     """
     import optuna
 
+    from hpo.search.pareto import needs_trial
     from hpo.search.study import open_study
 
     study, spec = open_study(study_name, storage_url)
+    if trial_number is not None:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= trial_number < len(trials) or trials[trial_number].state != optuna.trial.TrialState.COMPLETE:
+            complete = [t.number for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            raise HpoError(f"--trial: got {trial_number}; allowed: a COMPLETE trial of study {study_name!r} "
+                           f"({', '.join(map(str, complete[:20])) or 'none yet'}{' ...' if len(complete) > 20 else ''})")
+        return study, spec, trials[trial_number]
+    if spec.multi_objective:
+        raise needs_trial(study, "hpo export-best")
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {study_name!r} has no complete trial yet, so there is no best trial to export; "
@@ -97,18 +146,18 @@ def best_params(study: optuna.Study, spec: StudySpec, best: optuna.trial.FrozenT
     return {
         "study": study.study_name,
         "trial_number": best.number,
-        "metric": spec.metric,
-        "direction": spec.direction,
-        "value": best.value,
+        **({"metric": spec.metric, "direction": spec.direction, "value": best.value} if not spec.multi_objective else
+           {"metrics": spec.metric_names, "directions": spec.directions, "values": list(best.values)}),
         "params": dict(best.params),
         "hyperparams": hyperparams_from_params(spec, best.params),
     }
 
 
-def best_params_text(study_name: str, *, storage_url: str | None = None, fmt: str = "json") -> str:
-    """The best trial's parameters alone, as JSON or YAML (for ``--out -``)."""
+def best_params_text(study_name: str, *, storage_url: str | None = None, fmt: str = "json",
+                     trial_number: int | None = None) -> str:
+    """The best trial's (or trial ``trial_number``'s) parameters alone, as JSON or YAML (for ``--out -``)."""
     _check_format(fmt)
-    _, _, best = open_study(study_name, storage_url)
+    _, _, best = open_study(study_name, storage_url, trial_number)
     return dumps(dict(best.params), fmt)
 
 
@@ -125,7 +174,8 @@ def _pick_retrain(study: optuna.Study, best_number: int, retrain_id: str | None)
     others = sorted({r.trial_number for r in retrains})
     why = (f"the retrains are of trial(s) {', '.join(map(str, others))}, not of the best trial {best_number}"
            if others else "the study has no retrain yet")
-    return None, f"{why}; weights come from: hpo retrain --study {study.study_name}"
+    chosen = f" --trial {best_number}" if len(study.directions) > 1 else ""
+    return None, f"{why}; weights come from: hpo retrain --study {study.study_name}{chosen}"
 
 
 def _model_description(folder: Path, record: RetrainRecord, spec: StudySpec, ensemble: str | None) -> dict:
@@ -172,35 +222,34 @@ def _write_weights(staging: Path, record: RetrainRecord, artifact_store, spec: S
 
 def export_best(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None, out: Path,
                 fmt: str = "json", force: bool = False, retrain_id: str | None = None,
-                ensemble: str | None = None) -> Path:
+                ensemble: str | None = None, trial_number: int | None = None) -> Path:
     """Write the export folder of a study's best trial.
 
     Args:
         out: the folder to create.
         fmt: ``json`` or ``yaml`` for the params, spec and statistics files.
-        force: replace ``out`` when it exists.
+        force: replace ``out`` when it exists and is an export folder (or an empty folder): never
+            anything else.
         retrain_id: export this retrain (default: the newest retrain of the best trial).
         ensemble: the ensemble rule of a classifier (``soft_vote`` by default, or ``majority_vote``).
+        trial_number: export this COMPLETE trial instead of the best (required with several
+            objectives: there is no single best).
 
     Returns:
         The folder. Its ``manifest.json`` says ``"weights": false`` with a ``note`` naming the
         command to run when the best trial has no retrain.
 
     Raises:
-        HpoError: unknown study, no complete trial, ``out`` exists without ``force``, a bad format
+        HpoError: unknown study, no complete trial, ``out`` exists without ``force`` (or is not an
+            export folder), names no folder of its own (``.``, ``..``, ``/``), a bad format
             or ensemble rule, a retrain whose files are missing, or ``out`` cannot be written
             (naming the file and the file system's reason).
     """
     from hpo.store.artifacts import open_artifact_store
     _check_format(fmt)
     out = Path(out)
-    try:
-        taken = out.exists()
-    except OSError as e:  # e.g. a name too long for the file system
-        raise _cannot_write(out, e) from e
-    if taken and not force:
-        raise HpoError(f"--out: {out} already exists; pass --force to replace it")
-    study, spec, best = open_study(study_name, storage_url)
+    _check_out(out, force=force)
+    study, spec, best = open_study(study_name, storage_url, trial_number)
     record, note = _pick_retrain(study, best.number, retrain_id)
     # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
     trial = best if record is None or record.trial_number == best.number \
@@ -211,6 +260,15 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
                              artifact_store=lambda: open_artifact_store(storage_url, artifacts))
     except OSError as e:
         raise _cannot_write(out, e) from e
+
+
+def _family_of(folder: Path) -> dict[str, str] | None:
+    """The model family of the exported weights, with the distribution and version that trained
+    them (what ``hpo.load`` needs installed); None without weights."""
+    if not (folder / MODEL).is_file():
+        return None
+    d = json.loads((folder / MODEL).read_text())
+    return {"name": d["family"], "distribution": d.get("distribution", "hpo"), "version": d.get("version", "?")}
 
 
 def _cannot_write(out: Path, e: OSError) -> HpoError:
@@ -241,13 +299,20 @@ def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna
             "ensemble": model["ensemble"] if model else None,
             "note": note,
             "versions": versions(),
+            "model_family": _family_of(staging),
             "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                       for p in sorted(staging.iterdir())},
         }
         (staging / MANIFEST).write_text(dumps(manifest, "json"))
+        _check_out(out, force=True)  # again: something may have appeared there meanwhile
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        staging.rename(out)
+            # The old export moves aside in one rename and goes only once the new one is in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,9 +13,21 @@ stored), and applies the stored normalisation itself:
   ``majority_vote``; ``model.predict(x)`` gives class indices (N,), majority-vote ties going to
   the best-on-validation fold's choice as in the retrain (so ``model(x).argmax(-1)``, which takes
   the lowest tied index, may differ from ``predict`` on ties); ``model.classes`` names them.
-``model.predict(x)`` returns the type it is given: a NumPy array for a NumPy array (or a list),
-a tensor (on the module's device) for a tensor. ``model(x)`` is the module's forward and always
-returns a tensor.
+``model.predict(x)`` (and ``model.predict_proba(x)``, a classifier's soft-vote class probabilities)
+returns the type it is given: a NumPy array for a NumPy array (or a list), a tensor (on the module's
+device) for a tensor; both run under ``torch.inference_mode``. ``model(x)`` is the module's forward
+and always returns a tensor.
+
+Inputs on another scale. An export made since the training inputs' statistics were recorded
+(``model.json`` ``input_stats``: min, max, mean, std per feature, or over all pixels of images)
+checks what it is given. Per feature (or over all values), with the training values spanning
+``[lo, hi]`` (``span = hi - lo > 0``), the inputs are on another scale when
+- some input lies more than ``FAR_OUTSIDE`` spans outside ``[lo, hi]`` (raw 0..255 pixels given to a
+  model trained on [0, 1] inputs), or
+- at least ``MIN_VALUES`` input values span less than ``span / SQUEEZED`` (pixels scaled to [0, 1],
+  as torchvision's ``ToTensor`` does, given to a model trained on raw 0..255 pixels).
+``predict`` and ``predict_proba`` then warn (:class:`InputScaleWarning`), naming the range the model
+expects; ``hpo predict`` refuses unless ``--force``. An older export (no ``input_stats``) is not checked.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,6 +47,55 @@ from hpo.errors import DataError, HpoError
 from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL, sha256
 from hpo.retrain import ensemble as ens
 from hpo.store.config import STORAGE_ROOT
+from hpo.store.paths import name_in
+
+
+def _check_family(folder: Path, description: dict[str, Any]) -> None:
+    """Refuse, in one line naming the package to install, an export whose family is not installed here."""
+    from hpo.nn import registry
+
+    name = description["family"]
+    if name not in registry.names():
+        dist, version = description.get("distribution", "hpo"), description.get("version", "")
+        pin = f"=={version}" if version and version != "?" else ""
+        raise HpoError(f"{folder}: the model is of family {name!r} from {dist} {version}, which is not installed "
+                       f"here: pip install '{dist}{pin}'")
+
+FAR_OUTSIDE = 10  # training spans beyond the training range: clearly another scale
+SQUEEZED = 20  # inputs spanning under 1/SQUEEZED of the training span: clearly another scale ...
+MIN_VALUES = 100  # ... when there are at least this many of them (one row of a CSV says nothing)
+
+
+class InputScaleWarning(UserWarning):
+    """Inputs clearly on another scale than the training inputs (see the module's docstring)."""
+
+
+def _num(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def scale_problem(stats: dict | None, x: torch.Tensor, *, features: tuple[str, ...] = ()) -> str | None:
+    """Why the inputs ``x`` (N, ...) look clearly on another scale than the training inputs described by
+    ``stats`` (``model.json``'s ``input_stats``), or None (also when there are no statistics)."""
+    if not stats or not len(x):
+        return None
+    values = x.reshape(len(x), -1) if stats["over"] == "feature" else x.reshape(-1, 1)
+    if values.shape[1] != len(stats["min"]):
+        return None
+    low, high = values.min(dim=0).values.tolist(), values.max(dim=0).values.tolist()
+    for i, (lo, hi) in enumerate(zip(stats["min"], stats["max"], strict=True)):
+        span = hi - lo
+        if not span > 0:
+            continue
+        far = low[i] < lo - FAR_OUTSIDE * span or high[i] > hi + FAR_OUTSIDE * span
+        squeezed = len(values) >= MIN_VALUES and high[i] - low[i] < span / SQUEEZED
+        if far or squeezed:
+            what = (f"feature {features[i]!r}" if i < len(features) else f"feature {i}") \
+                if stats["over"] == "feature" else "the inputs"
+            return (f"{what} span [{_num(low[i])}, {_num(high[i])}] but the model was trained on values in "
+                    f"[{_num(lo)}, {_num(hi)}] (mean {_num(stats['mean'][i])}, std {_num(stats['std'][i])}): "
+                    f"clearly another scale; give inputs in the training data's raw units")
+    return None
 
 
 class ExportedModel(nn.Module):
@@ -50,6 +112,7 @@ class ExportedModel(nn.Module):
         self.in_shape = tuple(description["in_shape"])
         self.classes = tuple(description.get("classes") or ())
         self.features = tuple(description.get("features") or ())
+        self.input_stats = description.get("input_stats")  # None in exports made before they were recorded
         norm = description.get("normalization") or {}
         self.register_buffer("scale", torch.tensor(float(norm.get("scale", 1.0))))
         self.register_buffer("mean", self._broadcastable(norm.get("mean", 0.0)))
@@ -66,7 +129,12 @@ class ExportedModel(nn.Module):
             return t.reshape(())
         raise HpoError(f"model.json: normalization has {t.numel()} values for inputs of shape {self.in_shape}")
 
-    def normalize(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Raw inputs as a float32 tensor (N, *in_shape) on the module's device.
+
+        Raises:
+            DataError: inputs whose samples do not have the model's number of values.
+        """
         if isinstance(x, np.ndarray) and not x.flags.writeable:
             x = np.array(x)  # torch warns on read-only arrays (pandas hands some out); a copy is safe
         x = torch.as_tensor(x, dtype=torch.float32, device=self.mean.device)
@@ -75,7 +143,21 @@ class ExportedModel(nn.Module):
                 raise DataError(f"inputs of shape {tuple(x.shape)} do not fit the model's input shape "
                                 f"(N, {', '.join(map(str, self.in_shape))})")
             x = x.reshape(len(x), *self.in_shape)
-        return (x * self.scale - self.mean) / self.std
+        return x
+
+    def normalize(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return (self.inputs(x) * self.scale - self.mean) / self.std
+
+    def scale_problem(self, x: torch.Tensor | np.ndarray) -> str | None:
+        """Why ``x`` looks clearly on another scale than the training inputs, or None (module docstring)."""
+        return scale_problem(self.input_stats, self.inputs(x), features=self.features)
+
+    def _checked(self, x: torch.Tensor | np.ndarray, check: bool) -> torch.Tensor:
+        t = self.inputs(x)
+        problem = scale_problem(self.input_stats, t, features=self.features) if check else None
+        if problem:
+            warnings.warn(problem, InputScaleWarning, stacklevel=3)
+        return t
 
     def fold_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every fold model's raw output (logits for classes), shape (K, N, C)."""
@@ -90,20 +172,35 @@ class ExportedModel(nn.Module):
             return ens.vote_shares(outputs)
         return ens.soft_vote(outputs)
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor | np.ndarray, *, check: bool = True) -> torch.Tensor | np.ndarray:
         """Predictions: values (N, 1) float32 for regression, class indices (N,) int64 for classification.
 
         Returns the type it is given: a NumPy array for a NumPy array (or a list), a tensor on the
-        module's device for a tensor.
+        module's device for a tensor. Warns (:class:`InputScaleWarning`) when ``check`` and the inputs
+        are clearly on another scale than the training inputs.
         """
-        outputs = self.fold_outputs(x)
+        outputs = self.fold_outputs(self._checked(x, check))
         if self.task == "regression":
             out = ens.mean(outputs)
         elif self.rule == "majority_vote":
             out = ens.majority_vote(outputs, tie_breaker=self.tie_breaker)
         else:
             out = ens.soft_vote(outputs).argmax(-1)
+        return out if isinstance(x, torch.Tensor) else out.cpu().numpy()
+
+    @torch.inference_mode()
+    def predict_proba(self, x: torch.Tensor | np.ndarray, *, check: bool = True) -> torch.Tensor | np.ndarray:
+        """A classifier's class probabilities (N, C), float32, each row summing to 1: the mean of the
+        folds' softmax probabilities (the soft vote, whatever the export's rule). Types and the scale
+        check as in :meth:`predict`.
+
+        Raises:
+            HpoError: the model is a regression model.
+        """
+        if self.task != "classification":
+            raise HpoError("--proba: a regression model predicts values, not class probabilities")
+        out = ens.soft_vote(self.fold_outputs(self._checked(x, check)))
         return out if isinstance(x, torch.Tensor) else out.cpu().numpy()
 
 
@@ -167,6 +264,7 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         raise HpoError(f"ensemble: got {rule!r}; allowed: {', '.join(description['ensemble_rules'])}")
     if fold is not None and description["task"] == "classification":
         rule = "soft_vote"  # one fold: its own probabilities
+    _check_family(folder, description)
     models = []
     for name in weights:
         try:
@@ -176,13 +274,33 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         except Exception as e:  # unpickling refused, or weights that do not fit the described model
             raise HpoError(f"{folder / name}: cannot load the weights: {str(e).splitlines()[0]}") from e
     return ExportedModel(models, description=description, rule=rule,
-                         study=str(manifest.get("study") or folder.name)).to(device).eval()
+                         study=str(manifest.get("study") or folder.resolve().name)).to(device).eval()
 
 
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
-    """Inputs from a CSV (feature columns by name), .npy or IDX file; also the CSV frame, if any."""
+    """Inputs from a CSV (feature columns by name), .npy or IDX file, an image file or a folder of
+    images (for image models: decoded as the training images were, converted to the model's
+    channels); also the frame of input columns to write beside the predictions (the CSV's, the
+    image files'), if any."""
     import pandas as pd
 
+    from hpo.data.builtin_sources import IMAGE_EXTENSIONS, decode_images
+
+    images = None
+    if path.is_dir():
+        images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not images:
+            raise DataError(f"--input: {path}: a folder without image files ({', '.join(IMAGE_EXTENSIONS)})")
+    elif path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        images = [path]
+    if images is not None:
+        if len(model.in_shape) != 3 or model.in_shape[0] not in (1, 3):
+            raise DataError(f"--input: {path}: images, but the model takes inputs of shape {model.in_shape}")
+        x = decode_images(images, channels=model.in_shape[0])
+        if x.shape[1:] != model.in_shape:
+            raise DataError(f"--input: {images[0]}: {x.shape[3]}x{x.shape[2]} pixels; the model takes "
+                            f"{model.in_shape[2]}x{model.in_shape[1]}")
+        return x.astype(np.float32), pd.DataFrame({"file": [str(p) for p in images]})
     if not path.is_file():
         raise DataError(f"--input: {path} not found")
     name = path.name.lower()
@@ -209,43 +327,58 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
         from hpo.data.images import read_idx
 
         return read_idx(path).astype(np.float32), None
-    raise DataError(f"--input: {path}: unknown file type; use .csv, .npy or an IDX file (e.g. t10k-images-idx3-ubyte.gz)")
+    raise DataError(f"--input: {path}: unknown file type; use .csv, .npy, an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
+                    f"an image or a folder of images")
 
 
-def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None) -> Path:
+def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None,
+                   what: str = f"{MANIFEST}: study") -> Path:
     """Where ``hpo predict`` writes by default: ``storage/predictions/<study>/<input name>.csv``
-    (``.fold<K>.csv`` for one fold's model), never beside the input."""
-    stem = input_path.name.split(".")[0] + (f".fold{fold}" if fold is not None else "")
-    return STORAGE_ROOT / "predictions" / model.study / f"{stem}.csv"
+    (``.fold<K>.csv`` for one fold's model), never beside the input.
+
+    Raises:
+        HpoError: a study name (read from the export's manifest: ``what``) that would leave
+            ``storage/predictions`` (``hpo.store.paths``).
+    """
+    stem = (input_path.name.split(".")[0] or "input") + (f".fold{fold}" if fold is not None else "")
+    folder = name_in(STORAGE_ROOT / "predictions", model.study, what=what)
+    return name_in(folder, stem, what="--input", suffix=".csv")
 
 
 def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str | Path | None = None, *,
-                 fold: int | None = None, device: str = "cpu", force: bool = False,
+                 fold: int | None = None, device: str = "cpu", force: bool = False, proba: bool = False,
                  stdout: TextIO | None = None) -> Path | None:
     """Run an exported model on a file and write the predictions.
 
     The output is a CSV (the input's columns, when it is a CSV, then ``prediction`` and, for
-    classifiers, ``class``) or, for a ``.npy`` output path, the prediction array.
+    classifiers, ``class``, and with ``proba`` one ``proba_<class>`` column per class) or, for a
+    ``.npy`` output path, the prediction array (with ``proba``: the (N, C) probabilities).
 
     Args:
         output_path: the file to write (default: see ``default_output``); ``"-"``: the CSV goes
             to ``stdout`` (default ``sys.stdout``).
-        force: replace an existing output file (otherwise it is refused).
+        force: replace an existing output file, and predict on inputs clearly on another scale than
+            the training inputs (both otherwise refused; the latter then warns, :class:`InputScaleWarning`).
+        proba: also write a classifier's class probabilities (soft vote; each row sums to 1).
 
     Returns:
         The output path, or None when written to standard output.
 
     Raises:
-        HpoError: a bad export (see ``load``), unreadable inputs or inputs of the wrong shape, an
-            existing output without ``force``, or an output the file system refuses.
+        HpoError: a bad export (see ``load``), unreadable inputs or inputs of the wrong shape, inputs
+            clearly on another scale without ``force``, ``proba`` for a regression model, an existing
+            output without ``force``, or an output the file system refuses.
     """
     import pandas as pd
 
     input_path = Path(input_path)
     model = load(model_dir, fold=fold, device=device)
+    if proba and model.task != "classification":
+        raise HpoError("--proba: a regression model predicts values, not class probabilities")
     to_stdout = str(output_path) == "-"
     if not to_stdout:
-        output_path = Path(output_path) if output_path else default_output(model, input_path, fold=fold)
+        output_path = Path(output_path) if output_path else default_output(
+            model, input_path, fold=fold, what=f"{Path(model_dir) / MANIFEST}: study")
         try:
             taken = output_path.exists()
         except OSError as e:  # e.g. a name too long for the file system
@@ -254,20 +387,33 @@ def predict_file(model_dir: str | Path, input_path: str | Path, output_path: str
             raise HpoError(f"--output: {output_path} already exists; pass --force to replace it "
                            f"(or --output FILE, or --output - for standard output)")
     x, frame = read_inputs(input_path, model)
-    pred = np.concatenate([model.predict(x[i:i + 8192]) for i in range(0, len(x), 8192)]) if len(x) else np.zeros(0)
+    problem = model.scale_problem(x)
+    if problem and not force:
+        raise DataError(f"--input: {input_path}: {problem}; or pass --force to predict anyway")
+    if problem:
+        warnings.warn(f"{input_path}: {problem}", InputScaleWarning, stacklevel=2)
+    chunks = range(0, len(x), 8192)
+    pred = np.concatenate([model.predict(x[i:i + 8192], check=False) for i in chunks]) if len(x) else np.zeros(0)
     if model.task == "regression" and pred.ndim == 2:
         pred = pred[:, 0]
     out = frame.copy() if frame is not None else pd.DataFrame(index=range(len(pred)))
     out["prediction"] = pred
     if model.task == "classification" and model.classes:
         out["class"] = [model.classes[i] for i in pred]
+    probabilities = None
+    if proba:
+        probabilities = np.concatenate([model.predict_proba(x[i:i + 8192], check=False) for i in chunks]) \
+            if len(x) else np.zeros((0, len(model.classes)), dtype=np.float32)
+        names = model.classes or tuple(map(str, range(probabilities.shape[1])))
+        for j, name in enumerate(names):
+            out[f"proba_{name}"] = probabilities[:, j]
     if to_stdout:
         out.to_csv(stdout or sys.stdout, index=False)
         return None
     try:
         output_path.parent.mkdir(parents=True, exist_ok=True)
         if output_path.suffix == ".npy":
-            np.save(output_path, pred)
+            np.save(output_path, pred if probabilities is None else probabilities)
         else:
             out.to_csv(output_path, index=False)
     except OSError as e:

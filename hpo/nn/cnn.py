@@ -125,6 +125,9 @@ def check_cnn_spec(spec: StudySpec) -> str | None:
     if spec.model != "cnn":
         return None
     in_shape = IMAGE_SHAPES.get(spec.data.source)
+    stored = (spec.data.files or {}).get("arrays", {}).get("shape", [])
+    if in_shape is None and len(stored) == 3:  # images of a registry source (hpo.data.arrays)
+        in_shape = tuple(stored)
     if in_shape is None:
         raise SpecError(f"model: cnn needs an image data source ({', '.join(IMAGE_SHAPES)}), got data.source {spec.data.source!r}")
     names = ("n_conv", "kernel_size", "padding", "pooling")

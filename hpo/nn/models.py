@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpo.nn.cnn import build_cnn
+from hpo.errors import TrainingError
+from hpo.nn import registry
 from hpo.nn.layers import activation, init_weights, per_layer
 
 
@@ -34,16 +35,17 @@ def build_mlp(hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: in
 
 
 def build_model(family: str, hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: int) -> nn.Module:
-    """Build the network of one model family from resolved hyperparameters.
+    """Build the network of one installed model family (``hpo.nn.registry``) from resolved hyperparameters.
 
     Raises:
-        TrainingError: when the hyperparameters do not fit the input (e.g. an image shrinks below 1x1).
+        TrainingError: when the hyperparameters do not fit the input (e.g. an image shrinks below 1x1),
+            or the family's builder gives no ``nn.Module``.
+        SpecError: when the family is not installed (one line naming it).
     """
-    if family == "mlp":
-        return build_mlp(hp, in_shape=in_shape, out_features=out_features)
-    if family == "cnn":
-        return build_cnn(hp, in_shape=in_shape, out_features=out_features)
-    raise ValueError(f"unknown model family {family!r}")
+    model = registry.family(family).build(hp, in_shape=tuple(in_shape), out_features=int(out_features))
+    if not isinstance(model, nn.Module):
+        raise TrainingError(f"model family {family!r}: build() gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def rebuild(info: dict[str, Any], weights_path: str | Path) -> nn.Module:

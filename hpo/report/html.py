@@ -29,12 +29,14 @@ import hpo
 from hpo.console import sharing_text
 from hpo.errors import HpoError
 from hpo.report.figures import retrain_sections
+from hpo.report.pareto_figures import pareto_sections
 from hpo.report.study_figures import optuna_sections
 from hpo.search.study import load
 from hpo.spec.schema import StudySpec
 from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.config import STORAGE_ROOT
+from hpo.store.paths import name_in
 from hpo.store.statistics import Summary, summarize
 from hpo.store.storage import open_storage
 from hpo.store.trials import read_trials
@@ -141,11 +143,14 @@ def spec_text(spec: StudySpec) -> str:
 def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> None:
     sec = page.section("statistics", "Study statistics")
     rows = [("study", s.name), ("description", spec.description or "-"),
-            ("objective", f"{s.direction} {spec.metric}"), ("model family", spec.model),
+            ("objective", f"{s.direction} {s.metric}"), ("model family", spec.model),
             ("finished trials", s.finished), ("pruned trials", s.counts["PRUNED"]),
             ("complete trials", s.counts["COMPLETE"]), ("failed trials", s.counts["FAIL"]),
             ("running / waiting", f"{s.counts['RUNNING']} / {s.counts['WAITING']}"),
-            ("best value", f"{_num(s.best_value)}" + (f" (trial #{s.best_trial})" if s.best_trial is not None else "")),
+            ("best value", f"{_num(s.best_value)}" + (f" (trial #{s.best_trial})" if s.best_trial is not None else "")
+             if s.pareto is None else f"a Pareto set of {len(s.pareto)} trials (below)"),
+            *([("constraints", ", ".join(f"{c.metric} {c.to_dict()}" for c in spec.constraints)
+                + f"; infeasible trials: {s.infeasible} (never best)")] if spec.constraints else []),
             ("wall time", "-" if s.wall_seconds is None else f"{s.wall_seconds:.1f} s"),
             ("device", _devices(trials)),
             ("GPU sharing (trials)", sharing_text(s.gpu_sharing) if s.gpu_sharing else "not recorded (CPU trials, "
@@ -153,7 +158,13 @@ def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[opt
             ("versions", f"hpo {hpo.__version__}, torch {torch.__version__}, optuna {optuna.__version__}, "
                          f"plotly {_version('plotly')}, python {platform.python_version()}")]
     sec.parts.append(table(rows))
-    if s.best_params:
+    if s.pareto:
+        sec.parts.append("<h3>Pareto set</h3>")
+        names = s.metric.split("/")
+        sec.parts.append(table([(f"trial #{m['trial']}", ", ".join(f"{n}={_num(v)}" for n, v in zip(names, m["values"]))
+                                 + " · " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                     for k, v in m["params"].items())) for m in s.pareto]))
+    elif s.best_params:
         sec.parts.append("<h3>Best parameters</h3>")
         sec.parts.append(table([(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in s.best_params.items()]))
     else:
@@ -161,12 +172,16 @@ def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[opt
     sec.parts.append(f"<h3>Spec</h3><pre>{html.escape(spec_text(spec))}</pre>")
 
 
-def study_page(summary: Summary, spec: StudySpec, direction: optuna.study.StudyDirection,
-               trials: list[optuna.trial.FrozenTrial]) -> Page:
-    """The page's statistics and Optuna's figures, from the study's summary and its trials."""
+def study_page(summary: Summary, spec: StudySpec, direction: optuna.study.StudyDirection | list,
+               trials: list[optuna.trial.FrozenTrial], retrained: set[int] = frozenset()) -> Page:
+    """The page's statistics and Optuna's figures, from the study's summary and its trials (a study
+    of several objectives, ``direction`` a list: the Pareto front and hypervolume history)."""
     page = Page()
     statistics_section(page, summary, spec, trials)
-    optuna_sections(page, summary.name, direction, trials)
+    if isinstance(direction, list):
+        pareto_sections(page, summary.name, direction, spec.metric_names, trials, retrained)
+    else:
+        optuna_sections(page, summary.name, direction, trials)
     return page
 
 
@@ -185,7 +200,23 @@ def render(page: Page, *, title: str, subtitle: str) -> str:
 
 
 def default_out(study_name: str) -> Path:
-    return STORAGE_ROOT / "reports" / f"{study_name}.html"
+    """``storage/reports/<study>.html``.
+
+    Raises:
+        HpoError: a study name that would leave that folder (``hpo.store.paths``).
+    """
+    return name_in(STORAGE_ROOT / "reports", study_name, what="study name", suffix=".html")
+
+
+def report_path(study_name: str, out: str | Path | None) -> Path:
+    """The file ``hpo report`` writes: ``out``; ``out/<study>.html`` when ``out`` is a folder or ends
+    with a slash; ``default_out`` when ``out`` is None."""
+    if out is None:
+        return default_out(study_name)
+    text = str(out)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return name_in(Path(text), study_name, what="study name", suffix=".html")
+    return Path(text)
 
 
 def write_report(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None,
@@ -194,25 +225,32 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
 
     Args:
         artifacts: artifact folder of the retrain files (default: beside the store, see ``hpo.store``).
-        out: file to write (default ``storage/reports/<study>.html``); written whole or not at all.
+        out: file to write (default ``storage/reports/<study>.html``; a folder, or a path ending
+            with a slash: ``out/<study>.html``); written whole or not at all.
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
         HpoError: when the study has no trials yet.
     """
     start = time.perf_counter()
+    path = report_path(study_name, out)
     storage = open_storage(storage_url, heartbeat=False)
     study, spec = load(study_name, storage)
     trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials
     if not trials:
         raise HpoError(f"study {study_name!r} has no trials yet; run: hpo worker --study {study_name}")
-    page = study_page(summarize(study), spec, study.direction, trials)
+    if spec.multi_objective:
+        from hpo.retrain.results import list_retrains
+
+        page = study_page(summarize(study), spec, list(study.directions), trials,
+                          {r.trial_number for r in list_retrains(study)})
+    else:
+        page = study_page(summarize(study), spec, study.direction, trials)
     retrain_sections(page, study, spec, artifact_store=lambda: open_artifact_store(storage_url, artifacts),
                      storage=storage)
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = render(page, title=f"hpo report: {study_name}",
                   subtitle=f"generated {created} in {time.perf_counter() - start:.1f} s")
-    path = Path(out) if out is not None else default_out(study_name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

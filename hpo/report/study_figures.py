@@ -34,9 +34,10 @@ class Snapshot(optuna.Study):
     which hands the trials out uncopied (the figures only read them, and some would otherwise
     copy every trial once per parameter) and with their own numbers."""
 
-    def __init__(self, direction: optuna.study.StudyDirection, trials: list[FrozenTrial]):
+    def __init__(self, direction: optuna.study.StudyDirection | list[optuna.study.StudyDirection],
+                 trials: list[FrozenTrial]):
         storage = optuna.storages.InMemoryStorage()
-        storage.create_new_study([direction], "report")
+        storage.create_new_study(direction if isinstance(direction, list) else [direction], "report")
         super().__init__(study_name="report", storage=storage)
         self._snapshot = trials
 

@@ -21,7 +21,8 @@ import numpy as np
 import optuna
 import torch
 
-from hpo.data.dataset import Dataset
+from hpo.data.dataset import Dataset, raw_input_stats
+from hpo.nn import registry
 from hpo.retrain import ensemble
 from hpo.retrain.results import RetrainRecord, save_retrain
 from hpo.spec.schema import StudySpec
@@ -106,9 +107,12 @@ def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics:
     files["metrics.json"].write_text(json.dumps(metrics, indent=2))
     files["curves.json"].write_text(json.dumps({"folds": curves}))
     np.savez_compressed(files["predictions.npz"], **arrays)
+    given = registry.entry(spec.model).provenance  # the code that trained these weights
     files["model.json"].write_text(json.dumps({
-        "family": spec.model, "in_shape": list(data.in_shape), "out_features": data.out_features,
+        "family": spec.model, "distribution": given["distribution"], "version": given["version"],
+        "in_shape": list(data.in_shape), "out_features": data.out_features,
         "task": data.task, "hyperparams": hp, "normalization": data.normalization, "classes": list(data.classes),
+        "input_stats": raw_input_stats(data),
     }, indent=2))
     for i, model in enumerate(models):
         path = folder / f"fold_{i}.pt"

@@ -14,7 +14,8 @@ Files of one retrain (names are the keys of ``RetrainRecord.files``):
 - ``curves.json``: {"folds": [{"epoch": [...], "train_loss": [...], "val_loss": [...], "val_metric": [...]}]}.
 - ``predictions.npz``: y_test, fold_outputs (K, N, C), and for regression ensemble_mean, grid_x,
   grid_best, grid_mean; for classification majority_vote, soft_vote.
-- ``model.json``: family, in_shape, out_features, task, hyperparams, normalization, classes.
+- ``model.json``: family, in_shape, out_features, task, hyperparams, normalization, classes,
+  input_stats (the training inputs' raw min, max, mean, std: ``hpo.data.dataset.raw_input_stats``).
 - ``fold_<i>.pt``: each fold model's ``state_dict`` (load with ``weights_only=True``).
 """
 
@@ -34,6 +35,7 @@ from optuna.artifacts import download_artifact, upload_artifact
 
 from hpo.errors import HpoError
 from hpo.store import optuna_private
+from hpo.store.paths import name_in
 
 ARTIFACTS_ATTR_PREFIX = "artifacts:"  # optuna.artifacts' study system-attr key
 DASHBOARD_TRIAL_PREFIX = "dashboard:artifacts:"  # optuna-dashboard's per-trial link
@@ -110,13 +112,13 @@ def fetch_files(artifact_store, record: RetrainRecord, dest: Path | None = None,
                 names: Iterable[str] | None = None) -> Path:
     """Download the files of a retrain (all, or those of ``names`` it has) into ``dest`` (a new
     temporary folder by default)."""
-    dest = Path(dest or tempfile.mkdtemp(prefix=f"hpo-retrain-{record.id}-"))
+    dest = Path(dest or tempfile.mkdtemp(prefix="hpo-retrain-"))
     dest.mkdir(parents=True, exist_ok=True)
     wanted = None if names is None else set(names)
     for name, artifact_id in record.files.items():
         if wanted is not None and name not in wanted:
             continue
-        target = dest / name
+        target = name_in(dest, name, what=f"retrain {record.id!r} in the store: file name")
         if target.exists():
             target.unlink()
         download_artifact(artifact_store=artifact_store, artifact_id=artifact_id, file_path=str(target))

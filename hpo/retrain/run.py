@@ -1,5 +1,6 @@
-"""The k-fold retrain stage: the chosen trial's hyperparameters, K models on K folds of the whole
-training pool, their test predictions and ensembles, saved as artifacts of the study.
+"""The k-fold retrain stage: the chosen trial's hyperparameters, K models on K folds of the data the
+search used (the spec's ``train_subset``/``val_subset``, or all of it with ``full_data``), their test
+predictions and ensembles, saved as artifacts of the study.
 
 The files follow the contract in ``hpo.retrain.results``; ``hpo.retrain.outputs`` makes them (and gives
 the shapes in ``predictions.npz``).
@@ -21,13 +22,16 @@ from hpo.data.dataset import Dataset
 from hpo.data.sources import load_dataset
 from hpo.data.splits import kfold_indices
 from hpo.errors import HpoError
+from hpo.nn import registry
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainRecord
 from hpo.running.progress import QUIET, Progress
+from hpo.search import provenance
 from hpo.search.objective import trial_seed
+from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
-from hpo.search.study import load
+from hpo.search.study import load, study_id
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
@@ -51,6 +55,8 @@ def _choose_trial(study, trial_number: int | None):
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
     if trial_number is None:
+        if len(study.directions) > 1:
+            raise needs_trial(study, "hpo retrain")
         if not any(t.state == TrialState.COMPLETE for t in trials):
             raise HpoError(f"study {name!r} has no complete trial; run hpo worker --study {name} first")
         return study.best_trial
@@ -73,9 +79,12 @@ def run_retrain(
     data_dir: str | None = None,
     stacked: bool | None = None,
     resume: bool = False,
+    full_data: bool | None = None,
+    epochs: int | None = None,
     echo: Callable[[str], None] | None = None,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
+    allow_version_mismatch: bool = False,
 ) -> RetrainRecord:
     """Retrain a trial's configuration on K folds and save the results as artifacts of the study.
 
@@ -88,42 +97,55 @@ def run_retrain(
             folds and path; finished folds are not trained again). Without it, a new retrain
             replaces any unfinished one. Checkpoints follow the spec's ``checkpoint`` settings
             (``hpo.retrain.checkpoint``); SIGINT/SIGTERM checkpoint and stop at the next epoch.
+        full_data: train on the whole training pool (True) instead of the search's data (None or
+            False: the spec's ``train_subset`` and ``val_subset`` together, which is the whole pool
+            when the spec sets neither).
+        epochs: epochs per fold model (default: the spec's ``retrain.epochs``, else the trial's).
         echo: where progress lines go (default: nowhere).
         on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
         progress: shows the folds x epochs done, the latest fold's validation value and the time
             left (default: nothing).
+        allow_version_mismatch: go on with the study's model family at another version here
+            (``metrics.json`` records the difference as ``version_mismatch``).
 
     Returns:
         The new record (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
 
     Raises:
         HpoError: no such study, no complete trial, bad fold count, training failed, or
-            ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked that differ
-            from it).
+            ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked/--full-data/
+            --epochs that differ from it).
         RetrainInterrupted: told to stop (SIGINT/SIGTERM); the checkpoint is saved.
     """
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
+    mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id(storage, study_name)).get(provenance.ATTR),
+                                       study=study_name, allow=allow_version_mismatch)
     study, spec = load(study_name, storage)
     store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
         if spec.checkpoint.enabled else None
     if resume:
-        trial_number, folds, stacked = _unfinished_retrain(store, study_name, trial_number=trial_number,
-                                                           folds=folds, stacked=stacked)
+        trial_number, folds, stacked, full_data, epochs = _unfinished_retrain(
+            store, study_name, trial_number=trial_number, folds=folds, stacked=stacked, full_data=full_data,
+            epochs=epochs)
     trial = _choose_trial(study, trial_number)
     k = int(folds or spec.retrain.folds)
-    hp = _retrain_hyperparams(spec, trial.params)
+    hp = _retrain_hyperparams(spec, trial.params, epochs=epochs)
     artifact_store = open_artifact_store(storage_url, artifacts)
 
-    data = _training_pool(spec, storage, data_dir=data_dir, device=device)
+    data, pool = _training_pool(spec, storage, full_data=bool(full_data), data_dir=data_dir, device=device)
     fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
     models = fold_models(spec.model, hp, data, seeds=[f.seed for f in fold_list], device=device)
-    use_stacked, reason = _choose_path(models, stacked, device)
+    unstackable = None if registry.family(spec.model).stackable else \
+        f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
+    use_stacked, reason = _choose_path(models, stacked, device, unstackable=unstackable)
     path = "stacked" if use_stacked else "sequential"
     echo(f"retrain of trial #{trial.number} of {study_name!r}: {k} folds, {hp['epochs']} epochs, "
          f"{path} on {device}")
+    echo(f"  data: {pool['says']}")
     meta = {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k, "path": path,
-            "params": dict(trial.params), "hyperparams": hp, "spec": fingerprint(spec.to_dict())}
+            "params": dict(trial.params), "hyperparams": hp, "spec": fingerprint(spec.to_dict()),
+            "full_data": bool(full_data)}
     ckpt, saved, resumed_from = _open_checkpoint(store, meta, spec=spec, resume=resume, echo=echo)
 
     trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, saved=saved,
@@ -145,7 +167,10 @@ def run_retrain(
         "fold_seeds": [f.seed for f in fold_list],
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
         "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
+        "data": {k: v for k, v in pool.items() if k != "says"},  # samples, of, full_data
     }
+    if mismatches:
+        metrics["version_mismatch"] = "; ".join(mismatches)
     arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
     record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
                                   curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
@@ -158,35 +183,64 @@ def run_retrain(
 
 
 def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial_number: int | None,
-                        folds: int | None, stacked: bool | None) -> tuple[int, int, bool]:
-    """The trial, K and path (stacked or not) of the study's unfinished retrain, which --resume continues.
+                        folds: int | None, stacked: bool | None, full_data: bool | None,
+                        epochs: int | None) -> tuple[int, int, bool, bool, int]:
+    """The trial, K, path (stacked or not), data (full or the search's) and epochs of the study's
+    unfinished retrain, which --resume continues.
 
     Raises:
         HpoError: when there is none, or a flag given differs from it.
     """
     asked = RetrainCheckpoint.unfinished(store, study_name)
+    # A checkpoint from before retrains used the search's data trained on the whole pool.
+    saved_full = bool(asked.get("full_data", True))
+    saved_epochs = int(asked["hyperparams"]["epochs"])
     for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
-                               ("--stacked/--sequential", stacked, asked["path"] == "stacked")):
+                               ("--stacked/--sequential", stacked, asked["path"] == "stacked"),
+                               ("--full-data", full_data, saved_full), ("--epochs", epochs, saved_epochs)):
         if given is not None and given != saved:
             raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
-    return asked["trial"], asked["folds"], asked["path"] == "stacked"
+    return asked["trial"], asked["folds"], asked["path"] == "stacked", saved_full, saved_epochs
 
 
-def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:
-    """The trial's hyperparameters, with the spec's ``retrain.epochs`` when it sets them."""
+def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any], *, epochs: int | None = None) -> dict[str, Any]:
+    """The trial's hyperparameters, with ``epochs`` or else the spec's ``retrain.epochs`` when given."""
     hp = hyperparams_from_params(spec, params)
-    if spec.retrain.epochs:
-        hp["epochs"] = spec.retrain.epochs
+    if epochs or spec.retrain.epochs:
+        hp["epochs"] = int(epochs or spec.retrain.epochs)
     return hp
 
 
-def _training_pool(spec: StudySpec, storage, *, data_dir: str | None, device: torch.device) -> Dataset:
-    """The whole training pool (the spec's train/val subsets left out: the folds split it), on the device."""
-    full = replace(spec.data, train_subset=None, val_subset=None)
-    data = load_dataset(spec.with_data(full), storage=storage, data_dir=data_dir).to(device)
+def _training_pool(spec: StudySpec, storage, *, full_data: bool, data_dir: str | None,
+                   device: torch.device) -> tuple[Dataset, dict[str, Any]]:
+    """The pool the folds split, on the device, and what it is.
+
+    Without ``full_data`` it is the data the search trained and validated on (the spec's
+    ``train_subset`` and ``val_subset`` together); a model retrained on other data than the search
+    saw is no longer the model the search chose. The dict holds ``samples``, ``of`` (the whole
+    pool), ``full_data`` (whether all of it is used) and ``says`` (one line for the user).
+    """
+    d = spec.data
+    full = replace(d, train_subset=None, val_subset=None)
+    data = load_dataset(spec.with_data(full if full_data else d), storage=storage, data_dir=data_dir)
+    total = len(data.x)
+    if full_data:
+        says = f"all {total:,} training samples (--full-data)"
+    else:
+        searched = torch.cat([data.train_idx, data.val_idx]).sort().values
+        data = replace(data, x=data.x[searched], y=data.y[searched], train_idx=torch.arange(len(searched)),
+                       val_idx=torch.arange(0))
+        if len(searched) == total:
+            says = f"all {total:,} training samples, as the search"
+        else:
+            subsets = " and ".join(f"data.{k}: {getattr(d, k)}" for k in ("train_subset", "val_subset")
+                                   if getattr(d, k) is not None)
+            says = (f"the search's {len(searched):,} of {total:,} training samples ({subsets}); "
+                    f"--full-data trains on all")
+    data = data.to(device)
     if device.type == "cpu" and data.x[0].numel() < 1024:
         torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
-    return data
+    return data, {"samples": len(data.x), "of": total, "full_data": len(data.x) == total, "says": says}
 
 
 def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: torch.device) -> list[Fold]:
@@ -198,14 +252,15 @@ def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: 
     return device_folds(split_folds(data, folds=folds, seed=seed), base_seed=base_seed, device=device)
 
 
-def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device) -> tuple[bool, str]:
+def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device, *,
+                 unstackable: str | None = None) -> tuple[bool, str]:
     """Whether to train the fold models stacked, and why: as asked, else stacked on a CUDA device
-    when they can be.
+    when they can be (``unstackable``: the family's own reason why they cannot).
 
     Raises:
         HpoError: when stacked is asked for models that cannot be stacked.
     """
-    problem = stack_problem(models)
+    problem = unstackable or stack_problem(models)
     if stacked and problem:
         raise HpoError(f"cannot train stacked: {problem}")
     if stacked is not None:

@@ -34,6 +34,7 @@ from hpo.data.sources import load_dataset
 from hpo.errors import StoreError
 from hpo.running.progress import Progress
 from hpo.running.signals import StopSignal
+from hpo.search import provenance
 from hpo.search import study as studies
 from hpo.search.grid import GridSampler, trials_to_run
 from hpo.search.grid import points as grid_points
@@ -181,7 +182,7 @@ class Worker:
                     trial.set_user_attr("retry_of", budgets.retried_trial_number(frozen))
                     trial.set_user_attr("retries", len(budgets.retry_history(frozen)))
                 value = objective(trial)
-                if not math.isfinite(value):
+                if not all(map(math.isfinite, value if isinstance(value, list) else [value])):
                     state, reason = TrialState.FAIL, f"objective value is {value}"
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
@@ -209,7 +210,7 @@ class Worker:
                      f"{stored.user_attrs.get('fail_reason', 'no reason given')}); dropped it, taking the next")
         return None
 
-    def _tell(self, trial: optuna.Trial, value: float | None, state: TrialState) -> FrozenTrial:
+    def _tell(self, trial: optuna.Trial, value: float | list[float] | None, state: TrialState) -> FrozenTrial:
         """``study.tell`` (skipping a trial finished elsewhere) less its final re-read of the trial:
         the finished trial returned is Optuna's own copy of it with the state and values told."""
         state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None,
@@ -271,6 +272,14 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
 CPU = torch.device("cpu")
 
 
+def _noting(objective: Callable[[optuna.Trial], float], key: str, value: str) -> Callable[[optuna.Trial], float]:
+    """``objective`` that first records ``key: value`` in the trial's user attrs."""
+    def noted(trial: optuna.Trial) -> float:
+        trial.set_user_attr(key, value)
+        return objective(trial)
+    return noted
+
+
 def run_worker(
     study_name: str,
     *,
@@ -283,6 +292,7 @@ def run_worker(
     artifacts: str | None = None,
     echo: Callable[[str], None] = print,
     progress: Progress | None = None,
+    allow_version_mismatch: bool = False,
 ) -> Summary:
     """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards.
 
@@ -301,12 +311,21 @@ def run_worker(
             ``hpo.store.artifacts.artifact_dir``). Workers on several machines resume each other's trials
             when they share it.
         progress: shows the running trial's epoch and latest value (default: nothing).
+        allow_version_mismatch: run a study whose model family is installed here at another
+            version than the study was created with; each trial records the difference
+            (user attr ``version_mismatch``).
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
+        SpecError: the study's model family is not installed here, or at another version (without
+            ``allow_version_mismatch``): one line naming the package and version.
     """
     storage, heartbeat = _open_store(study_name, storage_url)
     study_id = studies.study_id(storage, study_name)
+    mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id).get(provenance.ATTR),
+                                       study=study_name, allow=allow_version_mismatch)
+    for note in mismatches:
+        echo(f"warning: {note} (--allow-version-mismatch: recorded in every trial)")
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
     study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)
@@ -332,9 +351,11 @@ def run_worker(
         objective = make_objective(spec, data, should_stop=lambda: stop.requested,
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
                                    progress=progress, checkpoints=checkpoints)
+        if mismatches:
+            objective = _noting(objective, "version_mismatch", "; ".join(mismatches))
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
-                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric=spec.metric, echo=echo)
+                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo)
         except Exception as e:
             if is_transient(e):
                 raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "

@@ -48,6 +48,7 @@ import torch
 from hpo.data.dataset import Dataset, split_indices
 from hpo.data.splits import folds_digest, kfold_indices, splitter_name
 from hpo.errors import HpoError, SpecError
+from hpo.nn import registry
 from hpo.spec.schema import StudySpec
 from hpo.training.folds import device_folds, fold_models, train_sequential, train_stacked_folds
 from hpo.training.stacked import stack_problem
@@ -94,6 +95,8 @@ def check_folds_fit(spec: StudySpec, *, source: str) -> None:
 def choose_path(spec: StudySpec, models: list[torch.nn.Module]) -> tuple[bool, str]:
     """Whether a trial's fold models train stacked, and why."""
     problem = stack_problem(models)
+    if problem is None and not registry.family(spec.model).stackable:
+        problem = f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
     if spec.pruner.kind == "wilcoxon":
         return False, "the wilcoxon pruner prunes between folds"
     if spec.cv.path == "sequential":

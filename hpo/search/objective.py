@@ -25,7 +25,9 @@ from hpo.data.dataset import Dataset
 from hpo.nn.models import build_model
 from hpo.running.devices import gpu_sharing
 from hpo.running.progress import QUIET, Progress
+from hpo.search import objectives as outcomes
 from hpo.search.cv import cv_splits, run_cv_trial
+from hpo.search.pareto import PRUNED_BY_ATTR
 from hpo.search.space import suggest
 from hpo.spec.schema import StudySpec
 from hpo.store import budget as budgets
@@ -57,11 +59,13 @@ def lineage_number(trial: optuna.trial.FrozenTrial) -> int:
 def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], bool] | None = None,
                    is_abandoned: Callable[[int], bool] | None = None,
                    progress: Progress | None = None,
-                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float]:
-    """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``.
+                   checkpoints: CheckpointStore | None = None) -> Callable[[optuna.Trial], float | list[float]]:
+    """An objective over ``data`` (already on the worker's device) that returns ``spec.metric``, or
+    with several objectives their values in order (``hpo.search.objectives``).
 
     The metric is reported every ``spec.report_every`` epochs (step = epochs done), and the trial
-    is pruned when the pruner says so.
+    is pruned when the pruner says so (``pruned_by`` records it). A configuration that breaks a
+    constraint known before training (``n_params``, ``latency_ms``) is pruned before its first epoch.
 
     Args:
         should_stop: polled at every epoch boundary where training goes on (a stop during the
@@ -82,7 +86,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
     splits = cv_splits(spec, data) if spec.cv is not None else None  # the same folds for every trial
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | list[float]:
         hp = suggest(trial, spec)
         lineage = lineage_number(optuna_private.cached_frozen_trial(trial))
         seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
@@ -98,18 +102,23 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
             _report_resumed(trial, resume, spec)
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
         model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
+        measures = outcomes.measure_model(trial, spec, model, data, device_name)
+        outcomes.check_before_training(trial, spec, measures)
         with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
                           initial=resume.epoch if resume is not None else 0) as bar:
             on_epoch = _epoch_reporter(trial, spec, bar, is_abandoned)
             at_boundary = _EpochBoundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
             result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
         _record_result(trial, result)
-        return result.metrics[spec.metric]
+        return outcomes.outcome(trial, spec, result, measures)
 
     def _cv_objective(trial: optuna.Trial, hp: dict, lineage: int, seed: int, meta: dict) -> float:
         """A cross-validated trial (``hpo.search.cv``): K fold models, scored by their mean."""
         saved = _resume_payload(checkpoints, trial, lineage, meta, "cv")
         trial_id = optuna_private.trial_id(trial)
+        # n_params, as every trial records (spec checks keep constraints and objectives out of CV studies)
+        outcomes.measure_model(trial, spec, build_model(spec.model, hp, in_shape=data.in_shape,
+                                                        out_features=data.out_features), data, device_name)
 
         def check_abandoned(done: int) -> None:
             if is_abandoned is not None and is_abandoned(trial_id):
@@ -129,7 +138,7 @@ def _report_resumed(trial: optuna.Trial, resume: TrainState, spec: StudySpec) ->
     for h in resume.history:
         done = int(h["epoch"]) + 1
         if done % spec.report_every == 0:
-            trial.report(h[spec.metric], done)
+            outcomes.report(trial, spec, h[spec.metric], done)
     trial.set_user_attr("resumed_from_epoch", resume.epoch)
 
 
@@ -147,8 +156,10 @@ def _epoch_reporter(trial: optuna.Trial, spec: StudySpec, bar,
             raise Abandoned(f"finished elsewhere after {done} epochs")
         if done % spec.report_every:
             return
-        trial.report(stats[spec.metric], done)
-        if trial.should_prune():
+        outcomes.report(trial, spec, stats[spec.metric], done)
+        reason = outcomes.prune_reason(trial, spec)
+        if reason is not None:
+            trial.set_user_attr(PRUNED_BY_ATTR, reason)
             trial.set_user_attr("epochs_run", done)
             raise optuna.TrialPruned(f"pruned after {done} epochs")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from hpo.spec.hyperparams import resolve
+from hpo.nn.registry import resolved
 from hpo.spec.schema import ParamSpec, StudySpec
 
 
@@ -58,7 +58,7 @@ def suggest(trial: optuna.trial.BaseTrial, spec: StudySpec) -> dict[str, Any]:
             chosen[p.name] = _suggest_layers(trial, p, int(chosen[p.per_layer]))
         else:
             chosen[p.name] = _suggest_one(trial, p, p.name)
-    return resolve(chosen)
+    return resolved(spec.model, chosen)
 
 
 def hyperparams_from_params(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from typing import Any
 import optuna
 
 from hpo.errors import SpecError, StoreError
-from hpo.spec.domains import PRUNER_SETTINGS, SAMPLER_SETTINGS, show
+from hpo.nn import registry
+from hpo.search import provenance
+from hpo.spec.domains import KNOWN_BEFORE_TRAINING, PRUNER_SETTINGS, SAMPLER_SETTINGS, show
 from hpo.spec.hyperparams import DEFAULTS
 from hpo.spec.schema import StudySpec, find_spec_file, load_spec_file, parse_spec
 from hpo.store import data_tables as datastore
@@ -33,7 +35,7 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     Which samplers take the per-worker ``seed_offset`` (the worker's number in the store, plus
     ``SEED_STRIDE`` times its ``--worker-index``), and why:
 
-    - tpe, random: yes. Each draws its points from its own random stream; workers with one seed
+    - tpe, nsga2, random: yes. Each draws its points from its own random stream; workers with one seed
       would draw the same points (TPE's startup trials are random ones too). TPE's later draws
       read the study's trials from the store, with the running ones as constant liars.
     - grid: no, the spec's seed only. GridSampler shuffles the grid with its seed and records a
@@ -53,6 +55,8 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
     seed = spec.seed + seed_offset
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler.kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec.sampler.population_size)
     return optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
         multivariate=spec.sampler.multivariate, constant_liar=True)
@@ -122,9 +126,15 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     sets it from the longest trial completed when it first prunes, so workers that start at
     different times split the trial numbers into different brackets (a bracket is chosen by
     hashing the study name and the trial number, modulo budgets that depend on
-    ``max_resource``). The median pruner keeps no state: it reads the study's trials.
+    ``max_resource``). The median and Pareto pruners keep no state: they read the study's trials.
     """
     p = spec.pruner
+    if p.kind == "pareto":
+        from hpo.search.pareto import ParetoPruner
+
+        known = [(o.metric, o.direction) for o in spec.targets if o.metric in KNOWN_BEFORE_TRAINING]
+        return ParetoPruner(direction=spec.direction, known=known, n_startup_trials=p.n_startup_trials,
+                            n_warmup_steps=p.n_warmup_steps)
     if p.kind == "none":
         return optuna.pruners.NopPruner()
     if p.kind == "wilcoxon":
@@ -163,8 +173,12 @@ def _exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
 
 
 def _data_files(spec: StudySpec) -> list[tuple[str, str]]:
-    """(sha256, local path) of each data file the spec refers to."""
-    return [(ref["sha256"], getattr(spec.data, part)) for part, ref in (spec.data.files or {}).items()]
+    """(sha256, local path) of each data file the spec refers to: a CSV's own file, or a registry
+    source's arrays written into the local data cache (``hpo.data.arrays``)."""
+    from hpo.data.cache import cache_dir
+
+    return [(ref["sha256"], str(cache_dir() / ref["sha256"]) if part == "arrays" else getattr(spec.data, part))
+            for part, ref in (spec.data.files or {}).items()]
 
 
 def delete(name: str, storage: optuna.storages.RDBStorage, *, sweep: bool = True) -> None:
@@ -228,7 +242,7 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         # Its data stay until the new study refers to them: the same data are not stored again.
         delete(spec.name, storage, sweep=False)
     try:
-        study = optuna.create_study(study_name=spec.name, storage=storage, direction=spec.direction,
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.directions,
                                     sampler=build_sampler(spec), pruner=build_pruner(spec))
     except optuna.exceptions.DuplicatedStudyError:  # another process created it since the check above
         raise StoreError(f"study {spec.name!r} already exists; pass --force to delete it and start over") from None
@@ -236,6 +250,11 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         if spec.data.files:
             datastore.attach(storage.engine, optuna_private.study_id(study), _data_files(spec))
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        storage.set_study_system_attr(optuna_private.study_id(study), provenance.ATTR,
+                                      provenance.record(spec.model, spec.data.source))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(spec.metric_names)
         storage.set_study_system_attr(optuna_private.study_id(study), HEARTBEAT_ATTR, heartbeat.to_dict())
     except BaseException:
         # A study without its spec or data is unusable: never leave one half-created.
@@ -259,9 +278,11 @@ def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 
         StoreError: when there is no such study (listing the ones there are).
         SpecError: when the study was not created by hpo.
     """
-    raw = storage.get_study_user_attrs(study_id(storage, name)).get(SPEC_ATTR)
+    sid = study_id(storage, name)
+    raw = storage.get_study_user_attrs(sid).get(SPEC_ATTR)
     if raw is None:
         raise SpecError(f"study {name!r} has no hpo spec (it was not created by hpo create-study)")
+    provenance.check_installed(storage.get_study_system_attrs(sid).get(provenance.ATTR), study=name)
     spec = parse_spec(_upgraded(raw), source=f"study {name!r} (stored spec)")
     study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(spec, seed_offset=seed_offset),
                               pruner=build_pruner(spec))
@@ -303,22 +324,29 @@ def create_from_file(spec: str, *, storage_url: str | None = None, force: bool =
         SpecError, DataError, StoreError: one line naming the file, the field, the value and what
             is allowed; or the store's problem.
     """
+    from hpo.data.arrays import store_arrays
+    from hpo.data.cache import cache_dir
     from hpo.data.tables import embed_csv
     from hpo.store.storage import open_storage
 
     path = find_spec_file(spec)
-    parsed = embed_csv(load_spec_file(path))
-    check_buildable(parsed, source=str(path))  # before the store is opened: a refusal leaves nothing
+    parsed = load_spec_file(path)
+    check_buildable(parsed, source=str(path))  # before the data are read and the store opened: a refusal leaves nothing
+    parsed = store_arrays(embed_csv(parsed), cache=cache_dir())
     if parsed.cv is not None and parsed.data.source == "csv":
         from hpo.search.cv import check_folds_fit  # torch: only CV studies pay its import
 
         check_folds_fit(parsed, source=str(path))
+    family = registry.family(parsed.model)
     warnings = []
-    if parsed.model == "cnn":
-        from hpo.nn.cnn import check_cnn_spec  # torch: only CNN specs pay its import
-
-        warning = check_cnn_spec(parsed)  # raises when no configuration fits the images
+    if family.check is not None:
+        warning = family.check(parsed)  # the built-in cnn's: raises when no configuration fits the images
         warnings += [warning] if warning else []
+    images = parsed.data.source in ("fashion_mnist", "mnist") or len(
+        (parsed.data.files or {}).get("arrays", {}).get("shape", [])) == 3
+    if family.image_input and not images:
+        raise SpecError(f"{path}: model: {parsed.model} takes images (channels, height, width); "
+                        f"data.source {parsed.data.source} gives rows of features")
     study = create(parsed, open_storage(storage_url, heartbeat=False), force=force, heartbeat=heartbeat,
                    source=str(path))
     return study, parsed, warnings

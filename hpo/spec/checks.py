@@ -4,11 +4,17 @@ each other, each failing with one line: ``<file>: <field>: got <value>; allowed:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from hpo.errors import SpecError
 from hpo.spec.domains import DOMAINS, Domain, integer, number, show
-from hpo.spec.hyperparams import DEFAULTS, HYPERPARAMETERS
+from hpo.spec.hyperparams import HYPERPARAMETERS
+
+if TYPE_CHECKING:
+    from hpo.nn.family import Param
+
+Vocabulary = Mapping[str, "Param"]  # a model's hyperparameters (hpo.nn.registry.vocabulary)
 
 
 class Checker:
@@ -58,30 +64,34 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def check_value(c: Checker, name: str, value: Any, where: str) -> Any:
-    """Check one value of a known hyperparameter (scalar, or a list for per-layer ones)."""
-    domain = DOMAINS[name]
+def check_value(c: Checker, vocab: Vocabulary, name: str, value: Any, where: str) -> Any:
+    """Check one value of a hyperparameter of the model's vocabulary (scalar, or a list for per-layer ones)."""
+    domain = vocab[name].domain
     if isinstance(value, list):
-        if not HYPERPARAMETERS[name].per_layer:
+        if not vocab[name].per_layer:
             raise c.refuse(where, value, f"one value: {domain} ({name} is not a per-layer parameter)")
         if not value:
             raise c.refuse(where, value, f"one value, or a non-empty list (one per layer) of: {domain}")
-        return [check_value(c, name, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [check_value(c, vocab, name, v, f"{where}[{i}]") for i, v in enumerate(value)]
     return c.value(domain, value, where)
 
 
-def known_name(c: Checker, name: str, family: str, where: str) -> None:
+def known_name(c: Checker, vocab: Vocabulary, name: str, family: str, where: str) -> None:
+    """Refuse a hyperparameter the model does not declare (naming the ones it does)."""
+    if name in vocab:
+        return
     hp = HYPERPARAMETERS.get(name)
-    if hp is None:
-        raise c.fail(where, f"unknown hyperparameter {name!r}; allowed: {', '.join(sorted(HYPERPARAMETERS))}")
-    if hp.families is not None and family not in hp.families:
+    if hp is not None and hp.families is not None and family in ("mlp", "cnn"):
         raise c.fail(where, f"{name!r} does not apply to model {family!r} (only {', '.join(hp.families)})")
+    builtin = family in ("mlp", "cnn")
+    allowed = sorted(HYPERPARAMETERS) if builtin else sorted(vocab)
+    of = "" if builtin else f" of model {family!r}"
+    raise c.fail(where, f"unknown hyperparameter {name!r}{of}; allowed: {', '.join(allowed)}")
 
 
-def search_range(c: Checker, name: str, kind: str, raw: dict, where: str) -> dict[str, Any]:
+def search_range(c: Checker, domain: Domain, name: str, kind: str, raw: dict, where: str) -> dict[str, Any]:
     """The bounds, step and log of ``int: [low, high]`` / ``float: [low, high]``, each inside the
-    hyperparameter's domain."""
-    domain = DOMAINS[name]
+    hyperparameter's ``domain``."""
     bounds = raw[kind]
     if domain.kind in ("choice", "bool"):
         raise c.refuse(f"{where}.{kind}", bounds, f"choice: [...] of {domain} ({name} is categorical)")
@@ -132,43 +142,27 @@ def check_references(c: Checker, space: tuple, fixed: dict) -> None:
         seen[p.name] = p
 
 
-def _one_value_only(c: Checker, name: str, family: str, space: tuple, fixed: dict) -> None:
-    """A parameter given per layer in some families only takes one value in the others."""
-    searched = {p.name: p for p in space}
-    given = [(f"fixed.{name}", fixed[name])] if name in fixed else []
-    if name in searched:
-        p = searched[name]
-        if p.per_layer:
-            raise c.refuse(f"space.{name}.per_layer", p.per_layer, f"nothing: {name} is one value in model {family!r}")
-        given += [(f"space.{name}.choice[{i}]", v) for i, v in enumerate(p.choices)]
-    for where, value in given:
-        if isinstance(value, list):
-            raise c.refuse(where, value, f"one value: {DOMAINS[name]} ({name} is not per layer in model {family!r})")
-
-
-def check_layer_lists(c: Checker, space: tuple, fixed: dict, family: str) -> None:
+def check_layer_lists(c: Checker, vocab: Vocabulary, space: tuple, fixed: dict) -> None:
     """A per-layer list (fixed, a choice, or the default such as filters [6, 16]) must have one
     value per layer for every layer count the study can draw; a count of 0 needs none."""
     searched = {p.name: p for p in space}
-    for name, hp in HYPERPARAMETERS.items():
-        count = (hp.layers or {}).get(family)
+    for name, param in vocab.items():
+        count = param.per_layer
         if count is None:
-            if hp.per_layer:
-                _one_value_only(c, name, family, space, fixed)
             continue
         if count in searched:
             p = searched[count]
             where, given = f"space.{count}", list(p.choices) if p.kind == "choice" else [p.low, p.high]
             counts = list(p.choices) if p.kind == "choice" else range(int(p.low), int(p.high) + 1, int(p.step or 1))
         else:
-            where, given = f"fixed.{count}", fixed.get(count, DEFAULTS[count])
+            where, given = f"fixed.{count}", fixed.get(count, vocab[count].default)
             counts = [given]
         if name in fixed:
             lists = [(f"fixed.{name}", fixed[name])]
         elif name in searched:
             lists = [(f"space.{name}.choice[{i}]", v) for i, v in enumerate(searched[name].choices)]
         else:
-            lists = [(None, DEFAULTS[name])]
+            lists = [(None, param.default)]
         for list_where, values in lists:
             if not isinstance(values, list):
                 continue

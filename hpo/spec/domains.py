@@ -21,8 +21,8 @@ DIRECTIONS = ("minimize", "maximize")
 DATA_SOURCES = ("csv", "fashion_mnist", "mnist")
 TASKS = ("regression", "classification")
 FAMILIES = ("mlp", "cnn")
-SAMPLERS = ("tpe", "random", "grid")
-PRUNERS = ("median", "none", "hyperband", "wilcoxon")
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+PRUNERS = ("median", "none", "hyperband", "pareto", "wilcoxon")
 CV_SCORES = ("mean", "mean_best")  # the folds' final values; each fold's best value over epochs
 CV_PATHS = ("auto", "stacked", "sequential")
 SCHEDULES = ("free", "constant", "decreasing", "search")
@@ -31,6 +31,11 @@ METRICS = {
     "regression": {"val_mse": "minimize", "val_mae": "minimize", "val_loss": "minimize"},
     "classification": {"val_accuracy": "maximize", "val_loss": "minimize"},
 }
+# Quantities of a trial's model that any task has, for `objectives` and `constraints` beside the
+# val_* metrics (hpo.search.measures): metric -> the direction that improves it.
+MODEL_METRICS = {"n_params": "minimize", "train_seconds": "minimize", "latency_ms": "minimize"}
+# Those known once the model is built, before any training: a constraint on one is checked then.
+KNOWN_BEFORE_TRAINING = ("n_params", "latency_ms")
 # Study names become file names (storage/reports/NAME.html, storage/exports/NAME and the hidden
 # temporary names written beside them, up to 19 bytes longer): Linux and macOS allow 255 bytes per
 # path component, so names stay well under that.
@@ -101,8 +106,8 @@ class Domain:
         elif self.kind == "texts":
             text = "a non-empty list of column names"
         elif self.kind == "name":
-            text = (f"a name of 1 to {NAME_MAX_BYTES} bytes (UTF-8) without spaces, slashes or control "
-                    f"characters (reports and exports are files named after it)")
+            text = (f"a name of 1 to {NAME_MAX_BYTES} bytes (UTF-8), not '.' or '..', without spaces, slashes "
+                    f"or control characters (reports and exports are files named after it)")
         else:
             noun = "an integer" if self.kind == "int" else "a number"
             low, high = show(self.low), show(self.high)
@@ -187,6 +192,7 @@ DOMAINS: dict[str, Domain] = {
     "sampler.kind": one_of(SAMPLERS),
     "sampler.n_startup_trials": integer(0),
     "sampler.multivariate": BOOL,
+    "sampler.population_size": integer(2),
     "pruner.kind": one_of(PRUNERS),
     "pruner.n_startup_trials": integer(0),
     "pruner.n_warmup_steps": integer(0),
@@ -200,6 +206,8 @@ DOMAINS: dict[str, Domain] = {
     "cv.path": one_of(CV_PATHS),
     "budget.n_trials": integer(1, optional=True),  # null: no limit (stop workers with --n-trials or a signal)
     "budget.timeout": number(0, low_open=True, optional=True),  # seconds
+    "constraints.min": number(),
+    "constraints.max": number(),
     "retrain.folds": integer(2),
     "retrain.epochs": integer(1, optional=True),  # null: each fold model trains the trial's epochs
     # seconds of training between a running trial's (or retrain's) checkpoints; 0: every epoch
@@ -212,8 +220,12 @@ DOMAINS: dict[str, Domain] = {
 # Which settings each pruner / sampler kind takes (Optuna's constructor arguments of that name).
 PRUNER_SETTINGS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
                    "hyperband": ("min_resource", "reduction_factor"), "none": (),
+                   "pareto": ("n_startup_trials", "n_warmup_steps"),
                    "wilcoxon": ("p_threshold", "n_startup_steps")}
-SAMPLER_SETTINGS = {"tpe": ("n_startup_trials", "multivariate"), "random": (), "grid": ()}
+SAMPLER_SETTINGS = {"tpe": ("n_startup_trials", "multivariate"), "nsga2": ("population_size",), "random": (),
+                    "grid": ()}
+# Pruners a study of several objectives takes (Optuna's own refuse them: optuna/optuna#3450).
+MULTI_OBJECTIVE_PRUNERS = ("pareto", "none")
 
 def show(value: Any) -> str:
     """A value as the spec would spell it (true, null, 'text', [1, 2]); long strings cut short."""
@@ -232,9 +244,12 @@ def show(value: Any) -> str:
 
 def is_study_name(name: Any) -> bool:
     """Whether ``name`` can name a study: a non-blank string of at most ``NAME_MAX_BYTES`` bytes
-    (UTF-8) without spaces, slashes, backslashes or control characters."""
-    if not isinstance(name, str) or not name.strip():
+    (UTF-8), not ``.`` or ``..``, without spaces, slashes, backslashes or control characters."""
+    if not isinstance(name, str) or not name.strip() or name in (".", ".."):
         return False
     if any(ch in "/\\ " or ord(ch) < 32 or ord(ch) == 127 for ch in name):
         return False
-    return len(name.encode("utf-8", "surrogatepass")) <= NAME_MAX_BYTES
+    try:
+        return len(name.encode("utf-8")) <= NAME_MAX_BYTES
+    except UnicodeEncodeError:  # a lone surrogate (undecodable bytes on the command line): no file name
+        return False

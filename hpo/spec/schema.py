@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from hpo.errors import SpecError
+from hpo.errors import HpoError, SpecError
+from hpo.nn import registry
 from hpo.spec.checks import (
     Checker,
     check_layer_lists,
@@ -23,8 +24,17 @@ from hpo.spec.checks import (
     known_name,
     search_range,
 )
-from hpo.spec.domains import DOMAINS, METRICS, PRUNER_SETTINGS, SAMPLER_SETTINGS, Domain, show
-from hpo.spec.hyperparams import HYPERPARAMETERS
+from hpo.spec.domains import (
+    DATA_SOURCES,
+    KNOWN_BEFORE_TRAINING,
+    METRICS,
+    MODEL_METRICS,
+    MULTI_OBJECTIVE_PRUNERS,
+    PRUNER_SETTINGS,
+    SAMPLER_SETTINGS,
+    Domain,
+    show,
+)
 
 PARAM_KINDS = ("int", "float", "choice")
 
@@ -86,6 +96,8 @@ class DataSpec:
         }
         if self.source == "csv":
             d.update(train=self.train, test=self.test, features=list(self.features), target=self.target)
+        elif self.source not in DATA_SOURCES:  # a registry source (hpo.data.registry)
+            d.update({k: getattr(self, k) for k in ("train", "test") if getattr(self, k) is not None})
         for key in ("train_subset", "val_subset", "data_dir", "files", "inline", "as_written"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
@@ -97,6 +109,7 @@ class SamplerSpec:
     kind: str = "tpe"
     n_startup_trials: int = 10
     multivariate: bool = False
+    population_size: int = 50  # nsga2
 
     def to_dict(self) -> dict:
         """The kind and the settings that kind takes."""
@@ -117,6 +130,43 @@ class PrunerSpec:
     def to_dict(self) -> dict:
         """The kind and the settings that kind takes."""
         return {"kind": self.kind, **{k: getattr(self, k) for k in PRUNER_SETTINGS[self.kind]}}
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective of the study: a metric of the trial (``val_*``, or one of ``MODEL_METRICS``)."""
+
+    metric: str
+    direction: str
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "direction": self.direction}
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """Bounds a feasible trial's ``metric`` keeps (``min`` ≤ value ≤ ``max``; either may be absent)."""
+
+    metric: str
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def before_training(self) -> bool:
+        """Whether the metric is known once the model is built (checked before any epoch)."""
+        return self.metric in KNOWN_BEFORE_TRAINING
+
+    def violations(self, value: float) -> dict[str, float]:
+        """Optuna's constraint values (feasible when ≤ 0), one per bound: ``{"n_params.max": v - max}``."""
+        out = {}
+        if self.min is not None:
+            out[f"{self.metric}.min"] = float(self.min - value)
+        if self.max is not None:
+            out[f"{self.metric}.max"] = float(value - self.max)
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("min", "max") if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -175,10 +225,32 @@ class StudySpec:
     report_every: int = 1
     description: str = ""
     cv: CvSpec | None = None
+    # Several objectives (``objectives:`` in the spec); empty: the one objective ``metric``/``direction``.
+    # With several, ``metric``/``direction`` are the learning metric: the first val_* objective, which
+    # training reports each step and pruning judges.
+    objectives: tuple[ObjectiveSpec, ...] = ()
+    constraints: tuple[ConstraintSpec, ...] = ()
 
     @property
     def task(self) -> str:
         return self.data.task
+
+    @property
+    def targets(self) -> tuple[ObjectiveSpec, ...]:
+        """The study's objectives in order (one for a single-objective study)."""
+        return self.objectives or (ObjectiveSpec(self.metric, self.direction),)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.targets) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.targets]
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [o.metric for o in self.targets]
 
     def with_data(self, data: DataSpec) -> StudySpec:
         return replace(self, data=data)
@@ -191,8 +263,8 @@ class StudySpec:
         d = {
             "name": self.name,
             "description": self.description,
-            "direction": self.direction,
-            "metric": self.metric,
+            **({"objectives": [o.to_dict() for o in self.objectives]} if self.objectives else
+               {"direction": self.direction, "metric": self.metric}),
             "seed": self.seed,
             "data": data,
             "model": self.model,
@@ -207,35 +279,37 @@ class StudySpec:
         }
         if self.cv is not None:
             d["cv"] = self.cv.to_dict()
+        if self.constraints:
+            d["constraints"] = {c.metric: c.to_dict() for c in self.constraints}
         return d
 
 
-def _parse_param(c: Checker, name: str, raw: Any, family: str) -> ParamSpec:
+def _parse_param(c: Checker, vocab: dict, name: str, raw: Any, family: str) -> ParamSpec:
     where = f"space.{name}"
-    known_name(c, name, family, where)
+    known_name(c, vocab, name, family, where)
     raw = c.mapping(raw, where)
     kinds = [k for k in PARAM_KINDS if k in raw]
     if len(kinds) != 1:
         raise c.refuse(where, raw, f"exactly one of {', '.join(PARAM_KINDS)} (e.g. {{float: [1e-4, 1e-2], log: true}})")
     kind = kinds[0]
     c.unknown_keys(raw, (kind, "step", "log", "when", "per_layer", "schedule"), f"{where}.")
-    hp = HYPERPARAMETERS[name]
+    hp = vocab[name]
     spec: dict[str, Any] = {"name": name, "kind": kind}
     if kind == "choice":
         choices = raw["choice"]
         if not isinstance(choices, list) or not choices:
-            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {DOMAINS[name]}")
-        spec["choices"] = tuple(check_value(c, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
+            raise c.refuse(f"{where}.choice", choices, f"a non-empty list of {hp.domain}")
+        spec["choices"] = tuple(check_value(c, vocab, name, v, f"{where}.choice[{i}]") for i, v in enumerate(choices))
         if len(set(map(repr, spec["choices"]))) != len(spec["choices"]):
             raise c.refuse(f"{where}.choice", choices, "values that do not repeat")
     else:
-        spec.update(search_range(c, name, kind, raw, where))
+        spec.update(search_range(c, hp.domain, name, kind, raw, where))
     when = c.mapping(raw.get("when"), f"{where}.when")
-    spec["when"] = {k: tuple(DOMAINS[k].canonical(x) if k in DOMAINS else x for x in (v if isinstance(v, list) else [v]))
+    spec["when"] = {k: tuple(vocab[k].domain.canonical(x) if k in vocab else x for x in (v if isinstance(v, list) else [v]))
                     for k, v in when.items()}
     per_layer = raw.get("per_layer")
     if per_layer is not None:
-        count = (hp.layers or {}).get(family)
+        count = hp.per_layer
         if count is None:
             raise c.refuse(f"{where}.per_layer", per_layer, f"nothing: {name} is not a per-layer parameter of model {family!r}")
         if per_layer != count:
@@ -264,30 +338,44 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     c = Checker(source)
     if not isinstance(raw, dict):
         raise c.refuse("top level", raw, "a mapping of spec fields (name, data, model, space, ...)")
-    c.unknown_keys(raw, ("name", "description", "direction", "metric", "seed", "data", "model", "space",
-                         "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint", "report_every", "cv"), "")
+    c.unknown_keys(raw, ("name", "description", "direction", "metric", "objectives", "constraints", "seed", "data",
+                         "model", "space", "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint",
+                         "report_every", "cv"), "")
     name = c.value("name", raw.get("name"))
-    model = c.value("model", raw.get("model", "mlp"))
+    model = _parse_model(c, raw.get("model", "mlp"))
+    vocab = registry.vocabulary(model)
 
     data = _parse_data(c, c.mapping(raw.get("data"), "data"), base_dir)
     metrics = METRICS[data.task]
-    metric = c.value(Domain("choice", choices=tuple(metrics)), raw.get("metric", next(iter(metrics))), "metric")
-    direction = c.value("direction", raw.get("direction", metrics[metric]))
-    if direction != metrics[metric]:
-        raise c.refuse("direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
+    objectives: tuple[ObjectiveSpec, ...] = ()
+    if raw.get("objectives") is not None:
+        for key in ("metric", "direction"):
+            if key in raw:
+                raise c.fail(key, "given with objectives: give either metric/direction or objectives, not both")
+        objectives = _parse_objectives(c, raw["objectives"], metrics)
+        learning = next(o for o in objectives if o.metric in metrics)
+        metric, direction = learning.metric, learning.direction
+        if len(objectives) == 1:
+            objectives = ()  # one objective: the same study as metric/direction
+    else:
+        metric = c.value(Domain("choice", choices=tuple(metrics)), raw.get("metric", next(iter(metrics))), "metric")
+        direction = c.value("direction", raw.get("direction", metrics[metric]))
+        if direction != metrics[metric]:
+            raise c.refuse("direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
+    constraints = _parse_constraints(c, raw.get("constraints"), metrics)
 
     fixed_raw = c.mapping(raw.get("fixed"), "fixed")
     fixed = {}
     for key, value in fixed_raw.items():
-        known_name(c, key, model, f"fixed.{key}")
-        fixed[key] = check_value(c, key, value, f"fixed.{key}")
+        known_name(c, vocab, key, model, f"fixed.{key}")
+        fixed[key] = check_value(c, vocab, key, value, f"fixed.{key}")
     space_raw = c.mapping(raw.get("space"), "space")
-    space = tuple(_parse_param(c, k, v, model) for k, v in space_raw.items())
+    space = tuple(_parse_param(c, vocab, k, v, model) for k, v in space_raw.items())
     for p in space:
         if p.name in fixed:
             raise c.fail(f"fixed.{p.name}", "is also in space: keep one")
     check_references(c, space, fixed)
-    check_layer_lists(c, space, fixed, model)
+    check_layer_lists(c, vocab, space, fixed)
 
     sampler_raw = c.mapping(raw.get("sampler"), "sampler")
     kind = c.value("sampler.kind", sampler_raw.get("kind", "tpe"))
@@ -298,7 +386,9 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
             if p.kind == "float" and p.step is None:
                 raise c.fail(f"space.{p.name}", "grid search needs choice or a range with step")
     pruner_raw = c.mapping(raw.get("pruner"), "pruner")
-    kind = c.value("pruner.kind", pruner_raw.get("kind", "median"))
+    kind = c.value("pruner.kind", pruner_raw.get("kind", "pareto" if len(objectives) > 1 else "median"))
+    if len(objectives) > 1 and kind not in MULTI_OBJECTIVE_PRUNERS:
+        raise c.refuse("pruner.kind", kind, f"{' or '.join(MULTI_OBJECTIVE_PRUNERS)} (a study of several objectives)")
     c.unknown_keys(pruner_raw, ("kind", *PRUNER_SETTINGS[kind]), "pruner.", f" for pruner kind {kind!r}")
     pruner = PrunerSpec(kind=kind, **{k: c.value(f"pruner.{k}", v) for k, v in pruner_raw.items() if k != "kind"})
     budget_raw = c.mapping(raw.get("budget"), "budget")
@@ -309,7 +399,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     c.unknown_keys(retrain_raw, ("folds", "epochs"), "retrain.")
     retrain = RetrainSpec(folds=c.value("retrain.folds", retrain_raw.get("folds", 5)),
                           epochs=c.value("retrain.epochs", retrain_raw.get("epochs")))
-    cv = _parse_cv(c, raw, pruner)
+    cv = _parse_cv(c, raw, pruner, several=len(objectives) > 1 or bool(constraints))
     description = raw.get("description")
     return StudySpec(
         name=name,
@@ -327,20 +417,26 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         retrain=retrain,
         checkpoint=_parse_checkpoint(c, raw.get("checkpoint", True)),
         report_every=c.value("report_every", raw.get("report_every", 1)),
+        objectives=objectives,
+        constraints=constraints,
         cv=cv,
     )
 
 
-def _parse_cv(c: Checker, raw: dict, pruner: PrunerSpec) -> CvSpec | None:
+def _parse_cv(c: Checker, raw: dict, pruner: PrunerSpec, *, several: bool) -> CvSpec | None:
     """``cv: {folds: K, score: mean|mean_best, path: auto|stacked|sequential}``, or None. The folds
     replace the single validation split, so a split field beside it is refused; the Wilcoxon
-    pruner compares trials fold by fold, so it needs ``cv`` and a threshold it can reach."""
+    pruner compares trials fold by fold, so it needs ``cv`` and a threshold it can reach.
+    ``several``: the study has several objectives or constraints, which CV trials do not score yet."""
     if raw.get("cv") is None:
         if pruner.kind == "wilcoxon":
             raise c.refuse("pruner.kind", "wilcoxon", "median, hyperband or none without cv (the Wilcoxon "
                            "pruner compares trials fold by fold: add cv: {folds: K})")
         return None
     cv_raw = c.mapping(raw["cv"], "cv")
+    if several:
+        raise c.refuse("cv", cv_raw, "nothing in a study with several objectives or constraints (a CV trial "
+                       "is scored by one metric, the folds' mean)")
     c.unknown_keys(cv_raw, ("folds", "score", "path"), "cv.")
     score, path = c.value("cv.score", cv_raw.get("score", "mean")), c.value("cv.path", cv_raw.get("path", "auto"))
     if "folds" not in cv_raw:
@@ -365,6 +461,64 @@ def _parse_cv(c: Checker, raw: dict, pruner: PrunerSpec) -> CvSpec | None:
     return cv
 
 
+def _parse_model(c: Checker, raw: Any) -> str:
+    """The name of an installed, usable model family (``hpo.nn.registry``)."""
+    domain = Domain("choice", choices=registry.names())
+    model = domain.canonical(raw)
+    if not domain.contains(model):
+        raise c.refuse("model", model, f"{domain} (the installed model families: a package's family needs "
+                                       f"that package installed; hpo families lists them)")
+    try:
+        registry.entry(model)
+    except SpecError as e:
+        raise c.fail("model", str(e)) from None
+    return model
+
+
+def _parse_objectives(c: Checker, raw: Any, metrics: dict[str, str]) -> tuple[ObjectiveSpec, ...]:
+    """``objectives: [{metric, direction}, ...]``: the task's val_* metrics (in the direction that
+    improves them) and the model's own (``MODEL_METRICS``, either direction), at least one val_*."""
+    allowed = {**metrics, **MODEL_METRICS}
+    if not isinstance(raw, list) or not raw:
+        raise c.refuse("objectives", raw, "a non-empty list of {metric: M, direction: minimize|maximize}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"objectives[{i}]"
+        item = c.mapping(item, where)
+        c.unknown_keys(item, ("metric", "direction"), f"{where}.")
+        metric = c.value(Domain("choice", choices=tuple(allowed)), item.get("metric"), f"{where}.metric")
+        if any(o.metric == metric for o in out):
+            raise c.refuse(f"{where}.metric", metric, "a metric not already an objective")
+        direction = c.value("direction", item.get("direction", allowed[metric]), f"{where}.direction")
+        if metric in metrics and direction != metrics[metric]:
+            raise c.refuse(f"{where}.direction", direction, f"{metrics[metric]} ({metric} improves by {metrics[metric]})")
+        out.append(ObjectiveSpec(metric, direction))
+    if not any(o.metric in metrics for o in out):
+        raise c.refuse("objectives", [o.metric for o in out],
+                       f"a list with at least one of {', '.join(metrics)} (the metric training reports and pruning judges)")
+    return tuple(out)
+
+
+def _parse_constraints(c: Checker, raw: Any, metrics: dict[str, str]) -> tuple[ConstraintSpec, ...]:
+    """``constraints: {n_params: {max: 100000}, val_accuracy: {min: 0.85}}``."""
+    allowed = (*metrics, *MODEL_METRICS)
+    out = []
+    for metric, bounds in c.mapping(raw, "constraints").items():
+        where = f"constraints.{metric}"
+        if metric not in allowed:
+            raise c.fail(where, f"unknown metric {metric!r}; allowed: {', '.join(allowed)}")
+        bounds = c.mapping(bounds, where)
+        c.unknown_keys(bounds, ("min", "max"), f"{where}.")
+        if not bounds:
+            raise c.refuse(where, bounds, "{min: A}, {max: B} or both")
+        low = c.value("constraints.min", bounds["min"], f"{where}.min") if "min" in bounds else None
+        high = c.value("constraints.max", bounds["max"], f"{where}.max") if "max" in bounds else None
+        if low is not None and high is not None and low > high:
+            raise c.refuse(f"{where}.max", high, f"a number >= min ({low})")
+        out.append(ConstraintSpec(metric, low, high))
+    return tuple(out)
+
+
 def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:
     """``checkpoint: false`` (off), ``true`` (the defaults) or ``{every_seconds: S}``."""
     if isinstance(raw, bool):
@@ -377,16 +531,19 @@ def _parse_checkpoint(c: Checker, raw: Any) -> CheckpointSpec:
 
 def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
     c.unknown_keys(raw, tuple(DataSpec.__dataclass_fields__), "data.")
-    source = c.value("data.source", raw.get("source"))
+    source, tasks, wanted = _parse_source(c, raw)
     task = c.value("data.task", raw.get("task", "regression" if source == "csv" else "classification"))
-    if source != "csv" and task != "classification":
-        raise c.refuse("data.task", task, f"classification ({source} is a classification data set)")
+    if task not in tasks:
+        raise c.refuse("data.task", task, f"{', '.join(tasks)} (what data.source {source} serves)")
     kwargs: dict[str, Any] = {"source": source, "task": task,
                               "val_fraction": c.value("data.val_fraction", raw.get("val_fraction", 0.2))}
     for key in ("train_subset", "val_subset"):
         kwargs[key] = c.value(f"data.{key}", raw.get(key))
     as_written = dict(c.mapping(raw.get("as_written"), "data.as_written"))
-    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [])
+    paths = ["data_dir"] + (["train", "test"] if source == "csv" else [k for k in ("train", "test") if k in raw])
+    for key in wanted:
+        if raw.get(key) is None and not raw.get("files"):
+            raise c.refuse(f"data.{key}", None, f"a path (data.source {source} reads data.train and data.test)")
     for key in paths:
         written = c.value(f"data.{key}", raw.get(key))
         if written is not None:
@@ -401,14 +558,37 @@ def _parse_data(c: Checker, raw: dict, base_dir: Path | None) -> DataSpec:
             kwargs["files"] = _parse_files(c, raw["files"])
         if raw.get("inline") is not None:
             kwargs["inline"] = c.mapping(raw["inline"], "data.inline")
+    elif source not in DATA_SOURCES and raw.get("files") is not None:
+        kwargs["files"] = _parse_files(c, raw["files"], ("arrays",))
     kwargs["as_written"] = {k: v for k, v in as_written.items() if k in paths} or None
     return DataSpec(**kwargs)
 
 
-def _parse_files(c: Checker, raw: Any) -> dict:
+def _parse_source(c: Checker, raw: dict) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """``data.source``: a legacy source or an installed registry one (``hpo.data.registry``); a stored
+    spec whose data are in the store (``files.arrays``) needs no source installed. Returns the source,
+    the tasks it serves and the paths it needs."""
+    from hpo.data import registry as sources
+
+    source = raw.get("source")
+    if source in DATA_SOURCES:
+        return c.value("data.source", source), ("regression", "classification") if source == "csv" else (
+            "classification",), ()
+    domain = Domain("choice", choices=sources.names())
+    if isinstance(raw.get("files"), dict) and "arrays" in raw["files"] and isinstance(source, str):
+        return source, ("regression", "classification"), ()
+    source = c.value(domain, domain.canonical(source), "data.source")
+    try:
+        src = sources.source(source)
+    except HpoError as e:
+        raise c.fail("data.source", str(e)) from None
+    return source, src.tasks, src.paths
+
+
+def _parse_files(c: Checker, raw: Any, parts: tuple[str, ...] = ("train", "test")) -> dict:
     """References to data files in the store, as ``create-study`` writes them (hpo.data.tables)."""
     files = c.mapping(raw, "data.files")
-    c.unknown_keys(files, ("train", "test"), "data.files.")
+    c.unknown_keys(files, parts, "data.files.")
     for part, ref in files.items():
         sha = c.mapping(ref, f"data.files.{part}").get("sha256")
         if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):

@@ -43,7 +43,8 @@ BUDGET_PREFIX = "hpo:budget:"
 RETRY_HISTORY_ATTR = "retry_history"  # trial system attr of a retry (Optuna's retry callback): the trials it re-runs
 RUNNER_ATTR = "hpo:runner"  # trial system attr: the token of the start that took the trial
 # Attrs of a trial that describe one run of it, not its parameters: a retry starts without them.
-RUN_USER_ATTRS = ("fail_reason", "retry_of", "retries", "worker", "epochs_run", "resumed_from_epoch")
+RUN_USER_ATTRS = ("fail_reason", "retry_of", "retries", "worker", "epochs_run", "resumed_from_epoch", "curve",
+                  "pruned_by", "feasible")
 
 
 class _Abort(Exception):

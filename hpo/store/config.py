@@ -3,7 +3,7 @@ settings, and the environment knobs (seconds).
 
 URL order: ``--storage`` flag, then ``HPO_STORAGE``, then ``sqlite:///storage/hpo.db``. Any
 SQLAlchemy URL works: ``sqlite:///``, ``postgresql://`` / ``postgresql+psycopg2://``,
-``mysql+pymysql://``.
+``mysql+pymysql://``; the same URL works in plain Optuna and optuna-dashboard (``driver_url``).
 
 Knobs: ``HPO_HEARTBEAT_INTERVAL`` (10) and ``HPO_GRACE_PERIOD`` (30: a RUNNING trial without a
 heartbeat for this long belongs to a dead worker and is re-queued) are the defaults
@@ -107,11 +107,16 @@ def mask_url(url: str) -> str:
 
 
 def driver_url(url: str) -> str:
-    """``url`` with a driver that is installed: a bare ``postgresql://`` (or ``postgres://``) means
-    psycopg 3 to SQLAlchemy 2.1, so it goes to psycopg2 when only that one is there."""
+    """``url`` with the driver hpo connects through: a bare ``postgresql://`` (or ``postgres://``)
+    goes to psycopg2, the driver hpo's retry rules and tests are written against.
+
+    SQLAlchemy 2.1 maps the bare scheme to psycopg 3; hpo depends on both drivers, so the very URL
+    hpo prints opens the store in plain Optuna, the ``optuna`` CLI and a stand-alone optuna-dashboard
+    too (``tests/store/test_url_interop.py``). Without psycopg2 the bare scheme is left to SQLAlchemy.
+    """
     scheme, sep, rest = url.partition("://")
     if sep and scheme in ("postgresql", "postgres"):
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        if importlib.util.find_spec("psycopg2") is not None:
             return f"postgresql+psycopg2://{rest}"
         return f"postgresql://{rest}"
     return url

@@ -4,8 +4,10 @@ trials: no trial is loaded whole, so ``hpo studies`` and ``hpo status`` cost the
 10,000 trials.
 
 The answers are those of the trials read in full through Optuna: ``best_*`` is Optuna's
-``study.best_trial`` (ties go to the lowest trial number), ``finished`` counts COMPLETE, PRUNED and
-the FAILs that were not re-queued (:func:`hpo.store.budget.retried_numbers`).
+``study.best_trial`` (ties go to the lowest trial number; in a constrained study among the feasible
+trials only), ``pareto`` is ``study.best_trials`` of a study of several objectives (the feasible
+COMPLETE trials no other dominates), ``finished`` counts COMPLETE, PRUNED and the FAILs that were not
+re-queued (:func:`hpo.store.budget.retried_numbers`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from hpo.errors import StoreError
+from hpo.search.pareto import minimizing, non_dominated
 from hpo.search.study import SPEC_ATTR
 from hpo.store import optuna_private
 from hpo.store.budget import RETRY_HISTORY_ATTR
@@ -41,6 +44,7 @@ from hpo.store.optuna_private import (
 IN_CHUNK = 500  # trial numbers per IN (...) list
 CV_ATTRS = ("cv_fold_values", "cv_std")  # trial user attrs of a cross-validated trial (hpo.search.cv)
 GPU_SHARING_ATTR = "gpu_sharing"  # trial user attr set by the objective (hpo.running.devices.gpu_sharing)
+FEASIBLE_ATTR = "feasible"  # trial user attr of a constrained study (hpo.search.objectives)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class Summary:
     best_params: dict[str, Any]
     wall_seconds: float | None
     gpu_sharing: dict[str, int]  # trials by their gpu_sharing user attr (mps, time-slice, exclusive)
+    # Several objectives: the Pareto set, [{"trial": n, "values": [...], "params": {...}}] by trial
+    # number (None for a study of one objective); metric is then the objectives' names joined by "/".
+    pareto: list[dict[str, Any]] | None = None
+    infeasible: int = 0  # trials that broke a constraint (user attr feasible: false)
     # A cross-validated best trial's folds (hpo.search.cv): {"folds": K, "std": ..., "values": [...]}
     best_cv: dict[str, Any] | None = None
 
@@ -78,29 +86,81 @@ def _best_order(direction: StudyDirection) -> list[sa.ColumnElement]:
     return [rank, TRIAL_VALUES.c.value, TRIALS.c.number]
 
 
-def _best(conn: sa.Connection, study_id: int,
-          direction: StudyDirection) -> tuple[float, int, dict[str, Any], dict[str, Any] | None] | None:
-    """(value, number, params, its folds when cross-validated) of the best COMPLETE trial, or None
-    when none is complete."""
-    row = conn.execute(
-        sa.select(TRIALS.c.trial_id, TRIALS.c.number, TRIAL_VALUES.c.value, TRIAL_VALUES.c.value_type)
-        .join(TRIAL_VALUES, TRIAL_VALUES.c.trial_id == TRIALS.c.trial_id)
-        .where(TRIALS.c.study_id == study_id, TRIALS.c.state == TrialState.COMPLETE, TRIAL_VALUES.c.objective == 0)
-        .order_by(*_best_order(direction)).limit(1)).first()
-    if row is None:
-        return None
+def _feasible() -> sa.ColumnElement:
+    """The trial has no ``feasible: false`` user attr (unconstrained trials are all feasible)."""
+    return ~sa.exists().where(TRIAL_USER_ATTRS.c.trial_id == TRIALS.c.trial_id,
+                              TRIAL_USER_ATTRS.c.key == FEASIBLE_ATTR, TRIAL_USER_ATTRS.c.value_json == "false")
+
+
+def _params(conn: sa.Connection, trial_id: int) -> dict[str, Any]:
     params = {}
     for name, internal, distribution in conn.execute(
             sa.select(TRIAL_PARAMS.c.param_name, TRIAL_PARAMS.c.param_value, TRIAL_PARAMS.c.distribution_json)
-            .where(TRIAL_PARAMS.c.trial_id == row.trial_id).order_by(TRIAL_PARAMS.c.param_id)):
+            .where(TRIAL_PARAMS.c.trial_id == trial_id).order_by(TRIAL_PARAMS.c.param_id)):
         params[name] = json_to_distribution(distribution).to_external_repr(internal)
+    return params
+
+
+def _best(conn: sa.Connection, study_id: int,
+          direction: StudyDirection) -> tuple[float, int, dict[str, Any], dict[str, Any] | None] | None:
+    """(value, number, params, its folds when cross-validated) of the best feasible COMPLETE trial,
+    or None when there is none."""
+    row = conn.execute(
+        sa.select(TRIALS.c.trial_id, TRIALS.c.number, TRIAL_VALUES.c.value, TRIAL_VALUES.c.value_type)
+        .join(TRIAL_VALUES, TRIAL_VALUES.c.trial_id == TRIALS.c.trial_id)
+        .where(TRIALS.c.study_id == study_id, TRIALS.c.state == TrialState.COMPLETE, TRIAL_VALUES.c.objective == 0,
+               _feasible())
+        .order_by(*_best_order(direction)).limit(1)).first()
+    if row is None:
+        return None
+    return trial_value(row.value, row.value_type), row.number, _params(conn, row.trial_id), _folds(conn, row.trial_id)
+
+
+def _folds(conn: sa.Connection, trial_id: int) -> dict[str, Any] | None:
+    """A cross-validated trial's folds: {"folds": K, "std": ..., "values": [...]}, else None."""
     attrs = {key: json.loads(value) for key, value in conn.execute(
         sa.select(TRIAL_USER_ATTRS.c.key, TRIAL_USER_ATTRS.c.value_json)
-        .where(TRIAL_USER_ATTRS.c.trial_id == row.trial_id, TRIAL_USER_ATTRS.c.key.in_(CV_ATTRS)))}
-    cv = None
-    if "cv_fold_values" in attrs:
-        cv = {"folds": len(attrs["cv_fold_values"]), "std": attrs.get("cv_std"), "values": attrs["cv_fold_values"]}
-    return trial_value(row.value, row.value_type), row.number, params, cv
+        .where(TRIAL_USER_ATTRS.c.trial_id == trial_id, TRIAL_USER_ATTRS.c.key.in_(CV_ATTRS)))}
+    if "cv_fold_values" not in attrs:
+        return None
+    return {"folds": len(attrs["cv_fold_values"]), "std": attrs.get("cv_std"), "values": attrs["cv_fold_values"]}
+
+
+def _pareto(conn: sa.Connection, study_id: int, directions: list[StudyDirection]) -> list[dict[str, Any]]:
+    """The feasible COMPLETE trials no other dominates, by trial number: one read of the values
+    (a row per trial and objective), then the parameters of the set's members."""
+    values: dict[tuple[int, int], dict[int, float]] = {}
+    for trial_id, number, objective, stored, kind in conn.execute(
+            sa.select(TRIALS.c.trial_id, TRIALS.c.number, TRIAL_VALUES.c.objective, TRIAL_VALUES.c.value,
+                      TRIAL_VALUES.c.value_type)
+            .join(TRIAL_VALUES, TRIAL_VALUES.c.trial_id == TRIALS.c.trial_id)
+            .where(TRIALS.c.study_id == study_id, TRIALS.c.state == TrialState.COMPLETE, _feasible())):
+        values.setdefault((number, trial_id), {})[objective] = trial_value(stored, kind)
+    trials = sorted(values)
+    rows = [[values[t][k] for k in range(len(directions))] for t in trials]
+    names = [d.name.lower() for d in directions]
+    keep = non_dominated([minimizing(r, names) for r in rows])
+    return [{"trial": trials[i][0], "values": rows[i], "params": _params(conn, trials[i][1])} for i in keep]
+
+
+def _objective_names(conn: sa.Connection, study_ids: list[int]) -> dict[int, str]:
+    """The objectives' names joined by "/" of studies of several objectives (their specs are small:
+    such studies keep data by reference)."""
+    out = {}
+    for sid, text in conn.execute(sa.select(STUDY_USER_ATTRS.c.study_id, STUDY_USER_ATTRS.c.value_json).where(
+            STUDY_USER_ATTRS.c.study_id.in_(study_ids), STUDY_USER_ATTRS.c.key == SPEC_ATTR)):
+        objectives = json.loads(text).get("objectives") or []
+        out[sid] = "/".join(o["metric"] for o in objectives) or "value"
+    return out
+
+
+def _infeasible(conn: sa.Connection, study_ids: list[int]) -> dict[int, int]:
+    return dict(conn.execute(
+        sa.select(TRIALS.c.study_id, sa.func.count())
+        .join(TRIALS, TRIALS.c.trial_id == TRIAL_USER_ATTRS.c.trial_id)
+        .where(TRIALS.c.study_id.in_(study_ids), TRIAL_USER_ATTRS.c.key == FEASIBLE_ATTR,
+               TRIAL_USER_ATTRS.c.value_json == "false")
+        .group_by(TRIALS.c.study_id)).all())
 
 
 def _retried_fails(conn: sa.Connection, study_id: int) -> int:
@@ -156,11 +216,15 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 .where(selected(TRIALS.c.study_id), TRIAL_USER_ATTRS.c.key == GPU_SHARING_ATTR)
                 .group_by(TRIALS.c.study_id, TRIAL_USER_ATTRS.c.value_json)):
             sharing[sid][str(json.loads(value))] = n
+        several = [sid for sid in studies if len(directions[sid]) > 1]
+        metrics.update(_objective_names(conn, several) if several else {})
+        infeasible = _infeasible(conn, list(studies)) if studies else {}
         out = []
         for sid, name in studies.items():
             c = counts[sid]
             single = len(directions[sid]) == 1
             best = _best(conn, sid, directions[sid][0]) if single and c["COMPLETE"] else None
+            pareto = None if single else _pareto(conn, sid, directions[sid]) if c["COMPLETE"] else []
             retried = _retried_fails(conn, sid) if c["FAIL"] else 0
             out.append(Summary(
                 name=name,
@@ -173,7 +237,9 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 best_params=best[2] if best else {},
                 wall_seconds=(max(ends[sid]) - min(starts[sid])).total_seconds() if starts[sid] and ends[sid] else None,
                 gpu_sharing=dict(sorted(sharing[sid].items())),
+                pareto=pareto,
                 best_cv=best[3] if best else None,
+                infeasible=infeasible.get(sid, 0),
             ))
     return sorted(out, key=lambda s: s.name)
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from hpo.store.artifacts import artifact_dir
+from hpo.store.paths import name_in
 
 MAGIC = b"hpo-checkpoint 1\n"
 SUFFIX = ".ckpt"
@@ -70,7 +71,7 @@ class CheckpointStore:
                   artifacts: str | None = None) -> CheckpointStore:
         """The study's checkpoints under the artifact folder of ``storage_url`` / ``artifacts``
         (``hpo.store.artifacts.artifact_dir``)."""
-        return cls(artifact_dir(storage_url, artifacts) / "checkpoints" / study_name)
+        return cls(name_in(artifact_dir(storage_url, artifacts) / "checkpoints", study_name, what="study name"))
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"

@@ -81,6 +81,9 @@ def stack_problem(models: list[nn.Module]) -> str | None:
     shapes = [[(n, tuple(p.shape)) for n, p in m.named_parameters()] for m in models]
     if any(s != shapes[0] for s in shapes[1:]):
         return "the models differ in architecture"
+    buffers = [[(n, tuple(b.shape), b.dtype) for n, b in m.named_buffers()] for m in models]
+    if any(b != buffers[0] for b in buffers[1:]):
+        return "the models' buffers differ in shape or type"
     return None
 
 

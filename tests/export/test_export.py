@@ -3,12 +3,14 @@ export -> load in a fresh process; checksums and weights_only; bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -301,7 +303,14 @@ def test_bad_input_exits_2(tmp_path, trained):
     proc = run_hpo("export-best", "--study", "regression", "--out", str(existing), env=env, check=2)
     assert "already exists" in proc.stderr and "--force" in proc.stderr
     assert (existing / "keep.txt").read_text() == "mine"
-    export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)
+    # --force replaces only a folder export-best wrote: never a folder of someone else's files.
+    with pytest.raises(HpoError, match=r"is not an export folder \(no manifest.json\); --force replaces only"):
+        export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)
+    assert (existing / "keep.txt").read_text() == "mine"
+    (existing / "keep.txt").unlink()
+    export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)  # an empty folder
+    (existing / "keep.txt").write_text("mine")
+    export_best("regression", storage_url=env["HPO_STORAGE"], out=existing, force=True)  # an export
     assert not (existing / "keep.txt").exists() and (existing / "manifest.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
@@ -312,17 +321,13 @@ def test_bad_input_exits_2(tmp_path, trained):
     assert not (tmp_path / "z").exists()
 
 
-def test_image_export_takes_raw_idx_pixels(tmp_path):
-    """An image retrain's model.json (the loader's normalisation: scale 1/255, mean, std) becomes a
-    module that takes raw 0..255 pixels; ``hpo predict`` reads a gzipped IDX file."""
-    import gzip
-
+def image_export(tmp_path: Path, *, input_stats: dict | None):
+    """An image retrain's model.json (the loader's normalisation: scale 1/255, mean, std) exported as a
+    one-fold MLP; returns (export folder, the net, the source)."""
     import torch
 
-    import hpo
     from hpo.data.images import SOURCES
     from hpo.export.folder import EXPORT_FORMAT, MANIFEST, _model_description, sha256
-    from hpo.export.loading import predict_file
     from hpo.nn.models import build_model
     from hpo.retrain.results import RetrainRecord
     from hpo.spec.schema import parse_spec
@@ -334,7 +339,8 @@ def test_image_export_takes_raw_idx_pixels(tmp_path):
     retrain_files.mkdir()
     (retrain_files / "model.json").write_text(json.dumps({
         "family": "mlp", "in_shape": [1, 28, 28], "out_features": 10, "task": "classification", "hyperparams": hp,
-        "normalization": {"scale": 1 / 255, "mean": [src.mean], "std": [src.std]}, "classes": list(src.classes)}))
+        "normalization": {"scale": 1 / 255, "mean": [src.mean], "std": [src.std]}, "classes": list(src.classes),
+        **({"input_stats": input_stats} if input_stats else {})}))
     record = RetrainRecord(id="r", trial_number=0, folds=1, created="", files={}, summary={})
     description = _model_description(retrain_files, record, spec, None)
     assert description["normalization"]["scale"] == pytest.approx(1 / 255)
@@ -348,12 +354,27 @@ def test_image_export_takes_raw_idx_pixels(tmp_path):
     (export / MANIFEST).write_text(json.dumps({"format": EXPORT_FORMAT, "weights": True, "files": {
         p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in export.iterdir()}}))
 
+    return export, net, src
+
+
+def test_image_export_takes_raw_idx_pixels(tmp_path):
+    """A module that takes raw 0..255 pixels; ``hpo predict`` reads a gzipped IDX file. An export made
+    before the training inputs' statistics were recorded still loads (and checks nothing)."""
+    import gzip
+
+    import torch
+
+    import hpo
+    from hpo.export.loading import predict_file
+
+    export, net, src = image_export(tmp_path, input_stats=None)
     pixels = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
     header = b"\x00\x00\x08\x03" + np.array([5, 28, 28], dtype=">i4").tobytes()
     (tmp_path / "images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels.tobytes()))
     expected = net((torch.from_numpy(pixels).float()[:, None] / 255 - src.mean) / src.std).softmax(-1)
 
     module = hpo.load(export)
+    assert module.input_stats is None and module.scale_problem(pixels / 255) is None
     np.testing.assert_allclose(module(torch.from_numpy(pixels)).detach(), expected.detach(), **TOL)
     written = predict_file(export, tmp_path / "images-idx3-ubyte.gz", tmp_path / "labels.csv")
     frame = pd.read_csv(written)
@@ -415,8 +436,110 @@ def test_predict_output_and_load_types(tmp_path, retrained, monkeypatch):
     assert proc.stderr.strip().endswith("already exists; pass --force to replace it (or --output FILE, or --output - "
                                         "for standard output)")
 
+    # The manifest is not signed: a study name edited to leave storage/predictions is refused, nothing written.
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    manifest = json.loads((tampered / "manifest.json").read_text())
+    for study in ("../../../outside", "..", "/tmp/x"):
+        manifest["study"] = study
+        (tampered / "manifest.json").write_text(json.dumps(manifest))
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+        proc = run_hpo("predict", "--model", str(tampered), "--input", str(data / "points.csv"), cwd=tmp_path / "work",
+                       env=env, check=2)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{tampered / 'manifest.json'}: study: got " in lines[0], proc.stderr
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
     too_long = tmp_path / ("x" * 300)
     proc = run_hpo("export-best", "--study", "regression", "--out", str(too_long), env=env, check=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hpo: error: --out: cannot write the export {too_long}")
     assert lines[0].endswith("File name too long")
+
+
+def test_predict_refuses_inputs_on_another_scale(tmp_path):
+    """A model trained on raw 0..255 pixels given pixels scaled to [0, 1] (torchvision's ToTensor):
+    ``hpo.load(...).predict`` warns and ``hpo predict`` refuses (exit 2, one line naming the
+    training range) unless --force; raw pixels pass; --proba rows sum to 1; predict runs in
+    inference mode on a module in eval mode."""
+    import torch
+
+    import hpo
+    from hpo.data.dataset import Dataset, raw_input_stats
+    from hpo.data.images import SOURCES
+    from hpo.export.loading import InputScaleWarning
+
+    src = SOURCES["fashion_mnist"]
+    rng = np.random.default_rng(1)
+    train_pixels = rng.integers(0, 256, size=(40, 1, 28, 28)).astype(np.float32)
+    train_pixels[0, 0, 0, 0], train_pixels[1, 0, 0, 0] = 0, 255
+    data = Dataset(task="classification", x=torch.from_numpy((train_pixels / 255 - src.mean) / src.std),
+                   y=torch.zeros(40, dtype=torch.int64), train_idx=torch.arange(40), val_idx=torch.arange(0),
+                   x_test=torch.zeros(0, 1, 28, 28), y_test=torch.zeros(0, dtype=torch.int64), in_shape=(1, 28, 28),
+                   out_features=10, classes=src.classes,
+                   normalization={"scale": 1 / 255, "mean": [src.mean], "std": [src.std]})
+    stats = raw_input_stats(data)
+    assert stats["over"] == "all" and stats["count"] == 40
+    assert stats["min"] == [0.0] and stats["max"] == pytest.approx([255.0], abs=1e-3)
+    assert stats["mean"] == pytest.approx([train_pixels.mean()], rel=1e-4)
+    assert stats["std"] == pytest.approx([train_pixels.std()], rel=1e-4)
+    export, _, _ = image_export(tmp_path, input_stats=stats)
+
+    pixels = rng.integers(0, 256, size=(3, 1, 28, 28)).astype(np.float32)
+    model = hpo.load(export)
+    assert not model.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = model.predict(pixels)  # raw pixels: no warning
+        one = model.predict(torch.from_numpy(pixels[:1]))
+    assert torch.is_inference(one) and not one.requires_grad
+    with pytest.warns(InputScaleWarning, match=r"span \[0, 1\] but the model was trained on values in \[0, 255\]"):
+        model.predict(pixels / 255)
+    with pytest.warns(InputScaleWarning, match=r"trained on values in \[0, 255\]"):
+        model.predict_proba(pixels / 255)
+    probabilities = model.predict_proba(pixels)
+    np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-5)
+    np.testing.assert_array_equal(probabilities.argmax(1), labels)
+
+    np.save(tmp_path / "scaled.npy", pixels / 255)
+    np.save(tmp_path / "raw.npy", pixels)
+    out = tmp_path / "pred.csv"
+    proc = run_hpo("predict", "--model", str(export), "--input", str(tmp_path / "scaled.npy"), "--output", str(out),
+                   check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trained on values in [0, 255]" in lines[0] and "--force" in lines[0], proc.stderr
+    assert not out.exists()
+    proc = run_hpo("predict", "--model", str(export), "--input", str(tmp_path / "scaled.npy"), "--output", str(out),
+                   "--force", check=0)
+    assert proc.stderr.startswith("warning: ") and "[0, 255]" in proc.stderr and out.is_file()
+    proc = run_hpo("predict", "--model", str(export), "--input", str(tmp_path / "raw.npy"), "--output", "-",
+                   "--proba", check=0)
+    assert proc.stderr == ""
+    frame = pd.read_csv(io.StringIO(proc.stdout))
+    columns = [f"proba_{c}" for c in src.classes]
+    assert list(frame.columns) == ["prediction", "class", *columns]
+    np.testing.assert_allclose(frame[columns].sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(frame[columns], probabilities, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(frame["prediction"], labels)
+
+
+def test_predict_checks_csv_features_and_refuses_proba_for_regression(tmp_path, retrained):
+    """A real retrain records each feature's raw range; a CSV whose feature is 1000 times the
+    training's is refused naming the feature; --proba of a regression model is refused."""
+    from hpo.export.folder import export_best
+
+    env = store_env(retrained)
+    out = export_best("regression", storage_url=env["HPO_STORAGE"], out=tmp_path / "export")
+    stats = json.loads((out / "model.json").read_text())["input_stats"]
+    train_x = pd.read_csv(STUDIES / "data" / "regression_train.csv")["x"]
+    assert stats["over"] == "feature" and stats["count"] == len(train_x)
+    assert stats["min"] == pytest.approx([train_x.min()], abs=1e-4)
+    assert stats["max"] == pytest.approx([train_x.max()], abs=1e-4)
+    frame = pd.read_csv(REGRESSION_TEST_CSV)
+    frame["x"] *= 1000
+    frame.to_csv(tmp_path / "milli.csv", index=False)
+    proc = run_hpo("predict", "--model", str(out), "--input", str(tmp_path / "milli.csv"), check=2)
+    assert "feature 'x' span" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_hpo("predict", "--model", str(out), "--input", str(REGRESSION_TEST_CSV), "--proba", "--output", "-",
+                   check=2)
+    assert "--proba: a regression model predicts values" in proc.stderr

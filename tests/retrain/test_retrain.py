@@ -275,3 +275,67 @@ def test_results_table_labels_the_ensemble_and_the_folds_mean_and_drops_repeated
     assert lines[4].split() == ["majority", "vote", "-", "0.9000"]
     assert lines[5].split() == ["soft", "vote", "0.3000", "0.9050"]
     assert lines[6] == "* best fold on validation (breaks majority-vote ties)"
+
+
+def subset_blobs_spec(tmp_path: Path) -> Path:
+    """The blobs study searched on 40 training and 10 validation samples of its 105."""
+    path = blobs_spec(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["data"].update(train_subset=40, val_subset=10)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("full_data", [None, True], ids=["search-data", "full-data"])
+def test_retrain_trains_on_the_search_data_unless_told_full_data(tmp_path, store_url, monkeypatch, full_data):
+    import hpo.retrain.run
+
+    make_study(subset_blobs_spec(tmp_path), store_url, n_trials=1)
+    seen: list[tuple[torch.Tensor, int, int]] = []  # (the pool trained on, fold train size, fold val size)
+    real_train = hpo.retrain.run.train
+
+    def watched(model, data, hp, **kwargs):
+        seen.append((data.x.clone(), len(kwargs["train_idx"]), len(kwargs["val_idx"]), hp["epochs"]))
+        return real_train(model, data, hp, **kwargs)
+
+    monkeypatch.setattr(hpo.retrain.run, "train", watched)
+    lines: list[str] = []
+    metrics: list[dict] = []
+    run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), folds=2, device=CPU, stacked=False,
+                full_data=full_data, epochs=3, echo=lines.append, on_metrics=metrics.append)
+
+    _, spec = load("blobs", open_storage(store_url, heartbeat=False))
+    searched = load_dataset(spec)  # as a worker loads it: the whole pool, split into the two subsets
+    assert (len(searched.train_idx), len(searched.val_idx)) == (40, 10)
+    if full_data:
+        pool = searched.x
+        assert "  data: all 105 training samples (--full-data)" in lines
+    else:
+        pool = searched.x[torch.cat([searched.train_idx, searched.val_idx]).sort().values]
+        assert ("  data: the search's 50 of 105 training samples (data.train_subset: 40 and data.val_subset: 10); "
+                "--full-data trains on all") in lines
+    assert [(n_train + n_val, epochs) for _, n_train, n_val, epochs in seen] == [(len(pool), 3)] * 2
+    assert all(torch.equal(x, pool) for x, *_ in seen)
+    assert metrics[0]["data"] == {"samples": len(pool), "of": 105, "full_data": bool(full_data)}
+    assert [f["epochs_run"] for f in metrics[0]["per_fold"]] == [3, 3]
+
+
+def test_trained_line_keeps_a_slow_rate_readable():
+    from hpo.commands.retrain import trained_line
+
+    line = trained_line({"folds": 3, "path": "sequential", "train_seconds": 363.04, "model_epochs_per_s": 0.03306})
+    assert line == "trained 3 models (sequential) in 363.0s, 0.0331 model-epochs/s"
+    assert trained_line({"folds": 2, "path": "stacked", "train_seconds": 0.5, "model_epochs_per_s": 48.04}).endswith(
+        ", 48.0 model-epochs/s")
+
+
+@pytest.mark.slow
+def test_cli_retrain_says_which_data_and_takes_full_data_and_epochs(tmp_path, cli_env):
+    run_hpo("create-study", str(subset_blobs_spec(tmp_path)), env=cli_env, check=0)
+    run_hpo("worker", "--study", "blobs", "--n-trials", "1", env=cli_env, check=0)
+    args = ("retrain", "--study", "blobs", "--folds", "2", "--epochs", "2", "--artifacts", str(tmp_path / "a"))
+    proc = run_hpo(*args, env=cli_env, check=0)
+    assert "2 folds, 2 epochs" in proc.stdout and "data: the search's 50 of 105 training samples" in proc.stdout
+    proc = run_hpo(*args, "--full-data", env=cli_env, check=0)
+    assert "data: all 105 training samples (--full-data)" in proc.stdout
+    assert "model-epochs/s" in proc.stdout

@@ -42,6 +42,16 @@ def test_plain_postgresql_urls_work(scheme, pg_url):
     storage.engine.dispose()
 
 
+def test_hpo_connects_through_psycopg2_whatever_the_scheme_says():
+    # SQLAlchemy 2.1 maps a bare scheme to psycopg 3 (there for plain Optuna and optuna-dashboard);
+    # hpo's retry rules are written against psycopg2.
+    from hpo.store.config import driver_url
+
+    assert driver_url("postgresql://u@h/d") == driver_url("postgres://u@h/d") == "postgresql+psycopg2://u@h/d"
+    assert driver_url("postgresql+psycopg://u@h/d") == "postgresql+psycopg://u@h/d"
+    assert driver_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
 def test_server_engines_are_sized_for_one_worker():
     kw = engine_kwargs("postgresql://u@h/d")
     assert kw["pool_pre_ping"] and kw["pool_size"] == 1 and kw["connect_args"]["connect_timeout"] > 0

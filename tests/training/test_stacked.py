@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from plugin_package import example_installed  # noqa: F401 (a fixture)
 
 from hpo.data.dataset import Dataset
 from hpo.errors import TrainingError
@@ -130,3 +131,14 @@ def test_diverging_fold_is_a_training_error():
     hp = resolve(dict(n_layers=1, width=8, optimizer="SGD", lr=1e6, batch_size=8, epochs=5))
     with pytest.raises(TrainingError, match=r"fold \d: training loss became"):
         train_stacked(fresh_models("mlp", hp, data, 2), data, hp, folds=make_folds(len(data.x), 2))
+
+
+@pytest.mark.usefixtures("example_installed")
+def test_stacked_matches_sequential_for_a_plugin_family_with_buffers():
+    from hpo.nn.registry import resolved
+
+    data = tiny_data("classification", n=48, in_shape=(3, 8, 8))
+    hp = resolved("resnet_small", dict(blocks=2, width=[4, 6], dropout=0.0, batch_size=12, epochs=3, lr=3e-3))
+    sequential, seq, stacked, outcome = both_paths("resnet_small", hp, data, make_folds(len(data.x), 4))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in stacked[0].modules())
+    assert_same(sequential, seq, stacked, outcome, atol=1e-4)

@@ -53,7 +53,7 @@ def lenet(args) -> dict:
     accuracies = {}
     for path in ("stacked", "sequential"):
         models = fold_models(spec.model, hp, data, seeds=[f.seed for f in folds], device=device)
-        bar = QUIET.bar(total=4 * args.epochs)
+        bar = QUIET.bar(total=4 * args.epochs, desc=path)
         start = time.perf_counter()
         if path == "stacked":
             results = train_stacked_folds(models, data, hp, folds, on_epoch=lambda *a: None, checkpoint=None,

@@ -50,7 +50,7 @@ from hpo.data.tables import embed_csv  # noqa: E402
 from hpo.report import html as report
 from hpo.running.worker import Worker  # noqa: E402
 from hpo.search.space import suggest  # noqa: E402
-from hpo.search.study import SPEC_ATTR, build_pruner, build_sampler, create, load  # noqa: E402
+from hpo.search.study import SPEC_ATTR, build_pruner, build_sampler, create, open_study  # noqa: E402
 from hpo.spec.schema import load_spec_file  # noqa: E402
 from hpo.store.budget import retried_numbers  # noqa: E402
 from hpo.store.statistics import Summary, summaries, summary  # noqa: E402
@@ -113,7 +113,7 @@ def cli_time(*args: str) -> float:
 def worker_times(url: str, name: str, n: int) -> tuple[float, float]:
     """(first trial s, mean s of the next ``n``) of hpo's worker on the store."""
     storage = open_storage(url)
-    study, _ = load(name, storage)
+    study, _ = open_study(name, storage)
     worker = Worker(study, storage, storage.get_study_id_from_name(name), budget=None, label="bench")
     start = time.perf_counter()
     worker.fail_stale()

@@ -35,7 +35,7 @@ import sqlalchemy as sa  # noqa: E402
 
 from hpo.running.worker import Worker  # noqa: E402
 from hpo.search.space import suggest  # noqa: E402
-from hpo.search.study import MedianPruner, build_pruner, build_sampler  # noqa: E402
+from hpo.search.study import CachingMedianPruner, build_pruner, build_sampler  # noqa: E402
 from hpo.spec.schema import load_spec_file  # noqa: E402
 from hpo.store.budget import BUDGET_PREFIX  # noqa: E402
 from hpo.store.optuna_private import STUDY_SYSTEM_ATTRS  # noqa: E402
@@ -61,7 +61,7 @@ def _work(url: str, name: str, per_worker: int, prune: bool, ready, go, queue) -
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url)
     study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler(),
-                              pruner=MedianPruner())
+                              pruner=CachingMedianPruner())
     objective = functools.partial(_objective, prune=prune)
     worker = Worker(study, storage, storage.get_study_id_from_name(name), budget=BUDGET, label=f"bench-{name}")
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """The ``hpo`` command line: parses, calls the library, prints. No logic of its own.
 
 Errors the user can fix (``HpoError``, and the file system's refusals of a named file) are printed
-on one line with exit code 2; ``--debug`` shows the traceback instead.
+on one line with exit code 2; a store that stays unreachable longer than ``HPO_STORE_RETRY`` exits
+75, a full store 74 (``hpo.errors``); ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class _Group(click.Group):
             if ctx.meta.get("hpo_debug"):
                 raise
             click.echo(f"hpo: error: {e}", err=True)
-            ctx.exit(2)
+            ctx.exit(e.exit_code)
         except OSError as e:
             # A file the command reads or writes (a report, an export, predictions, artifacts): the
             # file system refused it (no space, no permission, a name too long). One line, as above.
@@ -49,6 +50,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _register_commands() -> None:
     from hpo.commands import (
         bench,
+        control,
         create_study,
         dashboard,
         export,
@@ -57,11 +59,14 @@ def _register_commands() -> None:
         launch,
         report,
         retrain,
+        schema,
         status,
+        warm,
         worker,
     )
 
-    for module in (create_study, worker, status, retrain, report, export, dashboard, fleet, launch, bench, families):
+    for module in (create_study, worker, status, control, retrain, report, export, dashboard, fleet, launch, bench,
+                   families, warm, schema):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -43,11 +43,11 @@ def test_stacked_epoch_reads_the_device_once(one_torch_thread):
 
 def test_missing_data_set_gives_clearly_labelled_synthetic_images(tmp_path: Path):
     from hpo.bench.data import prepare
-    from hpo.bench.trainer import load
+    from hpo.bench.trainer import bench_dataset
 
     data = prepare(tmp_path / "scratch", data_dir=str(tmp_path / "nowhere"), quick=True)
     assert data.synthetic and data.source.startswith("SYNTHETIC") and str(tmp_path / "nowhere") in data.source
-    ds = load(data, torch.device("cpu"), train_images=500, test_images=100)
+    ds = bench_dataset(data, torch.device("cpu"), train_images=500, test_images=100)
     assert tuple(ds.x.shape[1:]) == (1, 28, 28) and len(ds.train_idx) == 500 and len(ds.x_test) == 100
     assert set(ds.y.tolist()) == set(range(10))
 

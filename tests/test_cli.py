@@ -78,7 +78,12 @@ def test_unknown_study_names(cli_env):
     "csv, expected",
     [
         ("x,y\n1.0,2.0\n2.0,\n", "line 3, column 'y': missing value"),
-        ("x,y\n1.0,2.0\nabc,1.0\n", "line 3, column 'x': expected a number, got 'abc'"),
+        ("x,y\n1.0,2.0\nabc,1.0\n", "line 3, column 'x': expected a finite number, got 'abc'"),
+        ("x,y\n1.0,2.0\n1e400,1.0\n", "line 3, column 'x': expected a finite number, got '1e400'"),
+        ("x,y\n1,2\n3,4,5\n", "cannot read as CSV: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3"),
+        ('x,y\n"1,2\n', "cannot read as CSV: Error tokenizing data. C error: EOF inside string"),
+        ("x,y\n1,2\n", "1 row cannot be split into training and validation rows (data.val_fraction 0.2); "
+                        "it needs at least 2 rows"),
         # an empty line 4 and a missing y on line 12: the file's own line numbers
         ("x,y\n1,1\n2,2\n\n" + "".join(f"{i},{i}\n" for i in range(5, 12)) + "12,\n", "line 12, column 'y': missing value"),
         ("x,z\n1.0,2.0\n", "missing column(s) y"),

@@ -62,8 +62,15 @@ def test_service_commands_parse_as_hpo_commands(name):
     command.make_context(args[0], args[1:])  # raises on an unknown option
 
 
-def test_dockerfile_builds_the_worker():
+def pins(text: str) -> dict[str, str]:
+    return dict(re.findall(r"\b(torch|torchvision)==([\w.+]+)", text))
+
+
+def test_dockerfile_builds_the_worker_with_the_readmes_torch():
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM \S*pytorch\S*cuda", text, re.M)
+    assert re.search(r"^FROM python:3\.\d+", text, re.M)
     assert 'ENTRYPOINT ["hpo"]' in text and "pip install ." in text
+    # The image trains with the torch the README tells users to install and CI tests.
+    readme, ci = pins((REPO / "README.md").read_text()), pins((REPO / ".ci" / "run").read_text())
+    assert pins(text) == readme == ci and set(readme) == {"torch", "torchvision"}
     assert SERVICES["worker"]["build"] == "." and SERVICES["worker"]["image"] == SERVICES["dashboard"]["image"]

@@ -51,6 +51,14 @@ def test_a_plugin_family_through_every_stage(tmp_path, cli_env, digits):
     retrain = run_hpo("retrain", "--study", "digits", "--folds", "3", "--artifacts", str(artifacts), env=env, check=0)
     assert "majority vote" in retrain.stdout, retrain.stdout
 
+    html = tmp_path / "report.html"
+    run_hpo("report", "--study", "digits", "--artifacts", str(artifacts), "--out", str(html), env=env, check=0)
+    page = html.read_text()
+    for text in ("resnet_small", "Model insight", "Weights of each layer", "First-layer filters",
+                 "Feature maps of one test image"):  # the sections that apply to any nn.Module with convs
+        assert text in page, text
+    assert "not drawn" not in page
+
     out = tmp_path / "export"
     run_hpo("export-best", "--study", "digits", "--artifacts", str(artifacts), "--out", str(out), env=env, check=0)
     manifest = json.loads((out / "manifest.json").read_text())

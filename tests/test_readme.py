@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, STUDIES
 
 from hpo.data.tables import embed_csv
-from hpo.search.study import create, load
+from hpo.search.study import create, open_study
 from hpo.spec.schema import parse_spec
 from hpo.store.storage import open_storage
 
@@ -35,5 +35,5 @@ def test_readme_spec_blocks_create_studies(index, store_url):
         assert text == shipped.read_text(), f"README's {raw['name']} spec differs from {shipped}"
     spec = embed_csv(parse_spec(raw, source=f"README.md spec block {index}", base_dir=STUDIES))
     create(spec, open_storage(store_url, heartbeat=False), source=f"README.md spec block {index}")
-    _, stored = load(raw["name"], open_storage(store_url, heartbeat=False))
+    _, stored = open_study(raw["name"], open_storage(store_url, heartbeat=False))
     assert stored == spec

@@ -112,6 +112,43 @@ def test_only_optuna_private_uses_optunas_private_api():
     assert offenders == []
 
 
+# The standard library's own underscored API, documented as public.
+STDLIB_UNDERSCORED = {("sys", "_getframe"), ("os", "_exit")}
+
+
+def _private_attributes(path: Path) -> list[tuple[int, str]]:
+    """(line, expression) of every ``x._name`` read or written where ``x`` is not ``self``, ``cls``
+    or ``super()``: another object's private attribute (an Optuna trial's ``_trial_id``, a study's
+    ``_storage`` or ``_study_id``, another hpo class's internals)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Name) and (owner.id in {"self", "cls"} or (owner.id, node.attr) in STDLIB_UNDERSCORED):
+            continue
+        if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+            continue
+        found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_the_private_attribute_finder_finds_optunas_ids(tmp_path):
+    code = tmp_path / "m.py"
+    code.write_text("def f(trial, study, self):\n    return trial._trial_id, study._storage._backend, self._own, "
+                    "study._study_id, os._exit\n")
+    assert sorted(text for _, text in _private_attributes(code)) == [
+        "study._storage", "study._storage._backend", "study._study_id", "trial._trial_id"]
+
+
+def test_no_private_attribute_of_another_object_outside_optuna_private():
+    """Optuna's private attributes (``_trial_id``, ``_storage``, ``_study_id``, ...) are read only
+    through ``hpo.store.optuna_private``; no module reaches into another object's internals."""
+    offenders = [f"{name}:{line}: {text}" for name, path in MODULES.items() if name != "hpo.store.optuna_private"
+                 for line, text in _private_attributes(path)]
+    assert offenders == []
+
+
 @pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     def import_alone(name: str) -> tuple[str, int, str]:
@@ -142,3 +179,15 @@ def test_folder_inits_are_docstrings_only():
             continue
         body = ast.parse(init.read_text()).body
         assert len(body) == 1 and isinstance(body[0], ast.Expr), f"{init} holds more than its docstring"
+
+
+def test_no_test_expects_just_any_exception():
+    """``pytest.raises(Exception)`` passes on a typo or a wrong argument as well as on the error
+    meant: every test names the error it expects (an HpoError subclass, one SQLAlchemy error, ...)."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "pytest.raises" and node.args
+                    and ast.unparse(node.args[0]) in {"Exception", "BaseException"}):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []

@@ -12,8 +12,8 @@ import torch
 from hpo.bench.data import BenchData
 from hpo.bench.trainer import sync
 from hpo.data.sources import load_dataset
+from hpo.data.splits import split_folds
 from hpo.retrain import ensemble
-from hpo.retrain.run import split_folds
 from hpo.spec.hyperparams import resolve
 from hpo.spec.schema import find_spec_file, load_spec_file
 from hpo.training.folds import fold_models
@@ -42,7 +42,7 @@ def stacked_vs_sequential(data: BenchData, *, device: torch.device, folds: int, 
         keep = torch.randperm(len(full.x), generator=torch.Generator().manual_seed(0))[:images]
         full = replace(full, x=full.x[keep], y=full.y[keep], x_test=full.x_test[:images], y_test=full.y_test[:images])
     ds = full.to(device)
-    splits = split_folds(ds, folds=folds, seed=spec.seed)
+    splits = split_folds(len(ds.x), folds=folds, seed=spec.seed, labels=ds.y.cpu().numpy())
     fold_list = [Fold(train_idx=torch.from_numpy(t).to(device), val_idx=torch.from_numpy(v).to(device), seed=1000 + i)
                  for i, (t, v) in enumerate(splits)]
     seeds = [f.seed for f in fold_list]

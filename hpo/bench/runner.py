@@ -68,7 +68,7 @@ def _rates_of(run: dict) -> dict:
 
 
 def _trainer_rows(data, dev: torch.device, plan: Plan) -> list[dict]:
-    ds = trainer.load(data, dev, train_images=plan.trainer_images, test_images=plan.test_images)
+    ds = trainer.bench_dataset(data, dev, train_images=plan.trainer_images, test_images=plan.test_images)
     n = len(ds.train_idx)
     section = f"trainer: LeNet-5, {n} images, batch {trainer.BATCH}, {plan.trainer_epochs} epochs"
     loop = trainer.dataloader_loop(data, ds, device=dev, epochs=plan.trainer_epochs, images=n)
@@ -88,7 +88,7 @@ def _trainer_rows(data, dev: torch.device, plan: Plan) -> list[dict]:
 
 
 def _case_rows(data, dev: torch.device, plan: Plan) -> list[dict]:
-    ds = trainer.load(data, dev, train_images=plan.case_images, test_images=plan.test_images)
+    ds = trainer.bench_dataset(data, dev, train_images=plan.case_images, test_images=plan.test_images)
     section = (f"graph vs eager: same weights and seed, {len(ds.train_idx)} images, {plan.case_epochs} epochs "
                "(eager twice: the run-to-run spread)")
     rows = []
@@ -210,7 +210,7 @@ def run_bench(*, device: torch.device, data_dir: str | None = None, quick: bool 
     start = time.perf_counter()
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(1)  # as hpo's CPU workers run these small models (hpo.running.worker)
+        torch.set_num_threads(1)  # as hpo's CPU workers run these small models (hpo.data.sources.on_device)
     report: dict[str, Any] = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"cpu ({platform.processor() or platform.machine()})"),

@@ -47,7 +47,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load(data: BenchData, device: torch.device, *, train_images: int | None, test_images: int | None) -> Dataset:
+def bench_dataset(data: BenchData, device: torch.device, *, train_images: int | None, test_images: int | None) -> Dataset:
     """The bench's Fashion-MNIST (or synthetic) set on ``device``: the first ``train_images`` to
     train on, the first 1,000 of them to validate on each epoch, the first ``test_images`` of the
     test set."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -36,7 +35,9 @@ def bench(ctx: click.Context, device: str | None, data_dir: str | None, quick: b
                        echo=lambda line: click.echo(line, err=True))
     click.echo(format_table(report))
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1, default=str))
+        from hpo.export.json_text import strict_dumps
+
+        Path(json_out).write_text(strict_dumps(report, indent=1, default=str))
         click.echo(f"wrote {json_out}")
     if report["problems"]:
         ctx.exit(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hpo.commands.options import storage_option, study_option
+from hpo.commands.options import artifacts_option, storage_option, study_option
 
 
 @click.command("fleet")
@@ -22,27 +22,32 @@ from hpo.commands.options import storage_option, study_option
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
               help="Restart a crashed worker at most this many times.")
+@artifacts_option
 def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, device: str | None,
           workers: int | None, mps: bool | None, n_trials: int | None, timeout: float | None, data_dir: str | None,
-          max_restarts: int) -> None:
+          max_restarts: int, artifacts: str | None) -> None:
     """Start several `hpo worker` processes on this machine and supervise them.
 
     Ctrl-C or SIGTERM stops them all cleanly (running trials are re-queued); a second one kills them.
-    A worker that crashes is restarted (--max-restarts). With several workers on one GPU the fleet
+    A worker that crashes or loses the store (exit 75) is restarted (--max-restarts). With several workers on one GPU the fleet
     starts the CUDA MPS daemon unless one runs, and stops it at the end.
     """
-    from hpo.running.fleet import exit_text, plan, run_fleet, worker_command
+    from hpo.console import summary_text
+    from hpo.running.fleet import check_study, exit_text, plan, run_fleet, worker_command
     from hpo.search.study import open_study
+    from hpo.store.statistics import summarize
 
     members = plan(gpus=gpus, per_gpu=per_gpu, device=device, workers=workers)
-    open_study(study_name, storage)  # fail fast, once, on a bad store or name
+    check_study(study_name, storage)  # fail fast, once, on a bad store or name
     click.echo(f"fleet: {len(members)} workers on study {study_name!r}")
-    command = worker_command(study_name, storage=storage, n_trials=n_trials, timeout=timeout, data_dir=data_dir)
-    result = run_fleet(members, command, mps=mps, max_restarts=max_restarts, echo=click.echo)
+    command = worker_command(study_name, n_trials=n_trials, timeout=timeout, data_dir=data_dir, artifacts=artifacts)
+    result = run_fleet(members, command, mps=mps, max_restarts=max_restarts, echo=click.echo, storage=storage)
     failed = [f"w{i}={exit_text(c)}" for i, c in enumerate(result.codes) if c != 0]
     restarted = [f"w{i} {n}x" for i, n in enumerate(result.restarts) if n]
     click.echo(f"fleet: all workers stopped ({'exit codes ' + ' '.join(failed) if failed else 'all exit 0'}"
                + (f"; restarted: {' '.join(restarted)}" if restarted else "") + ")")
+    study, _ = open_study(study_name, storage)
+    click.echo(summary_text(summarize(study)))  # once for the fleet, not once per worker
     if result.failed:
         raise SystemExit(1)
 

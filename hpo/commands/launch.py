@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hpo.commands.options import storage_option, study_option
+from hpo.commands.options import artifacts_option, storage_option, study_option
 from hpo.running.launch import GRACE
 
 workers_option = click.option("--workers", type=int, required=True, metavar="N", help="Number of workers.")
@@ -40,56 +40,65 @@ def launch() -> None:
 @click.option("--allow-sqlite", is_flag=True, help="Accept a SQLite store (only on a filesystem all nodes share).")
 @click.option("--dry-run", is_flag=True, help="Print the job script; write and submit nothing.")
 @storage_option
+@artifacts_option
 def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: str | None, workers_per_gpu: int,
           partition: str | None, time_limit: str | None, account: str | None, sbatch_args: tuple[str, ...],
           grace: int, python: str | None, jobs_dir: Path | None, allow_sqlite: bool, dry_run: bool,
-          storage: str | None) -> None:
-    """Submit N workers of a study as a SLURM job array (sbatch)."""
+          storage: str | None, artifacts: str | None) -> None:
+    """Submit N workers of a study as a SLURM job array (sbatch).
+
+    Give --artifacts a folder every node shares: the tasks checkpoint their running trials there,
+    so a requeued task resumes them (default: as a worker's, relative to where the task runs)."""
     from hpo.running.launch import slurm as sl
-    from hpo.store.config import mask_url, resolve_url
     p = sl.plan(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker, device=device,
                 workers_per_gpu=workers_per_gpu, partition=partition, time=time_limit, account=account,
-                sbatch_args=sbatch_args, grace=grace, python=python)
-    url = resolve_url(storage)
-    sl.check_shared(url, allow_sqlite=allow_sqlite)
-    sbatch = None if dry_run else sl.sbatch_path()
-    budget = sl.study_budget(url, study_name)
-    jobs_dir = jobs_dir or sl.JOBS_DIR
-    script = sl.job_script(p, log_dir=jobs_dir)
-    what = (f"{p.workers} workers of study {study_name!r} (budget {budget} trials) as {p.tasks} array tasks "
-            f"on {p.device}, store {mask_url(url)}")
+                sbatch_args=sbatch_args, grace=grace, python=python, artifacts=artifacts)
+    done = sl.launch(p, storage_url=storage, jobs_dir=jobs_dir, allow_sqlite=allow_sqlite, dry_run=dry_run)
     if dry_run:
-        click.echo(script, nl=False)
-        click.echo(f"# dry run: {what}; nothing submitted", err=True)
+        click.echo(done.script, nl=False)
+        click.echo(f"# dry run: {done.what}; nothing submitted", err=True)
         return
-    path = sl.write_script(script, p, jobs_dir=jobs_dir)
-    job = sl.submit(path, url=url, sbatch=sbatch)
-    click.echo(f"submitted job {job}: {what}")
-    click.echo(f"script: {path}")
-    click.echo(f"logs:   {(jobs_dir / sl.job_name(p)).resolve()}-{job}_<task>.out")
-    click.echo(f"follow: squeue -j {job}   (and: hpo status --study {study_name})")
-    click.echo(f"stop:   scancel {job}   (running trials end after their epoch and are re-queued)")
+    click.echo(f"submitted job {done.job}: {done.what}")
+    click.echo(f"script: {done.path}")
+    click.echo(f"logs:   {done.logs}")
+    click.echo(f"follow: squeue -j {done.job}   (and: hpo status --study {study_name})")
+    click.echo(f"stop:   scancel {done.job}   (running trials end after their epoch and are re-queued)")
 
 
 @launch.command("k8s")
 @study_option
 @workers_option
 @gpus_option
-@click.option("--image", default=None, metavar="IMG", help="Worker image (default hpo-worker:latest, the Dockerfile's).")
+@click.option("--image", required=True, metavar="IMG",
+              help="Worker image built from the Dockerfile, with its tag (e.g. REGISTRY/hpo-worker:0.1.0).")
 @click.option("--namespace", default=None, metavar="NS")
 @click.option("--store-secret", default=None, metavar="NAME",
               help="Secret holding the store URL (key url; optional key password). Default hpo-store.")
 @grace_option
+@click.option("--toleration", "tolerations", multiple=True, metavar="KEY[=VALUE][:EFFECT]",
+              help="Let the pods run on nodes with this taint (repeatable). GPU workers already tolerate "
+                   "nvidia.com/gpu:NoSchedule.")
+@click.option("--node-selector", "node_selectors", multiple=True, metavar="KEY=VALUE",
+              help="Run the pods only on nodes with this label (repeatable), e.g. cloud.google.com/gke-accelerator=nvidia-l4.")
+@click.option("--artifacts-pvc", default=None, metavar="CLAIM",
+              help="PersistentVolumeClaim mounted as the artifact folder (/artifacts), so a replaced pod resumes "
+                   "its trial's checkpoint; ReadWriteMany for pods on several nodes (default: none, a replaced "
+                   "pod starts its trial over).")
+@click.option("--ttl", type=int, default=None, metavar="S",
+              help="Seconds Kubernetes keeps the finished Job and its pods (ttlSecondsAfterFinished; default 7 days).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Write the manifest to DIR instead of printing it.")
-def k8s(study_name: str, workers: int, gpus_per_worker: int | None, image: str | None, namespace: str | None,
-        store_secret: str | None, grace: int, out: Path | None) -> None:
+def k8s(study_name: str, workers: int, gpus_per_worker: int | None, image: str, namespace: str | None,
+        store_secret: str | None, grace: int, tolerations: tuple[str, ...], node_selectors: tuple[str, ...],
+        artifacts_pvc: str | None, ttl: int | None, out: Path | None) -> None:
     """Print a Kubernetes Indexed Job of N workers (pipe it to kubectl apply -f -)."""
     from hpo.running.launch import k8s as kube
 
     job = kube.worker_job(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker,
-                          image=image or kube.IMAGE, namespace=namespace,
-                          store_secret=store_secret or kube.STORE_SECRET, grace=grace)
+                          image=image, namespace=namespace, store_secret=store_secret or kube.STORE_SECRET,
+                          grace=grace, tolerations=[kube.toleration(t) for t in tolerations],
+                          node_selector=kube.node_selector(node_selectors), artifacts_pvc=artifacts_pvc,
+                          ttl=kube.TTL_AFTER_FINISHED if ttl is None else ttl)
     if out is None:
         click.echo(kube.render([job]), nl=False)
         return

@@ -26,9 +26,11 @@ from hpo.commands.options import (
 @click.option("--allow-version-mismatch", is_flag=True,
               help="Run a study whose model family is installed here at another version than it was created "
                    "with (each trial records the difference).")
+@click.option("--summary/--no-summary", default=True, hidden=True,
+              help="Print the study's statistics at the end (hpo fleet prints them once for all its workers).")
 def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: float | None, gpu: int | None,
            device: str | None, worker_index: int, data_dir: str | None, artifacts: str | None,
-           allow_version_mismatch: bool) -> None:
+           allow_version_mismatch: bool, summary: bool) -> None:
     """Run trials of a study; any number of workers may share one store.
 
     Running trials are checkpointed under the artifact folder (checkpoints/STUDY/): a trial whose
@@ -38,11 +40,12 @@ def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: 
     from hpo.running.progress import Progress
     from hpo.running.worker import run_worker
 
-    summary = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
-                         n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
-                         artifacts=artifacts, echo=click.echo, progress=Progress(),
-                         allow_version_mismatch=allow_version_mismatch)
-    click.echo(summary_text(summary))
+    stats = run_worker(study_name, storage_url=storage, device=resolve_device(gpu=gpu, device=device),
+                       n_trials=n_trials, timeout=timeout, worker_index=worker_index, data_dir=data_dir,
+                       artifacts=artifacts, echo=click.echo, progress=Progress(),
+                       allow_version_mismatch=allow_version_mismatch)
+    if summary and stats is not None:  # None: the study was deleted or replaced under the worker
+        click.echo(summary_text(stats))
 
 
 COMMANDS = [worker]

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hpo.data.checksum import sha256_file
+from hpo.data.csv_lines import FINITE, not_float32
 from hpo.data.registry import Arrays
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
-from hpo.store.data_tables import max_data_bytes, sha256_file
+from hpo.store.config import max_data_bytes
 
 
 def check_arrays(a: Arrays, *, task: str, source: str) -> Arrays:
@@ -41,10 +43,17 @@ def check_arrays(a: Arrays, *, task: str, source: str) -> Arrays:
         raise DataError(f"{source}: needs at least 2 training samples, has {len(x)}")
     if x.ndim == 4 and (x.dtype != np.uint8 or xt.dtype != np.uint8):
         raise DataError(f"{source}: images must be uint8 pixels, got {x.dtype}/{xt.dtype}")
+    # the one rule of every input format (hpo.data.csv_lines): each value finite within float32
+    for part, name, values in (("train", "x", x), ("test", "x", xt), ("train", "y", y), ("test", "y", yt)):
+        if values.dtype.kind not in "biuf":
+            raise DataError(f"{source}: {part} {name} holds {values.dtype} values; allowed: numbers")
+        bad = not_float32(values)
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            raise DataError(f"{source}: {part} {name} element {where}: got {values[tuple(where)].item()!r}; "
+                            f"allowed: {FINITE}")
     if x.ndim == 2:
         x, xt = x.astype(np.float32), xt.astype(np.float32)
-        if not (np.isfinite(x).all() and np.isfinite(xt).all()):
-            raise DataError(f"{source}: x holds values that are not finite numbers")
     classes = tuple(str(c) for c in a.classes)
     if task == "classification":
         if not all(np.issubdtype(v.dtype, np.integer) or np.all(v == np.round(v)) for v in (y, yt)):

@@ -38,7 +38,7 @@ def _need(path: str | None, part: str, source: str) -> Path:
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     from hpo.data.tables import size_text
-    from hpo.store.data_tables import max_data_bytes
+    from hpo.store.config import max_data_bytes
 
     size, limit = path.stat().st_size, max_data_bytes()
     if size > limit:
@@ -147,11 +147,11 @@ def _roots(data_dir: str | None) -> list[Path]:
 
 def _torchvision(name: str, make) -> Arrays:
     """A torchvision data set from the first root that holds its files (never downloaded)."""
-    problems = []
-    for root in _roots(None if make is None else make.data_dir):
+    problems, last = [], ""
+    for root in _roots(make.data_dir):
         try:
             train, test = make.train(str(root)), make.test(str(root))
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted"
             problems.append(str(root))
             last = str(e).splitlines()[0] if str(e) else type(e).__name__
             continue

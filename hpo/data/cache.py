@@ -17,8 +17,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from hpo.data.checksum import sha256_file
 from hpo.errors import DataError
-from hpo.store.data_tables import read_chunks, sha256_file
+from hpo.store.data_tables import read_chunks
 
 _log = logging.getLogger("hpo.data.sources")
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpo.data.dataset import Dataset, split_indices
+from hpo.data.dataset import Dataset
+from hpo.data.splits import split_indices
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
 
@@ -59,18 +60,23 @@ SOURCES = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def read_idx(path: Path) -> np.ndarray:
+def read_idx(path: Path, *, max_bytes: int | None = None) -> np.ndarray:
     """Read one IDX file (``.gz`` or plain) into an array of its stored shape.
 
+    Args:
+        max_bytes: refuse a file that holds (once decompressed) more than this many bytes.
+
     Raises:
-        DataError: naming the file when it is not IDX or is cut short.
+        DataError: naming the file when it is not IDX, is cut short or holds more than ``max_bytes``.
     """
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            raw = f.read()
+            raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot read: {e}") from e
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise DataError(f"{path}: holds more than {max_bytes:,} bytes once decompressed (HPO_MAX_DATA_BYTES)")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     ndim = raw[3]

@@ -8,18 +8,21 @@ created before the store kept data carry their tables inside the spec (``DataSpe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from hpo.data.dataset import Dataset, split_indices
-from hpo.data.images import load_image_dataset
+from hpo.data.dataset import Dataset
+from hpo.data.images import SOURCES, load_image_dataset
+from hpo.data.splits import split_indices
 from hpo.data.tables import read_csv_table
 from hpo.spec.schema import DataSpec, StudySpec
 
 if TYPE_CHECKING:
     import optuna
+
 
 def csv_arrays(d: DataSpec, part: str, *, storage: optuna.storages.RDBStorage | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +41,12 @@ def csv_arrays(d: DataSpec, part: str, *, storage: optuna.storages.RDBStorage | 
         if d.files:
             from hpo.data.cache import local_copy
 
-            path = local_copy(d.files[part], storage.engine if storage is not None else None, original=path)
+            if storage is None:
+                path = local_copy(d.files[part], None, original=path)
+            else:  # a dropped connection mid-fetch fetches again, within the store's retry window
+                from hpo.store.queries import retried
+
+                path = retried(storage, local_copy, d.files[part], storage.engine, original=path)
         table = read_csv_table(str(path), (*d.features, d.target))
     rows = np.asarray(table["rows"], dtype=np.float32)
     return rows[:, :-1], rows[:, -1]
@@ -74,6 +82,18 @@ def _load_csv(spec: StudySpec, storage) -> Dataset:
         classes=classes,
         normalization={"mean": mean.tolist(), "std": std.tolist()},
     )
+
+
+def data_title(spec: StudySpec) -> str:
+    """What the study's data set is called, for the line a worker prints while loading it:
+    ``Fashion-MNIST`` or ``regression_train.csv (100 rows)``."""
+    d = spec.data
+    if d.source != "csv":
+        return SOURCES[d.source].title if d.source in SOURCES else d.source
+    ref = (d.files or {}).get("train")
+    if ref:
+        return f"{ref['name']} ({ref['rows']:,} rows)"
+    return Path(d.train).name if d.train else "the CSV data"
 
 
 def _load_arrays(spec: StudySpec, storage) -> Dataset:
@@ -124,3 +144,16 @@ def load_dataset(spec: StudySpec, *, storage: optuna.storages.RDBStorage | None 
         return _load_arrays(spec, storage)
     return load_image_dataset(spec, data_dir=data_dir)
 
+
+
+SMALL_SAMPLE = 1024  # values per sample below which a CPU run uses one thread
+
+
+def on_device(data: Dataset, device: torch.device) -> Dataset:
+    """``data`` moved onto ``device`` once for the whole run (a worker's trials, a retrain's folds).
+    On the CPU, data of small samples (under ``SMALL_SAMPLE`` values each) set torch to one thread
+    for the process: for such models thread hand-offs cost more than the arithmetic they would split."""
+    data = data.to(device)
+    if device.type == "cpu" and data.x[0].numel() < SMALL_SAMPLE:
+        torch.set_num_threads(1)
+    return data

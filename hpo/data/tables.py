@@ -6,15 +6,17 @@ creating a study starts fast.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from hpo.data.checksum import sha256_file
 from hpo.errors import DataError
 from hpo.spec.schema import StudySpec
-from hpo.store.data_tables import max_data_bytes, sha256_file
+from hpo.store.config import max_data_bytes
 
 
 def read_csv_table(path: str, columns: tuple[str, ...]) -> dict:
@@ -26,28 +28,10 @@ def read_csv_table(path: str, columns: tuple[str, ...]) -> dict:
         DataError: naming the file, the line (as an editor numbers it) and the column of the first
             bad value.
     """
-    from hpo.data.csv_lines import csv_line
+    from hpo.data.csv_lines import read_numeric_csv
 
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: file not found") from e
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read as CSV: {e}") from e
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the file has {', '.join(map(str, frame.columns))}")
-    if frame.empty:
-        raise DataError(f"{path}: no rows")
-    frame = frame[list(columns)]
-    numeric = frame.apply(pd.to_numeric, errors="coerce")
-    bad = numeric.isna() | ~np.isfinite(numeric.fillna(0.0))
-    if bad.to_numpy().any():
-        row, col = np.argwhere(bad.to_numpy())[0]
-        value = frame.iat[row, col]
-        problem = "missing value" if pd.isna(value) else f"expected a number, got {value!r}"
-        raise DataError(f"{path}: line {csv_line(path, int(row))}, column {columns[col]!r}: {problem}")
-    return {"columns": list(columns), "rows": numeric.to_numpy(dtype=float).tolist()}
+    _, numbers = read_numeric_csv(path, columns)
+    return {"columns": list(columns), "rows": numbers.tolist()}
 
 
 def size_text(n: int) -> str:
@@ -77,14 +61,35 @@ def _sizes(paths: dict[str, str]) -> dict[str, int]:
     return sizes
 
 
+def split_sizes(n: int, val_fraction: float) -> tuple[int, int]:
+    """Training and validation rows of a split of ``n`` rows (scikit-learn's ``train_test_split``)."""
+    n_val = math.ceil(val_fraction * n)
+    return math.floor((1 - val_fraction) * n), n_val
+
+
+def _check_splittable(spec: StudySpec, n: int) -> None:
+    """Refuse training data too small for a trial's train/validation split or the retrain's folds,
+    at create-study rather than in every worker."""
+    d = spec.data
+    train, val = split_sizes(n, d.val_fraction)
+    if train < 1 or val < 1:
+        need = next(m for m in range(2, 10**6) if min(split_sizes(m, d.val_fraction)) >= 1)
+        raise DataError(f"data.train: {d.train}: {n} row{'s' * (n != 1)} cannot be split into training and "
+                        f"validation rows (data.val_fraction {d.val_fraction}); it needs at least {need} rows")
+    if n < spec.retrain.folds:
+        raise DataError(f"data.train: {d.train}: {n} rows cannot be split into retrain.folds {spec.retrain.folds} "
+                        f"folds; it needs at least {spec.retrain.folds} rows (or fewer folds)")
+
+
 def embed_csv(spec: StudySpec) -> StudySpec:
     """Read and check a CSV study's tables and refer to their files from the spec (no-op for other
     sources): ``data.files`` gets each file's name, size (bytes), rows, columns and sha256, a few
     hundred bytes whatever the data size. ``hpo.search.study.create`` then stores the files themselves.
 
     Raises:
-        DataError: a file is missing, unreadable, malformed, or the files together are larger
-            than ``HPO_MAX_DATA_BYTES`` (checked before anything is read).
+        DataError: a file is missing, unreadable, malformed, the files together are larger than
+            ``HPO_MAX_DATA_BYTES`` (checked before anything is read), or the training rows are too
+            few to split into training and validation rows or into the retrain's folds.
     """
     d = spec.data
     if d.source != "csv":
@@ -93,6 +98,7 @@ def embed_csv(spec: StudySpec) -> StudySpec:
     paths = {"train": d.train, "test": d.test}
     sizes = _sizes(paths)
     tables = {part: read_csv_table(path, columns) for part, path in paths.items()}
+    _check_splittable(spec, len(tables["train"]["rows"]))
     if d.task == "classification":
         for part, table in tables.items():
             labels = np.asarray(table["rows"])[:, -1]

@@ -16,7 +16,6 @@ export leaves nothing half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shutil
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from hpo.data.checksum import sha256_file
 from hpo.errors import HpoError
 
 if TYPE_CHECKING:  # optuna stays out of ``hpo.load``'s imports
@@ -48,15 +48,9 @@ def dumps(data: Any, fmt: str) -> str:
     """``data`` as JSON (indented) or YAML (in key order)."""
     if fmt == "yaml":
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-    return json.dumps(data, indent=2) + "\n"
+    from hpo.export.json_text import strict_dumps
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return strict_dumps(data) + "\n"
 
 
 def versions() -> dict[str, str]:
@@ -109,8 +103,8 @@ def _check_format(fmt: str) -> None:
         raise HpoError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")
 
 
-def open_study(study_name: str, storage_url: str | None,
-               trial_number: int | None = None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
+def study_and_trial(study_name: str, storage_url: str | None,
+                    trial_number: int | None = None) -> tuple[optuna.Study, StudySpec, optuna.trial.FrozenTrial]:
     """The study, its spec and its best trial (or trial ``trial_number``, COMPLETE).
 
     Raises:
@@ -122,6 +116,7 @@ def open_study(study_name: str, storage_url: str | None,
 
     from hpo.search.pareto import needs_trial
     from hpo.search.study import open_study
+    from hpo.store.budget import more_trials_hint
 
     study, spec = open_study(study_name, storage_url)
     if trial_number is not None:
@@ -136,7 +131,7 @@ def open_study(study_name: str, storage_url: str | None,
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise HpoError(f"study {study_name!r} has no complete trial yet, so there is no best trial to export; "
-                       f"run: hpo worker --study {study_name}")
+                       f"{more_trials_hint(study, spec.budget.n_trials)}")
     return study, spec, study.best_trial
 
 
@@ -157,7 +152,7 @@ def best_params_text(study_name: str, *, storage_url: str | None = None, fmt: st
                      trial_number: int | None = None) -> str:
     """The best trial's (or trial ``trial_number``'s) parameters alone, as JSON or YAML (for ``--out -``)."""
     _check_format(fmt)
-    _, _, best = open_study(study_name, storage_url, trial_number)
+    _, _, best = study_and_trial(study_name, storage_url, trial_number)
     return dumps(dict(best.params), fmt)
 
 
@@ -249,7 +244,7 @@ def export_best(study_name: str, *, storage_url: str | None = None, artifacts: s
     _check_format(fmt)
     out = Path(out)
     _check_out(out, force=force)
-    study, spec, best = open_study(study_name, storage_url, trial_number)
+    study, spec, best = study_and_trial(study_name, storage_url, trial_number)
     record, note = _pick_retrain(study, best.number, retrain_id)
     # The params file describes the trial whose weights are exported (``--retrain`` may name another trial's).
     trial = best if record is None or record.trial_number == best.number \
@@ -300,7 +295,7 @@ def _write_export(out: Path, study: optuna.Study, spec: StudySpec, trial: optuna
             "note": note,
             "versions": versions(),
             "model_family": _family_of(staging),
-            "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
+            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                       for p in sorted(staging.iterdir())},
         }
         (staging / MANIFEST).write_text(dumps(manifest, "json"))

@@ -43,11 +43,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpo.data.checksum import sha256_file
 from hpo.errors import DataError, HpoError
-from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL, sha256
+from hpo.export.folder import EXPORT_FORMAT, MANIFEST, MODEL
 from hpo.retrain import ensemble as ens
+from hpo.spec.domains import show
 from hpo.store.config import STORAGE_ROOT
-from hpo.store.paths import name_in
+from hpo.store.paths import component_problem, name_in
 
 
 def _check_family(folder: Path, description: dict[str, Any]) -> None:
@@ -60,6 +62,7 @@ def _check_family(folder: Path, description: dict[str, Any]) -> None:
         pin = f"=={version}" if version and version != "?" else ""
         raise HpoError(f"{folder}: the model is of family {name!r} from {dist} {version}, which is not installed "
                        f"here: pip install '{dist}{pin}'")
+
 
 FAR_OUTSIDE = 10  # training spans beyond the training range: clearly another scale
 SQUEEZED = 20  # inputs spanning under 1/SQUEEZED of the training span: clearly another scale ...
@@ -204,6 +207,17 @@ class ExportedModel(nn.Module):
         return out if isinstance(x, torch.Tensor) else out.cpu().numpy()
 
 
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``, or one line naming the file and what is wrong."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise HpoError(f"{path}: unreadable {what} ({str(e).splitlines()[0][:120]}); export the model again") from e
+    if not isinstance(data, dict):
+        raise HpoError(f"{path}: unreadable {what} (expected a JSON object); export the model again")
+    return data
+
+
 def verify(folder: Path) -> dict:
     """Check every file of an export against its manifest. Returns the manifest.
 
@@ -213,18 +227,20 @@ def verify(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.is_file():
         raise HpoError(f"{folder}: not an hpo export (no {MANIFEST}); make one with: hpo export-best --study NAME --out DIR")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise HpoError(f"{path}: unreadable manifest ({e}); export the model again") from e
+    manifest = _read_json(path, "manifest")
+    files = manifest.get("files")
+    if not (isinstance(files, dict) and all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                            and isinstance(e.get("sha256"), str) for e in files.values())):
+        raise HpoError(f"{path}: unreadable manifest (files: expected {{name: {{sha256, bytes}}}}); export the model again")
     if manifest.get("format") != EXPORT_FORMAT:
-        raise HpoError(f"{path}: format {manifest.get('format')!r} is not {EXPORT_FORMAT!r}")
+        raise HpoError(f"{path}: format {show(manifest.get('format'))} is not {EXPORT_FORMAT!r}")
     for name, entry in files.items():
+        if component_problem(name) is not None:
+            raise HpoError(f"{path}: files: {show(name)} is not a file name of the folder; export the model again")
         file = folder / name
-        if Path(name).name != name or not file.is_file():
+        if not file.is_file():
             raise HpoError(f"{folder}: {name} is missing; the export is incomplete, export it again")
-        if file.stat().st_size != entry["bytes"] or sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
             raise HpoError(f"{file}: checksum mismatch (truncated or changed since the export); refusing to load it")
     return manifest
 
@@ -250,8 +266,12 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
     if not manifest.get("weights") or MODEL not in manifest["files"]:
         raise HpoError(f"{folder}: this export has parameters but no weights ({manifest.get('note') or 'no retrain'}); "
                        f"export again after the retrain")
-    description = json.loads((folder / MODEL).read_text())
-    weights = description["weights"]
+    description = _read_json(folder / MODEL, MODEL)
+    weights = description.get("weights")
+    if not (isinstance(weights, list) and weights and all(isinstance(w, str) for w in weights)
+            and isinstance(description.get("ensemble_rules"), list)):
+        raise HpoError(f"{folder / MODEL}: malformed (weights and ensemble_rules: expected lists of names); "
+                       f"export the model again")
     unlisted = [w for w in weights if w not in manifest["files"]]
     if unlisted:
         raise HpoError(f"{folder}: {', '.join(unlisted)} not in the manifest; refusing to load unverified weights")
@@ -259,10 +279,10 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
         if not 0 <= fold < len(weights):
             raise HpoError(f"--fold: got {fold}; this export has folds 0..{len(weights) - 1}")
         weights = [weights[fold]]
-    rule = ensemble or description["ensemble"]
+    rule = ensemble or description.get("ensemble")
     if rule not in description["ensemble_rules"]:
-        raise HpoError(f"ensemble: got {rule!r}; allowed: {', '.join(description['ensemble_rules'])}")
-    if fold is not None and description["task"] == "classification":
+        raise HpoError(f"ensemble: got {show(rule)}; allowed: {', '.join(map(str, description['ensemble_rules']))}")
+    if fold is not None and description.get("task") == "classification":
         rule = "soft_vote"  # one fold: its own probabilities
     _check_family(folder, description)
     models = []
@@ -273,18 +293,27 @@ def load(path: str | Path, *, fold: int | None = None, device: str | torch.devic
             raise
         except Exception as e:  # unpickling refused, or weights that do not fit the described model
             raise HpoError(f"{folder / name}: cannot load the weights: {str(e).splitlines()[0]}") from e
-    return ExportedModel(models, description=description, rule=rule,
-                         study=str(manifest.get("study") or folder.resolve().name)).to(device).eval()
+    try:
+        exported = ExportedModel(models, description=description, rule=rule,
+                                 study=str(manifest.get("study") or folder.resolve().name))
+    except HpoError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise HpoError(f"{folder / MODEL}: malformed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                       f"export the model again") from e
+    return exported.to(device).eval()
 
 
 def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
     """Inputs from a CSV (feature columns by name), .npy or IDX file, an image file or a folder of
     images (for image models: decoded as the training images were, converted to the model's
     channels); also the frame of input columns to write beside the predictions (the CSV's, the
-    image files'), if any."""
+    image files'), if any. Every value must be finite within float32 (one rule for every format)."""
     import pandas as pd
 
     from hpo.data.builtin_sources import IMAGE_EXTENSIONS, decode_images
+    from hpo.data.csv_lines import FINITE, not_float32, read_numeric_csv
+    from hpo.store.config import max_data_bytes
 
     images = None
     if path.is_dir():
@@ -303,32 +332,37 @@ def read_inputs(path: Path, model: ExportedModel) -> tuple[np.ndarray, Any]:
         return x.astype(np.float32), pd.DataFrame({"file": [str(p) for p in images]})
     if not path.is_file():
         raise DataError(f"--input: {path} not found")
+    size, limit = path.stat().st_size, max_data_bytes()
+    if size > limit:
+        raise DataError(f"--input: {path}: {size:,} bytes, over the limit of {limit:,} (HPO_MAX_DATA_BYTES); "
+                        f"raise it, or predict on smaller files")
     name = path.name.lower()
     if name.endswith(".csv"):
-        frame = pd.read_csv(path)
-        missing = [c for c in model.features if c not in frame.columns]
-        if missing or not model.features:
-            raise DataError(f"{path}: missing feature column(s) {', '.join(missing or ['(model has no named features)'])}; "
-                            f"the file has {', '.join(map(str, frame.columns))}")
-        values = frame[list(model.features)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float32)
-        if not np.isfinite(values).all():
-            row, col = np.argwhere(~np.isfinite(values))[0]
-            from hpo.data.csv_lines import csv_line
-
-            raise DataError(f"{path}: line {csv_line(str(path), int(row))}, column {model.features[col]!r}: "
-                            f"expected a number")
-        return values, frame
+        if not model.features:
+            raise DataError(f"{path}: this model has no named features (it was not trained on a CSV); "
+                            f"use a .npy or IDX file")
+        frame, values = read_numeric_csv(str(path), model.features, role="feature ")
+        return values.astype(np.float32), frame
     if name.endswith(".npy"):
         try:
-            return np.load(path, allow_pickle=False).astype(np.float32), None
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path}: cannot read as .npy: {e}") from e
-    if "idx" in name or name.endswith("-ubyte") or name.endswith(".gz"):
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # truncated, not .npy, or an object array
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"{path}: cannot read as .npy: {first}") from e
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{path}: holds {array.dtype} values; allowed: numbers")
+    elif "idx" in name or name.endswith("-ubyte") or name.endswith(".gz"):
         from hpo.data.images import read_idx
 
-        return read_idx(path).astype(np.float32), None
-    raise DataError(f"--input: {path}: unknown file type; use .csv, .npy, an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
-                    f"an image or a folder of images")
+        array = read_idx(path, max_bytes=limit)
+    else:
+        raise DataError(f"--input: {path}: unknown file type; use .csv, .npy, an IDX file (e.g. t10k-images-idx3-ubyte.gz), "
+                        f"an image or a folder of images")
+    bad = not_float32(array)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise DataError(f"{path}: element {list(where)}: got {array[where].item()!r}; allowed: {FINITE}")
+    return array.astype(np.float32), None
 
 
 def default_output(model: ExportedModel, input_path: Path, *, fold: int | None = None,

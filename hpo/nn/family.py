@@ -82,6 +82,9 @@ class Family:
         stackable: its modules can be trained K at a time with ``torch.func`` (parameters and
             buffers stacked); False makes ``hpo retrain`` train them one after another, saying why.
         description: one line for ``hpo families``.
+        check: optional ``check(spec) -> warning or None``, run by ``create-study`` on the parsed
+            ``StudySpec`` (raise ``hpo.errors.SpecError`` when no configuration can work, e.g. the
+            built-in cnn's layers never fit the images).
     """
 
     name: str
@@ -90,7 +93,7 @@ class Family:
     image_input: bool = False
     stackable: bool = True
     description: str = ""
-    check: Callable[[Any], str | None] | None = field(default=None, repr=False)  # built-in cnn's spec check
+    check: Callable[[Any], str | None] | None = field(default=None, repr=False)
 
     @property
     def defaults(self) -> dict[str, Any]:

@@ -7,6 +7,11 @@ names a module path, so a study can never make a worker import code it did not i
 Only the entry point a spec names is imported. A broken plugin (it fails to import, gives no
 :class:`~hpo.nn.family.Family`, or declares a hyperparameter badly) does not break the others: it is
 refused, with its reason, when a spec names it.
+
+The API: :func:`names` (installed families, nothing imported), :func:`family` (the loaded
+``Family``), :func:`entry` (with its distribution and version), :func:`vocabulary` (what a spec of
+that family may search or fix, with domains and defaults), :func:`resolved` (a trial's
+hyperparameters with the defaults filled), :func:`refresh` (forget what was found).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from hpo.errors import HpoError
 from hpo.store import optuna_private
@@ -49,9 +50,9 @@ def study_url(study_name: str, *, storage_url: str | None = None, storage=None, 
     Raises:
         StoreError: no such study.
     """
-    from hpo.search.study import load, open_study
+    from hpo.search.study import open_study
 
-    study, _ = load(study_name, storage) if storage is not None else open_study(study_name, storage_url)
+    study, _ = open_study(study_name, storage if storage is not None else storage_url)
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/dashboard/studies/{optuna_private.study_id(study)}"
 
@@ -84,3 +85,47 @@ def serve(*, storage_url: str | None = None, artifacts: str | None = None, host:
     echo(line)
     optuna_dashboard.run_server(storage, host=host, port=port,
                                 artifact_store=open_artifact_store(storage_url, artifacts))
+
+
+NOTE_HEADING = "## Retrains (written by hpo retrain)"
+
+
+def _num(value: Any) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def retrain_note_section(metrics: dict[str, Any], *, retrain_id: str, trial_number: int, created: str) -> str:
+    """One retrain in Markdown for the study's note: each fold's test scores (the best fold marked),
+    then each ensemble's (majority and soft vote, or the mean)."""
+    metric = metrics.get("metric") or "metric"
+    best = metrics.get("best_fold")
+    seconds = metrics.get("train_seconds")
+    lines = [f"### Retrain {retrain_id} of trial #{trial_number} ({created[:16].replace('T', ' ')} UTC)", "",
+             f"{metrics.get('folds')} folds ({metrics.get('split', 'k-fold')}), {metrics.get('path', '?')} on "
+             f"{metrics.get('device', '?')}" + (f", {seconds:.1f} s" if seconds is not None else "") + ".", ""]
+    def loss(scores: dict) -> str:  # regression scores by its loss: said once
+        value = scores.get("test_loss")
+        return "" if value is None or value == scores.get("test_metric") else f", test loss {_num(value)}"
+
+    for f in metrics.get("per_fold", []):
+        mark = " **(best)**" if f.get("fold") == best else ""
+        lines.append(f"- fold {f.get('fold')}{mark}: test {metric} {_num(f.get('test_metric'))}{loss(f)} "
+                     f"({f.get('epochs_run', '?')} epochs)")
+    for name, scores in (metrics.get("ensemble") or {}).items():
+        lines.append(f"- **{name.replace('_', ' ')}** of the folds: test {metric} "
+                     f"{_num(scores.get('test_metric'))}{loss(scores)}")
+    return "\n".join(lines) + "\n"
+
+
+def save_retrain_note(study, metrics: dict[str, Any], record) -> None:
+    """Put a retrain's summary (``metrics``: the retrain's metrics.json; ``record``: its
+    ``hpo.retrain.results.RetrainRecord``) on the study's optuna-dashboard note (Markdown), newest first under
+    ``NOTE_HEADING``; what anyone wrote above that heading in the dashboard is kept."""
+    from optuna_dashboard import get_note, save_note
+
+    mine, _, earlier = get_note(study).partition(NOTE_HEADING)
+    body = "\n\n".join(part for part in (
+        mine.rstrip(), NOTE_HEADING, retrain_note_section(metrics, retrain_id=record.id, trial_number=record.trial_number,
+                                            created=record.created).rstrip(),
+        earlier.strip()) if part)
+    save_note(study, body + "\n")

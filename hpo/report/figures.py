@@ -44,11 +44,14 @@ def fold_scores(metrics: dict[str, Any], metric_name: str) -> go.Figure:
                              hovertemplate="%{x}: %{y:.5g}<extra></extra>"), row=1, col=col)
         fig.add_hline(y=float(np.mean(values)), line_dash="dot", line_color="#444", row=1, col=col,
                       annotation_text="mean of folds", annotation_position="top left")
-        for name, (label, colour) in ENSEMBLE_STYLE.items():
-            value = ensemble.get(name, {}).get(key)
-            if value is not None:
-                fig.add_hline(y=float(value), line_dash="dash", line_color=colour, row=1, col=col,
-                              annotation_text=label, annotation_position="bottom right")
+        drawn = [(float(ensemble[name][key]), label, colour) for name, (label, colour) in ENSEMBLE_STYLE.items()
+                 if ensemble.get(name, {}).get(key) is not None]
+        # Labels on the far side of their lines from each other (the higher line's above it, the
+        # lower's below), so close or equal values never stack two labels on one spot.
+        for rank, (value, label, colour) in enumerate(sorted(drawn, key=lambda d: d[0])):
+            fig.add_hline(y=value, line_dash="dash", line_color=colour, row=1, col=col,
+                          annotation_text=f"{label} {value:.4g}", annotation_font_color=colour,
+                          annotation_position="top right" if rank == len(drawn) - 1 and rank else "bottom right")
         low, high = min(values), max(values)
         pad = (high - low) * 0.5 or abs(high) * 0.05 or 1.0
         lines = [v.get(key) for v in ensemble.values() if v.get(key) is not None]

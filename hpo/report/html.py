@@ -31,7 +31,8 @@ from hpo.errors import HpoError
 from hpo.report.figures import retrain_sections
 from hpo.report.pareto_figures import pareto_sections
 from hpo.report.study_figures import optuna_sections
-from hpo.search.study import load
+from hpo.report.trials_table import trials_section
+from hpo.search.study import SPEC_TEXT_ATTR, open_study
 from hpo.spec.schema import StudySpec
 from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
@@ -140,12 +141,14 @@ def spec_text(spec: StudySpec) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
-def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> None:
+def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[optuna.trial.FrozenTrial], *,
+                       spec_written: str | None = None) -> None:
     sec = page.section("statistics", "Study statistics")
     rows = [("study", s.name), ("description", spec.description or "-"),
             ("objective", f"{s.direction} {s.metric}"), ("model family", spec.model),
             ("finished trials", s.finished), ("pruned trials", s.counts["PRUNED"]),
-            ("complete trials", s.counts["COMPLETE"]), ("failed trials", s.counts["FAIL"]),
+            ("complete trials", s.counts["COMPLETE"]), ("failed trials", s.failed),
+            ("interrupted (re-queued)", s.interrupted),
             ("running / waiting", f"{s.counts['RUNNING']} / {s.counts['WAITING']}"),
             ("best value", f"{_num(s.best_value)}" + (f" (trial #{s.best_trial})" if s.best_trial is not None else "")
              if s.pareto is None else f"a Pareto set of {len(s.pareto)} trials (below)"),
@@ -169,19 +172,25 @@ def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[opt
         sec.parts.append(table([(k, f"{v:.6g}" if isinstance(v, float) else v) for k, v in s.best_params.items()]))
     else:
         sec.parts.append(missing(f"no complete trial yet; run: hpo worker --study {s.name}"))
-    sec.parts.append(f"<h3>Spec</h3><pre>{html.escape(spec_text(spec))}</pre>")
+    if spec_written is not None:
+        sec.parts.append(f"<h3>Spec</h3><p>As written in its file at create-study.</p>"
+                         f"<pre>{html.escape(spec_written)}</pre>")
+    else:  # a study made through the API, or before the file's text was kept
+        sec.parts.append(f"<h3>Spec</h3><pre>{html.escape(spec_text(spec))}</pre>")
 
 
 def study_page(summary: Summary, spec: StudySpec, direction: optuna.study.StudyDirection | list,
-               trials: list[optuna.trial.FrozenTrial], retrained: set[int] = frozenset()) -> Page:
+               trials: list[optuna.trial.FrozenTrial], retrained: set[int] = frozenset(), *,
+               spec_written: str | None = None) -> Page:
     """The page's statistics and Optuna's figures, from the study's summary and its trials (a study
     of several objectives, ``direction`` a list: the Pareto front and hypervolume history)."""
     page = Page()
-    statistics_section(page, summary, spec, trials)
+    statistics_section(page, summary, spec, trials, spec_written=spec_written)
     if isinstance(direction, list):
         pareto_sections(page, summary.name, direction, spec.metric_names, trials, retrained)
     else:
         optuna_sections(page, summary.name, direction, trials)
+    trials_section(page, trials)
     return page
 
 
@@ -214,9 +223,27 @@ def report_path(study_name: str, out: str | Path | None) -> Path:
     if out is None:
         return default_out(study_name)
     text = str(out)
-    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+    try:
+        folder = text.endswith(("/", os.sep)) or Path(text).is_dir()
+    except OSError:  # e.g. a name too long: writing it says so in one line
+        folder = False
+    if folder:
         return name_in(Path(text), study_name, what="study name", suffix=".html")
     return Path(text)
+
+
+def _check_replaceable(path: Path) -> None:
+    """A report replaces an earlier report, never another file (``--out README.md``)."""
+    try:
+        if not path.exists():
+            return
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise HpoError(f"--out: cannot write the report to {path}: {e.strerror or e}") from e
+    if b"<title>hpo report: " not in head:
+        raise HpoError(f"--out: {path} exists and is not an hpo report; a report replaces only an earlier "
+                       f"report: remove it yourself or choose another --out")
 
 
 def write_report(study_name: str, *, storage_url: str | None = None, artifacts: str | None = None,
@@ -226,7 +253,8 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     Args:
         artifacts: artifact folder of the retrain files (default: beside the store, see ``hpo.store``).
         out: file to write (default ``storage/reports/<study>.html``; a folder, or a path ending
-            with a slash: ``out/<study>.html``); written whole or not at all.
+            with a slash: ``out/<study>.html``); written whole or not at all, replacing an earlier
+            report there but no other file.
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
@@ -234,18 +262,20 @@ def write_report(study_name: str, *, storage_url: str | None = None, artifacts: 
     """
     start = time.perf_counter()
     path = report_path(study_name, out)
+    _check_replaceable(path)
     storage = open_storage(storage_url, heartbeat=False)
-    study, spec = load(study_name, storage)
+    study, spec = open_study(study_name, storage)
     trials = read_trials(storage, optuna_private.study_id(study))  # the one read of the trials
     if not trials:
         raise HpoError(f"study {study_name!r} has no trials yet; run: hpo worker --study {study_name}")
+    written = study.user_attrs.get(SPEC_TEXT_ATTR)
     if spec.multi_objective:
         from hpo.retrain.results import list_retrains
 
         page = study_page(summarize(study), spec, list(study.directions), trials,
-                          {r.trial_number for r in list_retrains(study)})
+                          {r.trial_number for r in list_retrains(study)}, spec_written=written)
     else:
-        page = study_page(summarize(study), spec, study.direction, trials)
+        page = study_page(summarize(study), spec, study.direction, trials, spec_written=written)
     retrain_sections(page, study, spec, artifact_store=lambda: open_artifact_store(storage_url, artifacts),
                      storage=storage)
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

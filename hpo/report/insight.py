@@ -173,9 +173,12 @@ def activation_profiles(model: nn.Module, inputs: torch.Tensor, labels: list[str
         for h in hooks:
             h.remove()
     rows = len(acts)
-    gap = 0.12 / max(rows - 1, 1) if rows > 1 else 0.0
+    plot_px, gap_px = 220, 70  # each layer's heatmap; the room between two for the next layer's title
+    total_px = rows * plot_px + (rows - 1) * gap_px
+    gap = gap_px / total_px if rows > 1 else 0.0
     fig = make_subplots(rows=rows, cols=1, vertical_spacing=gap,
-                        subplot_titles=[f"layer {n} ({out.shape[1]} units)" for n, out in acts])
+                        subplot_titles=[f"hidden layer {i} ({out.shape[1]} units)" for i, (_, out) in
+                                        enumerate(acts, start=1)])
     for row, (_, out) in enumerate(acts, start=1):
         order = torch.argsort(out.mean(0), descending=True)
         axis = "coloraxis" if row == 1 else f"coloraxis{row}"
@@ -185,8 +188,10 @@ def activation_profiles(model: nn.Module, inputs: torch.Tensor, labels: list[str
         height = (1 - gap * (rows - 1)) / rows
         fig.layout[axis] = dict(colorscale="Viridis", colorbar=dict(
             title="activation", len=height, y=1 - (row - 1) * (height + gap) - height / 2, yanchor="middle"))
-    fig.update_xaxes(title_text="unit (sorted by mean activation over these inputs)")
-    fig.update_layout(title="Activation profiles of each hidden layer: inputs × units", height=220 * rows + 100)
+    # The axis title once, under the last layer: under every layer it ran into the next one's title.
+    fig.update_xaxes(title_text="unit (sorted by mean activation over these inputs)", row=rows, col=1)
+    fig.update_layout(title="Activation profiles of each hidden layer: inputs × units", height=total_px + 170,
+                      margin=dict(l=60, r=30, t=90, b=70))
     return fig
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import html
 import itertools
+import math
 import random
 from collections.abc import Callable
 
@@ -23,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 WEBGL_POINTS = 1_000  # points in one figure above which its scatter traces are drawn with WebGL
 MAX_PARALLEL_TRIALS = 500  # parallel coordinates: the best N complete trials
 MAX_CONTOUR_TRIALS = 200  # contour: the best N complete trials (its grid is N x N cells)
+MIN_IMPORTANCE_TRIALS = 20  # complete trials below which importances are said to be not yet meaningful
 MAX_IMPORTANCE_TRIALS = 2_000  # importances: a seeded random sample of the complete trials past this
 MAX_HISTORY_TRIALS = 150  # intermediate-value lines drawn; more only blur into one band
 MIN_PAIR_TRIALS = 10  # complete trials a contour pair must share (all of them when fewer are complete)
@@ -88,7 +90,8 @@ def timeline_webgl(trials: list[FrozenTrial]) -> go.Figure:
     """Optuna's timeline (a bar per trial from its start to its end, by state) as WebGL line
     segments: 10,000 SVG bars take seconds to draw and megabytes of page."""
     def ms(moment: datetime.datetime) -> float:  # a date axis reads numbers as ms since 1970 UTC
-        return moment.replace(tzinfo=datetime.UTC).timestamp() * 1000
+        # Optuna 5 reads trial times as local times without a zone (it stores them in UTC).
+        return moment.timestamp() * 1000
 
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     latest = ms(max(ends) if ends else max(t.datetime_start for t in trials if t.datetime_start))
@@ -111,6 +114,38 @@ def timeline_webgl(trials: list[FrozenTrial]) -> go.Figure:
             line=dict(color=STATE_COLOURS[state.name], width=2)))
     fig.update_layout(title=f"Timeline Plot (WebGL: one line per trial, {len(trials):,} trials)",
                       xaxis=dict(title="Datetime", type="date"), yaxis_title="Trial", showlegend=True)
+    return fig
+
+
+def integer_ticks(fig: go.Figure, trials: list[FrozenTrial], *, most: int = 6) -> go.Figure:
+    """Optuna's parallel coordinates with whole-number ticks on the axes of integer parameters (it
+    puts five evenly spaced ticks on every numeric axis: 1, 1.5, 2, 2.5, 3 for a layer count). Its
+    ticks are annotations at the axis index, placed linearly between the axis' lowest and highest
+    value; log-scaled and categorical axes keep theirs."""
+    labels = list(fig.layout.xaxis.ticktext or [])
+    ints: dict[str, list[int]] = {}
+    for t in trials:
+        for name, dist in t.distributions.items():
+            if isinstance(dist, optuna.distributions.IntDistribution) and not dist.log and name in t.params:
+                ints.setdefault(name, []).append(int(t.params[name]))
+    annotations = list(fig.layout.annotations or [])
+    for name, values in ints.items():
+        label = name if len(name) < 20 else f"{name[:17]}..."  # as Optuna truncates its axis labels
+        lo, hi = min(values), max(values)
+        if label not in labels or lo == hi:
+            continue
+        axis = labels.index(label)
+        ticks = [a for a in annotations if a.x == axis and a.text != "None"]  # "None": trials without it
+        if len(ticks) < 2:
+            continue
+        bottom, top = min(a.y for a in ticks), max(a.y for a in ticks)  # where lo and hi sit
+        step = max(1, math.ceil((hi - lo) / (most - 1)))
+        whole = list(range(lo, hi + 1, step))
+        style = ticks[0].to_plotly_json()
+        annotations = [a for a in annotations if a not in ticks] + [
+            go.layout.Annotation({**style, "y": bottom + (v - lo) / (hi - lo) * (top - bottom), "text": str(v)})
+            for v in whole]
+    fig.layout.annotations = annotations
     return fig
 
 
@@ -149,6 +184,10 @@ def optuna_sections(page, name: str, direction: optuna.study.StudyDirection, tri
         sec.parts.append(page.note(f"parameter importances need at least 2 complete trials with parameters; {hint}"))
     else:
         sample = complete
+        if len(complete) < MIN_IMPORTANCE_TRIALS:
+            sec.parts.append(page.note(
+                f"only {len(complete)} complete trial{'s' if len(complete) != 1 else ''}: importances from fewer than "
+                f"~{MIN_IMPORTANCE_TRIALS} are not yet meaningful (a few more trials can reorder them); {hint}"))
         if len(complete) > MAX_IMPORTANCE_TRIALS:
             sample = sorted(random.Random(0).sample(complete, MAX_IMPORTANCE_TRIALS), key=lambda t: t.number)
             sec.parts.append(note(f"From a random sample of {MAX_IMPORTANCE_TRIALS} of the {len(complete)} complete trials."))
@@ -182,7 +221,8 @@ def optuna_sections(page, name: str, direction: optuna.study.StudyDirection, tri
     else:
         drawn, which = best_of(complete, direction, MAX_PARALLEL_TRIALS)
         sec.parts.append(note(f"Drawn: {which}."))
-        sec.parts.append(page.figure(lambda: vis.plot_parallel_coordinate(Snapshot(direction, drawn)),
+        sec.parts.append(page.figure(lambda: integer_ticks(vis.plot_parallel_coordinate(Snapshot(direction, drawn)),
+                                                           drawn),
                                      "parallel coordinates"))
 
     sec = page.section("intermediate", "Intermediate values (pruning)")

@@ -12,7 +12,6 @@ grid is given only for one input feature; for classification ``y_test`` and ``ma
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,10 @@ import optuna
 import torch
 
 from hpo.data.dataset import Dataset, raw_input_stats
+from hpo.export.json_text import strict_dumps
 from hpo.nn import registry
 from hpo.retrain import ensemble
-from hpo.retrain.results import RetrainRecord, save_retrain
+from hpo.retrain.results import RetrainMetrics, RetrainRecord, save_retrain
 from hpo.spec.schema import StudySpec
 from hpo.store import optuna_private
 from hpo.training.trainer import TrainResult, predict, score
@@ -99,21 +99,21 @@ def ensembles(data: Dataset, outputs: torch.Tensor, best: int, metrics: dict, mo
     return arrays
 
 
-def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics: dict, curves: list,
+def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics: RetrainMetrics, curves: list,
                 arrays: dict, models) -> dict[str, Path]:
     """The files of ``hpo.retrain.results``' contract, written into ``folder``; returns them by name."""
     files = {"metrics.json": folder / "metrics.json", "curves.json": folder / "curves.json",
              "predictions.npz": folder / "predictions.npz", "model.json": folder / "model.json"}
-    files["metrics.json"].write_text(json.dumps(metrics, indent=2))
-    files["curves.json"].write_text(json.dumps({"folds": curves}))
+    files["metrics.json"].write_text(strict_dumps(metrics.to_dict()))
+    files["curves.json"].write_text(strict_dumps({"folds": curves}, indent=None))
     np.savez_compressed(files["predictions.npz"], **arrays)
     given = registry.entry(spec.model).provenance  # the code that trained these weights
-    files["model.json"].write_text(json.dumps({
+    files["model.json"].write_text(strict_dumps({
         "family": spec.model, "distribution": given["distribution"], "version": given["version"],
         "in_shape": list(data.in_shape), "out_features": data.out_features,
         "task": data.task, "hyperparams": hp, "normalization": data.normalization, "classes": list(data.classes),
         "input_stats": raw_input_stats(data),
-    }, indent=2))
+    }))
     for i, model in enumerate(models):
         path = folder / f"fold_{i}.pt"
         torch.save({n: t.detach().cpu() for n, t in model.state_dict().items()}, path)
@@ -122,14 +122,14 @@ def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics:
 
 
 def save(study: optuna.Study, artifact_store, trial: optuna.trial.FrozenTrial, *, spec: StudySpec, data: Dataset,
-         hp: dict, metrics: dict, curves: list, arrays: dict, models) -> RetrainRecord:
+         hp: dict, metrics: RetrainMetrics, curves: list, arrays: dict, models) -> RetrainRecord:
     """Write the files and save them as a new retrain record of the study (``hpo.retrain.results``)."""
     with tempfile.TemporaryDirectory(prefix="hpo-retrain-") as tmp:
         files = write_files(Path(tmp), spec, data, hp, metrics, curves, arrays, models)
-        best = metrics["best_fold"]
-        summary = {"metric": metrics["metric"], "path": metrics["path"],
-                   "train_seconds": round(metrics["train_seconds"], 3),
-                   "best_fold": best, "best_fold_test_metric": metrics["per_fold"][best]["test_metric"],
-                   **{f"{name}_test_metric": e["test_metric"] for name, e in metrics["ensemble"].items()}}
+        best = metrics.best_fold
+        summary = {"metric": metrics.metric, "path": metrics.path,
+                   "train_seconds": round(metrics.train_seconds, 3),
+                   "best_fold": best, "best_fold_test_metric": metrics.per_fold[best]["test_metric"],
+                   **{f"{name}_test_metric": e["test_metric"] for name, e in metrics.ensemble.items()}}
         return save_retrain(study, artifact_store, trial_number=trial.number, trial_id=optuna_private.trial_id(trial),
-                            folds=metrics["folds"], files=files, summary=summary)
+                            folds=metrics.folds, files=files, summary=summary)

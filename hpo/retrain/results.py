@@ -7,10 +7,7 @@ optuna-dashboard's ``dashboard:artifacts:<trial_id>:<artifact_id>`` key (shown i
 never overwrites an older one.
 
 Files of one retrain (names are the keys of ``RetrainRecord.files``):
-- ``metrics.json``: task, folds, seed, trial_number, params, hyperparams, path ("stacked" or
-  "sequential"), train_seconds, model_epochs_per_s, per_fold [{fold, val_loss, val_metric,
-  test_loss, test_metric, epochs_run}], best_fold, ensemble {"mean" | "majority_vote" | "soft_vote":
-  {test_loss?, test_metric}}, classes, confusion {"best": [[...]], "majority_vote": [[...]]}.
+- ``metrics.json``: the fields of :class:`RetrainMetrics`, which documents each.
 - ``curves.json``: {"folds": [{"epoch": [...], "train_loss": [...], "val_loss": [...], "val_metric": [...]}]}.
 - ``predictions.npz``: y_test, fold_outputs (K, N, C), and for regression ensemble_mean, grid_x,
   grid_best, grid_mean; for classification majority_vote, soft_vote.
@@ -25,7 +22,7 @@ import json
 import tempfile
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,13 +41,63 @@ LATEST_ATTR = "hpo_retrain_latest"
 
 
 @dataclass(frozen=True)
+class RetrainMetrics:
+    """What one retrain measured: the contents of its ``metrics.json``, key for key (JSON order).
+
+    ``val_*`` scores are on each fold's held-out part of the pool, ``test_*`` on the test set;
+    ``metric`` names the score behind every ``*_metric`` (``accuracy`` for classification, ``mse``
+    otherwise).
+    """
+
+    task: str  # "classification" | "regression"
+    folds: int  # K
+    seed: int  # the spec's seed: the folds' split (``hpo.data.splits.split_folds``)
+    trial_number: int  # the trial retrained
+    params: dict[str, Any]  # its Optuna parameters
+    hyperparams: dict[str, Any]  # the resolved hyperparameters trained with (retrain epochs applied)
+    path: str  # "stacked" (K models together, torch.func) or "sequential"
+    path_reason: str  # why that path: "requested", "CUDA device", "CPU device", or why the models cannot be stacked
+    cuda_graph: bool  # every model trained with its step captured in a CUDA graph
+    device: str  # e.g. "cpu", "cuda:0"
+    train_seconds: float  # wall time of this run's training (a resumed run: its own part only)
+    model_epochs_per_s: float | None  # epochs trained by this run, over all K models, per second
+    per_fold: list[dict[str, Any]]  # [{fold, val_loss, val_metric, test_loss, test_metric, epochs_run}]
+    best_fold: int  # best on validation (metric, then loss): the tie-breaker of the majority vote
+    metric: str  # "accuracy" | "mse"
+    classes: list[str]  # class names (classification), else []
+    fold_seeds: list[int]  # fold i's seed: initial weights and batch order (``hpo.training.seeds.fold_seed``)
+    split: str  # "StratifiedKFold" | "KFold"
+    resumed_from: str | None  # where a resumed retrain's checkpoint was taken ("fold 2, epoch 5"), else None
+    data: dict[str, Any]  # the pool the folds split: {samples, of (the whole pool), full_data}
+    ensemble: dict[str, dict[str, float]]  # {"mean" | "majority_vote" | "soft_vote": {test_loss?, test_metric}}
+    confusion: dict[str, list[list[int]]]  # classification: {"best": [[...]], "majority_vote": [[...]]}; else {}
+    version_mismatch: str | None = None  # the model family's or source's version differs from the study's (allowed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``metrics.json`` object (``version_mismatch`` only when there is one)."""
+        out = asdict(self)
+        if out["version_mismatch"] is None:
+            del out["version_mismatch"]
+        return out
+
+
+@dataclass(frozen=True)
 class RetrainRecord:
+    """One retrain as the study records it (a study user attr): its files in the artifact store
+    and headline numbers. ``metrics`` is set on the record ``hpo.retrain.run.run_retrain``
+    returns; a record read back from the study has None there (its ``metrics.json`` holds them)."""
+
     id: str
     trial_number: int
     folds: int
     created: str  # ISO 8601, UTC
     files: dict[str, str]  # file name -> artifact id
     summary: dict[str, Any]  # headline numbers, e.g. {"ensemble_test_metric": 0.91}
+    metrics: RetrainMetrics | None = field(default=None, compare=False)
+
+    def stored(self) -> dict[str, Any]:
+        """The record as the study's user attr keeps it (without ``metrics``)."""
+        return {k: v for k, v in asdict(self).items() if k != "metrics"}
 
 
 def save_retrain(study: optuna.Study, artifact_store, *, trial_number: int, folds: int, files: dict[str, Path],
@@ -80,7 +127,7 @@ def save_retrain(study: optuna.Study, artifact_store, *, trial_number: int, fold
         summary=summary,
     )
     # The record goes in last: a retrain that failed halfway leaves no record pointing at it.
-    study.set_user_attr(RECORD_PREFIX + record.id, asdict(record))
+    study.set_user_attr(RECORD_PREFIX + record.id, record.stored())
     study.set_user_attr(LATEST_ATTR, record.id)
     return record
 

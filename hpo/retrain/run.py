@@ -8,57 +8,51 @@ the shapes in ``predictions.npz``).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from optuna.trial import TrialState
 
 from hpo.data.dataset import Dataset
-from hpo.data.sources import load_dataset
-from hpo.data.splits import kfold_indices
+from hpo.data.sources import load_dataset, on_device
+from hpo.data.splits import split_folds
 from hpo.errors import HpoError
 from hpo.nn import registry
+from hpo.report.dashboard import save_retrain_note
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
-from hpo.retrain.results import RetrainRecord
+from hpo.retrain.results import RetrainMetrics, RetrainRecord
 from hpo.running.progress import QUIET, Progress
+from hpo.running.signals import StopSignal
 from hpo.search import provenance
-from hpo.search.objective import trial_seed
 from hpo.search.pareto import needs_trial
 from hpo.search.space import hyperparams_from_params
-from hpo.search.study import load, study_id
+from hpo.search.study import open_study, study_id
+from hpo.spec.domains import domain_of
 from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
+from hpo.training.boundary import EpochBoundary
 from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
 from hpo.training.folds import device_folds, fold_models, train_sequential, train_stacked_folds
+from hpo.training.seeds import trial_seed
 from hpo.training.stacked import Fold, stack_problem
 from hpo.training.trainer import TrainResult, predict
 
 
-def split_folds(data: Dataset, *, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K seeded folds of the whole training pool ``data.x``: stratified by class for classification.
+def _choose_trial(study, trial_number: int | None, budget: int | None = None):
+    from hpo.store.budget import more_trials_hint
 
-    Raises:
-        HpoError: when there are too few samples (or samples of some class) for K folds.
-    """
-    labels = data.y.cpu().numpy() if data.task == "classification" else None
-    return kfold_indices(np.arange(len(data.x)), folds=folds, seed=seed, labels=labels)
-
-
-def _choose_trial(study, trial_number: int | None):
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
     if trial_number is None:
         if len(study.directions) > 1:
             raise needs_trial(study, "hpo retrain")
         if not any(t.state == TrialState.COMPLETE for t in trials):
-            raise HpoError(f"study {name!r} has no complete trial; run hpo worker --study {name} first")
+            raise HpoError(f"study {name!r} has no complete trial; {more_trials_hint(study, budget)}")
         return study.best_trial
     if not 0 <= trial_number < len(trials):
         raise HpoError(f"--trial: study {name!r} has no trial {trial_number}; trials are 0..{len(trials) - 1}")
@@ -82,7 +76,6 @@ def run_retrain(
     full_data: bool | None = None,
     epochs: int | None = None,
     echo: Callable[[str], None] | None = None,
-    on_metrics: Callable[[dict[str, Any]], None] | None = None,
     progress: Progress | None = None,
     allow_version_mismatch: bool = False,
 ) -> RetrainRecord:
@@ -102,39 +95,40 @@ def run_retrain(
             when the spec sets neither).
         epochs: epochs per fold model (default: the spec's ``retrain.epochs``, else the trial's).
         echo: where progress lines go (default: nowhere).
-        on_metrics: called with the contents of ``metrics.json`` once the retrain is saved.
         progress: shows the folds x epochs done, the latest fold's validation value and the time
             left (default: nothing).
         allow_version_mismatch: go on with the study's model family at another version here
             (``metrics.json`` records the difference as ``version_mismatch``).
 
     Returns:
-        The new record (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
+        The new record, with its :class:`~hpo.retrain.results.RetrainMetrics` (the run's ``metrics.json``) in ``metrics`` (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
 
     Raises:
         HpoError: no such study, no complete trial, bad fold count, training failed, or
             ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked/--full-data/
             --epochs that differ from it).
-        RetrainInterrupted: told to stop (SIGINT/SIGTERM); the checkpoint is saved.
+        hpo.training.boundary.Interrupted: told to stop (SIGINT/SIGTERM) at an epoch boundary, after
+            the checkpoint was saved (its ``saved`` says whether; None when checkpoints are off).
     """
     echo = echo or (lambda line: None)
     storage = open_storage(storage_url, heartbeat=False)
     mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id(storage, study_name)).get(provenance.ATTR),
                                        study=study_name, allow=allow_version_mismatch)
-    study, spec = load(study_name, storage)
-    store = CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts) \
-        if spec.checkpoint.enabled else None
+    study, spec = open_study(study_name, storage)
+    store = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     if resume:
         trial_number, folds, stacked, full_data, epochs = _unfinished_retrain(
             store, study_name, trial_number=trial_number, folds=folds, stacked=stacked, full_data=full_data,
             epochs=epochs)
-    trial = _choose_trial(study, trial_number)
+    trial = _choose_trial(study, trial_number, spec.budget.n_trials)
     k = int(folds or spec.retrain.folds)
+    if folds is not None and not domain_of("retrain.folds").contains(k):
+        raise HpoError(f"--folds: got {k}; allowed: {domain_of('retrain.folds')}")
     hp = _retrain_hyperparams(spec, trial.params, epochs=epochs)
     artifact_store = open_artifact_store(storage_url, artifacts)
 
     data, pool = _training_pool(spec, storage, full_data=bool(full_data), data_dir=data_dir, device=device)
-    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec, trial.number), device=device)
+    fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec.seed, trial.number), device=device)
     models = fold_models(spec.model, hp, data, seeds=[f.seed for f in fold_list], device=device)
     unstackable = None if registry.family(spec.model).stackable else \
         f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
@@ -146,45 +140,53 @@ def run_retrain(
     meta = {"kind": "retrain", "study": study_name, "trial": trial.number, "folds": k, "path": path,
             "params": dict(trial.params), "hyperparams": hp, "spec": fingerprint(spec.to_dict()),
             "full_data": bool(full_data)}
-    ckpt, saved, resumed_from = _open_checkpoint(store, meta, spec=spec, resume=resume, echo=echo)
+    ckpt, saved, resumed_from = _open_checkpoint(store, meta, resume=resume, echo=echo)
 
-    trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, saved=saved,
-                           device=device, progress=progress or QUIET, echo=echo)
+    # The stop signal is the retrain's, with checkpoints or without: SIGINT/SIGTERM stop it at the
+    # next epoch boundary (hpo.training.boundary), as they stop a worker's trial.
+    with StopSignal("checkpointing the retrain after the current epoch" if ckpt is not None
+                    else "stopping the retrain after the current epoch (checkpoint: false, nothing to resume)") as stop:
+        boundary = EpochBoundary(should_stop=lambda: stop.requested, every_seconds=spec.checkpoint.every_seconds,
+                                 label="retrain", **({"warn": store.warn} if store is not None else {}))
+        trained = _train_folds(models, data, hp, fold_list, stacked=use_stacked, checkpoint=ckpt, boundary=boundary,
+                               saved=saved, device=device, progress=progress or QUIET, echo=echo)
     for note in trained.notes:
         echo(f"  note: {note}")
 
     outputs = torch.stack([predict(m, data.x_test) for m in models])  # (K, N, C)
     per_fold, best = retrain_outputs.fold_scores(data, outputs, trained.results)
-    metric_name = retrain_outputs.metric_name(data.task)
-    epochs_total = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)  # trained by this run
-    metrics: dict[str, Any] = {
+    metrics = {
         "task": data.task, "folds": k, "seed": spec.seed, "trial_number": trial.number,
-        "params": dict(trial.params), "hyperparams": hp, "path": path,
-        "path_reason": reason, "cuda_graph": trained.cuda_graph, "device": str(device),
-        "train_seconds": trained.seconds,
-        "model_epochs_per_s": epochs_total / trained.seconds if trained.seconds > 0 else None,
-        "per_fold": per_fold, "best_fold": best, "metric": metric_name, "classes": list(data.classes),
-        "fold_seeds": [f.seed for f in fold_list],
+        "params": dict(trial.params), "hyperparams": hp, "path": path, "path_reason": reason,
+        "cuda_graph": trained.cuda_graph, "device": str(device), **_speed(trained),
+        "per_fold": per_fold, "best_fold": best, "metric": retrain_outputs.metric_name(data.task),
+        "classes": list(data.classes), "fold_seeds": [f.seed for f in fold_list],
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
         "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
-        "data": {k: v for k, v in pool.items() if k != "says"},  # samples, of, full_data
+        "data": {key: v for key, v in pool.items() if key != "says"},  # samples, of, full_data
     }
-    if mismatches:
-        metrics["version_mismatch"] = "; ".join(mismatches)
     arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
-    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=metrics,
-                                  curves=retrain_outputs.curves(trained.results, metric_name), arrays=arrays,
+    # RetrainMetrics is the documented metrics.json: a key missing or extra fails here, not in a reader.
+    measured = RetrainMetrics(**metrics, version_mismatch="; ".join(mismatches) or None)
+    record = retrain_outputs.save(study, artifact_store, trial, spec=spec, data=data, hp=hp, metrics=measured,
+                                  curves=retrain_outputs.curves(trained.results, measured.metric), arrays=arrays,
                                   models=models)
+    save_retrain_note(study, metrics, record)  # fold scores and votes, readable in optuna-dashboard
     if ckpt is not None:
         ckpt.discard()  # saved: nothing left to resume
-    if on_metrics:
-        on_metrics(metrics)
-    return record
+    return replace(record, metrics=measured)
+
+
+def _speed(trained: _Trained) -> dict[str, float | None]:
+    """``train_seconds`` and ``model_epochs_per_s`` of this run (a resumed run: the epochs it trained)."""
+    epochs = sum(r.epochs_run - r.resumed_from_epoch for r in trained.results)
+    return {"train_seconds": trained.seconds,
+            "model_epochs_per_s": epochs / trained.seconds if trained.seconds > 0 else None}
 
 
 def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial_number: int | None,
                         folds: int | None, stacked: bool | None, full_data: bool | None,
-                        epochs: int | None) -> tuple[int, int, bool, bool, int]:
+                        epochs: int | None) -> tuple[int, int, bool, bool, int | None]:
     """The trial, K, path (stacked or not), data (full or the search's) and epochs of the study's
     unfinished retrain, which --resume continues.
 
@@ -194,13 +196,16 @@ def _unfinished_retrain(store: CheckpointStore | None, study_name: str, *, trial
     asked = RetrainCheckpoint.unfinished(store, study_name)
     # A checkpoint from before retrains used the search's data trained on the whole pool.
     saved_full = bool(asked.get("full_data", True))
-    saved_epochs = int(asked["hyperparams"]["epochs"])
+    # A checkpoint that does not say its epochs (another retrain's meta) is refused later, when its meta
+    # is compared with this retrain's; here it only cannot contradict --epochs.
+    saved_epochs = (asked.get("hyperparams") or {}).get("epochs")
     for flag, given, saved in (("--trial", trial_number, asked["trial"]), ("--folds", folds, asked["folds"]),
                                ("--stacked/--sequential", stacked, asked["path"] == "stacked"),
                                ("--full-data", full_data, saved_full), ("--epochs", epochs, saved_epochs)):
-        if given is not None and given != saved:
+        if given is not None and saved is not None and given != saved:
             raise HpoError(f"{flag}: got {given}, but the unfinished retrain has {saved}; leave it out to resume")
-    return asked["trial"], asked["folds"], asked["path"] == "stacked", saved_full, saved_epochs
+    return (asked["trial"], asked["folds"], asked["path"] == "stacked", saved_full,
+            int(saved_epochs) if saved_epochs is not None else epochs)
 
 
 def _retrain_hyperparams(spec: StudySpec, params: dict[str, Any], *, epochs: int | None = None) -> dict[str, Any]:
@@ -237,19 +242,19 @@ def _training_pool(spec: StudySpec, storage, *, full_data: bool, data_dir: str |
                                    if getattr(d, k) is not None)
             says = (f"the search's {len(searched):,} of {total:,} training samples ({subsets}); "
                     f"--full-data trains on all")
-    data = data.to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they split
+    data = on_device(data, device)
     return data, {"samples": len(data.x), "of": total, "full_data": len(data.x) == total, "says": says}
 
 
 def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: torch.device) -> list[Fold]:
-    """``split_folds`` as index tensors on the device, fold i's batch order seeded ``base_seed * 100 + i``.
+    """``split_folds`` as index tensors on the device, fold i seeded ``fold_seed(base_seed, i)``.
 
     Raises:
         HpoError: as ``split_folds``.
     """
-    return device_folds(split_folds(data, folds=folds, seed=seed), base_seed=base_seed, device=device)
+    labels = data.y.cpu().numpy() if data.task == "classification" else None
+    splits = split_folds(len(data.x), folds=folds, seed=seed, labels=labels)
+    return device_folds(splits, base_seed=base_seed, device=device)
 
 
 def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device, *,
@@ -272,18 +277,18 @@ def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: to
     return use_stacked, "CUDA device" if use_stacked else "CPU device"
 
 
-def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, spec: StudySpec, resume: bool,
+def _open_checkpoint(store: CheckpointStore | None, meta: dict[str, Any], *, resume: bool,
                      echo: Callable[[str], None]) -> tuple[RetrainCheckpoint | None, dict[str, Any] | None, str | None]:
     """The retrain's checkpoint (None when checkpoints are off), the saved state to resume from
     (None: start over) and when it was taken. Without ``resume``, an unfinished retrain's
     checkpoint is discarded: --resume continues the latest retrain."""
     if store is None:
         return None, None, None
-    ckpt = RetrainCheckpoint(store, meta, every_seconds=spec.checkpoint.every_seconds)
+    ckpt = RetrainCheckpoint(store, meta)
     if not resume:
         ckpt.discard()
         return ckpt, None, None
-    saved = ckpt.load()
+    saved = ckpt.read()
     resumed_from = store.meta(RETRAIN_KEY)["at"] if saved is not None else None
     echo(f"  resuming from its checkpoint ({resumed_from})" if saved is not None
          else "  its checkpoint could not be used: starting over")
@@ -299,10 +304,11 @@ class _Trained:
 
 
 def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
-                 stacked: bool, checkpoint: RetrainCheckpoint | None, saved: dict[str, Any] | None,
-                 device: torch.device, progress: Progress, echo: Callable[[str], None]) -> _Trained:
+                 stacked: bool, checkpoint: RetrainCheckpoint | None, boundary: EpochBoundary,
+                 saved: dict[str, Any] | None, device: torch.device, progress: Progress,
+                 echo: Callable[[str], None]) -> _Trained:
     """Train the fold models, stacked or one after another, with a progress bar over folds x
-    epochs and the checkpoint's SIGINT/SIGTERM handling."""
+    epochs, checkpointing and stopping at epoch boundaries as ``boundary`` says."""
     k, epochs, metric = len(models), int(hp["epochs"]), retrain_outputs.metric_name(data.task)
     bar = progress.bar(total=k * epochs, desc=f"retrain ({k} folds x {epochs} epochs)")
 
@@ -317,17 +323,18 @@ def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any
 
     start = time.perf_counter()
     cuda_graph, notes = False, []
-    with bar, (checkpoint if checkpoint is not None else contextlib.nullcontext()):
+    with bar:
         if stacked:
             outcome = train_stacked_folds(models, data, hp, folds, on_epoch=record, checkpoint=checkpoint,
-                                          saved=saved, bar=bar)
+                                          boundary=boundary, saved=saved, bar=bar)
             results, cuda_graph, notes = outcome.results, outcome.cuda_graph, outcome.notes
         else:
             results = train_sequential(models, data, hp, folds, on_epoch=record, on_fold=fold_done,
-                                       checkpoint=checkpoint, saved=saved, bar=bar)
+                                       checkpoint=checkpoint, boundary=boundary, saved=saved, bar=bar)
             cuda_graph = all(r.path == "cuda_graph" for r in results)
             if device.type == "cuda":
                 notes = list(dict.fromkeys(f"eager path: {r.path_reason}" for r in results if r.path_reason))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return _Trained(results, cuda_graph, notes, time.perf_counter() - start)
+

@@ -20,7 +20,9 @@ from hpo.errors import HpoError
 from hpo.running.mps import GPU_SHARING_ENV, MpsDaemon
 
 POLL_S = 0.2
-CLEAN_EXITS = (0, 2)  # done, or bad input (a restart would fail the same way)
+# Done, bad input, a full store: a restart would end the same way. A worker that lost the store
+# (75, hpo.errors.StoreUnreachable) is restarted like a crashed one: the store may be back.
+CLEAN_EXITS = (0, 2, 74)
 
 
 @dataclass(frozen=True)
@@ -84,22 +86,44 @@ def sharing_modes(members: list[Member], *, mps: bool) -> list[str | None]:
             for m in members]
 
 
-def worker_command(study_name: str, *, storage: str | None, n_trials: int | None, timeout: float | None,
-                   data_dir: str | None) -> list[str]:
-    """The ``hpo worker`` command line shared by every member (without ``--device``/``--worker-index``)."""
-    command = [sys.executable, "-m", "hpo.cli", "worker", "--study", study_name]
-    for flag, value in (("--storage", storage), ("--n-trials", n_trials), ("--timeout", timeout),
-                        ("--data-dir", data_dir)):
+def check_study(study_name: str, storage_url: str | None) -> None:
+    """Fail fast, once, on a bad store or study name, holding no connection afterwards.
+
+    Raises:
+        StoreError, SpecError: as ``hpo worker`` would.
+    """
+    from hpo.search.study import open_study
+    from hpo.store.storage import open_storage
+
+    storage = open_storage(storage_url, heartbeat=False)
+    try:
+        open_study(study_name, storage)
+    finally:
+        storage.engine.dispose()
+
+
+def worker_command(study_name: str, *, n_trials: int | None, timeout: float | None,
+                   data_dir: str | None, artifacts: str | None = None) -> list[str]:
+    """The ``hpo worker`` command line shared by every member (without ``--device``/``--worker-index``).
+    It never holds the store URL: command lines are readable by every local user (``ps``), so the
+    URL goes through the environment (:func:`worker_env`). The members print no statistics: the
+    fleet prints them once, when all have stopped."""
+    command = [sys.executable, "-m", "hpo.cli", "worker", "--study", study_name, "--no-summary"]
+    for flag, value in (("--n-trials", n_trials), ("--timeout", timeout), ("--data-dir", data_dir),
+                        ("--artifacts", artifacts)):
         if value is not None:
             command += [flag, str(value)]
     return command
 
 
 def worker_env(member: Member, *, sharing: str | None, mps_env: dict[str, str | None],
-               environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The member's environment: the fleet's, its GPU pin, how its GPU is shared (``HPO_GPU_SHARING``)
-    and the MPS client variables (``None`` removes a variable)."""
+               environ: dict[str, str] | None = None, storage: str | None = None) -> dict[str, str]:
+    """The member's environment: the fleet's, the store URL given to the fleet (``HPO_STORAGE``), its
+    GPU pin, how its GPU is shared (``HPO_GPU_SHARING``) and the MPS client variables (``None``
+    removes a variable)."""
     env = dict(os.environ if environ is None else environ, PYTHONUNBUFFERED="1")
+    if storage is not None:
+        env["HPO_STORAGE"] = storage
     if member.gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = member.gpu
     env.pop(GPU_SHARING_ENV, None)
@@ -139,7 +163,8 @@ class FleetResult:
 class Supervisor:
     """Runs the members as child processes, restarts crashed ones and forwards stop signals.
 
-    A crashed worker (exit status not 0 and not 2, no stop signal received) is restarted, at most
+    A crashed worker (exit status not 0, 2 or 74, no stop signal received; 75, a worker that lost the
+    store, is restarted too) is restarted, at most
     ``max_restarts`` times per member, whether or not the others are alive: its running trial is
     re-queued by the heartbeat and run by whichever worker is free.
     """
@@ -207,13 +232,15 @@ class Supervisor:
 
 
 def run_fleet(members: list[Member], command: list[str], *, mps: bool | None, max_restarts: int,
-              echo: Callable[..., None]) -> FleetResult:
+              echo: Callable[..., None], storage: str | None = None) -> FleetResult:
     """Run the fleet to its end: MPS if wanted, the workers, their restarts; stops MPS if it started it.
 
     Args:
         mps: ``True`` starts (or uses) the MPS daemon, ``False`` never, ``None`` when two or more
             workers share a GPU.
         echo: ``click.echo``-like; workers' lines come prefixed ``[wI gpuG]``.
+        storage: the store URL given to the fleet, passed to the workers as ``HPO_STORAGE``
+            (default: they inherit the fleet's environment).
 
     SIGINT/SIGTERM are handled while it runs: the first stops the workers cleanly (their running
     trials are re-queued), the next kills them; the MPS daemon it started is stopped either way.
@@ -231,7 +258,7 @@ def run_fleet(members: list[Member], command: list[str], *, mps: bool | None, ma
     try:
         active = daemon.start() if daemon is not None else False
         sharing = sharing_modes(members, mps=active)
-        supervisor.envs = [worker_env(m, sharing=s, mps_env=daemon.client_env(m.gpu) if daemon else {})
+        supervisor.envs = [worker_env(m, sharing=s, mps_env=daemon.client_env(m.gpu) if daemon else {}, storage=storage)
                            for m, s in zip(members, sharing)]
         say("workers: " + ", ".join(f"{m.label} {m.device}" + (f" ({s})" if s else "")
                                     for m, s in zip(members, sharing)))

@@ -1,4 +1,5 @@
-"""Progress of long work (a trial's epochs, a retrain's folds x epochs) with tqdm bars.
+"""Progress of long work (a trial's epochs, a retrain's folds x epochs) with tqdm bars, and of a
+study against its budget (``BudgetProgress``: one line now and then, with the time left).
 
 On a terminal a bar is one live line, erased when the work ends (the worker's trial line and the
 retrain's table follow it). Anywhere else (a log file, a pipe, ``hpo fleet``'s prefixed output) a
@@ -11,12 +12,17 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from tqdm import tqdm
 
+from hpo.console import budget_line
+from hpo.store.statistics import Summary
+
 LINE_EVERY = 5.0  # seconds between lines when the stream is not a terminal
+BUDGET_EVERY = 10.0  # seconds between a worker's lines on the study's progress
 LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit}s [{elapsed}<{remaining}{postfix}]"
 
 
@@ -83,3 +89,33 @@ class Progress:
 
 
 QUIET = Progress(enabled=False)
+
+
+class BudgetProgress:
+    """The study's progress against its budget as a line (``hpo.console.budget_line``): at the first
+    call, then at most every ``every`` seconds. The time left comes from the rate at which the
+    study's trials finished (by any worker) since this object was made.
+
+    Args:
+        read: the study's statistics now (``hpo.store.statistics.summary``); called once here and
+            once per line.
+        budget: the trials the study runs (None: no limit), or what tells it at each line (``hpo
+            extend`` may raise it while the study runs).
+    """
+
+    def __init__(self, read: Callable[[], Summary], *, budget: int | None | Callable[[], int | None],
+                 every: float = BUDGET_EVERY):
+        self._read, self.budget, self.every = read, budget, every
+        self._finished_at_start, self._start = read().finished, time.monotonic()
+        self._last = -float("inf")
+
+    def line(self) -> str | None:
+        """The line when one is due, else None."""
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return None
+        self._last = now
+        s = self._read()
+        done, minutes = s.finished - self._finished_at_start, (now - self._start) / 60
+        budget = self.budget() if callable(self.budget) else self.budget
+        return budget_line(s, budget=budget, per_minute=done / minutes if done > 0 and minutes > 0 else None)

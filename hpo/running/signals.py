@@ -9,6 +9,16 @@ import threading
 import time
 
 
+def _line_start() -> bytes:
+    """What puts the stop line on a line of its own on a terminal: back to the start of the line and
+    erase it (a progress bar's live line, the terminal's ``^C``; the bar redraws below). Off a
+    terminal every line is written whole, so nothing is needed."""
+    try:
+        return b"\r\x1b[K" if os.isatty(2) else b""
+    except OSError:
+        return b""
+
+
 class StopSignal:
     """A context in which the first SIGINT/SIGTERM sets :attr:`requested` (the caller stops at its
     next epoch boundary) and a second one exits the process at once (exit code 128 + signal).
@@ -42,8 +52,8 @@ class StopSignal:
             first, at = self._first
             if signum == first and time.monotonic() - at < self.DUPLICATE_S:
                 return
-            os.write(2, b"hpo: second signal, exiting now\n")
+            os.write(2, _line_start() + b"hpo: second signal, exiting now\n")
             os._exit(128 + signum)
         self.requested, self._first = True, (signum, time.monotonic())
         # os.write: a print here could land inside another print of the main thread and raise.
-        os.write(2, f"hpo: got {signal.Signals(signum).name}: {self._doing} (again to exit now)\n".encode())
+        os.write(2, _line_start() + f"hpo: got {signal.Signals(signum).name}: {self._doing} (again to exit now)\n".encode())

@@ -9,6 +9,10 @@ Faults a worker survives (each tested): a trial that raises or returns NaN/inf (
 ``fail_reason``), a trial failed meanwhile by another process (dropped with a warning line),
 SIGINT/SIGTERM (FAIL "interrupted", re-queued, exit 0), a store that goes away for less than
 ``HPO_STORE_RETRY`` seconds, another worker dying at any moment.
+
+A store lost for longer, or whose disk is full, is no fault of the trial: the worker leaves the
+trial RUNNING and ends with one line (``StoreUnreachable``: exit 75; ``StoreFull``: exit 74); the
+next worker finds the trial silent after the grace period and re-queues it in its budget place.
 """
 
 from __future__ import annotations
@@ -23,65 +27,89 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.console import trial_line
+from hpo.console import params_line, retry_line, trial_line
 from hpo.data.dataset import Dataset
-from hpo.data.sources import load_dataset
-from hpo.errors import StoreError
-from hpo.running.progress import Progress
+from hpo.data.sources import data_title, load_dataset, on_device
+from hpo.errors import StoreFault, StoreFull, StoreUnreachable, warn
+from hpo.running.progress import BudgetProgress, Progress
 from hpo.running.signals import StopSignal
 from hpo.search import provenance
 from hpo.search import study as studies
-from hpo.search.grid import GridSampler, trials_to_run
+from hpo.search.grid import StoreGridSampler, trials_to_run
 from hpo.search.grid import points as grid_points
-from hpo.search.objective import Abandoned, Interrupted, lineage_number, make_objective
-from hpo.search.study import load
+from hpo.search.objective import Abandoned, lineage_number, make_objective
+from hpo.search.study import open_study
 from hpo.store import budget as budgets
-from hpo.store import optuna_private
+from hpo.store import control, optuna_private
 from hpo.store.config import Heartbeat, env_seconds, mask_url, resolve_url
 from hpo.store.queries import claim, silent_trials, unfinished, waiting_trials
-from hpo.store.retry import is_transient
+from hpo.store.retry import is_disk_full, is_transient, reason
 from hpo.store.statistics import Summary, summarize
+from hpo.store.statistics import summary as study_summary
 from hpo.store.storage import WorkerStorage, open_storage
+from hpo.training.boundary import Interrupted
 from hpo.training.checkpoint import CheckpointStore, trial_key
+from hpo.training.seeds import sampler_seed_offset
 
 WORKER_PREFIX = "hpo:worker:"
-SEED_STRIDE = 10_007  # seed offset = worker number in the store + SEED_STRIDE * --worker-index
 STALE_CHECK_EVERY = 1.0  # seconds
 WAITING_CHECK_EVERY = 1.0  # seconds
 
 _log = logging.getLogger("hpo.running.worker")
 
 
+class StudyGone(Exception):
+    """The worker's study was deleted, or replaced by one of the same name (``create-study --force``)."""
+
+
 class _Heartbeat:
     """Every interval, in a thread: records the trial's heartbeat, then writes its pending reports
     and attrs (so the dashboard follows a running trial) and sees whether another process
-    finished it. The beat never waits on the write: a write that keeps failing does not let
-    other workers think the trial dead. A store outage only skips beats."""
+    finished it, or whether the study was deleted or replaced. The beat never waits on the write: a
+    write that keeps failing does not let other workers think the trial dead. A store outage skips
+    beats; one past ``HPO_STORE_RETRY`` stops the trial after its epoch (``fault``)."""
 
-    def __init__(self, storage: WorkerStorage, trial_id: int):
-        self._storage, self._trial_id = storage, trial_id
+    def __init__(self, storage: WorkerStorage, trial_id: int, study_gone: Callable[[], bool]):
+        self._storage, self._trial_id, self._study_gone = storage, trial_id, study_gone
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self.fault: StoreFault | None = None  # the store was lost past its retries: the trial stops
 
     def _run(self) -> None:
         # The first beat comes after one interval: a trial shorter than that costs no heartbeat
         # writes, and a worker that dies before it is caught by the silent-trial check instead.
         interval = self._storage.get_heartbeat_interval()
         while not self._stop.wait(interval):
-            for step in (self._storage.record_heartbeat, self._storage.refresh):
+            for step in (self._check_study, self._storage.record_heartbeat, self._storage.refresh):
                 try:
-                    step(self._trial_id)
-                except Exception as e:  # noqa: BLE001 - the store's own retries are exhausted; try next beat
+                    if step(self._trial_id) is False:
+                        return
+                except StoreFault as e:
+                    # Past HPO_STORE_RETRY: stop training for nothing; the worker stops after the
+                    # epoch, leaving the trial RUNNING for the next worker to re-queue.
+                    self.fault = e
+                    self._storage.drop(self._trial_id)
+                    return
+                except Exception as e:  # noqa: BLE001 - try again at the next beat
                     _log.warning("heartbeat %s failed: %s", step.__name__,
                                  mask_url(str(e).splitlines()[0] if str(e) else repr(e)))
 
-    def __enter__(self) -> None:
+    def _check_study(self, trial_id: int) -> bool:
+        if self._study_gone():
+            # Write nothing more: the trial's id may be reused by the new study's trials.
+            self._storage.drop(trial_id)
+            return False
+        return True
+
+    def __enter__(self) -> _Heartbeat:
         self._thread.start()
+        return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -101,6 +129,8 @@ class Worker:
         self._silent_since: dict[int, float] = {}  # trial id -> when this worker first saw it without heartbeat
         self._stale_checked = -float("inf")
         self._none_waiting_at: float | None = None
+        self.current: int | None = None  # the number of the trial this worker runs now
+        self.identity = studies.identity(storage, study.study_name)  # (id, creation token) when loaded
 
     def next_trial(self) -> optuna.Trial | None:
         """A re-queued retry if one waits, else an enqueued or new trial within the budget;
@@ -111,7 +141,7 @@ class Worker:
             return None
         self.storage.adopt(frozen)
         optuna_private.cache_trial(self.study, frozen)
-        return optuna.Trial(self.study, frozen._trial_id)
+        return optuna.Trial(self.study, optuna_private.trial_id(frozen))
 
     def _waiting(self) -> list[tuple[int, bool]]:
         """The study's waiting trials, read at most once a second while none waits: a re-queued or
@@ -172,9 +202,28 @@ class Worker:
         Raises:
             Interrupted: when the worker was told to stop; the trial is failed and re-queued first.
         """
+        self.current = trial.number
+        try:
+            finished = self._run(trial, objective)
+        except Exception as e:
+            if not isinstance(e, StoreFault) and self.study_gone():
+                # Its trial went with the study: only the checkpoint is left, which a trial of the
+                # new study with the same number must never resume.
+                self.lineage_ended(optuna_private.cached_frozen_trial(trial))
+                self.current = None
+                raise StudyGone from e
+            raise
+        self.current = None  # left set when the store failed under the trial: it is still RUNNING
+        return finished
+
+    def study_gone(self) -> bool:
+        """Whether the study was deleted or replaced since this worker loaded it (one query)."""
+        return studies.identity(self.storage, self.study.study_name) != self.identity
+
+    def _run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> FrozenTrial | None:
         trial_id = optuna_private.trial_id(trial)
         value, state, reason = None, TrialState.COMPLETE, None
-        with _Heartbeat(self.storage, trial_id):
+        with _Heartbeat(self.storage, trial_id, self.study_gone) as beat:
             frozen = optuna_private.cached_frozen_trial(trial)
             try:
                 trial.set_user_attr("worker", self.label)
@@ -192,9 +241,17 @@ class Worker:
                                    requeue=True)
                 raise
             except (Abandoned, optuna.exceptions.UpdateFinishedTrialError):
+                if beat.fault is not None:
+                    raise beat.fault from None
                 return self._abandon(trial)
+            except StoreFault:
+                raise  # the store failed, not the trial: it stays RUNNING for the next worker to re-queue
             except Exception as e:  # noqa: BLE001 - any failure of one trial must not end the worker
+                if is_transient(e) or is_disk_full(e):
+                    raise
                 state, reason = TrialState.FAIL, f"{type(e).__name__}: {e}"[:500]
+        if self.study_gone():  # its id may now belong to a trial of the new study: tell nothing
+            raise StudyGone
         try:
             if reason is not None:
                 trial.set_user_attr("fail_reason", reason)
@@ -206,7 +263,7 @@ class Worker:
 
     def _abandon(self, trial: optuna.Trial) -> None:
         stored = self.storage.get_trial(optuna_private.trial_id(trial))
-        echo_warning(f"trial {trial.number} was finished elsewhere ({stored.state.name}: "
+        warn(f"trial {trial.number} was finished elsewhere ({stored.state.name}: "
                      f"{stored.user_attrs.get('fail_reason', 'no reason given')}); dropped it, taking the next")
         return None
 
@@ -216,13 +273,8 @@ class Worker:
         state, values, _ = optuna_private.tell(self.study, trial, value if state == TrialState.COMPLETE else None,
                                                state)
         frozen = copy.deepcopy(optuna_private.cached_frozen_trial(trial))
-        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()
+        frozen.state, frozen.values, frozen.datetime_complete = state, values, datetime.datetime.now()  # local and naive, as Optuna 5 reads trial times
         return frozen
-
-
-def echo_warning(text: str) -> None:
-    _log.warning(text)
-    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage, Heartbeat]:
@@ -233,29 +285,46 @@ def _open_store(study_name: str, storage_url: str | None) -> tuple[WorkerStorage
     return open_storage(storage_url, heartbeat=heartbeat), heartbeat
 
 
-def _data_on(device: torch.device, spec, storage: WorkerStorage, data_dir: str | None) -> Dataset:
-    data = load_dataset(spec, storage=storage, data_dir=data_dir).to(device)
-    if device.type == "cpu" and data.x[0].numel() < 1024:
-        # Tiny models: thread hand-offs cost more than the arithmetic they would split.
-        torch.set_num_threads(1)
-    return data
+def _data_text(data: Dataset) -> str:
+    """``48,000 training and 12,000 validation samples (of 60,000), 10,000 test``."""
+    pool = len(data.x)
+    used = len(data.train_idx) + len(data.val_idx)
+    return (f"{len(data.train_idx):,} training and {len(data.val_idx):,} validation samples"
+            + (f" (of {pool:,})" if used < pool else "") + f", {len(data.x_test):,} test")
 
 
 def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop: StopSignal, *,
                 n_trials: int | None, deadline: float | None, poll: float, done_line: str, metric: str,
-                echo: Callable[[str], None]) -> int:
+                echo: Callable[[str], None], gate: control.Gate | None = None,
+                budget_now: Callable[[], int | None] | None = None,
+                budget_progress: BudgetProgress | None = None) -> int:
     """The worker's loop: fail dead workers' trials, start the next trial, run it, say how it ended;
-    until the study's budget (or grid) is done, this worker's limit or deadline, or a stop signal.
-    Returns how many trials this worker ran."""
+    until the study's budget (or grid) is done, this worker's limit or deadline, a stop signal, or
+    the study's stop (``gate``: ``hpo stop`` or a stopping rule). When the budget is used up,
+    ``budget_now`` is asked once more (``hpo extend`` may have raised it). Returns how many
+    trials this worker ran."""
     ran = 0
     try:
         while not stop.requested and (n_trials is None or ran < n_trials):
             if deadline is not None and time.monotonic() >= deadline:
                 break
-            worker.fail_stale()
-            trial = worker.next_trial()
+            closed = gate.closed() if gate is not None else None
+            if closed is not None:
+                echo(closed)
+                break
+            try:
+                worker.fail_stale()
+                trial = worker.next_trial()
+            except Exception as e:
+                if not isinstance(e, StoreFault) and worker.study_gone():
+                    raise StudyGone from e
+                raise
             if trial is None:
                 if not worker.in_flight():
+                    raised = budget_now() if budget_now is not None else None
+                    if raised is not None and worker.budget is not None and raised > worker.budget:
+                        worker.budget = raised
+                        continue
                     echo(done_line)
                     break
                 time.sleep(poll)  # the budget is taken but trials still run: one may come back
@@ -263,9 +332,15 @@ def _run_trials(worker: Worker, objective: Callable[[optuna.Trial], float], stop
             frozen = worker.run(trial, objective)
             ran += 1
             if frozen is not None:
-                echo(trial_line(worker.study, frozen, metric))
+                lines = [retry_line(frozen), trial_line(worker.study, frozen, metric), params_line(frozen),
+                         budget_progress.line() if budget_progress is not None else None]
+                for line in filter(None, lines):
+                    echo(line)
     except Interrupted:
         echo("interrupted: the running trial is re-queued")
+        closed = gate.closed() if gate is not None else None
+        if closed is not None:
+            echo(closed)
     return ran
 
 
@@ -293,8 +368,10 @@ def run_worker(
     echo: Callable[[str], None] = print,
     progress: Progress | None = None,
     allow_version_mismatch: bool = False,
-) -> Summary:
-    """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards.
+) -> Summary | None:
+    """Run trials of ``study_name`` on ``device`` and return the study's summary afterwards
+    (``None`` when the study was deleted or replaced under the worker: it says so on one line,
+    drops the trial it ran, with its checkpoint, and writes nothing to the new study).
 
     SIGINT/SIGTERM end the running trial as FAIL (``fail_reason`` "interrupted"), re-queue it,
     close the store's connections and return; a second signal exits at once.
@@ -317,10 +394,54 @@ def run_worker(
 
     Raises:
         StoreError: when the store cannot be opened or has no such study.
+        StoreUnreachable: the store stayed unreachable for longer than ``HPO_STORE_RETRY`` (at
+            start or at any later call); a trial it was running stays RUNNING for the next worker.
+        StoreFull: the store's disk is full (the same).
         SpecError: the study's model family is not installed here, or at another version (without
             ``allow_version_mismatch``): one line naming the package and version.
     """
+    try:
+        return _run_worker(study_name, storage_url=storage_url, device=device, n_trials=n_trials, timeout=timeout,
+                           worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
+                           progress=progress, allow_version_mismatch=allow_version_mismatch)
+    except Exception as e:
+        fault = store_fault(e, storage_url)
+        if fault is None or fault is e:
+            raise
+        raise fault from e
+
+
+def store_fault(error: Exception, storage_url: str | None) -> StoreFault | None:
+    """``error`` as the store fault it is (naming the store), or ``None`` when it is none: a store
+    unreachable past its retries, or a full disk, met in hpo's retries or in a call of Optuna's."""
+    url = mask_url(resolve_url(storage_url))
+    if isinstance(error, StoreFault):
+        return error if url in str(error) else type(error)(f"{url}: {error}")
+    if is_transient(error):
+        return StoreUnreachable(f"the store {url} is unreachable: {mask_url(reason(error))}")
+    if is_disk_full(error):
+        return StoreFull(f"the store {url}: its disk is full: {mask_url(reason(error))}")
+    return None
+
+
+def _run_worker(study_name: str, *, storage_url: str | None, device: torch.device, n_trials: int | None,
+                timeout: float | None, worker_index: int, data_dir: str | None, artifacts: str | None,
+                echo: Callable[[str], None], progress: Progress | None,
+                allow_version_mismatch: bool) -> Summary | None:
     storage, heartbeat = _open_store(study_name, storage_url)
+    try:
+        return _work(storage, heartbeat, study_name, storage_url=storage_url, device=device, n_trials=n_trials,
+                     timeout=timeout, worker_index=worker_index, data_dir=data_dir, artifacts=artifacts, echo=echo,
+                     progress=progress, allow_version_mismatch=allow_version_mismatch)
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()  # what it holds goes back however the worker ends
+
+
+def _work(storage: WorkerStorage, heartbeat: Heartbeat, study_name: str, *, storage_url: str | None,
+          device: torch.device, n_trials: int | None, timeout: float | None, worker_index: int,
+          data_dir: str | None, artifacts: str | None, echo: Callable[[str], None],
+          progress: Progress | None, allow_version_mismatch: bool) -> Summary | None:
     study_id = studies.study_id(storage, study_name)
     mismatches = provenance.mismatches(storage.get_study_system_attrs(study_id).get(provenance.ATTR),
                                        study=study_name, allow=allow_version_mismatch)
@@ -328,14 +449,19 @@ def run_worker(
         echo(f"warning: {note} (--allow-version-mismatch: recorded in every trial)")
     label = f"{socket.gethostname()}:{os.getpid()}"
     number = claim(storage, study_id, WORKER_PREFIX, value=label)
-    study, spec = load(study_name, storage, seed_offset=number + SEED_STRIDE * worker_index)
-    data = _data_on(device, spec, storage, data_dir)
+    study, spec = open_study(study_name, storage, seed_offset=sampler_seed_offset(number, worker_index))
     # A grid study takes at most one budget place per point: each new trial gets a point no
     # other trial holds (hpo.search.grid), and the study ends when every point has run.
-    grid = study.sampler if isinstance(study.sampler, GridSampler) else None
-    budget = trials_to_run(spec)
-    checkpoints = (CheckpointStore.for_study(study_name, storage_url=storage_url, artifacts=artifacts)
-                   if spec.checkpoint.enabled else None)
+    grid = study.sampler if isinstance(study.sampler, StoreGridSampler) else None
+
+    def budget_now() -> int | None:
+        return trials_to_run(replace(spec, budget=replace(
+            spec.budget, n_trials=control.n_trials_of(storage, study_id, spec.budget.n_trials))))
+
+    budget = budget_now()
+    gate = control.Gate(study, storage, study_id, directions=spec.directions, max_minutes=spec.budget.max_minutes,
+                        patience=spec.budget.patience, target=spec.budget.target)
+    checkpoints = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     worker = Worker(study, storage, study_id, budget, label, max_retry=int(env_seconds("HPO_MAX_RETRY", 3)),
                     new_attrs=grid.point_attrs if grid is not None else None, checkpoints=checkpoints)
     done_line = (f"study {study_name!r} has run every point of its grid ({grid_points(grid.size)})"
@@ -345,25 +471,35 @@ def run_worker(
     deadline = time.monotonic() + min(timeouts) if timeouts else None
 
     echo(f"worker {number} on {device} for study {study_name!r} ({spec.model}, {spec.metric}, "
-         f"budget {spec.budget.n_trials} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
+         f"budget {budget} trials{f', a grid of {grid_points(grid.size)}' if grid else ''})")
+    echo(f"  loading {data_title(spec)} ...")
+    loading = time.perf_counter()
+    data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
+    echo(f"  {_data_text(data)} on {device} in {time.perf_counter() - loading:.1f}s")
     start = time.perf_counter()
     with StopSignal() as stop:
-        objective = make_objective(spec, data, should_stop=lambda: stop.requested,
+        objective = make_objective(spec, data, should_stop=lambda: stop.requested or gate.stop_now(),
                                    is_abandoned=lambda trial_id: storage.finished_elsewhere(trial_id) is not None,
                                    progress=progress, checkpoints=checkpoints)
         if mismatches:
             objective = _noting(objective, "version_mismatch", "; ".join(mismatches))
+        budget_progress = BudgetProgress(lambda: study_summary(storage, study_id), budget=budget_now)
         try:
             ran = _run_trials(worker, objective, stop, n_trials=n_trials, deadline=deadline,
-                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo)
+                              poll=min(2.0, heartbeat.interval), done_line=done_line, metric="/".join(spec.metric_names), echo=echo,
+                              gate=gate, budget_now=budget_now, budget_progress=budget_progress)
+        except StudyGone:
+            echo(f"study {study_name!r} was deleted or replaced; stopping")
+            return None
         except Exception as e:
-            if is_transient(e):
-                raise StoreError(f"lost the store {mask_url(resolve_url(storage_url))} for longer than the "
-                                 f"retry window (HPO_STORE_RETRY): {mask_url(str(e).splitlines()[0])}") from e
-            raise
+            fault = store_fault(e, storage_url)
+            if fault is None:
+                raise
+            held = "" if worker.current is None else (
+                f"; its trial {worker.current} stays RUNNING until the next worker re-queues it (after the "
+                f"study's grace period of {heartbeat.grace} s), in its budget place")
+            raise type(fault)(f"worker {number} stopped: {fault}{held}") from e
         summary = summarize(study)
-        storage.remove_session()
-        storage.engine.dispose()
     echo(f"worker {number} done in {time.perf_counter() - start:.1f}s ({ran} trials)")
     sys.stdout.flush()
     return summary

@@ -5,7 +5,7 @@ Folds: ``hpo.data.splits.kfold_indices`` of the training pool (every training ro
 ``data.train_subset`` rows the study searches on), seeded by the study's seed. Every trial of a
 study sees the same folds (so the Wilcoxon pruner pairs fold i of a trial with fold i of the best
 one, and ``hpo retrain`` with as many folds of the same pool sees them too); fold model i is
-initialised and batch-ordered from ``trial seed * 100 + i``, as the retrain does.
+initialised and batch-ordered from ``hpo.training.seeds.fold_seed(trial seed, i)``, as the retrain does.
 
 What a trial reports (its intermediate values):
 - median, hyperband, none: the mean curve, step = epochs done (every ``report_every``): the mean
@@ -45,11 +45,12 @@ import numpy as np
 import optuna
 import torch
 
-from hpo.data.dataset import Dataset, split_indices
-from hpo.data.splits import folds_digest, kfold_indices, splitter_name
+from hpo.data.dataset import Dataset
+from hpo.data.splits import folds_digest, kfold_indices, split_indices, splitter_name
 from hpo.errors import HpoError, SpecError
 from hpo.nn import registry
 from hpo.spec.schema import StudySpec
+from hpo.training.boundary import EpochBoundary, Interrupted
 from hpo.training.folds import device_folds, fold_models, train_sequential, train_stacked_folds
 from hpo.training.stacked import stack_problem
 from hpo.training.trainer import TrainResult
@@ -131,19 +132,16 @@ class _Curves:
         return float(result.metrics[self.metric])
 
 
-class FoldBoundary:
-    """The checkpoint the fold trainers call (``hpo.training.folds.FoldCheckpoint``): their
-    payload under ``"cv"``, handed to the objective's epoch boundary with the progress made
-    (``epoch``: epochs of all folds, stacked; model-epochs, sequential)."""
+class FoldCheckpoint:
+    """The checkpoint the fold trainers write (``hpo.training.folds.FoldCheckpoint``): their payload
+    under ``"cv"``, written by ``write`` with the progress made (``epoch``: epochs of all folds,
+    stacked; model-epochs, sequential)."""
 
-    def __init__(self, boundary, progress: Callable[[], int]):
-        self.inner, self.progress = boundary, progress
-
-    def boundary(self, payload: Callable[[], dict[str, Any]], *, where: str) -> None:
-        self.inner.boundary(lambda: {"cv": payload()}, where=where, epoch=self.progress())
+    def __init__(self, write: Callable[..., None], progress: Callable[[], int]):
+        self.write, self.progress = write, progress
 
     def save(self, payload: dict[str, Any], *, where: str) -> None:
-        self.inner.save({"cv": payload}, where=where, epoch=self.progress())
+        self.write({"cv": payload}, where=where, epoch=self.progress())
 
 
 @dataclass
@@ -153,21 +151,24 @@ class CvOutcome:
 
 
 def run_cv_trial(trial: optuna.Trial, spec: StudySpec, data: Dataset, hp: dict[str, Any], *,
-                 splits: list[tuple[np.ndarray, np.ndarray]], seed: int, boundary,
-                 saved: dict[str, Any] | None, check_abandoned: Callable[[int], None], bar) -> CvOutcome:
+                 splits: list[tuple[np.ndarray, np.ndarray]], seed: int, boundary: EpochBoundary,
+                 write: Callable[..., None] | None, saved: dict[str, Any] | None, check_abandoned: Callable[[int], None], bar) -> CvOutcome:
     """Train the trial's K fold models, report and prune as the module says, record the folds.
 
     Args:
         splits: ``cv_splits`` of the study.
-        seed: the trial's seed (fold i's is ``seed * 100 + i``).
-        boundary: the objective's epoch boundary (``boundary(payload, *, where, epoch)`` and
-            ``save(payload, *, where, epoch)``: checkpoint when due, stop when told to).
+        seed: the trial's seed (fold i's is ``hpo.training.seeds.fold_seed(seed, i)``).
+        boundary: the trial's epoch boundary (``hpo.training.boundary``: checkpoint when due, stop
+            when told to).
+        write: ``write(payload, *, where, epoch)`` saves the trial's checkpoint now (may raise
+            OSError); None: no checkpoints.
         saved: a checkpoint's ``"cv"`` payload to resume from (its path must be this trial's).
         check_abandoned: called with the epochs done; raises when the trial was finished elsewhere.
         bar: the progress bar (K x epochs).
 
     Raises:
         optuna.TrialPruned: when the pruner says so.
+        Interrupted: when ``boundary`` was told to stop (``epochs_run`` records the progress made).
     """
     device, k = data.x.device, len(splits)
     folds = device_folds(splits, base_seed=seed, device=device)
@@ -207,17 +208,25 @@ def run_cv_trial(trial: optuna.Trial, spec: StudySpec, data: Dataset, hp: dict[s
             trial.set_user_attr("model_epochs", done["model_epochs"])
             raise optuna.TrialPruned(f"pruned after {i + 1} of {k} folds")
 
-    checkpoint = FoldBoundary(boundary, lambda: done["epochs"] if stacked else done["model_epochs"])
+    def progress() -> int:
+        return done["epochs"] if stacked else done["model_epochs"]
+
+    checkpoint = None if write is None else FoldCheckpoint(write, progress)
     if saved is not None:
         _resumed(trial, spec, saved, curves, stacked=stacked, wilcoxon=wilcoxon, done=done)
     start = time.perf_counter()
-    if stacked:
-        outcome = train_stacked_folds(models, data, hp, folds, on_epoch=on_epoch, checkpoint=checkpoint, saved=saved,
-                                      bar=bar, on_epoch_end=on_epoch_end)
-        results, path = outcome.results, ("cuda_graph" if outcome.cuda_graph else "eager")
-    else:
-        results = train_sequential(models, data, hp, folds, on_epoch=on_epoch, on_fold=on_fold, checkpoint=checkpoint,
-                                   saved=saved, bar=bar)
+    try:
+        if stacked:
+            outcome = train_stacked_folds(models, data, hp, folds, on_epoch=on_epoch, checkpoint=checkpoint,
+                                          boundary=boundary, saved=saved, bar=bar, on_epoch_end=on_epoch_end)
+            results, path = outcome.results, ("cuda_graph" if outcome.cuda_graph else "eager")
+        else:
+            results = train_sequential(models, data, hp, folds, on_epoch=on_epoch, on_fold=on_fold,
+                                       checkpoint=checkpoint, boundary=boundary, saved=saved, bar=bar)
+    except Interrupted:
+        trial.set_user_attr("epochs_run", progress())  # what this run trained: epochs_run - resumed_from_epoch
+        raise
+    if not stacked:
         path = results[-1].path
         if not wilcoxon:  # the mean curve, complete only now: reported for the record
             longest = max(r.epochs_run for r in results)

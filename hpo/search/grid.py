@@ -35,7 +35,7 @@ GRID_ID_ATTR = "grid_id"  # trial system attrs Optuna's GridSampler reads: the p
 SEARCH_SPACE_ATTR = "search_space"
 
 
-class GridSampler(optuna.samplers.GridSampler):
+class StoreGridSampler(optuna.samplers.GridSampler):
     """Optuna's ``GridSampler`` for trials started by hpo's workers.
 
     Differences: :meth:`point_attrs` gives a new trial its point inside the starting transaction,

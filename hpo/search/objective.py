@@ -4,7 +4,8 @@ The only place (with ``space``) that touches the trial: the trainer gets plain c
 
 Checkpoints (``spec.checkpoint``, given a :class:`~hpo.training.checkpoint.CheckpointStore`): the trainer's
 state is saved at an epoch boundary at most every ``every_seconds`` of training, and always when
-the worker is told to stop, before the trial raises :class:`Interrupted`. A retry (a re-queued
+the worker is told to stop, before the trial raises :class:`~hpo.training.boundary.Interrupted`
+(the same rule as a retrain's: ``hpo.training.boundary``). A retry (a re-queued
 copy of a trial whose worker died or was stopped) trains with its original's seed and resumes
 from the original's latest checkpoint: it first reports the values the checkpoint's history holds
 (exactly the steps reported up to its epoch, without asking the pruner again: it saw each once),
@@ -15,7 +16,6 @@ would otherwise come before the steps retrained, and the pruner would judge the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import optuna
@@ -32,21 +32,15 @@ from hpo.search.space import suggest
 from hpo.spec.schema import StudySpec
 from hpo.store import budget as budgets
 from hpo.store import optuna_private
+from hpo.training.boundary import EpochBoundary, Interrupted
 from hpo.training.checkpoint import CheckpointStore, fingerprint, trial_key
+from hpo.training.seeds import trial_seed
 from hpo.training.state import TrainState
-from hpo.training.trainer import TrainResult, train
-
-
-class Interrupted(KeyboardInterrupt):
-    """The worker was asked to stop (SIGINT/SIGTERM): the running trial ends as FAIL and is re-queued."""
+from hpo.training.trainer import CheckpointCallback, TrainResult, train
 
 
 class Abandoned(Exception):
     """Another process finished the running trial (failed it as stale, or told it): stop training it."""
-
-
-def trial_seed(spec: StudySpec, trial_number: int) -> int:
-    return spec.seed * 1_000_003 + trial_number
 
 
 def lineage_number(trial: optuna.trial.FrozenTrial) -> int:
@@ -89,7 +83,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     def objective(trial: optuna.Trial) -> float | list[float]:
         hp = suggest(trial, spec)
         lineage = lineage_number(optuna_private.cached_frozen_trial(trial))
-        seed = trial_seed(spec, lineage)  # a retry is the same trial: its original's seed
+        seed = trial_seed(spec.seed, lineage)  # a retry is the same trial: its original's seed
         torch.manual_seed(seed)
         meta = {"study": spec.name, "trial": lineage, "params": dict(trial.params), "spec": spec_fingerprint}
         trial.set_user_attr("device", device_name)
@@ -107,8 +101,12 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
                           initial=resume.epoch if resume is not None else 0) as bar:
             on_epoch = _epoch_reporter(trial, spec, bar, is_abandoned)
-            at_boundary = _EpochBoundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
-            result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
+            at_boundary = _epoch_boundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
+            try:
+                result = train(model, data, hp, seed=seed, on_epoch=on_epoch, resume=resume, checkpoint=at_boundary)
+            except Interrupted as e:
+                trial.set_user_attr("epochs_run", e.epochs)  # what this run trained: epochs - resumed_from_epoch
+                raise
         _record_result(trial, result)
         return outcomes.outcome(trial, spec, result, measures)
 
@@ -124,9 +122,15 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
             if is_abandoned is not None and is_abandoned(trial_id):
                 raise Abandoned(f"finished elsewhere after {done} epochs")
 
-        at_boundary = _EpochBoundary(trial, lineage, meta, checkpoints=checkpoints, should_stop=should_stop, spec=spec)
+        boundary = EpochBoundary(should_stop=should_stop, every_seconds=spec.checkpoint.every_seconds,
+                                 label=f"trial {trial.number}", **({"warn": checkpoints.warn} if checkpoints else {}))
+
+        def write(payload: dict, *, where: str, epoch: int) -> None:
+            checkpoints.save(trial_key(lineage), payload, meta={**meta, "epoch": epoch, "at": where, "writer": trial.number})
+
         with progress.bar(total=spec.cv.folds * int(hp["epochs"]), desc=f"trial {trial.number} ({spec.cv.folds} folds)") as bar:
-            return run_cv_trial(trial, spec, data, hp, splits=splits, seed=seed, boundary=at_boundary, saved=saved,
+            return run_cv_trial(trial, spec, data, hp, splits=splits, seed=seed, boundary=boundary,
+                                write=None if checkpoints is None else write, saved=saved,
                                 check_abandoned=check_abandoned, bar=bar).value
 
     return objective
@@ -166,46 +170,19 @@ def _epoch_reporter(trial: optuna.Trial, spec: StudySpec, bar,
     return on_epoch
 
 
-class _EpochBoundary:
-    """The trainer's checkpoint callback, called after ``on_epoch``: checkpoint when due (every
-    ``spec.checkpoint.every_seconds`` of training) or told to stop, then stop if told to.
-    ``boundary``/``save`` do the same for any payload (a cross-validated trial's folds)."""
+def _epoch_boundary(trial: optuna.Trial, lineage: int, meta: dict, *, checkpoints: CheckpointStore | None,
+                    should_stop: Callable[[], bool] | None, spec: StudySpec) -> CheckpointCallback:
+    """The trainer's checkpoint callback (``hpo.training.boundary``): the lineage's checkpoint when
+    due or told to stop, then :class:`Interrupted` if told to."""
+    boundary = EpochBoundary(should_stop=should_stop, every_seconds=spec.checkpoint.every_seconds,
+                             label=f"trial {trial.number}", **({"warn": checkpoints.warn} if checkpoints else {}))
 
-    def __init__(self, trial: optuna.Trial, lineage: int, meta: dict, *, checkpoints: CheckpointStore | None,
-                 should_stop: Callable[[], bool] | None, spec: StudySpec):
-        self.trial, self.lineage, self.meta = trial, lineage, meta
-        self.checkpoints, self.should_stop, self.every_seconds = checkpoints, should_stop, spec.checkpoint.every_seconds
-        self.saved_at, self.save_failed = time.monotonic(), False
+    def at_boundary(done: int, state: Callable[[], TrainState]) -> None:
+        write = None if checkpoints is None else lambda: checkpoints.save(
+            trial_key(lineage), {"train": state().to_dict()}, meta={**meta, "epoch": done, "writer": trial.number})
+        boundary.check(f"epoch {done}", epochs=done, write=write)
 
-    def __call__(self, done: int, state: Callable[[], TrainState]) -> None:
-        self.boundary(lambda: {"train": state().to_dict()}, where=f"epoch {done}", epoch=done)
-
-    def boundary(self, payload: Callable[[], dict], *, where: str, epoch: int) -> None:
-        """At an epoch boundary: save ``payload()`` when due or told to stop; then stop if told to.
-
-        Raises:
-            Interrupted: after saving, when the worker was told to stop.
-        """
-        stopping = self.should_stop is not None and self.should_stop()
-        if self.checkpoints is not None and (stopping or time.monotonic() - self.saved_at >= self.every_seconds):
-            self.save(payload(), where=where, epoch=epoch)
-        if stopping:
-            self.trial.set_user_attr("epochs_run", epoch)  # what this run trained: epoch - resumed_from_epoch
-            raise Interrupted(f"interrupted at {where}")
-
-    def save(self, payload: dict, *, where: str, epoch: int) -> None:
-        """Save ``payload`` now (nothing without a checkpoint store); a failed write warns once."""
-        trial, checkpoints = self.trial, self.checkpoints
-        if checkpoints is None:
-            return
-        try:
-            checkpoints.save(trial_key(self.lineage), payload,
-                             meta={**self.meta, "epoch": epoch, "at": where, "writer": trial.number})
-        except OSError as e:
-            if not self.save_failed:
-                checkpoints.warn(f"trial {trial.number}: checkpoint not written ({e.strerror or e}); training goes on")
-            self.save_failed = True
-        self.saved_at = time.monotonic()
+    return at_boundary
 
 
 def _record_result(trial: optuna.Trial, result: TrainResult) -> None:
@@ -238,7 +215,7 @@ def _resume_payload(checkpoints: CheckpointStore | None, trial: optuna.Trial, li
     trial and parameters."""
     if checkpoints is None or lineage == trial.number:
         return None
-    found = checkpoints.load(trial_key(lineage), expect=meta)
+    found = checkpoints.read(trial_key(lineage), expect=meta)
     if found is None:
         return None
     if part not in found[0]:

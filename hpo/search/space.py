@@ -67,7 +67,7 @@ def hyperparams_from_params(spec: StudySpec, params: dict[str, Any]) -> dict[str
 
 
 def grid_space(spec: StudySpec) -> dict[str, list]:
-    """The search space as GridSampler wants it: every Optuna parameter name with its values."""
+    """The search space as StoreGridSampler wants it: every Optuna parameter name with its values."""
     grid: dict[str, list] = {}
     max_count = {p.name: (int(p.high) if p.kind == "int" else max(p.choices)) for p in spec.space if p.kind != "float"}
     max_count.update({k: v for k, v in spec.fixed.items() if isinstance(v, int)})

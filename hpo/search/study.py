@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import uuid
 import warnings
 from typing import Any
 
@@ -24,35 +25,41 @@ from hpo.spec.schema import StudySpec, find_spec_file, load_spec_file, parse_spe
 from hpo.store import data_tables as datastore
 from hpo.store import optuna_private
 from hpo.store.config import Heartbeat
+from hpo.store.queries import study_identity
+from hpo.training.seeds import sampler_seed
 
 SPEC_ATTR = "hpo_spec"
+SPEC_TEXT_ATTR = "hpo_spec_text"  # the spec file's text as its author wrote it (studies made from a file)
 HEARTBEAT_ATTR = "hpo:heartbeat"  # study system attr: the heartbeat interval and grace period every worker uses
+# Study system attr: a token drawn when the study is created. A study replaced by one of the same name
+# is told apart by it even where the store reuses ids (SQLite reuses the highest row id once deleted).
+CREATED_ATTR = "hpo:created"
 
 
 def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """The study's sampler, as every worker builds it.
 
-    Which samplers take the per-worker ``seed_offset`` (the worker's number in the store, plus
-    ``SEED_STRIDE`` times its ``--worker-index``), and why:
+    Which samplers take the per-worker ``seed_offset`` (``hpo.training.seeds.sampler_seed_offset``),
+    and why:
 
     - tpe, nsga2, random: yes. Each draws its points from its own random stream; workers with one seed
       would draw the same points (TPE's startup trials are random ones too). TPE's later draws
       read the study's trials from the store, with the running ones as constant liars.
-    - grid: no, the spec's seed only. GridSampler shuffles the grid with its seed and records a
+    - grid: no, the spec's seed only. StoreGridSampler shuffles the grid with its seed and records a
       trial's point as an index into that order (``grid_id``); workers with different seeds read
       the same index as different points, running some twice and others never. Points are
       handed out in the transaction that starts a trial (``hpo.search.grid``), not drawn at random.
 
     The pruners keep no per-worker state that decides anything (see :func:`build_pruner`), and a
-    trial's training seed comes from its number in the study (``hpo.search.objective.trial_seed``),
+    trial's training seed comes from its number in the study (``hpo.training.seeds.trial_seed``),
     never from a counter of the worker's own.
     """
     if spec.sampler.kind == "grid":
-        from hpo.search.grid import GridSampler
+        from hpo.search.grid import StoreGridSampler
         from hpo.search.space import grid_space
 
-        return GridSampler(grid_space(spec), seed=spec.seed)
-    seed = spec.seed + seed_offset
+        return StoreGridSampler(grid_space(spec), seed=spec.seed)
+    seed = sampler_seed(spec.seed, seed_offset)
     if spec.sampler.kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.kind == "nsga2":
@@ -77,6 +84,9 @@ class _RecentTrials:
             self._trial_number, self._read_at = trial_number, -float("inf")
         return self
 
+    def wraps(self, study: optuna.Study) -> bool:
+        return self._study is study
+
     def get_trials(self, deepcopy: bool = True, states=None) -> list[optuna.trial.FrozenTrial]:
         now = time.monotonic()
         if now - self._read_at > self._max_age:
@@ -88,7 +98,7 @@ class _RecentTrials:
         return getattr(self._study, name)
 
 
-class MedianPruner(optuna.pruners.MedianPruner):
+class CachingMedianPruner(optuna.pruners.MedianPruner):
     """Optuna's median pruner, comparing against the study's trials as read at a trial's first
     check and at most ``max_age`` seconds ago after that. Each check otherwise re-reads every
     running trial of the study from the store: with short epochs that is most of a worker's
@@ -101,7 +111,7 @@ class MedianPruner(optuna.pruners.MedianPruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         recent = self._recent.get(optuna_private.study_id(study))
-        if recent is None or recent._study is not study:
+        if recent is None or not recent.wraps(study):
             recent = self._recent[optuna_private.study_id(study)] = _RecentTrials(study, self._max_age)
         # A trial's first check reads afresh: a lone worker then prunes exactly as Optuna would,
         # whatever the machine's speed, so its runs stay reproducible.
@@ -146,7 +156,7 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=last_step(spec),
                                               reduction_factor=p.reduction_factor)
-    return MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+    return CachingMedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
                         interval_steps=p.interval_steps)
 
 
@@ -218,7 +228,7 @@ def check_buildable(spec: StudySpec, *, source: str = "<spec>") -> None:
 
 
 def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool = False,
-           heartbeat: Heartbeat | None = None, source: str = "<spec>") -> optuna.Study:
+           heartbeat: Heartbeat | None = None, source: str = "<spec>", text: str | None = None) -> optuna.Study:
     """Create the study with its spec stored inside it, its data files (``spec.data.files``, read
     from ``spec.data.train``/``test`` unless the store holds them already) beside it, and the
     heartbeat settings its workers will share (default: ``HPO_HEARTBEAT_INTERVAL``/``HPO_GRACE_PERIOD``,
@@ -226,6 +236,7 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
 
     Args:
         source: how to name the spec in errors (its file).
+        text: the spec file's text, kept as written (comments and all) for the report.
 
     Raises:
         SpecError: when Optuna refuses the sampler or pruner settings, or the name does not fit
@@ -250,18 +261,27 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         if spec.data.files:
             datastore.attach(storage.engine, optuna_private.study_id(study), _data_files(spec))
         study.set_user_attr(SPEC_ATTR, spec.to_dict())
+        if text is not None:
+            study.set_user_attr(SPEC_TEXT_ATTR, text)
         storage.set_study_system_attr(optuna_private.study_id(study), provenance.ATTR,
                                       provenance.record(spec.model, spec.data.source))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(spec.metric_names)
         storage.set_study_system_attr(optuna_private.study_id(study), HEARTBEAT_ATTR, heartbeat.to_dict())
+        storage.set_study_system_attr(optuna_private.study_id(study), CREATED_ATTR, uuid.uuid4().hex)
     except BaseException:
         # A study without its spec or data is unusable: never leave one half-created.
         delete(spec.name, storage)
         raise
     datastore.delete_unreferenced(storage.engine)  # the replaced study's, and any left by Optuna's own delete
     return study
+
+
+def identity(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, str | None] | None:
+    """(id, creation token) of study ``name`` now, or ``None`` when there is none: a study deleted
+    and created again under the same name has another token (a study from before tokens: ``None``)."""
+    return study_identity(storage, name, CREATED_ATTR)
 
 
 def heartbeat_of(storage: optuna.storages.BaseStorage, study_id: int) -> Heartbeat:
@@ -271,13 +291,21 @@ def heartbeat_of(storage: optuna.storages.BaseStorage, study_id: int) -> Heartbe
     return Heartbeat(**stored) if stored else Heartbeat.from_env()
 
 
-def load(name: str, storage: optuna.storages.BaseStorage, *, seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
-    """Load a study and its spec from the store.
+def open_study(name: str, storage: optuna.storages.BaseStorage | str | None = None, *,
+               seed_offset: int = 0) -> tuple[optuna.Study, StudySpec]:
+    """Study ``name`` and its spec, with the spec's sampler (seeded ``seed_offset`` past the spec's
+    seed: ``hpo.training.seeds.sampler_seed_offset``) and pruner.
+
+    Args:
+        storage: an open store, or its URL (None: ``HPO_STORAGE``, else the default store).
 
     Raises:
-        StoreError: when there is no such study (listing the ones there are).
-        SpecError: when the study was not created by hpo.
+        StoreError: the store cannot be opened, or it has no such study (listing the ones there are).
+        SpecError: the study was not created by hpo.
     """
+    if storage is None or isinstance(storage, str):
+        from hpo.store.storage import open_storage
+        storage = open_storage(storage, heartbeat=False)
     sid = study_id(storage, name)
     raw = storage.get_study_user_attrs(sid).get(SPEC_ATTR)
     if raw is None:
@@ -298,17 +326,6 @@ def _upgraded(raw: dict) -> dict:
         if isinstance(d, dict) and d.get("kind") in settings:
             raw[section] = {k: v for k, v in d.items() if k == "kind" or k in settings[d["kind"]]}
     return raw
-
-
-def open_study(name: str, storage_url: str | None = None) -> tuple[optuna.Study, StudySpec]:
-    """Study ``name`` and its spec, from the store at ``storage_url`` (flag, ``HPO_STORAGE``, default).
-
-    Raises:
-        StoreError: the store cannot be opened, or it has no such study (listing the ones there are).
-        SpecError: the study was not created by hpo.
-    """
-    from hpo.store.storage import open_storage
-    return load(name, open_storage(storage_url, heartbeat=False))
 
 
 def create_from_file(spec: str, *, storage_url: str | None = None, force: bool = False,
@@ -348,5 +365,5 @@ def create_from_file(spec: str, *, storage_url: str | None = None, force: bool =
         raise SpecError(f"{path}: model: {parsed.model} takes images (channels, height, width); "
                         f"data.source {parsed.data.source} gives rows of features")
     study = create(parsed, open_storage(storage_url, heartbeat=False), force=force, heartbeat=heartbeat,
-                   source=str(path))
+                   source=str(path), text=path.read_text())
     return study, parsed, warnings

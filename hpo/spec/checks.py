@@ -4,11 +4,12 @@ each other, each failing with one line: ``<file>: <field>: got <value>; allowed:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hpo.errors import SpecError
-from hpo.spec.domains import DOMAINS, Domain, integer, number, show
+from hpo.spec.domains import Domain, domain_of, integer, number, show
 from hpo.spec.hyperparams import HYPERPARAMETERS
 
 if TYPE_CHECKING:
@@ -40,13 +41,13 @@ class Checker:
         for key in d:
             if key not in allowed:
                 raise self.fail(f"{where}{key}" if where else key,
-                                f"unknown key{what}; allowed: {', '.join(allowed) or 'none'}")
+                                f"unknown key{what}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed) or 'none'}")
 
     def value(self, domain: Domain | str, value: Any, where: str | None = None) -> Any:
         """``value`` checked against a domain (or the domain of the field ``domain`` names); floats
         come back as floats and choices in their canonical spelling."""
         if isinstance(domain, str):
-            domain, where = DOMAINS[domain], where or domain
+            domain, where = domain_of(domain), where or domain
         value = domain.canonical(value)
         if not domain.contains(value):
             hint = ""
@@ -54,6 +55,15 @@ class Checker:
                 hint = f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-3)"
             raise self.refuse(where, value, f"{domain}{hint}")
         return float(value) if domain.kind == "float" and value is not None else value
+
+
+def did_you_mean(key: object, allowed: Iterable[str]) -> str:
+    """``; did you mean weight_decay?`` for a key close to one allowed (a typo), else ``""``."""
+    if not isinstance(key, str):
+        return ""
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.65) \
+        or difflib.get_close_matches(key.lower(), list(allowed), n=1, cutoff=0.65)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _is_number(text: str) -> bool:
@@ -66,7 +76,7 @@ def _is_number(text: str) -> bool:
 
 def check_value(c: Checker, vocab: Vocabulary, name: str, value: Any, where: str) -> Any:
     """Check one value of a hyperparameter of the model's vocabulary (scalar, or a list for per-layer ones)."""
-    domain = vocab[name].domain
+    domain = domain_of(name, vocab[name].domain)
     if isinstance(value, list):
         if not vocab[name].per_layer:
             raise c.refuse(where, value, f"one value: {domain} ({name} is not a per-layer parameter)")
@@ -86,12 +96,13 @@ def known_name(c: Checker, vocab: Vocabulary, name: str, family: str, where: str
     builtin = family in ("mlp", "cnn")
     allowed = sorted(HYPERPARAMETERS) if builtin else sorted(vocab)
     of = "" if builtin else f" of model {family!r}"
-    raise c.fail(where, f"unknown hyperparameter {name!r}{of}; allowed: {', '.join(allowed)}")
+    raise c.fail(where, f"unknown hyperparameter {name!r}{of}{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)}")
 
 
 def search_range(c: Checker, domain: Domain, name: str, kind: str, raw: dict, where: str) -> dict[str, Any]:
     """The bounds, step and log of ``int: [low, high]`` / ``float: [low, high]``, each inside the
     hyperparameter's ``domain``."""
+    domain = domain_of(name, domain)
     bounds = raw[kind]
     if domain.kind in ("choice", "bool"):
         raise c.refuse(f"{where}.{kind}", bounds, f"choice: [...] of {domain} ({name} is categorical)")
@@ -99,7 +110,7 @@ def search_range(c: Checker, domain: Domain, name: str, kind: str, raw: dict, wh
         raise c.refuse(f"{where}.float", bounds, f"int: [low, high] ({name} is an integer)")
     if not (isinstance(bounds, list) and len(bounds) == 2):
         raise c.refuse(f"{where}.{kind}", bounds, f"[low, high], each {domain}")
-    inside = Domain(kind, domain.low, domain.high, domain.low_open, domain.high_open)  # ints of a float domain too
+    inside = Domain(kind, domain.low, domain.high, domain.low_open, domain.high_open, note=domain.note)  # ints of a float domain too
     if not all(inside.contains(b) for b in bounds):
         raise c.refuse(f"{where}.{kind}", bounds, f"[low, high], each {inside}")
     low, high = (float(b) if kind == "float" else b for b in bounds)

@@ -12,7 +12,8 @@ Free of torch and optuna, so validating a spec stays instant.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hpo.spec.hyperparams import ACTIVATIONS, INITS, OPTIMIZERS, POOLINGS, SCHEDULERS
@@ -41,6 +42,16 @@ KNOWN_BEFORE_TRAINING = ("n_params", "latency_ms")
 # path component, so names stay well under that.
 NAME_MAX_BYTES = 200
 SEED_MAX = 2**31 - 1  # numpy's and Optuna's samplers take seeds below 2**32; workers add their offsets
+DESCRIPTION_MAX_BYTES = 10_000  # the description is stored in the study and shown in reports
+# Upper bounds of sizes, counts and epochs: far above any study of the kind hpo runs, low enough
+# that a typo (or a hostile spec) cannot hold a worker for hours or exhaust its memory. An owner
+# with the hardware raises one with HPO_LIMITS (``limits``), wherever the study's workers run.
+LIMITS = {
+    "epochs": 100_000, "batch_size": 1 << 20, "n_layers": 128, "width": 65_536, "n_conv": 32,
+    "filters": 4096, "kernel_size": 64, "padding": 64, "n_dense": 32, "dense_width": 65_536,
+    "plateau_patience": 100_000, "plateau_cooldown": 100_000, "early_stopping": 100_000,
+    "report_every": 100_000, "retrain.folds": 100, "retrain.epochs": 100_000,
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class Domain:
     high_open: bool = False
     choices: tuple = ()
     optional: bool = False
+    note: str = ""  # said after the allowed values (how to raise a limit)
 
     def canonical(self, value: Any) -> Any:
         """The canonical spelling of a choice (case-insensitive match), else the value itself."""
@@ -78,7 +90,8 @@ class Domain:
         if self.kind == "bool":
             return isinstance(value, bool)
         if self.kind == "text":
-            return isinstance(value, str) and len(value) >= (self.low or 0)
+            return (isinstance(value, str) and len(value) >= (self.low or 0)
+                    and (self.high is None or len(value.encode("utf-8", "replace")) <= self.high))
         if self.kind == "texts":
             return (isinstance(value, list) and bool(value)
                     and all(isinstance(v, str) and v for v in value))
@@ -103,6 +116,8 @@ class Domain:
             text = "true or false"
         elif self.kind == "text":
             text = "a non-empty string" if self.low else "a string"
+            if self.high is not None:
+                text += f" of at most {self.high:,} bytes"
         elif self.kind == "texts":
             text = "a non-empty list of column names"
         elif self.kind == "name":
@@ -119,7 +134,8 @@ class Domain:
                 text = f"{noun} {'<' if self.high_open else '<='} {high}"
             else:
                 text = "an integer" if self.kind == "int" else "a finite number"
-        return f"{text}, or null" if self.optional else text
+        text = f"{text}, or null" if self.optional else text
+        return f"{text} ({self.note})" if self.note else text
 
 
 def integer(low: int | None = None, high: int | None = None, *, optional: bool = False) -> Domain:
@@ -144,41 +160,41 @@ FRACTION = number(0, 1, high_open=True)
 
 DOMAINS: dict[str, Domain] = {
     # hyperparameters (hpo/spec/hyperparams.py), under fixed.NAME and space.NAME
-    "epochs": integer(1),
-    "batch_size": integer(1),
+    "epochs": integer(1, LIMITS["epochs"]),
+    "batch_size": integer(1, LIMITS["batch_size"]),
     "lr": number(0, low_open=True),
     "weight_decay": number(0),
     "optimizer": one_of(OPTIMIZERS),
     "momentum": FRACTION,
     "scheduler": one_of(SCHEDULERS),
     "plateau_factor": number(0, 1, low_open=True, high_open=True),
-    "plateau_patience": integer(0),
-    "plateau_cooldown": integer(0),
+    "plateau_patience": integer(0, LIMITS["plateau_patience"]),
+    "plateau_cooldown": integer(0, LIMITS["plateau_cooldown"]),
     "lr_decay": number(0, 1, low_open=True),
-    "early_stopping": integer(0),
+    "early_stopping": integer(0, LIMITS["early_stopping"]),
     "augment": BOOL,
     "activation": one_of(ACTIVATIONS),
     "init": one_of(INITS),
-    "n_layers": integer(1),
-    "width": integer(1),
+    "n_layers": integer(1, LIMITS["n_layers"]),
+    "width": integer(1, LIMITS["width"]),
     "dropout": FRACTION,
-    "n_conv": integer(1),
-    "filters": integer(1),
-    "kernel_size": integer(1),
-    "padding": integer(0),
+    "n_conv": integer(1, LIMITS["n_conv"]),
+    "filters": integer(1, LIMITS["filters"]),
+    "kernel_size": integer(1, LIMITS["kernel_size"]),
+    "padding": integer(0, LIMITS["padding"]),
     "batch_norm": BOOL,
     "pooling": one_of(POOLINGS),
     "conv_dropout": FRACTION,
-    "n_dense": integer(0),  # no hidden dense layer: the conv stack feeds the output layer
-    "dense_width": integer(1),
+    "n_dense": integer(0, LIMITS["n_dense"]),  # no hidden dense layer: the conv stack feeds the output layer
+    "dense_width": integer(1, LIMITS["dense_width"]),
     # the spec's own fields
     "name": Domain("name"),
-    "description": TEXT,
+    "description": Domain("text", high=DESCRIPTION_MAX_BYTES),
     "direction": one_of(DIRECTIONS),
     "metric": one_of(tuple(dict.fromkeys(m for task in METRICS.values() for m in task))),
     "seed": integer(0, SEED_MAX),
     "model": one_of(FAMILIES),
-    "report_every": integer(1),
+    "report_every": integer(1, LIMITS["report_every"]),
     "data.source": one_of(DATA_SOURCES),
     "data.task": one_of(TASKS),
     "data.train": NON_EMPTY_TEXT,
@@ -206,10 +222,13 @@ DOMAINS: dict[str, Domain] = {
     "cv.path": one_of(CV_PATHS),
     "budget.n_trials": integer(1, optional=True),  # null: no limit (stop workers with --n-trials or a signal)
     "budget.timeout": number(0, low_open=True, optional=True),  # seconds
+    "budget.max_minutes": number(0, low_open=True, optional=True),
+    "budget.patience": integer(1, optional=True),
+    "budget.target": number(optional=True),
     "constraints.min": number(),
     "constraints.max": number(),
-    "retrain.folds": integer(2),
-    "retrain.epochs": integer(1, optional=True),  # null: each fold model trains the trial's epochs
+    "retrain.folds": integer(2, LIMITS["retrain.folds"]),
+    "retrain.epochs": integer(1, LIMITS["retrain.epochs"], optional=True),  # null: each fold model trains the trial's epochs
     # seconds of training between a running trial's (or retrain's) checkpoints; 0: every epoch
     "checkpoint.every_seconds": number(0),
     # keys of a search range in space.NAME
@@ -227,19 +246,85 @@ SAMPLER_SETTINGS = {"tpe": ("n_startup_trials", "multivariate"), "nsga2": ("popu
 # Pruners a study of several objectives takes (Optuna's own refuse them: optuna/optuna#3450).
 MULTI_OBJECTIVE_PRUNERS = ("pareto", "none")
 
-def show(value: Any) -> str:
-    """A value as the spec would spell it (true, null, 'text', [1, 2]); long strings cut short."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str) and len(value) > 40:
-        return f"{value[:20]!r}... ({len(value.encode())} bytes)"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(show(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"
-    return repr(value)
+def limits() -> dict[str, int]:
+    """``LIMITS`` with the owner's overrides from ``HPO_LIMITS`` (``NAME=N,NAME=N``, e.g.
+    ``n_layers=512,epochs=1000000``).
+
+    Raises:
+        SpecError: an unknown name or a value that is not a whole number >= 1.
+    """
+    from hpo.errors import SpecError
+
+    out = dict(LIMITS)
+    raw = os.environ.get("HPO_LIMITS", "").strip()
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in LIMITS:
+            raise SpecError(f"HPO_LIMITS: {show(key)} has no limit; names: {', '.join(LIMITS)}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            out[key] = 0
+        if out[key] < 1:
+            raise SpecError(f"HPO_LIMITS: {key}={show(value.strip())}; allowed: a whole number >= 1")
+    return out
+
+
+def domain_of(key: str, domain: Domain | None = None) -> Domain:
+    """``domain`` (default ``DOMAINS[key]``) with the upper bound of ``LIMITS`` that ``HPO_LIMITS``
+    raises or lowers, when it has that bound (a model plugin's own bounds stay as they are)."""
+    domain = DOMAINS[key] if domain is None else domain
+    if key not in LIMITS or domain.high != LIMITS[key]:
+        return domain
+    return replace(domain, high=limits()[key], note=f"HPO_LIMITS={key}=N sets the upper bound")
+
+
+class _Full(Exception):
+    pass
+
+
+def show(value: Any, *, limit: int = 200) -> str:
+    """A value as the spec would spell it (true, null, 'text', [1, 2]); long strings cut short, and
+    the whole cut at about ``limit`` characters, however large the value (it is never rendered whole)."""
+    out: list[str] = []
+    left = [limit]
+
+    def put(text: str) -> None:
+        if left[0] <= 0:
+            raise _Full
+        out.append(text)
+        left[0] -= len(text)
+
+    def walk(v: Any) -> None:
+        if v is None:
+            put("null")
+        elif isinstance(v, bool):
+            put("true" if v else "false")
+        elif isinstance(v, str) and len(v) > 40:
+            put(f"{v[:20]!r}... ({len(v.encode('utf-8', 'replace'))} bytes)")
+        elif isinstance(v, int) and v.bit_length() > 128:
+            put(f"an integer of about {int(v.bit_length() * 0.30103)} digits")
+        elif isinstance(v, (list, tuple, dict)):
+            put("[" if not isinstance(v, dict) else "{")
+            for i, item in enumerate(v.items() if isinstance(v, dict) else v):
+                if i:
+                    put(", ")
+                if isinstance(v, dict):
+                    put(item[0]) if isinstance(item[0], str) and len(item[0]) <= 40 else walk(item[0])
+                    put(": ")
+                    walk(item[1])
+                else:
+                    walk(item)
+            put("]" if not isinstance(v, dict) else "}")
+        else:
+            put(repr(v))
+
+    try:
+        walk(value)
+    except _Full:
+        return "".join(out)[:limit] + " ..."
+    return "".join(out)
 
 
 def is_study_name(name: Any) -> bool:

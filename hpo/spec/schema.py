@@ -12,8 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hpo.errors import HpoError, SpecError
 from hpo.nn import registry
 from hpo.spec.checks import (
@@ -172,7 +170,18 @@ class ConstraintSpec:
 @dataclass(frozen=True)
 class BudgetSpec:
     n_trials: int | None = 100
-    timeout: float | None = None
+    timeout: float | None = None  # seconds: each worker's own limit
+    # Stopping rules, decided in the store for every worker (hpo.store.control): the study's wall
+    # time since its first trial, complete trials in a row without improvement, a best value to reach.
+    max_minutes: float | None = None
+    patience: int | None = None
+    target: float | None = None
+
+    def to_dict(self) -> dict:
+        """The trial count and timeout, and the stopping rules given."""
+        d = {"n_trials": self.n_trials, "timeout": self.timeout}
+        d.update({k: getattr(self, k) for k in ("max_minutes", "patience", "target") if getattr(self, k) is not None})
+        return d
 
 
 @dataclass(frozen=True)
@@ -209,6 +218,14 @@ class CheckpointSpec:
 
 @dataclass(frozen=True)
 class StudySpec:
+    """A study as its YAML spec describes it, parsed and checked once (:func:`parse_spec`) and
+    frozen: its name, what it optimises (``metric`` and ``direction``, or ``objectives``), the data
+    (``data``), the model family (``model``) with its search ``space`` and ``fixed``
+    hyperparameters, the sampler, pruner, budget, retrain and checkpoint settings, and ``seed``
+    (every seed hpo uses derives from it: ``hpo.training.seeds``). The store keeps it as JSON
+    (``to_dict``) in the study's user attrs: workers read it from there, not from the file.
+    """
+
     name: str
     direction: str
     metric: str
@@ -272,7 +289,7 @@ class StudySpec:
             "fixed": dict(self.fixed),
             "sampler": self.sampler.to_dict(),
             "pruner": self.pruner.to_dict(),
-            "budget": vars(self.budget).copy(),
+            "budget": self.budget.to_dict(),
             "retrain": vars(self.retrain).copy(),
             "checkpoint": self.checkpoint.to_dict(),
             "report_every": self.report_every,
@@ -392,9 +409,14 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     c.unknown_keys(pruner_raw, ("kind", *PRUNER_SETTINGS[kind]), "pruner.", f" for pruner kind {kind!r}")
     pruner = PrunerSpec(kind=kind, **{k: c.value(f"pruner.{k}", v) for k, v in pruner_raw.items() if k != "kind"})
     budget_raw = c.mapping(raw.get("budget"), "budget")
-    c.unknown_keys(budget_raw, ("n_trials", "timeout"), "budget.")
+    rules = ("max_minutes", "patience", "target")
+    c.unknown_keys(budget_raw, ("n_trials", "timeout", *rules), "budget.")
     budget = BudgetSpec(n_trials=c.value("budget.n_trials", budget_raw.get("n_trials", 100)),
-                        timeout=c.value("budget.timeout", budget_raw.get("timeout")))
+                        timeout=c.value("budget.timeout", budget_raw.get("timeout")),
+                        **{k: c.value(f"budget.{k}", budget_raw.get(k)) for k in rules})
+    if budget.target is not None and len(objectives) > 1:
+        raise c.refuse("budget.target", budget.target, "null with several objectives (a target is one best value; "
+                       "use patience or max_minutes)")
     retrain_raw = c.mapping(raw.get("retrain"), "retrain")
     c.unknown_keys(retrain_raw, ("folds", "epochs"), "retrain.")
     retrain = RetrainSpec(folds=c.value("retrain.folds", retrain_raw.get("folds", 5)),
@@ -637,15 +659,7 @@ def find_spec_file(name_or_path: str) -> Path:
 
 
 def load_spec_file(path: Path) -> StudySpec:
-    """Read and validate one YAML spec file."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise SpecError(f"{path}: {where}: malformed YAML: {getattr(e, 'problem', e)}") from e
-    return parse_spec(raw, source=str(path), base_dir=path.resolve().parent)
+    """Read and validate one YAML spec file (within the limits of ``hpo.spec.yaml_file``)."""
+    from hpo.spec.yaml_file import read_yaml
+
+    return parse_spec(read_yaml(path), source=str(path), base_dir=path.resolve().parent)

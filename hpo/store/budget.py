@@ -17,7 +17,6 @@ the way Optuna's :class:`~optuna.storages.RetryHeartbeatStaleTrialCallback` mark
 
 from __future__ import annotations
 
-import datetime
 import json
 import uuid
 import warnings
@@ -30,11 +29,15 @@ import sqlalchemy.orm
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from hpo.store import optuna_private
 from hpo.store.optuna_private import (
     STUDY_SYSTEM_ATTRS,
     TRIAL_SYSTEM_ATTRS,
     TRIAL_USER_ATTRS,
     TRIALS,
+    rdb_storage,
+    stored_now,
+    study_id,
 )
 from hpo.store.queries import RETRY_ATTR, count_keys, retried, upsert
 from hpo.store.storage import RetryingRDBStorage
@@ -132,9 +135,9 @@ def _new(storage: RetryingRDBStorage, study_id: int, budget: int | None, token: 
             if attrs is None:
                 raise _Abort("nothing left to run")
             for key, value in attrs.items():
-                session.execute(sa.insert(TRIAL_SYSTEM_ATTRS).values(trial_id=trial._trial_id, key=key,
+                session.execute(sa.insert(TRIAL_SYSTEM_ATTRS).values(trial_id=optuna_private.trial_id(trial), key=key,
                                                                       value_json=json.dumps(value)))
-            _mark_runner(session, trial._trial_id, token)
+            _mark_runner(session, optuna_private.trial_id(trial), token)
     except _Abort:
         return None
     trial.system_attrs.update(attrs)
@@ -152,7 +155,7 @@ def _pop(storage: RetryingRDBStorage, study_id: int, trial_id: int, retry: bool,
                 storage.lock_study(session, study_id)
             taken = session.execute(sa.update(TRIALS).where(
                 TRIALS.c.trial_id == trial_id, TRIALS.c.state == TrialState.WAITING).values(
-                state=TrialState.RUNNING, datetime_start=datetime.datetime.now())).rowcount
+                state=TrialState.RUNNING, datetime_start=stored_now())).rowcount
             if taken != 1:
                 raise _Abort("taken by another process")
             if not retry:
@@ -246,15 +249,15 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
                 if template is not None:
                     if study_id is None:
                         study_id = session.execute(sa.select(TRIALS.c.study_id).where(
-                            TRIALS.c.trial_id == trial._trial_id)).scalar_one()
+                            TRIALS.c.trial_id == optuna_private.trial_id(trial))).scalar_one()
                     storage.lock_study(session, study_id)  # the retry gets the next number
                 failed = session.execute(sa.update(TRIALS).where(
-                    TRIALS.c.trial_id == trial._trial_id, TRIALS.c.state == TrialState.RUNNING).values(
-                    state=TrialState.FAIL, datetime_complete=datetime.datetime.now())).rowcount
+                    TRIALS.c.trial_id == optuna_private.trial_id(trial), TRIALS.c.state == TrialState.RUNNING).values(
+                    state=TrialState.FAIL, datetime_complete=stored_now())).rowcount
                 if failed != 1:
                     raise _Abort("finished elsewhere")
                 upsert(session.connection(), TRIAL_USER_ATTRS,
-                       [{"trial_id": trial._trial_id, "key": "fail_reason", "value_json": json.dumps(reason)}],
+                       [{"trial_id": optuna_private.trial_id(trial), "key": "fail_reason", "value_json": json.dumps(reason)}],
                        ("trial_id", "key"))
                 if template is not None:
                     storage.add_trial_in(session, study_id, template)
@@ -263,3 +266,14 @@ def fail_trial(storage: RetryingRDBStorage, trial: FrozenTrial, *, reason: str, 
         return True
 
     return retried(storage, attempt)
+
+
+def more_trials_hint(study: optuna.Study, budget: int | None) -> str:
+    """What would give the study more trials: ``hpo worker`` while its budget has room; once the
+    budget is used, a worker would run nothing, and the hint says so and what would help."""
+    name = study.study_name
+    storage = rdb_storage(study)
+    if budget is None or not isinstance(storage, RetryingRDBStorage) or places_taken(storage, study_id(study)) < budget:
+        return f"run: hpo worker --study {name}"
+    return (f"its budget of {budget} trials is used, so a worker would run nothing; see what they did with "
+            f"hpo report --study {name}, and for more trials create a study with a larger budget.n_trials")

@@ -21,10 +21,11 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpo.errors import StoreError
+from hpo.errors import DataError, StoreError
 
 STORAGE_ROOT = Path("storage")  # the default store, artifacts, reports, exports, predictions, jobs
 DEFAULT_URL = f"sqlite:///{STORAGE_ROOT / 'hpo.db'}"
+MAX_DATA_BYTES = 10**9  # default of HPO_MAX_DATA_BYTES: a study's data files together, or one file to predict on
 SQLITE_TIMEOUT = 20  # seconds a SQLite writer waits for the lock: below the shortest default grace period
 
 
@@ -43,6 +44,24 @@ def env_seconds(name: str, default: float) -> float:
         value = float("nan")
     if not (value >= 0 and value != float("inf")):
         raise StoreError(f"{name}={raw!r} is not a number of seconds >= 0")
+    return value
+
+
+def max_data_bytes() -> int:
+    """The most bytes of data files one study may keep in the store (and ``hpo predict`` may read from one file) (``HPO_MAX_DATA_BYTES``).
+
+    Raises:
+        DataError: when the setting is not a positive whole number of bytes.
+    """
+    raw = os.environ.get("HPO_MAX_DATA_BYTES")
+    if not raw:
+        return MAX_DATA_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"HPO_MAX_DATA_BYTES={raw!r}: expected a positive number of bytes (default {MAX_DATA_BYTES})")
     return value
 
 
@@ -100,10 +119,18 @@ def resolve_url(flag: str | None = None) -> str:
     return flag or os.environ.get("HPO_STORAGE") or DEFAULT_URL
 
 
+# user:password@ of a URL (the user may be empty; the password runs to the last @ of the word, so
+# an unencoded @ or / in it is masked too); a password in a query string or a libpq key=value DSN,
+# plain or URL-encoded (a pyodbc odbc_connect string), quoted or not, under the names drivers take.
+_USERINFO = re.compile(r"(\w[\w+.-]*://[^:/@\s]*:)\S*@")
+_KEYED = re.compile(r"((?:ssl)?(?:password|passwd|pwd)\s*(?:=|%3D))(?:'[^']*'|\"[^\"]*\"|.*?)(?=&|;|%26|%3B|\s|$)",
+                    re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The text with every URL password replaced by ``***`` (for every log line and error)."""
-    text = re.sub(r"(\w[\w+.-]*://[^:/@\s]+:)\S*@", r"\1***@", url)
-    return re.sub(r"(password=)[^&\s]*", r"\1***", text, flags=re.IGNORECASE)
+    """The text with every URL password replaced by ``***`` (for every log line and error): in the
+    user info of any SQLAlchemy URL, and in query strings and DSNs (``password``, ``passwd``, ``pwd``)."""
+    return _KEYED.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 def driver_url(url: str) -> str:
@@ -149,11 +176,12 @@ def prepare_sqlite(path: Path) -> None:
 
 def engine_kwargs(url: str, *, sqlite_timeout: float = SQLITE_TIMEOUT) -> dict:
     """SQLAlchemy engine settings: SQLite waits ``sqlite_timeout`` seconds for its lock; a server
-    store keeps one pooled connection per process, pre-pinged."""
+    store keeps one pooled connection per process (no overflow), pre-pinged."""
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": sqlite_timeout}}
     connect_timeout = int(env_seconds("HPO_CONNECT_TIMEOUT", 5))
-    # One worker keeps one idle connection; the heartbeat thread borrows a second one briefly,
-    # so N workers hold about N connections. Pre-ping replaces connections a server restart killed.
-    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 3600,
+    # At most one connection per process: the worker's thread and its heartbeat take turns on it
+    # (each holds it for one short transaction), so N workers hold at most N connections and a
+    # role limited to N connections runs N workers. Pre-ping replaces connections a restart killed.
+    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 0, "pool_recycle": 3600,
             "connect_args": {"connect_timeout": connect_timeout}}

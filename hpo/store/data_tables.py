@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 import weakref
 from pathlib import Path
@@ -37,7 +36,6 @@ from hpo.store.optuna_private import STUDIES
 from hpo.store.schema import schema_lock
 
 CHUNK_BYTES = 512 * 1024
-MAX_DATA_BYTES = 10**9  # default of HPO_MAX_DATA_BYTES: a study's data files together
 STORE_TRIES = 5  # attempts to store a content another process is storing or deleting meanwhile
 
 _log = logging.getLogger("hpo.data.sources")
@@ -67,28 +65,6 @@ REFS = sa.Table(
 _ready: weakref.WeakSet[sa.Engine] = weakref.WeakSet()  # engines whose store has the tables
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in blocks (any size)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def max_data_bytes() -> int:
-    """The most bytes of data files one study may keep in the store (``HPO_MAX_DATA_BYTES``).
-
-    Raises:
-        DataError: when the setting is not a positive whole number of bytes.
-    """
-    raw = os.environ.get("HPO_MAX_DATA_BYTES")
-    if not raw:
-        return MAX_DATA_BYTES
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise DataError(f"HPO_MAX_DATA_BYTES={raw!r}: expected a positive number of bytes (default {MAX_DATA_BYTES})")
-    return value
 
 
 def _tables_exist(engine: sa.Engine) -> bool:

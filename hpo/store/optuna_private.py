@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 from collections.abc import Iterator
 
 import optuna
 import sqlalchemy.orm
+from optuna._hypervolume import compute_hypervolume
 from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
@@ -37,6 +39,17 @@ TRIAL_USER_ATTRS = models.TrialUserAttributeModel.__table__
 TRIAL_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
 TRIAL_HEARTBEATS = models.TrialHeartbeatModel.__table__
 METADATA = models.BaseModel.metadata
+
+
+def stored_now() -> datetime.datetime:
+    """Now, as Optuna 5 writes trial times into its tables (``datetime_start``, ``datetime_complete``):
+    UTC without a time zone (its models convert on the way in and out; optuna#6708, PR #6776)."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+def stored_time(value: datetime.datetime | None) -> datetime.datetime | None:
+    """A trial time read from Optuna's tables as Optuna 5's models return it: local time, naive."""
+    return None if value is None else value.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
 
 
 def stored_intermediate_value(value: float) -> tuple[float | None, object]:
@@ -110,6 +123,20 @@ def tell(study: optuna.Study, trial: optuna.Trial, value: float | None,
     """``study.tell(trial, value, state, skip_if_finished=True)`` without its final re-read of
     the trial: returns (the state told, the values told, a warning or None)."""
     return _tell_with_warning(study, trial, value, state, skip_if_finished=True)
+
+
+def schema_head(storage: optuna.storages.RDBStorage) -> str:
+    """The schema revision this Optuna writes (alembic's head; read from Optuna's files)."""
+    return storage._version_manager.get_head_version()
+
+
+def hypervolume(points, reference_point) -> float:
+    """The hypervolume that ``points`` (an n x k array, every objective minimized) dominate up to
+    ``reference_point``: Optuna's own computation (``optuna._hypervolume``; Optuna 5.0 has no public
+    name for it), the one its hypervolume history and multi-objective TPE use."""
+    import numpy as np
+
+    return float(compute_hypervolume(np.asarray(points, dtype=float), np.asarray(reference_point, dtype=float)))
 
 
 def cache_trial(study: optuna.Study, trial: FrozenTrial) -> None:

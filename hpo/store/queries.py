@@ -19,6 +19,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from hpo.store.optuna_private import (
+    STUDIES,
     STUDY_SYSTEM_ATTRS,
     TRIAL_HEARTBEATS,
     TRIAL_SYSTEM_ATTRS,
@@ -31,7 +32,8 @@ RETRY_ATTR = "failed_trial"  # trial system attr of a re-queued retry (Optuna's 
 
 def retried(storage: optuna.storages.RDBStorage, fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` retried within ``storage``'s retry window (none for a plain RDBStorage)."""
-    return call_retrying(getattr(storage, "retry_seconds", 0), fn, *args, **kwargs)
+    return call_retrying(getattr(storage, "retry_seconds", 0), fn, *args, outage=getattr(storage, "outage", None),
+                         **kwargs)
 
 
 def upsert(conn: sa.Connection, table: sa.Table, rows: list[dict], unique: tuple[str, str]) -> None:
@@ -149,4 +151,19 @@ def unfinished(storage: optuna.storages.RDBStorage, study_id: int) -> tuple[int,
             waiting = conn.execute(sa.select(sa.func.count()).select_from(TRIALS).where(
                 TRIALS.c.study_id == study_id, TRIALS.c.state == TrialState.WAITING, retry)).scalar_one()
         return running, waiting
+    return retried(storage, query)
+
+
+def study_identity(storage: optuna.storages.RDBStorage, name: str, key: str) -> tuple[int, object] | None:
+    """(id, value of the study system attr ``key`` or ``None``) of study ``name``, or ``None`` when
+    there is no such study: one query."""
+    def query():
+        with storage.engine.connect() as conn:
+            row = conn.execute(sa.select(STUDIES.c.study_id, STUDY_SYSTEM_ATTRS.c.value_json).select_from(
+                STUDIES.outerjoin(STUDY_SYSTEM_ATTRS, sa.and_(STUDY_SYSTEM_ATTRS.c.study_id == STUDIES.c.study_id,
+                                                              STUDY_SYSTEM_ATTRS.c.key == key)))
+                .where(STUDIES.c.study_name == name)).first()
+        if row is None:
+            return None
+        return row[0], None if row[1] is None else json.loads(row[1])
     return retried(storage, query)

@@ -24,6 +24,29 @@ PG_LOCK_KEY = 0x6870_6F5F  # "hpo_": an arbitrary 64-bit key, the same in every 
 LOCK_TIMEOUT_S = 120
 
 
+def schema_revision(url: str) -> str | None:
+    """The revision of Optuna's schema at ``url`` (alembic's), or ``None`` when the schema is not
+    all there yet: then opening the store creates it, under :func:`schema_lock`. Read on one
+    connection, closed after.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: when the database cannot be reached.
+    """
+    from hpo.store.optuna_private import METADATA
+
+    kwargs = engine_kwargs(url)
+    engine = sa.create_engine(driver_url(url), poolclass=sa.pool.NullPool,
+                              connect_args=kwargs.get("connect_args", {}))
+    try:
+        with engine.connect() as conn:
+            names = set(sa.inspect(conn).get_table_names())
+            if not {t.name for t in METADATA.sorted_tables} <= names or "alembic_version" not in names:
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    finally:
+        engine.dispose()
+
+
 @contextlib.contextmanager
 def schema_lock(url: str) -> Iterator[None]:
     """Hold the store-wide schema lock of ``url`` for the block (other holders wait).

@@ -7,7 +7,9 @@ The answers are those of the trials read in full through Optuna: ``best_*`` is O
 ``study.best_trial`` (ties go to the lowest trial number; in a constrained study among the feasible
 trials only), ``pareto`` is ``study.best_trials`` of a study of several objectives (the feasible
 COMPLETE trials no other dominates), ``finished`` counts COMPLETE, PRUNED and the FAILs that were not
-re-queued (:func:`hpo.store.budget.retried_numbers`).
+re-queued (:func:`hpo.store.budget.retried_numbers`). Of Optuna's FAIL state, ``interrupted`` counts
+the trials stopped by a signal or a dead worker (preemption) and re-queued, whose retry carries on
+their work, and ``failed`` the real failures: the rest.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from hpo.search.pareto import minimizing, non_dominated
 from hpo.search.study import SPEC_ATTR
 from hpo.store import optuna_private
 from hpo.store.budget import RETRY_HISTORY_ATTR
+from hpo.store.control import STOP_ATTR
 from hpo.store.optuna_private import (
     STUDIES,
     STUDY_DIRECTIONS,
+    STUDY_SYSTEM_ATTRS,
     STUDY_USER_ATTRS,
     TRIAL_PARAMS,
     TRIAL_SYSTEM_ATTRS,
@@ -44,16 +48,24 @@ from hpo.store.optuna_private import (
 IN_CHUNK = 500  # trial numbers per IN (...) list
 CV_ATTRS = ("cv_fold_values", "cv_std")  # trial user attrs of a cross-validated trial (hpo.search.cv)
 GPU_SHARING_ATTR = "gpu_sharing"  # trial user attr set by the objective (hpo.running.devices.gpu_sharing)
+LATENCY_DEVICE_ATTR = "latency_device"  # trial user attr: where latency_ms was timed (hpo.search.objectives)
 FEASIBLE_ATTR = "feasible"  # trial user attr of a constrained study (hpo.search.objectives)
 
 
 @dataclass(frozen=True)
 class Summary:
+    """One study's statistics, as ``hpo status`` prints them (``hpo.console.summary_text``) and a
+    worker returns them: trial counts by state, the best trial and its parameters (or the Pareto
+    set for several objectives), the study's wall time in seconds, and how trials shared GPUs.
+    Read with aggregate queries (:func:`summarize`), never by loading every trial."""
+
     name: str
     direction: str  # minimize | maximize (objectives joined by "/" in a multi-objective study)
     metric: str  # what the value measures (the spec's metric)
-    counts: dict[str, int]  # by TrialState name
+    counts: dict[str, int]  # by TrialState name (Optuna's FAIL holds both of the next two)
     finished: int
+    failed: int  # real failures: FAIL trials that were not re-queued
+    interrupted: int  # FAIL trials stopped by a signal or a dead worker and re-queued
     best_value: float | None
     best_trial: int | None
     best_params: dict[str, Any]
@@ -65,6 +77,8 @@ class Summary:
     infeasible: int = 0  # trials that broke a constraint (user attr feasible: false)
     # A cross-validated best trial's folds (hpo.search.cv): {"folds": K, "std": ..., "values": [...]}
     best_cv: dict[str, Any] | None = None
+    latency_devices: dict[str, int] | None = None  # trials by the device their latency_ms was timed on
+    stopped: dict[str, Any] | None = None  # the study's stop ({"rule", "reason", "now", "at"}), hpo.store.control
 
 
 def _spec_field(dialect: str, key: str) -> sa.ColumnElement:
@@ -210,15 +224,19 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
             starts[sid] += [first_start] if first_start else []
             ends[sid] += [last_end] if last_end else []
         sharing: dict[int, dict[str, int]] = {sid: {} for sid in studies}
-        for sid, value, n in conn.execute(
-                sa.select(TRIALS.c.study_id, TRIAL_USER_ATTRS.c.value_json, sa.func.count())
+        latency: dict[int, dict[str, int]] = {sid: {} for sid in studies}
+        for sid, key, value, n in conn.execute(
+                sa.select(TRIALS.c.study_id, TRIAL_USER_ATTRS.c.key, TRIAL_USER_ATTRS.c.value_json, sa.func.count())
                 .join(TRIALS, TRIALS.c.trial_id == TRIAL_USER_ATTRS.c.trial_id)
-                .where(selected(TRIALS.c.study_id), TRIAL_USER_ATTRS.c.key == GPU_SHARING_ATTR)
-                .group_by(TRIALS.c.study_id, TRIAL_USER_ATTRS.c.value_json)):
-            sharing[sid][str(json.loads(value))] = n
+                .where(selected(TRIALS.c.study_id), TRIAL_USER_ATTRS.c.key.in_([GPU_SHARING_ATTR, LATENCY_DEVICE_ATTR]))
+                .group_by(TRIALS.c.study_id, TRIAL_USER_ATTRS.c.key, TRIAL_USER_ATTRS.c.value_json)):
+            (sharing if key == GPU_SHARING_ATTR else latency)[sid][str(json.loads(value))] = n
         several = [sid for sid in studies if len(directions[sid]) > 1]
         metrics.update(_objective_names(conn, several) if several else {})
         infeasible = _infeasible(conn, list(studies)) if studies else {}
+        stops = {sid: json.loads(text) for sid, text in conn.execute(
+            sa.select(STUDY_SYSTEM_ATTRS.c.study_id, STUDY_SYSTEM_ATTRS.c.value_json)
+            .where(selected(STUDY_SYSTEM_ATTRS.c.study_id), STUDY_SYSTEM_ATTRS.c.key == STOP_ATTR))}
         out = []
         for sid, name in studies.items():
             c = counts[sid]
@@ -232,6 +250,8 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 metric=metrics.get(sid) or "value",
                 counts=c,
                 finished=c["COMPLETE"] + c["PRUNED"] + c["FAIL"] - retried,
+                failed=c["FAIL"] - retried,
+                interrupted=retried,
                 best_value=best[0] if best else None,
                 best_trial=best[1] if best else None,
                 best_params=best[2] if best else {},
@@ -240,6 +260,8 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 pareto=pareto,
                 best_cv=best[3] if best else None,
                 infeasible=infeasible.get(sid, 0),
+                stopped=stops.get(sid) or None,
+                latency_devices=dict(sorted(latency[sid].items())) or None,
             ))
     return sorted(out, key=lambda s: s.name)
 

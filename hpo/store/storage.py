@@ -10,7 +10,6 @@ heartbeat, so writes to it are refused at the call within one heartbeat interval
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import logging
 import threading
@@ -22,7 +21,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
-from hpo.errors import StoreError
+from hpo.errors import StoreError, StoreUnreachable
 from hpo.store import optuna_private, trials
 from hpo.store.config import (
     SQLITE_TIMEOUT,
@@ -43,18 +42,22 @@ from hpo.store.optuna_private import (
     TRIALS,
 )
 from hpo.store.queries import upsert
-from hpo.store.retry import reason, retrying
-from hpo.store.schema import schema_lock
+from hpo.store.retry import Outage, call_retrying, reason, retrying
+from hpo.store.schema import schema_lock, schema_revision
 
 _log = logging.getLogger("hpo.store")
 
 
 class RetryingRDBStorage(optuna_private.RDBStorage):
     """``RDBStorage`` whose calls ride out a restarting database: transient errors are retried
-    with backoff for ``retry_seconds`` (``HPO_STORE_RETRY``). Opening the store is never retried,
-    so a wrong URL fails at once."""
+    with backoff for ``retry_seconds`` (``HPO_STORE_RETRY``) after the store stopped answering
+    (``outage``: shared by the process's threads)."""
 
     retry_seconds = 0.0
+
+    def __init__(self, *args, **kwargs):
+        self.outage = Outage()
+        super().__init__(*args, **kwargs)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         """Optuna's ``set_trial_state_values``, decided by one conditional update: the state
@@ -67,7 +70,7 @@ class RetryingRDBStorage(optuna_private.RDBStorage):
             KeyError: no such trial.
             UpdateFinishedTrialError: the trial is already finished.
         """
-        now = datetime.datetime.now()
+        now = optuna_private.stored_now()
         if state == TrialState.RUNNING:
             allowed, changes = (TrialState.WAITING,), {"state": state, "datetime_start": now}
         else:
@@ -162,8 +165,8 @@ class WorkerStorage(RetryingRDBStorage):
     def adopt(self, trial: FrozenTrial) -> None:
         """Run ``trial`` (RUNNING, started by this process) with writes behind."""
         with self._lock:
-            self._own[trial._trial_id] = copy.deepcopy(trial)
-            self._finished.pop(trial._trial_id, None)
+            self._own[optuna_private.trial_id(trial)] = copy.deepcopy(trial)
+            self._finished.pop(optuna_private.trial_id(trial), None)
 
     def is_own(self, trial_id: int) -> bool:
         return trial_id in self._own
@@ -180,6 +183,14 @@ class WorkerStorage(RetryingRDBStorage):
         if dropped and any(dropped):
             _log.warning("trial id %d was finished elsewhere (%s); dropped %d values and %d attrs written here",
                          trial_id, state.name, len(dropped[0]), len(dropped[1]))
+
+    def drop(self, trial_id: int) -> None:
+        """Stop running ``trial_id`` here without writing anything more to it (its study is gone):
+        pending writes are dropped, later writes raise ``UpdateFinishedTrialError``."""
+        with self._lock:
+            self._own.pop(trial_id, None)
+            self._pending.pop(trial_id, None)
+            self._finished[trial_id] = TrialState.FAIL
 
     def _refuse_finished(self, trial_id: int) -> None:
         if trial_id in self._finished:
@@ -315,7 +326,7 @@ class WorkerStorage(RetryingRDBStorage):
     def _overlay(self, trial: FrozenTrial) -> FrozenTrial:
         """``trial`` as read from the store, with this process's pending writes on top."""
         with self._lock:
-            values, attrs = self._pending.get(trial._trial_id, ({}, {}))
+            values, attrs = self._pending.get(optuna_private.trial_id(trial), ({}, {}))
             if not values and not attrs:
                 return trial
             trial = copy.copy(trial)
@@ -358,17 +369,47 @@ class WorkerStorage(RetryingRDBStorage):
             return {**attrs, **copy.deepcopy(self._pending.get(trial_id, ({}, {}))[1])}
 
 
+def _construct(cls: type[RetryingRDBStorage], url: str, engine_settings: dict, kwargs: dict) -> RetryingRDBStorage:
+    """The store object, Optuna's schema created first if it is not there yet. The store is opened
+    on one connection at a time, its pool's one: Optuna's own schema checks hold two at once, so
+    they run on their own (creating the schema, under the schema lock, on connections closed
+    after), and the version is checked on the connection that read it."""
+    with warnings.catch_warnings():
+        # Optuna marks heartbeat_interval/grace_period experimental; hpo's contract test covers them.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        revision = schema_revision(url)
+        if revision is None:
+            with schema_lock(url):
+                maker = optuna.storages.RDBStorage(driver_url(url), engine_kwargs={
+                    "poolclass": sa.pool.NullPool, "connect_args": engine_settings.get("connect_args", {})})
+                maker.engine.dispose()
+            revision = schema_revision(url)
+        storage = cls(driver_url(url), engine_kwargs=engine_settings, skip_table_creation=True,
+                      skip_compatibility_check=True, **kwargs)
+    head = optuna_private.schema_head(storage)
+    if revision != head:
+        storage.engine.dispose()
+        raise StoreError(f"the store's schema is at revision {revision!r}, this Optuna ({optuna.__version__}) "
+                         f"needs {head!r}: upgrade it with `optuna storage upgrade --storage URL`, or use the "
+                         f"Optuna that made it")
+    return storage
+
+
 def open_storage(url: str | None = None, *, heartbeat: bool | Heartbeat = True) -> optuna.storages.RDBStorage:
     """Open (and on first use create, under a lock safe for processes starting together) the store
     at ``url``.
 
     With ``heartbeat`` (a worker's store: a :class:`WorkerStorage`; ``True`` takes the interval and
     grace period from ``HPO_HEARTBEAT_INTERVAL``/``HPO_GRACE_PERIOD``), running trials send a
-    heartbeat and their reports and user attrs are written behind. Once open, the store's calls
-    retry transient connection errors for ``HPO_STORE_RETRY`` seconds.
+    heartbeat and their reports and user attrs are written behind. Opening, and every call of the
+    store once open, retries transient connection errors (refused, reset, closed, too many
+    connections, starting up) for ``HPO_STORE_RETRY`` seconds, saying so on one line at once; a
+    wrong host name, a refused login or a missing database fail at once. A server store keeps one
+    connection (``engine_kwargs``).
 
     Raises:
-        StoreError: when the store cannot be reached or created (password masked), or a knob is bad.
+        StoreUnreachable: the store stayed unreachable for ``HPO_STORE_RETRY`` seconds.
+        StoreError: when the store cannot be opened or created (password masked), or a knob is bad.
     """
     url = resolve_url(url)
     if heartbeat is True:  # knobs first: a bad one leaves no store file behind
@@ -382,14 +423,16 @@ def open_storage(url: str | None = None, *, heartbeat: bool | Heartbeat = True) 
     path = sqlite_path(url)
     if path is not None:
         prepare_sqlite(path)
+    outage = Outage()
     try:
-        cls = WorkerStorage if heartbeat else RetryingRDBStorage
-        with schema_lock(url), warnings.catch_warnings():
-            # Optuna marks heartbeat_interval/grace_period experimental; hpo's contract test covers them.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = cls(driver_url(url), engine_kwargs=engine_kwargs(url, sqlite_timeout=sqlite_timeout), **kwargs)
+        storage = call_retrying(retry_seconds, _construct, WorkerStorage if heartbeat else RetryingRDBStorage, url,
+                                engine_kwargs(url, sqlite_timeout=sqlite_timeout), kwargs, outage=outage)
+    except StoreUnreachable as e:
+        raise type(e)(f"cannot open the store {mask_url(url)}: {e}") from e
+    except StoreError as e:
+        raise StoreError(f"cannot open the store {mask_url(url)}: {e}") from e
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError,
             OSError) as e:
         raise StoreError(f"cannot open the store {mask_url(url)}: {mask_url(reason(e))}") from e
-    storage.retry_seconds = retry_seconds
+    storage.retry_seconds, storage.outage = retry_seconds, outage
     return storage

@@ -27,6 +27,7 @@ from hpo.store.optuna_private import (
     TRIAL_USER_ATTRS,
     TRIAL_VALUES,
     TRIALS,
+    stored_time,
     trial_value,
 )
 
@@ -107,7 +108,7 @@ def read_trials(storage: optuna.storages.RDBStorage, study_id: int, *, states=No
     return [FrozenTrial(
         number=number, state=state, value=None,
         values=[values[trial_id][k] for k in sorted(values[trial_id])] if trial_id in values else None,
-        datetime_start=start, datetime_complete=complete, params=params.get(trial_id, {}),
+        datetime_start=stored_time(start), datetime_complete=stored_time(complete), params=params.get(trial_id, {}),
         distributions=distributions.get(trial_id, {}), user_attrs=attrs["user"].get(trial_id, {}),
         system_attrs=attrs["system"].get(trial_id, {}), intermediate_values=reports.get(trial_id, {}),
         trial_id=trial_id) for trial_id, number, state, start, complete in trials]

@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import os
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,15 +33,14 @@ from typing import Any
 
 import torch
 
+from hpo.errors import warn
+from hpo.spec.schema import StudySpec
 from hpo.store.artifacts import artifact_dir
 from hpo.store.paths import name_in
 
 MAGIC = b"hpo-checkpoint 1\n"
 SUFFIX = ".ckpt"
 RETRAIN_KEY = "retrain"
-
-_log = logging.getLogger("hpo.training.checkpoint")
-
 
 def trial_key(number: int) -> str:
     """The key of trial lineage ``number`` (its original trial's number)."""
@@ -55,15 +52,10 @@ def fingerprint(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _warn(text: str) -> None:
-    _log.warning(text)
-    print(f"warning: {text}", file=sys.stderr, flush=True)
-
-
 class CheckpointStore:
     """The checkpoint files of one study, in ``folder`` (created on first save)."""
 
-    def __init__(self, folder: Path, *, warn: Callable[[str], None] = _warn):
+    def __init__(self, folder: Path, *, warn: Callable[[str], None] = warn):
         self.folder, self.warn = Path(folder), warn
 
     @classmethod
@@ -72,6 +64,15 @@ class CheckpointStore:
         """The study's checkpoints under the artifact folder of ``storage_url`` / ``artifacts``
         (``hpo.store.artifacts.artifact_dir``)."""
         return cls(name_in(artifact_dir(storage_url, artifacts) / "checkpoints", study_name, what="study name"))
+
+    @classmethod
+    def for_spec(cls, spec: StudySpec, *, storage_url: str | None = None,
+                 artifacts: str | None = None) -> CheckpointStore | None:
+        """The study's checkpoints as :meth:`for_study` finds them, or None when the spec turns
+        checkpoints off (``checkpoint: false``): how a worker and a retrain open them."""
+        if not spec.checkpoint.enabled:
+            return None
+        return cls.for_study(spec.name, storage_url=storage_url, artifacts=artifacts)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"
@@ -113,7 +114,7 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError):
             return None
 
-    def load(self, key: str, *, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    def read(self, key: str, *, expect: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The payload and meta under ``key``, or None when there is none.
 
         A file that is damaged (bad magic or header, wrong size, checksum mismatch, unreadable

@@ -40,6 +40,7 @@ from torch import nn
 from hpo.data.dataset import Dataset
 from hpo.errors import TrainingError
 from hpo.training.optim import make_scheduler, step_scheduler
+from hpo.training.seeds import batch_reseed
 from hpo.training.stacked_step import StackedOptimizer, StackedStep
 from hpo.training.state import (
     cpu_copy,
@@ -296,7 +297,7 @@ def _resume(saved: dict[str, Any], step: StackedStep, per_fold: _PerFold, batche
     for f, (sch, lr) in enumerate(zip(saved["schedulers"], saved["scheduler_lrs"])):
         load_scheduler(schedules.schedulers[f], sch)
         schedules.optimizers[f].param_groups[0]["lr"] = lr
-        set_generator_state(batches.generators[f], saved["batch_order"][f], reseed=folds[f].seed + saved["epoch"])
+        set_generator_state(batches.generators[f], saved["batch_order"][f], reseed=batch_reseed(folds[f].seed, saved["epoch"]))
     set_rng_state(saved["rng"], batches.device)
     per_fold.results[:] = [TrainResult(**{**r, "resumed_from_epoch": r["epochs_run"]}) for r in saved["results"]]
     return saved["epoch"]

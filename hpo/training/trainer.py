@@ -32,6 +32,7 @@ from hpo.data.dataset import Dataset
 from hpo.errors import TrainingError
 from hpo.training import state as train_state
 from hpo.training.optim import make_optimizer, make_scheduler, step_scheduler
+from hpo.training.seeds import batch_reseed
 from hpo.training.state import TrainState
 
 EVAL_BATCH = 8192
@@ -45,6 +46,12 @@ Step = Callable[[torch.Tensor, torch.Tensor], None]
 
 @dataclass
 class TrainResult:
+    """What :func:`train` returns for one model: its per-epoch ``history`` (one dict per epoch:
+    ``epoch``, ``train_loss``, ``val_loss``, ``val_<metric>``, ...), the validation ``metrics`` of
+    the model returned (the best epoch's weights under early stopping), how many epochs ran
+    (counting those before a resume), the wall time of this run in seconds, and which path
+    trained it (``cuda_graph`` or ``eager``, with the reason for eager)."""
+
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # of the returned model, on the validation data
     epochs_run: int = 0
@@ -275,7 +282,7 @@ def _resume(state: TrainState, model: nn.Module, training: _Training, generator:
     """Put ``state`` back (after capture, into the very tensors the graphs read); the history goes
     on in ``result``. Returns early stopping as it stood."""
     train_state.put_back(state, model=model, optimizer=training.optimizer, scheduler=training.scheduler,
-                         generator=generator, reseed=seed + state.epoch, device=device)
+                         generator=generator, reseed=batch_reseed(seed, state.epoch), device=device)
     result.history = [dict(h) for h in state.history]
     result.epochs_run = result.resumed_from_epoch = state.epoch
     return replace(stopping, best_loss=state.best_loss, best_model=state.best_model, since_best=state.since_best)

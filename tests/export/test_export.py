@@ -64,13 +64,13 @@ def make_study(folder: Path, spec: Path, name: str, *, trials: int = 3) -> None:
 def retrain(folder: Path, name: str, *, folds: int) -> Path:
     """``hpo retrain``, then its files fetched from the artifact store (for the recorded predictions)."""
     from hpo.retrain.results import fetch_files, load_retrain
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.artifacts import open_artifact_store
     from hpo.store.storage import open_storage
 
     run_hpo("retrain", "--study", name, "--folds", str(folds), env=store_env(folder), check=0)
     url = store_env(folder)["HPO_STORAGE"]
-    study, _ = load(name, open_storage(url, heartbeat=False))
+    study, _ = open_study(name, open_storage(url, heartbeat=False))
     return fetch_files(open_artifact_store(url), load_retrain(study), folder / "retrain-files")
 
 
@@ -145,12 +145,12 @@ def test_export_of_a_retrain_of_another_trial_gives_that_trials_params(tmp_path,
 
     from hpo.export.folder import export_best
     from hpo.retrain.run import run_retrain
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.storage import open_storage
 
     shutil.copytree(trained / "store", tmp_path / "store")
     url = store_env(tmp_path)["HPO_STORAGE"]
-    study, _ = load("regression", open_storage(url, heartbeat=False))
+    study, _ = open_study("regression", open_storage(url, heartbeat=False))
     other = next(t for t in study.trials if t.number != study.best_trial.number)
     record = run_retrain("regression", storage_url=url, folds=2, trial_number=other.number,
                          device=torch.device("cpu"), stacked=False)
@@ -239,8 +239,9 @@ def test_classification_round_trip_both_vote_rules(tmp_path):
 
 def test_tampered_truncated_or_pickled_weights_are_refused(tmp_path, retrained):
     import hpo
+    from hpo.data.checksum import sha256_file as sha256
     from hpo.errors import HpoError
-    from hpo.export.folder import export_best, sha256
+    from hpo.export.folder import export_best
 
     good = export_best("regression", storage_url=store_env(retrained)["HPO_STORAGE"], out=tmp_path / "export")
     assert hpo.load(good).predict(np.zeros((2, 1), dtype=np.float32)).shape == (2, 1)
@@ -326,8 +327,9 @@ def image_export(tmp_path: Path, *, input_stats: dict | None):
     one-fold MLP; returns (export folder, the net, the source)."""
     import torch
 
+    from hpo.data.checksum import sha256_file as sha256
     from hpo.data.images import SOURCES
-    from hpo.export.folder import EXPORT_FORMAT, MANIFEST, _model_description, sha256
+    from hpo.export.folder import EXPORT_FORMAT, MANIFEST, _model_description
     from hpo.nn.models import build_model
     from hpo.retrain.results import RetrainRecord
     from hpo.spec.schema import parse_spec
@@ -455,6 +457,110 @@ def test_predict_output_and_load_types(tmp_path, retrained, monkeypatch):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hpo: error: --out: cannot write the export {too_long}")
     assert lines[0].endswith("File name too long")
+
+
+def test_predict_bad_input_files_are_one_line_naming_the_file(tmp_path, retrained):
+    """Ragged rows, unterminated quotes, empty files, non-finite cells (shown as written), truncated or
+    non-numeric .npy files: one line naming the file (and its line), exit 2, nothing written."""
+    from hpo.errors import HpoError
+    from hpo.export.folder import export_best
+    from hpo.export.loading import predict_file
+
+    env = store_env(retrained)
+    model = export_best("regression", storage_url=env["HPO_STORAGE"], out=tmp_path / "export")
+    good = np.arange(12, dtype=np.float32).reshape(12, 1)
+    np.save(tmp_path / "good.npy", good)
+    raw = (tmp_path / "good.npy").read_bytes()
+    files = {
+        "ragged.csv": ("x,y\n1,2\n3,4,5\n", r"ragged.csv: cannot read as CSV: .*Expected 2 fields in line 3, saw 3"),
+        "quote.csv": ('x,y\n1,2\n"3,4\n', r"quote.csv: cannot read as CSV: .*EOF inside string"),
+        "empty.csv": ("", r"empty.csv: cannot read as CSV: the file is empty"),
+        "huge.csv": ("x\n1\n1e400\n", r"huge.csv: line 3, column 'x': expected a finite number, got '1e400'"),
+        "big.csv": ("x\n1e300\n", r"big.csv: line 2, column 'x': expected a number within ±3.4e38 \(float32\), got '1e300'"),
+        "nan.csv": ("x\nnan\n", r"nan.csv: line 2, column 'x': expected a finite number, got 'nan'"),
+        "latin1.csv": (b"x\n\xe91\n", r"latin1.csv: cannot read as CSV: not UTF-8 text \(byte 0xe9\)"),
+        "cut.npy": (raw[:-5], r"cut.npy: cannot read as .npy: "),
+        "header.npy": (raw[:20], r"header.npy: cannot read as .npy: "),
+        "nan.npy": (np.array([[1.0], [np.nan]]), r"nan.npy: element \[1, 0\]: got nan; allowed: a finite number"),
+        "text.npy": (np.array(["a", "b"]), r"text.npy: holds <U1 values; allowed: numbers"),
+    }
+    for name, (content, message) in files.items():
+        path = tmp_path / name
+        if isinstance(content, np.ndarray):
+            np.save(path, content)
+        else:
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(HpoError, match=message) as e:
+            predict_file(model, path, tmp_path / "out.csv")
+        assert "\n" not in str(e.value) and not (tmp_path / "out.csv").exists(), name
+    for name in ("ragged.csv", "cut.npy"):
+        proc = run_hpo("predict", "--model", str(model), "--input", str(tmp_path / name), "--output",
+                       str(tmp_path / "out.csv"), env=env, check=2)
+        assert proc.stderr.count("\n") == 1 and f"{tmp_path / name}: cannot read as" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_an_infinite_best_value_exports_as_strict_json(tmp_path, trained):
+    """A trial value of -inf (Optuna accepts one) is written as null with a note, never as -Infinity."""
+    import optuna
+
+    from hpo.export.folder import export_best
+
+    shutil.copytree(trained / "store", tmp_path / "store")
+    url = store_env(tmp_path)["HPO_STORAGE"]
+    study = optuna.load_study(study_name="regression", storage=url)
+    t = study.best_trial
+    study.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=float("-inf")))
+    out = export_best("regression", storage_url=url, out=tmp_path / "export")
+
+    def refuse(name):
+        raise AssertionError(f"not JSON: {name}")
+
+    for name in ("params.json", "study.json", "manifest.json"):
+        json.loads((out / name).read_text(), parse_constant=refuse)
+    params = json.loads((out / "params.json").read_text())
+    assert params["value"] is None and params["non_finite"] == {"value": "-inf"}
+
+
+def test_malformed_export_files_are_one_line_naming_the_file(tmp_path, retrained):
+    """A manifest or model.json that is not JSON, not UTF-8, or of the wrong shape (checksums made to
+    match): one line naming the file, never a traceback."""
+    import hpo
+    from hpo.errors import HpoError
+    from hpo.export.folder import export_best, sha256
+
+    good = export_best("regression", storage_url=store_env(retrained)["HPO_STORAGE"], out=tmp_path / "export")
+    manifest = json.loads((good / "manifest.json").read_text())
+
+    def variant(name: str, *, manifest_text: str | bytes | None = None, model: object = None) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        m = json.loads(json.dumps(manifest))
+        if model is not None:
+            (folder / "model.json").write_text(json.dumps(model))
+            m["files"]["model.json"] = {"sha256": sha256(folder / "model.json"), "bytes": (folder / "model.json").stat().st_size}
+        text = manifest_text if manifest_text is not None else json.dumps(m)
+        (folder / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        return folder
+
+    description = json.loads((good / "model.json").read_text())
+    cases = {
+        variant("not-json", manifest_text="{"): r"not-json/manifest.json: unreadable manifest \(",
+        variant("not-utf8", manifest_text=b"\xff\xfe{}"): r"not-utf8/manifest.json: unreadable manifest \(",
+        variant("a-list", manifest_text="[]"): r"a-list/manifest.json: unreadable manifest \(expected a JSON object\)",
+        variant("files-text", manifest_text=json.dumps({**manifest, "files": "x"})): r"files-text/manifest.json: unreadable manifest \(files:",
+        variant("files-out", manifest_text=json.dumps({**manifest, "files": {"../x": {"sha256": "0", "bytes": 1}}})):
+            r"files-out/manifest.json: files: '../x' is not a file name of the folder",
+        variant("model-list", model=[]): r"model-list/model.json: unreadable model.json \(expected a JSON object\)",
+        variant("model-weights", model={**description, "weights": "fold_0.pt"}): r"model-weights/model.json: malformed \(weights",
+        variant("model-shape", model={k: v for k, v in description.items() if k != "in_shape"}): r"model-shape/fold_0.pt: cannot load",
+    }
+    for folder, message in cases.items():
+        with pytest.raises(HpoError, match=message) as e:
+            hpo.load(folder)
+        assert "\n" not in str(e.value), folder.name
+    proc = run_hpo("predict", "--model", str(tmp_path / "not-utf8"), "--input", str(REGRESSION_TEST_CSV), check=2)
+    assert proc.stderr.count("\n") == 1 and "not-utf8/manifest.json: unreadable manifest" in proc.stderr
 
 
 def test_predict_refuses_inputs_on_another_scale(tmp_path):

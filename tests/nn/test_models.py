@@ -61,6 +61,13 @@ def test_init_schemes(init):
         assert w.std().item() == pytest.approx((2 / 128) ** 0.5, rel=0.1)
     elif init == "kaiming":
         assert linears[1].weight.std().item() == pytest.approx((2 / 64) ** 0.5, rel=0.1)
+    elif init == "default":  # PyTorch's own: the very weights nn.Linear draws from the same seed, biases too
+        torch.manual_seed(0)
+        reference = [nn.Linear(1, 64), nn.Linear(64, 64), nn.Linear(64, 1)]
+        assert all(torch.equal(m.weight, r.weight) and torch.equal(m.bias, r.bias) for m, r in zip(linears, reference))
+        assert all(torch.count_nonzero(m.bias) > 0 for m in linears)
+    else:
+        raise AssertionError(f"init scheme {init!r} has no check here")
     if init != "default":
         assert all(torch.count_nonzero(m.bias) == 0 for m in linears[1:])
 
@@ -83,5 +90,7 @@ def test_mlp_gradients_match_finite_differences():
 def test_activation_per_layer_as_the_regression_seed_has_it():
     model = mlp(n_layers=2, width=[8, 8], activation=["selu", "sigmoid"])
     assert [type(m) for m in model if not isinstance(m, (nn.Linear, nn.Flatten))] == [nn.SELU, nn.Sigmoid]
-    with pytest.raises(Exception, match=r"activation has 1 values for 2 layers"):
+    from hpo.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"activation has 1 values for 2 layers"):
         mlp(n_layers=2, width=[8, 8], activation=["selu"])

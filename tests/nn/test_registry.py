@@ -80,6 +80,8 @@ def test_a_plugin_familys_domains_refuse_with_one_line():
 def test_uninstalled_and_broken_families_are_refused_with_the_reason(tmp_path, monkeypatch):
     assert refused(spec()) == (f"{SOURCE}: model: got 'resnet_small'; allowed: mlp, cnn (the installed model "
                                "families: a package's family needs that package installed; hpo families lists them)")
+    # a module path is a name like any other: only installed entry points load, nothing is imported
+    assert refused(spec(model="hpo.nn.builtin:mlp")).startswith(f"{SOURCE}: model: got 'hpo.nn.builtin:mlp'; allowed: mlp, cnn")
     site = fake_install(tmp_path / "site", dist="broken-fam", version="2.0", entry_points={"hpo.models": {
         "notafamily": "broken_fam:thing", "noimport": "broken_fam_missing:family", "misnamed": "broken_fam:misnamed"}},
         modules={"broken_fam.py": "from hpo.nn.family import Family, Param, integer\nthing = 42\n"
@@ -111,3 +113,13 @@ def test_the_cli_refuses_a_spec_of_an_uninstalled_family_and_writes_nothing(tmp_
     proc = run_hpo("create-study", str(path), env=env_with(tmp_path / "nothing", cli_env), check=2)
     assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_hpo_families_lists_installed_families_and_sources(tmp_path, cli_env):
+    from plugin_package import install_example
+
+    proc = run_hpo("families", env=env_with(install_example(tmp_path / "site"), cli_env), check=0)
+    for line in ("  mlp  (hpo ", "  resnet_small  (hpo-resnet-small 0.1.0, hpo_resnet_small.family:family)",
+                 "    width: an integer in [4, 512], one per layer of blocks (default 16)",
+                 "    blocks: an integer in [1, 6] (default 2)", "  image_folder  (hpo "):
+        assert line in proc.stdout, proc.stdout

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def served(tmp_path_factory):
 
 def test_api_lists_study_trials_and_retrain_files_in_the_trial_view(served):
     from hpo.retrain.results import load_retrain
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.artifacts import open_artifact_store
     from hpo.store.storage import open_storage
 
@@ -86,7 +87,7 @@ def test_api_lists_study_trials_and_retrain_files_in_the_trial_view(served):
     assert {t["state"] for t in detail["trials"]} == {"Complete"}
 
     url = store_env(folder)["HPO_STORAGE"]
-    study, _ = load("regression", open_storage(url, heartbeat=False))
+    study, _ = open_study("regression", open_storage(url, heartbeat=False))
     record = load_retrain(study)
     trial = next(t for t in detail["trials"] if t["number"] == record.trial_number)
     shown = {a["artifact_id"]: a["filename"] for a in trial["artifacts"]}
@@ -94,6 +95,43 @@ def test_api_lists_study_trials_and_retrain_files_in_the_trial_view(served):
     store = open_artifact_store(url)
     with urllib.request.urlopen(f"{base}/artifacts/{studies[0]['study_id']}/{trial['trial_id']}/{record.files['fold_0.pt']}") as r:
         assert r.read() == store.open_reader(record.files["fold_0.pt"]).read()
+
+
+def test_objective_is_named_and_the_retrain_is_a_readable_note(served):
+    """The dashboard names the objective by the spec's metric (not "Objective 0") and shows the
+    retrain's fold scores and ensemble as the study's note, in Markdown."""
+    import optuna
+
+    from hpo.report.dashboard import NOTE_HEADING, save_retrain_note
+    from hpo.retrain.results import fetch_files, load_retrain
+    from hpo.store.artifacts import open_artifact_store
+
+    base, folder, _ = served
+    study_id = get_json(base + "/api/studies")["study_summaries"][0]["study_id"]
+    detail = get_json(f"{base}/api/studies/{study_id}")
+    assert detail["objective_names"] == ["val_mse"]
+    note = detail["note"]["body"]
+    url = store_env(folder)["HPO_STORAGE"]
+    study = optuna.load_study(study_name="regression", storage=url)
+    record = load_retrain(study)
+    metrics = json.loads((fetch_files(open_artifact_store(url), record, folder / "note-files",
+                                      names=["metrics.json"]) / "metrics.json").read_text())
+    assert note.startswith(NOTE_HEADING + "\n\n" + f"### Retrain {record.id} of trial #{record.trial_number}")
+    assert metrics["metric"] == "mse"
+    for fold in metrics["per_fold"]:
+        best = " **(best)**" if fold["fold"] == metrics["best_fold"] else ""
+        assert f"- fold {fold['fold']}{best}: test mse {fold['test_metric']:.4g} (" in note, note
+    assert f"- **mean** of the folds: test mse {metrics['ensemble']['mean']['test_metric']:.4g}\n" in note, note
+
+    # What a user wrote in the dashboard stays above hpo's part; a later retrain comes first under it.
+    from optuna_dashboard import get_note, save_note
+
+    save_note(study, "my own words\n\n" + note)
+    save_retrain_note(study, metrics, replace(record, id="later"))
+    body = get_note(study)
+    assert body.startswith("my own words\n\n" + NOTE_HEADING + "\n\n### Retrain later of trial")
+    assert body.count(NOTE_HEADING) == 1 and f"### Retrain {record.id} of" in body
+    assert body.index("### Retrain later") < body.index(f"### Retrain {record.id} of")
 
 
 @pytest.mark.browser

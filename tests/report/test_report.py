@@ -15,9 +15,10 @@ import pytest
 import torch
 from conftest import run_hpo, small_regression_spec
 
+from hpo.errors import DataError
 from hpo.nn.models import build_model
 from hpo.retrain.results import save_retrain
-from hpo.search.study import load
+from hpo.search.study import open_study
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 
@@ -162,11 +163,11 @@ def test_cnn_insight_on_fashion_mnist(tmp_path, store_url):
 
     try:
         find_idx_files("fashion_mnist", download=False)
-    except Exception as e:
+    except DataError as e:  # only "not found" skips: any other failure fails the test
         pytest.skip(f"Fashion-MNIST files not found: {e}")
     storage = open_storage(store_url, heartbeat=False)
     study = _synthetic_study(storage, "cnn", n_trials=12, steps=3, spec_name="fmnist-cnn")
-    _, spec = load("cnn", storage)
+    _, spec = open_study("cnn", storage)
     hp = hyperparams_from_params(spec, study.best_trial.params)
     write_contract_retrain(study, open_artifact_store(store_url), tmp_path / "retrain", folds=2, family="cnn",
                            hp=hp, task="classification", in_shape=(1, 28, 28), classes=[f"c{i}" for i in range(10)])
@@ -277,3 +278,105 @@ def test_spec_block_as_written_and_timeline_title_by_workers(tmp_path, store_url
     too_long = tmp_path / ("r" * 300 + ".html")
     with pytest.raises(HpoError, match=r"^--out: cannot write the report to .*: File name too long$"):
         write_report("regression", storage_url=store_url, out=too_long)
+
+
+def test_out_folder_gets_the_report_inside(tmp_path, store_url, cli_env):
+    """``--out DIR/`` (new or existing) and ``--out DIR`` (existing) write DIR/STUDY.html."""
+    _synthetic_study(open_storage(store_url, heartbeat=False), "one", n_trials=1, steps=3)
+    from hpo.report.html import write_report
+
+    assert write_report("one", storage_url=store_url, out=f"{tmp_path / 'new'}/") == tmp_path / "new" / "one.html"
+    assert write_report("one", storage_url=store_url, out=tmp_path / "new") == tmp_path / "new" / "one.html"
+    assert write_report("one", storage_url=store_url, out=tmp_path / "r.html") == tmp_path / "r.html"
+    proc = run_hpo("report", "--study", "one", "--out", f"{tmp_path / 'cli'}/", env=cli_env, check=0)
+    assert (tmp_path / "cli" / "one.html").is_file() and str(tmp_path / "cli" / "one.html") in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["one.html"]
+
+
+def test_a_report_replaces_only_an_earlier_report(tmp_path, store_url):
+    _synthetic_study(open_storage(store_url, heartbeat=False), "one", n_trials=1, steps=3)
+    from hpo.errors import HpoError
+    from hpo.report.html import write_report
+
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html><title>my notes</title></html>")
+    with pytest.raises(HpoError, match=r"notes.html exists and is not an hpo report"):
+        write_report("one", storage_url=store_url, out=mine)
+    assert mine.read_text() == "<html><title>my notes</title></html>"
+    path = write_report("one", storage_url=store_url, out=tmp_path / "r.html")
+    assert write_report("one", storage_url=store_url, out=path) == path  # an earlier report: replaced
+
+
+def trials_data(text: str) -> dict:
+    """The trials table's data, as the page's script reads it."""
+    raw = re.search(r'<script type="application/json" id="trials-data">(.*?)</script>', text, re.S).group(1)
+    return json.loads(raw.replace("<\\/", "</"))
+
+
+def test_trials_table_spec_as_written_and_few_trial_importances(tmp_path, store_url):
+    """A study made from the shipped spec file: the spec block is the file's text (comments and all),
+    the importances of 8 complete trials say they are not yet meaningful, and the trials table holds
+    every trial, a re-queued FAIL as interrupted."""
+    import html
+
+    from hpo.report.html import write_report
+    from hpo.search.space import suggest
+    from hpo.search.study import create_from_file
+    from hpo.spec.schema import find_spec_file
+    from hpo.store.budget import RETRY_HISTORY_ATTR
+
+    study, spec, _ = create_from_file("regression", storage_url=store_url)
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for i in range(8):
+        trial = scratch.ask()
+        suggest(trial, spec)
+        scratch.tell(trial, 1.0 / (i + 1))
+    stopped = scratch.ask()
+    suggest(stopped, spec)
+    scratch.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    study.add_trials(scratch.get_trials(deepcopy=False))
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=study.trials[8].params,
+        distributions=study.trials[8].distributions, system_attrs={RETRY_HISTORY_ATTR: [8]}))
+    text = write_report("regression", storage_url=store_url, out=tmp_path / "r.html").read_text()
+
+    written = find_spec_file("regression").read_text()
+    assert "# The seed regression study" in written
+    assert f"<h3>Spec</h3><p>As written in its file at create-study.</p><pre>{html.escape(written)}</pre>" in text
+    assert "only 8 complete trials: importances from fewer than ~20 are not yet meaningful" in text
+    assert '<tr><th>failed trials</th><td>0</td></tr><tr><th>interrupted (re-queued)</th><td>1</td></tr>' in text
+    data = trials_data(text)
+    assert data["columns"][:5] == ["number", "state", "value", "duration (s)", "worker"]
+    assert "n_layers" in data["columns"] and "lr" in data["columns"]
+    assert [r[0] for r in data["rows"]] == list(range(10))
+    assert [r[1] for r in data["rows"]][7:] == ["COMPLETE", "FAIL (interrupted, re-queued)", "WAITING"]
+    assert data["rows"][0][2] == 1.0 and data["rows"][9][2] is None
+    assert '<section id="trials"><h2>All trials (10)</h2>' in text
+
+
+def test_parallel_coordinates_integer_parameters_get_whole_ticks():
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from hpo.report.study_figures import integer_ticks
+
+    study = optuna.create_study()
+    for i, (n, width) in enumerate([(1, 128), (3, 256), (2, 200), (1, 131)]):
+        study.add_trial(optuna.trial.create_trial(
+            value=float(i), params={"n_layers": n, "width": width, "lr": 10.0 ** -(i + 1)},
+            distributions={"n_layers": IntDistribution(1, 3), "width": IntDistribution(128, 256),
+                           "lr": FloatDistribution(1e-5, 1e-1, log=True)}))
+    fig = optuna.visualization.plot_parallel_coordinate(study)
+    labels = list(fig.layout.xaxis.ticktext)
+
+    def ticks(name: str) -> list[str]:
+        return [a.text for a in sorted(fig.layout.annotations, key=lambda a: a.y) if a.x == labels.index(name)]
+
+    assert "1.5" in ticks("n_layers")  # Optuna's own: five evenly spaced ticks
+    lr_ticks = ticks("lr")
+    integer_ticks(fig, study.trials)
+    assert ticks("n_layers") == ["1", "2", "3"]
+    assert all(t.isdigit() for t in ticks("width")) and ticks("width")[0] == "128" and len(ticks("width")) <= 6
+    assert ticks("lr") == lr_ticks  # a log-scaled float keeps its ticks
+    n_axis = labels.index("n_layers")
+    placed = {a.text: a.y for a in fig.layout.annotations if a.x == n_axis}
+    assert placed["1"] == pytest.approx(0) and placed["2"] == pytest.approx(0.5) and placed["3"] == pytest.approx(1)

@@ -207,6 +207,83 @@ def test_large_study_report_renders_in_chromium(tmp_path, store_url, browser):
     assert "scattergl" in by_title(data, "Optimization History Plot")["types"]
     assert not any(f["no_webgl"] for f in data), data
 
+    # The trials table holds every trial: paged, searchable, sortable.
+    table = browser.script(TRIALS_TABLE)
+    assert table["total"] == 2_000 and table["body_rows"] == 50, table
+    assert table["info"] == "1–50 of 2,000 trials, page 1 of 40" and table["first"][0] == "0"
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=store_url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    found = browser.script(TRIALS_SEARCH)
+    assert found["info"].startswith(f"1–50 of {len(complete):,} trials (filtered from 2,000)"), found
+    assert found["states"] == ["COMPLETE"] and found["first_value"] == pytest.approx(min(t.value for t in complete),
+                                                                                     rel=1e-5)
+    assert found["last_page_last_number"] == str(max(t.number for t in complete)) or found["sorted_desc"]
+
+
+TRIALS_TABLE = """
+const root = document.getElementById('trials-table');
+const rows = root.querySelectorAll('tbody tr');
+return {total: root.hpoTable.rows.length, body_rows: rows.length,
+        info: root.querySelector('.trials-info').textContent,
+        first: Array.from(rows[0].children).map(td => td.textContent)};
+"""
+
+# Search for COMPLETE, sort by value (one click: ascending), then read the first row; then the last page.
+TRIALS_SEARCH = """
+const root = document.getElementById('trials-table');
+const search = root.querySelector('input[type=search]');
+search.value = 'complete';
+search.dispatchEvent(new Event('input'));
+const col = root.hpoTable.columns.indexOf('value');
+root.querySelector('thead th[data-col="' + col + '"]').click();
+const body = () => Array.from(root.querySelectorAll('tbody tr')).map(tr => Array.from(tr.children).map(td => td.textContent));
+const page = body();
+const out = {info: root.querySelector('.trials-info').textContent, states: [...new Set(page.map(r => r[1]))],
+             first_value: parseFloat(page[0][col]),
+             sorted_desc: root.hpoTable.state.desc};
+root.querySelector('thead th[data-col="0"]').click();
+root.querySelector('button[data-step="last"]').click();
+const last = body();
+out.last_page_last_number = last[last.length - 1][0];
+return out;
+"""
+
+# The bounding boxes of the ensemble labels in the retrain's fold-scores figure.
+VOTE_LABELS = """
+return Array.from(document.querySelectorAll('.plotly-graph-div'))
+  .filter(d => ((d.layout.title || {}).text || '').startsWith('Test scores per fold model')).flatMap(d =>
+  Array.from(d.querySelectorAll('.annotation-text')).filter(t => /majority vote|soft vote/.test(t.textContent))
+    .map(t => { const r = t.getBoundingClientRect();
+                return {figure: d.id, text: t.textContent, left: r.left, right: r.right, top: r.top, bottom: r.bottom}; }));
+"""
+
+
+@pytest.mark.timeout(300)
+def test_vote_labels_do_not_overlap_when_the_votes_are_close(tmp_path, store_url, browser):
+    """A retrain whose majority vote (0.91) and soft vote (0.915) nearly coincide: their labels'
+    bounding boxes in the drawn page do not intersect."""
+    from test_report import _synthetic_study, write_contract_retrain
+
+    from hpo.report.html import write_report
+    from hpo.store.artifacts import open_artifact_store
+    from hpo.store.storage import open_storage
+
+    study = _synthetic_study(open_storage(store_url, heartbeat=False), "votes", n_trials=12, steps=5)
+    write_contract_retrain(study, open_artifact_store(store_url), tmp_path / "retrain", folds=4,
+                           task="classification", in_shape=(1, 8, 8), classes=["a", "b", "c"])
+    out = write_report("votes", storage_url=store_url, out=tmp_path / "votes.html")
+    open_report(browser, out, "report-votes")
+    labels = browser.script(VOTE_LABELS)
+    majority = [b for b in labels if b["text"].startswith("majority vote")]
+    soft = [b for b in labels if b["text"].startswith("soft vote")]
+    assert len(majority) == 1 and len(soft) == 2, labels  # soft vote: on the metric and the loss panel
+    for a in majority:
+        for b in soft:
+            apart = a["right"] <= b["left"] or b["right"] <= a["left"] or a["bottom"] <= b["top"] or b["bottom"] <= a["top"]
+            assert apart, (a, b)
+
 
 def test_error_trap_sees_a_broken_page(tmp_path, browser):
     """The checks above can fail: a page with a script error and an empty figure div is caught."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,17 @@ import pytest
 import torch
 import yaml
 
-from hpo.data.dataset import Dataset
 from hpo.data.sources import load_dataset
 from hpo.data.tables import embed_csv
 from hpo.errors import HpoError
 from hpo.nn.models import rebuild
 from hpo.retrain import ensemble
 from hpo.retrain.results import fetch_files, list_retrains, load_retrain, read_json
-from hpo.retrain.run import run_retrain, split_folds
+from hpo.retrain.run import run_retrain
 from hpo.running.worker import run_worker
-from hpo.search.study import create, load
+from hpo.search.study import create, open_study
 from hpo.spec.schema import load_spec_file
+from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 from hpo.training.trainer import score
@@ -67,7 +68,7 @@ def make_study(spec_path: Path, store_url: str, n_trials: int) -> None:
 
 
 def read_back(store_url: str, artifacts: Path, name: str, retrain_id: str | None = None):
-    study, spec = load(name, open_storage(store_url, heartbeat=False))
+    study, spec = open_study(name, open_storage(store_url, heartbeat=False))
     record = load_retrain(study, retrain_id)
     folder = fetch_files(open_artifact_store(store_url, str(artifacts)), record)
     return study, spec, record, folder
@@ -76,32 +77,6 @@ def read_back(store_url: str, artifacts: Path, name: str, retrain_id: str | None
 def rebuilt_models(folder: Path, folds: int) -> list[torch.nn.Module]:
     info = read_json(folder, "model.json")
     return [rebuild(info, folder / f"fold_{i}.pt") for i in range(folds)]
-
-
-def test_stratified_folds_keep_class_balance():
-    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 15)
-    data = Dataset(task="classification", x=torch.zeros(105, 2), y=labels, train_idx=torch.arange(105),
-                   val_idx=torch.arange(0), x_test=torch.zeros(1, 2), y_test=labels[:1], in_shape=(2,), out_features=3)
-    folds = split_folds(data, folds=5, seed=0)
-    for train_idx, val_idx in folds:
-        assert np.bincount(labels[val_idx].numpy(), minlength=3).tolist() == [12, 6, 3]
-        assert np.bincount(labels[train_idx].numpy(), minlength=3).tolist() == [48, 24, 12]
-    assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(105))
-    assert [v.tolist() for _, v in split_folds(data, folds=5, seed=0)] == [v.tolist() for _, v in folds]
-    with pytest.raises(HpoError, match="rarest class has 15"):
-        split_folds(data, folds=16, seed=0)
-
-
-def test_regression_folds_cover_the_pool_once():
-    data = Dataset(task="regression", x=torch.zeros(23, 1), y=torch.zeros(23, 1), train_idx=torch.arange(23),
-                   val_idx=torch.arange(0), x_test=torch.zeros(1, 1), y_test=torch.zeros(1, 1), in_shape=(1,), out_features=1)
-    folds = split_folds(data, folds=4, seed=1)
-    assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(23))
-    assert all(len(np.intersect1d(t, v)) == 0 and len(t) + len(v) == 23 for t, v in folds)
-    with pytest.raises(HpoError, match="need at least 2 folds"):
-        split_folds(data, folds=1, seed=0)
-    with pytest.raises(HpoError, match="24 folds need at least 24 samples"):
-        split_folds(data, folds=24, seed=0)
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "sequential"])
@@ -113,8 +88,9 @@ def test_classification_retrain_artifacts_reproduce_the_metrics(tmp_path, store_
     assert loaded == record and record.folds == 3 and record.trial_number == study.best_trial.number
     assert set(record.files) == {"metrics.json", "curves.json", "predictions.npz", "model.json",
                                  "fold_0.pt", "fold_1.pt", "fold_2.pt"}
-    trial_id = study.best_trial._trial_id  # each file is linked to the retrained trial in optuna-dashboard
-    assert {f"dashboard:artifacts:{trial_id}:{a}" for a in record.files.values()} <= set(study._storage.get_study_system_attrs(study._study_id))
+    trial_id = optuna_private.trial_id(study.best_trial)  # each file is linked to the retrained trial in optuna-dashboard
+    attrs = optuna_private.study_storage(study).get_study_system_attrs(optuna_private.study_id(study))
+    assert {f"dashboard:artifacts:{trial_id}:{a}" for a in record.files.values()} <= set(attrs)
 
     metrics = read_json(folder, "metrics.json")
     assert metrics["path"] == ("stacked" if stacked else "sequential")
@@ -183,10 +159,8 @@ def test_sequential_retrain_records_the_path_its_folds_took(tmp_path, store_url,
 
     make_study(blobs_spec(tmp_path), store_url, n_trials=1)
     artifacts = tmp_path / "artifacts"
-    seen: list[dict] = []
-    run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False,
-                on_metrics=seen.append)
-    assert seen[0]["cuda_graph"] is False  # eager on the CPU
+    record = run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False)
+    assert record.metrics.cuda_graph is False  # eager on the CPU
 
     real_train = hpo.training.folds.train
 
@@ -196,9 +170,12 @@ def test_sequential_retrain_records_the_path_its_folds_took(tmp_path, store_url,
         return result
 
     monkeypatch.setattr(hpo.training.folds, "train", graphed)
-    run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False,
-                on_metrics=seen.append)
-    assert seen[1]["cuda_graph"] is True
+    record = run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False)
+    assert record.metrics.cuda_graph is True
+    # the record's metrics are the saved metrics.json, key for key (the seven keys it once left undocumented too)
+    saved = read_json(fetch_files(open_artifact_store(store_url, str(artifacts)), record), "metrics.json")
+    assert saved == json.loads(json.dumps(record.metrics.to_dict()))
+    assert {"path_reason", "cuda_graph", "device", "metric", "fold_seeds", "split", "resumed_from"} <= set(saved)
 
 
 def test_rerun_makes_a_new_record_and_keeps_the_old_one(tmp_path, store_url):
@@ -220,12 +197,14 @@ def test_rerun_makes_a_new_record_and_keeps_the_old_one(tmp_path, store_url):
 
 def test_bad_trial_choices_are_clear_errors(tmp_path, store_url):
     make_study(blobs_spec(tmp_path), store_url, n_trials=0)
-    with pytest.raises(HpoError, match="no complete trial; run hpo worker --study blobs first"):
+    with pytest.raises(HpoError, match="no complete trial; run: hpo worker --study blobs$"):
         run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), device=CPU)
     run_worker("blobs", storage_url=store_url, n_trials=1, echo=lambda line: None)
+    with pytest.raises(HpoError, match=r"^--folds: got 1000; allowed: an integer in \[2, 100\] \(HPO_LIMITS=retrain.folds=N"):
+        run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), folds=1000, device=CPU)
     with pytest.raises(HpoError, match="no trial 5; trials are 0..0"):
         run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), trial_number=5, device=CPU)
-    study, _ = load("blobs", open_storage(store_url, heartbeat=False))
+    study, _ = open_study("blobs", open_storage(store_url, heartbeat=False))
     assert not any(k.startswith("hpo_retrain") for k in study.user_attrs)
 
 
@@ -234,7 +213,7 @@ def test_cli_retrain_exits_2_without_a_complete_trial_then_prints_the_table(tmp_
     artifacts = tmp_path / "a"
     run_hpo("create-study", str(blobs_spec(tmp_path)), env=cli_env, check=0)
     proc = run_hpo("retrain", "--study", "blobs", "--artifacts", str(artifacts), env=cli_env, check=2)
-    assert proc.stderr.strip() == "hpo: error: study 'blobs' has no complete trial; run hpo worker --study blobs first"
+    assert proc.stderr.strip() == "hpo: error: study 'blobs' has no complete trial; run: hpo worker --study blobs"
     run_hpo("worker", "--study", "blobs", "--n-trials", "1", env=cli_env, check=0)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -248,7 +227,7 @@ def test_cli_retrain_exits_2_without_a_complete_trial_then_prints_the_table(tmp_
 
 
 def test_results_table_labels_the_ensemble_and_the_folds_mean_and_drops_repeated_columns():
-    from hpo.commands.retrain import results_table
+    from hpo.console import retrain_table as results_table
 
     def fold(i, epochs, val, test, val_loss=None, test_loss=None):
         return {"fold": i, "epochs_run": epochs, "val_metric": val, "test_metric": test,
@@ -288,23 +267,22 @@ def subset_blobs_spec(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("full_data", [None, True], ids=["search-data", "full-data"])
 def test_retrain_trains_on_the_search_data_unless_told_full_data(tmp_path, store_url, monkeypatch, full_data):
-    import hpo.retrain.run
+    import hpo.training.folds
 
     make_study(subset_blobs_spec(tmp_path), store_url, n_trials=1)
     seen: list[tuple[torch.Tensor, int, int]] = []  # (the pool trained on, fold train size, fold val size)
-    real_train = hpo.retrain.run.train
+    real_train = hpo.training.folds.train
 
     def watched(model, data, hp, **kwargs):
         seen.append((data.x.clone(), len(kwargs["train_idx"]), len(kwargs["val_idx"]), hp["epochs"]))
         return real_train(model, data, hp, **kwargs)
 
-    monkeypatch.setattr(hpo.retrain.run, "train", watched)
+    monkeypatch.setattr(hpo.training.folds, "train", watched)
     lines: list[str] = []
-    metrics: list[dict] = []
-    run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), folds=2, device=CPU, stacked=False,
-                full_data=full_data, epochs=3, echo=lines.append, on_metrics=metrics.append)
+    metrics = run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), folds=2, device=CPU,
+                          stacked=False, full_data=full_data, epochs=3, echo=lines.append).metrics
 
-    _, spec = load("blobs", open_storage(store_url, heartbeat=False))
+    _, spec = open_study("blobs", open_storage(store_url, heartbeat=False))
     searched = load_dataset(spec)  # as a worker loads it: the whole pool, split into the two subsets
     assert (len(searched.train_idx), len(searched.val_idx)) == (40, 10)
     if full_data:
@@ -316,12 +294,12 @@ def test_retrain_trains_on_the_search_data_unless_told_full_data(tmp_path, store
                 "--full-data trains on all") in lines
     assert [(n_train + n_val, epochs) for _, n_train, n_val, epochs in seen] == [(len(pool), 3)] * 2
     assert all(torch.equal(x, pool) for x, *_ in seen)
-    assert metrics[0]["data"] == {"samples": len(pool), "of": 105, "full_data": bool(full_data)}
-    assert [f["epochs_run"] for f in metrics[0]["per_fold"]] == [3, 3]
+    assert metrics.data == {"samples": len(pool), "of": 105, "full_data": bool(full_data)}
+    assert [f["epochs_run"] for f in metrics.per_fold] == [3, 3]
 
 
 def test_trained_line_keeps_a_slow_rate_readable():
-    from hpo.commands.retrain import trained_line
+    from hpo.console import trained_line
 
     line = trained_line({"folds": 3, "path": "sequential", "train_seconds": 363.04, "model_epochs_per_s": 0.03306})
     assert line == "trained 3 models (sequential) in 363.0s, 0.0331 model-epochs/s"

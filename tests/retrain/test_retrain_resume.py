@@ -5,6 +5,7 @@ trained again, and the checkpoint is gone once the retrain is saved."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from test_parallel import create
 from hpo.retrain.results import fetch_files, load_retrain, read_json
 from hpo.retrain.run import run_retrain
 from hpo.running.worker import run_worker
-from hpo.search.study import load
+from hpo.search.study import open_study
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore
@@ -31,7 +32,7 @@ CPU = torch.device("cpu")
 
 
 def latest(url: str, artifacts: str) -> tuple[dict, dict, dict]:
-    study, _ = load("ck", open_storage(url, heartbeat=False))
+    study, _ = open_study("ck", open_storage(url, heartbeat=False))
     folder = fetch_files(open_artifact_store(url, artifacts), load_retrain(study))
     return read_json(folder, "metrics.json"), read_json(folder, "curves.json"), dict(np.load(folder / "predictions.npz"))
 
@@ -143,18 +144,15 @@ def test_cnn_retrain_resumed_in_process_at_several_points(tmp_path, store_url, m
     run_retrain("ck", folds=3, stacked=path == "stacked", **options)
     whole = latest(store_url, artifacts)
 
-    real_boundary, real_save = retrain_checkpoint.RetrainCheckpoint.boundary, retrain_checkpoint.RetrainCheckpoint.save
+    real_save = retrain_checkpoint.RetrainCheckpoint.save
 
-    def killing(real):
-        def call(self, payload, *, where: str):
-            real(self, payload, where=where)
-            if where == killing.at:
-                raise _Killed
-        return call
+    def killing(self, payload, *, where: str):
+        real_save(self, payload, where=where)
+        if where == killing.at:
+            raise _Killed
 
     killing.at = where
-    monkeypatch.setattr(retrain_checkpoint.RetrainCheckpoint, "boundary", killing(real_boundary))
-    monkeypatch.setattr(retrain_checkpoint.RetrainCheckpoint, "save", killing(real_save))
+    monkeypatch.setattr(retrain_checkpoint.RetrainCheckpoint, "save", killing)
     with pytest.raises(_Killed):
         run_retrain("ck", folds=3, stacked=path == "stacked", **options)
     killing.at = None
@@ -164,3 +162,48 @@ def test_cnn_retrain_resumed_in_process_at_several_points(tmp_path, store_url, m
     resumed = latest(store_url, artifacts)
     assert resumed[0]["per_fold"] == whole[0]["per_fold"] and resumed[0]["ensemble"] == whole[0]["ensemble"]
     assert resumed[1] == whole[1] and all(np.array_equal(resumed[2][n], whole[2][n]) for n in whole[2])
+
+
+def test_a_retrain_without_checkpoints_still_stops_on_sigterm(tmp_path, store_url):
+    """``checkpoint: false``: the stop signal is still the retrain's (the same boundary as a trial's):
+    SIGTERM stops it at the next epoch boundary, with nothing to resume."""
+    spec = spec_file(tmp_path, "mlp", checkpoint=False)
+    raw = yaml.safe_load(spec.read_text())
+    raw["fixed"].update(epochs=6, early_stopping=0)
+    spec.write_text(yaml.safe_dump(raw))
+    create(spec, store_url)
+    run_worker("ck", storage_url=store_url, echo=lambda line: None)
+    artifacts = str(tmp_path / "artifacts")
+
+    def echo(line: str) -> None:
+        if line.startswith("  fold 0:"):  # inside the retrain's StopSignal: the first signal is a request
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    from hpo.training.boundary import Interrupted
+    with pytest.raises(Interrupted) as e:
+        run_retrain("ck", storage_url=store_url, artifacts=artifacts, folds=3, device=CPU, stacked=False, echo=echo)
+    assert (e.value.where, e.value.saved) == ("fold 1, epoch 1", None)
+    assert CheckpointStore.for_study("ck", artifacts=artifacts).keys() == []
+
+
+def test_a_retrain_whose_checkpoint_writes_fail_warns_once_and_finishes(tmp_path, store_url, monkeypatch, capsys):
+    """A failed checkpoint write (here: a full disk) costs the retrain its resumability, not its run:
+    one warning, then the retrain finishes and is saved (as a trial does)."""
+    spec = spec_file(tmp_path, "mlp", every_seconds=0)
+    raw = yaml.safe_load(spec.read_text())
+    raw["fixed"].update(epochs=4, early_stopping=0)
+    spec.write_text(yaml.safe_dump(raw))
+    create(spec, store_url)
+    run_worker("ck", storage_url=store_url, echo=lambda line: None)
+    artifacts = str(tmp_path / "artifacts")
+
+    def disk_full(self, key, payload, *, meta):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CheckpointStore, "save", disk_full)
+    capsys.readouterr()
+    record = run_retrain("ck", storage_url=store_url, artifacts=artifacts, folds=2, device=CPU, stacked=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: retrain: checkpoint not written (No space left on device); training goes on") == 1, err
+    metrics = latest(store_url, artifacts)[0]
+    assert record.trial_number == 0 and len(metrics["per_fold"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from test_parallel import create as create_study
 
 from hpo.errors import TrainingError
 from hpo.running.worker import run_worker
+from hpo.store import optuna_private
 from hpo.store.config import Heartbeat
 from hpo.store.storage import open_storage
 
@@ -151,7 +153,7 @@ def test_trial_of_a_worker_dead_before_its_first_heartbeat_is_retried(tmp_path, 
     orphan = budget.start_trial(storage, study_id, budget=2)
     for name, dist, value in (("n_layers", optuna.distributions.IntDistribution(1, 3), 1),
                               ("lr", optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True), 1e-3)):
-        storage.set_trial_param(orphan._trial_id, name, dist.to_internal_repr(value), dist)
+        storage.set_trial_param(optuna_private.trial_id(orphan), name, dist.to_internal_repr(value), dist)
     storage.engine.dispose()
     run_worker("regression", storage_url=store_url, echo=lambda line: None)
     trials = trials_of(store_url)
@@ -180,6 +182,14 @@ def test_sigterm_fails_and_requeues_the_running_trial_then_exits_0(tmp_path, sto
     assert len(trials) == 2 and trials[1].state == TrialState.COMPLETE
     assert trials[1].user_attrs["retry_of"] == 0 and trials[1].user_attrs["retries"] == 1
     assert len(budget_trials(store_url, "regression")) == 1
+    # Status counts what happened: the SIGTERM'd trial is interrupted (re-queued), not a failure.
+    stats = json.loads(run_hpo("status", "--study", "regression", "--json", env=env, check=0).stdout)
+    assert (stats["failed"], stats["interrupted"], stats["finished"]) == (0, 1, 1)
+    text = run_hpo("status", "--study", "regression", env=env, check=0).stdout
+    assert "Number of failed trials:   0" in text and "Interrupted (re-queued):   1" in text
+    header, row = run_hpo("studies", env=env, check=0).stdout.splitlines()
+    assert dict(zip(header.split()[1:6], row.split()[1:6], strict=True)) == {
+        "complete": "1", "pruned": "0", "failed": "0", "interrupted": "1", "running": "0"}
 
 
 def test_second_signal_exits_at_once(tmp_path, store_url):

@@ -70,6 +70,8 @@ record["device"] = sys.argv[sys.argv.index("--device") + 1]
 mode = os.environ.get("FAKE_WORKER", "done")
 if mode == "crash-once" and run == 0 or mode == "crash":
     os.kill(os.getpid(), signal.SIGKILL)
+if mode.startswith("exit-once-"):  # e.g. exit-once-75: a worker that lost the store, the first time
+    sys.exit(int(mode.rsplit("-", 1)[1]) if run == 0 else 0)
 if mode == "sleep":
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     time.sleep(60)
@@ -300,6 +302,18 @@ def test_fleet_restarts_its_only_worker_after_a_crash_and_stops_mps_at_the_end(f
     assert calls(fake_mps) == ["-d", "quit"]
 
 
+@pytest.mark.parametrize("code, restarted", [(75, True), (2, False), (74, False)])
+def test_fleet_restarts_a_worker_that_lost_the_store_but_not_one_with_bad_input(fake_workers, monkeypatch,
+                                                                                code, restarted):
+    """75: the store stayed unreachable past HPO_STORE_RETRY (it may be back); 2: bad input; 74: a
+    full store. Only the first is worth a restart."""
+    command, out = fake_workers
+    monkeypatch.setenv("FAKE_WORKER", f"exit-once-{code}")
+    result = run_fleet([Member(0, "cpu")], command, mps=False, max_restarts=3, echo=Lines())
+    assert result.restarts == [int(restarted)] and result.codes == [0 if restarted else code]
+    assert len(records(out)) == 1 + restarted
+
+
 def test_fleet_gives_up_after_max_restarts(fake_workers, monkeypatch):
     command, out = fake_workers
     monkeypatch.setenv("FAKE_WORKER", "crash")
@@ -333,12 +347,12 @@ def test_fleet_stops_its_workers_and_mps_on_sigint(fake_mps, fake_workers, monke
 
 def test_status_and_report_count_trials_by_gpu_sharing(tmp_path, store_url, cli_env):
     from hpo.report import html as report
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.statistics import summarize
     from hpo.store.storage import open_storage
 
     create(fast_spec(tmp_path, 5), store_url)
-    study, spec = load("regression", open_storage(store_url, heartbeat=False))
+    study, spec = open_study("regression", open_storage(store_url, heartbeat=False))
     for i, mode in enumerate(["mps", "mps", "time-slice", None]):
         attrs = {"gpu_sharing": mode} if mode else {}
         study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=float(i), user_attrs=attrs))

@@ -30,9 +30,14 @@ def validate(doc: dict) -> None:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
-def launch_k8s(*args: str, check: int = 0):
+IMAGE = "registry.example/hpo-worker:0.1.0"
+
+
+def launch_k8s(*args: str, check: int = 0, image: str | None = IMAGE):
     # A store URL with a password in the environment: the manifests must not pick it up.
     env = dict(os.environ, HPO_STORAGE=f"postgresql://hpo:{PASSWORD}@db.example:5432/hpo", PYTHONUNBUFFERED="1")
+    if image is not None and "--image" not in args:
+        args = (*args, "--image", image)
     return run_hpo("launch", "k8s", *args, env=env, check=check)
 
 
@@ -87,17 +92,20 @@ def test_worker_job(tmp_path, gpus):
     spec = job["spec"]
     assert job["kind"] == "Job" and job["metadata"]["namespace"] == "ml"
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
-    # Preemption and eviction are not the worker's fault and do not count; a crash counts.
+    # Preemption and eviction are not the worker's fault and do not count; bad input (exit 2) fails
+    # the Job at once, any other crash counts. Kubernetes applies the first rule that matches.
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
-    assert rules[1]["action"] == "Count" and rules[1]["onExitCodes"]["operator"] == "NotIn"
-    assert rules[1]["onExitCodes"]["values"] == [0]
+    assert rules[1] == {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]}}
+    assert rules[2]["action"] == "Count" and rules[2]["onExitCodes"]["operator"] == "NotIn"
+    assert rules[2]["onExitCodes"]["values"] == [0]
+    assert spec["ttlSecondsAfterFinished"] == 7 * 24 * 3600
     assert spec["backoffLimitPerIndex"] >= 1 and spec["backoffLimit"] >= spec["backoffLimitPerIndex"]
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] == "Never"  # what the API server demands of a podFailurePolicy
     assert pod["terminationGracePeriodSeconds"] == 300
     (worker,) = pod["containers"]
-    assert rules[1]["onExitCodes"]["containerName"] == worker["name"]
+    assert rules[1]["onExitCodes"]["containerName"] == rules[2]["onExitCodes"]["containerName"] == worker["name"]
     assert worker["image"] == "registry.example/hpo-worker:1.0"
     name, params = parse_hpo(worker["args"])
     assert name == "worker" and params["study_name"] == "regression"
@@ -107,8 +115,32 @@ def test_worker_job(tmp_path, gpus):
     check_no_secret_inline(job)
     if gpus:
         assert worker["resources"]["limits"] == {"nvidia.com/gpu": 1}
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     else:
-        assert "nvidia.com/gpu" not in proc.stdout
+        assert "nvidia.com/gpu" not in proc.stdout and "tolerations" not in pod
+    assert "volumes" not in pod and "nodeSelector" not in pod
+
+
+def test_gpu_job_with_tolerations_node_selector_and_an_artifacts_claim_validates():
+    proc = launch_k8s("--study", "fmnist", "--workers", "2", "--gpus-per-worker", "1", "--ttl", "3600",
+                      "--toleration", "nvidia.com/gpu:NoSchedule", "--toleration", "pool=gpu-spot:NoExecute",
+                      "--toleration", "dedicated", "--node-selector", "cloud.google.com/gke-accelerator=nvidia-l4",
+                      "--node-selector", "pool=gpu", "--artifacts-pvc", "hpo-artifacts")
+    job = yaml.safe_load(proc.stdout)
+    validate(job)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [  # the GPU taint once, though asked for twice
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "pool", "operator": "Equal", "value": "gpu-spot", "effect": "NoExecute"},
+        {"key": "dedicated", "operator": "Exists"}]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4", "pool": "gpu"}
+    assert pod["volumes"] == [{"name": "artifacts", "persistentVolumeClaim": {"claimName": "hpo-artifacts"}}]
+    (worker,) = pod["containers"]
+    # The worker checkpoints into the claim: a replaced pod finds its trial's checkpoint there.
+    assert worker["volumeMounts"] == [{"name": "artifacts", "mountPath": "/artifacts"}]
+    assert {"name": "HPO_ARTIFACTS", "value": "/artifacts"} in worker["env"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # the claim is writable
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
 
 
 def test_worker_job_to_a_folder(tmp_path):
@@ -116,14 +148,36 @@ def test_worker_job_to_a_folder(tmp_path):
     (path,) = (tmp_path / "k8s").iterdir()
     job = yaml.safe_load(path.read_text())
     validate(job)
-    assert job["metadata"]["name"] == "hpo-worker-my-study-v2" and f"kubectl apply -f {path}" in proc.stdout
+    assert job["metadata"]["name"].startswith("hpo-worker-my-study-v2-") and f"kubectl apply -f {path}" in proc.stdout
     assert parse_hpo(job["spec"]["template"]["spec"]["containers"][0]["args"])[1]["study_name"] == "My_Study.v2"
+
+
+def test_studies_that_differ_by_case_or_underscore_get_jobs_of_their_own():
+    from hpo.running.launch.k8s import worker_job
+
+    studies = ["my-study", "My-Study", "my_study", "my.study", "x" * 80, "x" * 81]
+    jobs = [worker_job(study=s, workers=1, image=IMAGE) for s in studies]
+    names = [j["metadata"]["name"] for j in jobs]
+    labels = [j["metadata"]["labels"]["hpo/study"] for j in jobs]
+    assert names[0] == "hpo-worker-my-study" and labels[0] == "my-study"  # a name that is already a DNS label stays
+    assert len(set(names)) == len(set(labels)) == len(studies), names
+    for job in jobs:
+        validate(job)
+        assert len(job["metadata"]["name"]) <= 63 - 11  # room for the pods' "-<index>-<suffix>"
+
+
+def test_no_image_no_manifest():
+    proc = launch_k8s("--study", "regression", "--workers", "1", image=None, check=2)
+    assert proc.stdout == "" and "--image" in proc.stderr
 
 
 @pytest.mark.parametrize("args, message", [
     (["--workers", "0"], "--workers 0: need at least 1 worker"),
     (["--workers", "2", "--gpus-per-worker", "2"], "--gpus-per-worker 2"),
     (["--workers", "2", "--grace", "0"], "--grace 0"),
+    (["--workers", "2", "--toleration", "gpu:NoSchedul"], "--toleration 'gpu:NoSchedul': use KEY[=VALUE][:EFFECT]"),
+    (["--workers", "2", "--node-selector", "pool"], "--node-selector 'pool': use KEY=VALUE"),
+    (["--workers", "2", "--ttl", "-1"], "--ttl -1"),
 ])
 def test_refusals(args, message):
     proc = launch_k8s("--study", "regression", *args, check=2)

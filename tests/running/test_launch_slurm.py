@@ -147,11 +147,14 @@ def test_dry_run_script(tmp_path, pg_url):
 def test_gpu_tasks_share_a_gpu_through_fleet(tmp_path, pg_url):
     create(fast_spec(tmp_path, 4), pg_url)
     proc = run_hpo("launch", "slurm", "--study", "regression", "--workers", "8", "--gpus-per-worker", "1",
-                   "--workers-per-gpu", "4", "--dry-run", env=env_for(pg_url), check=0)
+                   "--workers-per-gpu", "4", "--dry-run", "--artifacts", "shared/artifacts", env=env_for(pg_url),
+                   check=0, cwd=tmp_path)
     sbatch = [line.split(None, 1)[1] for line in proc.stdout.splitlines() if line.startswith("#SBATCH ")]
     assert "--array=0-1" in sbatch and "--gres=gpu:1" in sbatch and "--cpus-per-task=4" in sbatch
     name, params = parse_hpo(exec_argv(proc.stdout)[3:])
     assert name == "fleet" and params["device"] == "cuda" and params["workers"] == 4
+    # The fleet's workers checkpoint where the submitter said, whatever folder the task starts in.
+    assert params["artifacts"] == str(tmp_path / "shared" / "artifacts")
 
 
 def test_the_url_reaches_sbatch_through_its_environment_only(tmp_path, pg_url):

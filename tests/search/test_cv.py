@@ -24,11 +24,11 @@ from hpo.data.sources import load_dataset
 from hpo.data.splits import folds_digest
 from hpo.nn.models import build_model
 from hpo.running.worker import run_worker
-from hpo.search.objective import trial_seed
 from hpo.search.space import hyperparams_from_params
 from hpo.spec.schema import load_spec_file
 from hpo.store.config import Heartbeat
 from hpo.training.checkpoint import CheckpointStore, trial_key
+from hpo.training.seeds import trial_seed
 from hpo.training.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -67,7 +67,7 @@ def independent_folds(spec_path: Path, trial: optuna.trial.FrozenTrial) -> tuple
     spec = load_spec_file(spec_path)
     data = load_dataset(spec)
     hp = hyperparams_from_params(spec, trial.params)
-    seed = trial_seed(spec, trial.number)
+    seed = trial_seed(spec.seed, trial.number)
     splits = [(np.sort(tr), np.sort(va)) for tr, va in
               KFold(n_splits=spec.cv.folds, shuffle=True, random_state=spec.seed).split(np.arange(len(data.x)))]
     histories = []

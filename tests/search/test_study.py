@@ -6,8 +6,9 @@ from optuna.trial import TrialState
 from hpo.data.tables import embed_csv
 from hpo.errors import StoreError
 from hpo.running.worker import run_worker
-from hpo.search.study import SPEC_ATTR, MedianPruner, create, load
+from hpo.search.study import SPEC_ATTR, CachingMedianPruner, create, open_study
 from hpo.spec.schema import load_spec_file
+from hpo.store import optuna_private
 from hpo.store.statistics import summarize
 from hpo.store.storage import open_storage
 
@@ -20,7 +21,7 @@ def created(tmp_path, store_url, **overrides):
 
 def test_spec_and_data_travel_inside_the_store(tmp_path, store_url):
     spec = created(tmp_path, store_url)
-    study, loaded = load("regression", open_storage(store_url))
+    study, loaded = open_study("regression", open_storage(store_url))
     assert loaded == spec
     assert loaded.data.files["train"]["rows"] == 100 and loaded.data.inline is None
     assert study.user_attrs[SPEC_ATTR]["name"] == "regression"
@@ -69,7 +70,7 @@ def test_same_seed_one_worker_same_parameter_sequence(tmp_path):
 
 def test_summary_counts(tmp_path, store_url):
     created(tmp_path, store_url)
-    study, _ = load("regression", open_storage(store_url))
+    study, _ = open_study("regression", open_storage(store_url))
     for value in (0.5, 0.2):
         trial = study.ask()
         study.tell(trial, value)
@@ -80,7 +81,7 @@ def test_summary_counts(tmp_path, store_url):
     failed = study.ask()
     study.tell(failed, state=TrialState.FAIL)
     retry = study.ask()
-    study._storage.set_trial_system_attr(retry._trial_id, "retry_history", [failed.number])
+    optuna_private.study_storage(study).set_trial_system_attr(optuna_private.trial_id(retry), "retry_history", [failed.number])
     assert summarize(study).finished == 3
     study.tell(retry, 0.3)
     assert summarize(study).finished == 4
@@ -98,7 +99,7 @@ def test_median_pruner_decides_as_optunas_and_reads_the_study_at_most_once_a_sec
     reads = []
     real_get_trials = study.get_trials
     study.get_trials = lambda *a, **k: reads.append(1) or real_get_trials(*a, **k)
-    ours = MedianPruner(n_startup_trials=5, max_age=1.0)
+    ours = CachingMedianPruner(n_startup_trials=5, max_age=1.0)
     theirs = optuna.pruners.MedianPruner(n_startup_trials=5)
     for curve in ([1.0, 0.6, 0.2], [1.5, 1.4, 1.3], [1.2, 0.5]):
         probe = _finished_trial(curve[-1], curve)
@@ -129,5 +130,5 @@ def test_specs_stored_by_earlier_versions_still_load(tmp_path, store_url):
     old["pruner"] = {"kind": "median", "n_startup_trials": 3, "n_warmup_steps": 5, "interval_steps": 1,
                      "min_resource": 1, "reduction_factor": 3}
     optuna.load_study(study_name="regression", storage=storage).set_user_attr(SPEC_ATTR, old)
-    _, loaded = load("regression", storage)
+    _, loaded = open_study("regression", storage)
     assert loaded == spec

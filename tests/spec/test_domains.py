@@ -37,7 +37,8 @@ from hpo.spec.schema import (
 from hpo.store import optuna_private
 
 SOURCE = "studies/walk.yaml"
-SPEC_FIELDS = [k for k in DOMAINS if k not in HYPERPARAMETERS and not k.startswith("space.")]
+# constraints.min/max are the bounds under constraints.METRIC, not fields of their own
+SPEC_FIELDS = [k for k in DOMAINS if k not in HYPERPARAMETERS and not k.startswith(("space.", "constraints."))]
 
 
 def regression_raw() -> dict:
@@ -163,6 +164,10 @@ def test_spec_field_values_outside_the_domain_are_refused(field):
         if section in ("sampler", "pruner") and key != "kind":
             kinds = SAMPLER_SETTINGS if section == "sampler" else PRUNER_SETTINGS
             raw[section] = {"kind": next(k for k, settings in kinds.items() if key in settings), key: value}
+        elif section == "constraints":  # a bound of one metric's constraint
+            raw["constraints"] = {"n_params": {key: value}}
+            refused(raw, f"constraints.n_params.{key}")
+            continue
         elif section:
             raw.setdefault(section, {})[key] = value
         else:

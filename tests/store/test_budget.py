@@ -164,3 +164,18 @@ def test_a_claim_whose_answer_was_lost_is_found_not_repeated(tmp_path, store_url
     assert claim(storage, study_id, "hpo:worker:") == 0 and lost
     monkeypatch.undo()
     assert claim(storage, study_id, "hpo:worker:") == 1
+
+
+def test_the_hint_for_more_trials_knows_when_the_budget_is_used(store_url):
+    """While the budget has room, a worker helps; once it is used, the hint says a worker would run
+    nothing (export-best and retrain use it when there is no complete trial)."""
+    study_id = _study(store_url, "used")
+    storage = open_storage(store_url, heartbeat=False)
+    study = optuna.load_study(study_name="used", storage=storage)
+    assert budget.more_trials_hint(study, 1) == "run: hpo worker --study used"
+    assert budget.more_trials_hint(study, None) == "run: hpo worker --study used"
+    trial = budget.start_trial(storage, study_id, budget=1)
+    budget.fail_trial(storage, trial, reason="diverged", requeue=False)
+    hint = budget.more_trials_hint(study, 1)
+    assert hint.startswith("its budget of 1 trials is used, so a worker would run nothing; ")
+    assert "hpo report --study used" in hint and "hpo worker" not in hint

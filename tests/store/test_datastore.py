@@ -26,15 +26,16 @@ from conftest import HPO, REPO, run_hpo, small_regression_spec
 from race_helpers import ensure_tables_rounds
 
 from hpo.data.cache import local_copy
+from hpo.data.checksum import sha256_file
 from hpo.data.sources import load_dataset
 from hpo.data.tables import embed_csv, read_csv_table
 from hpo.errors import DataError
 from hpo.retrain.run import run_retrain
 from hpo.running.worker import run_worker
-from hpo.search.study import SPEC_ATTR, create, load
+from hpo.search.study import SPEC_ATTR, create, open_study
 from hpo.spec.schema import load_spec_file
 from hpo.store import data_tables as datastore
-from hpo.store.data_tables import CHUNKS, sha256_file
+from hpo.store.data_tables import CHUNKS
 from hpo.store.storage import open_storage
 
 MARKER = 4242.424242  # a value only the training CSV holds
@@ -125,7 +126,7 @@ def test_csv_study_runs_two_workers_and_retrains_from_the_store_alone(tmp_path, 
     out = run_hpo("retrain", "--study", "own", "--artifacts", str(tmp_path / "artifacts"), env=env, check=0).stdout
     assert "saved retrain" in out
 
-    study, spec = load("own", open_storage(any_url, heartbeat=False))
+    study, spec = open_study("own", open_storage(any_url, heartbeat=False))
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 4
     assert spec.data.files["train"]["rows"] == 6000 and spec.data.files["train"]["columns"] == 4
     assert study_attrs_bytes(any_url, "own") < 10_000
@@ -171,7 +172,7 @@ def test_second_worker_reads_no_data_from_the_store_and_a_damaged_copy_is_fetche
     damaged[100] ^= 1  # one bit: same size, other checksum
     copy.write_bytes(bytes(damaged))
     storage = open_storage(any_url, heartbeat=False)
-    _, spec = load("cached", storage)
+    _, spec = open_study("cached", storage)
     with caplog.at_level(logging.WARNING, logger="hpo.data.sources"), chunk_reads() as again:
         data = load_dataset(spec, storage=storage)
     assert len(again) == math.ceil(train.stat().st_size / (64 * 1024))
@@ -203,7 +204,7 @@ def test_studies_share_data_and_force_keeps_what_another_study_uses(tmp_path, an
     assert set(stored) == {x, t, o} and stored[x]["refs"] == [ids["two"]]
     shutil.rmtree(data_cache, ignore_errors=True)
     train.unlink()
-    _, spec = load("two", storage)
+    _, spec = open_study("two", storage)
     assert len(load_dataset(spec, storage=storage).x) == 6000  # fetched afresh from the store
 
     # --force of "two" too: nobody uses x any more, and every chunk of it is gone.
@@ -345,13 +346,13 @@ def test_a_study_created_with_its_data_inside_the_spec_still_loads_runs_and_retr
     study = optuna.create_study(study_name="regression", storage=storage, direction="minimize")
     study.set_user_attr(SPEC_ATTR, old)
 
-    _, loaded = load("regression", storage)
+    _, loaded = open_study("regression", storage)
     assert loaded.data.files is None and len(loaded.data.inline["train"]["rows"]) == 100
     summary = run_worker("regression", storage_url=any_url, n_trials=2, echo=lambda line: None)
     assert summary.counts["COMPLETE"] + summary.counts["PRUNED"] == 2
     record = run_retrain("regression", storage_url=any_url, artifacts=str(tmp_path / "artifacts"), folds=2,
                          device=torch.device("cpu"), stacked=False)
-    assert record.trial_number is not None
+    assert record.trial_number == study.best_trial.number and record.folds == 2
     # Replacing it with a study of today's form works on a store without hpo's data tables.
     create(embed_csv(spec), storage, force=True)
     assert len(datastore.stored(storage.engine)) == 2

@@ -115,3 +115,8 @@ def test_rdb_storage_and_stored_values(tmp_path):
     assert optuna_private.rdb_storage(study) is storage, "Optuna's cache no longer keeps the RDBStorage as _backend"
     for value in (0.25, math.inf, -math.inf):
         assert optuna_private.trial_value(*optuna_private.stored_trial_value(value)) == value
+
+
+def test_hypervolume():
+    # Two points of the unit square's corner to (2, 2): 1x2 + 2x1 - 1x1 overlap = 3.
+    assert optuna_private.hypervolume([[1.0, 0.0], [0.0, 1.0]], [2.0, 2.0]) == pytest.approx(3.0)

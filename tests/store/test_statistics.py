@@ -45,6 +45,7 @@ def full_read(study: optuna.Study, metric: str = "value") -> Summary:
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     return Summary(name=study.study_name, direction=study.direction.name.lower(), metric=metric, counts=counts,
                    finished=counts["COMPLETE"] + counts["PRUNED"] + fails,
+                   failed=fails, interrupted=counts["FAIL"] - fails,
                    best_value=best.value if best else None, best_trial=best.number if best else None,
                    best_params=best.params if best else {},
                    wall_seconds=(max(ends) - min(starts)).total_seconds() if starts and ends else None,
@@ -178,4 +179,5 @@ def test_status_and_studies_commands(tmp_path, cli_env, store_url):
     got = json.loads(run_hpo("status", "--study", "plain", "--json", env=cli_env, check=0).stdout)
     assert got == json.loads(json.dumps(asdict(full_read(study)), default=str))
     listing = run_hpo("studies", env=cli_env, check=0).stdout.splitlines()
-    assert listing[1].split()[:5] == ["plain", "3", "2", "3", "1"] and "value=0.25 (#0)" in listing[1]
+    # complete, pruned, failed (real failures only), interrupted (re-queued), running
+    assert listing[1].split()[:6] == ["plain", "3", "2", "1", "2", "1"] and "value=0.25 (#0)" in listing[1]

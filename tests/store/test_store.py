@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 
 import optuna
 import pytest
 import sqlalchemy.exc
-from conftest import run_hpo, sqlite_locked_error
+from conftest import HPO, REPO, run_hpo, sqlite_locked_error
 
-from hpo.errors import StoreError
+from hpo.errors import StoreError, StoreUnreachable
 from hpo.store.config import engine_kwargs, mask_url, sqlite_path
 from hpo.store.queries import claim, release
 from hpo.store.retry import call_retrying, is_transient
@@ -31,6 +32,35 @@ MYSQL_ADMIN = "mysql+pymysql://root@127.0.0.1:3306/test"
 ])
 def test_mask_url(url, masked):
     assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg2://user:{pw}@/db?host=/var/run/postgresql",
+    "postgresql://:{pw}@db/hpo",
+    "postgresql+psycopg2://u:{pw}@/hpo?host=h1:5432&host=h2:5433&target_session_attrs=read-write",
+    "postgresql://u@h/d?password={pw}",
+    "postgresql://u@h/d?sslmode=require&PASSWORD={pw}&application_name=x",
+    "postgresql://u@h/d?sslpassword={pw}",
+    "mysql+pymysql://u@h/d?passwd={pw}&charset=utf8mb4",
+    "mysql+mysqldb://u:{pw}@h/d",
+    "mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC%7D%3BSERVER%3Dh%3BUID%3Du%3BPWD%3D{pw}%3BDATABASE%3Dd",
+    "host=h dbname=d user=u password={pw} sslmode=require",
+    "host=h password='{pw}' user=u",
+])
+@pytest.mark.parametrize("pw", ["s3cret", "p%40ss%3Aw%2Frd", "p@ss:w/rd", "a%20b"])
+def test_mask_url_hides_the_password_in_every_form(url, pw):
+    """Every URL form SQLAlchemy (and the drivers' DSNs in their errors) accept: what SQLAlchemy
+    reads as the password never appears in the masked text."""
+    text = url.format(pw=pw)
+    if ("@" in pw or ":" in pw) and "?" in url and "{pw}@" not in url:
+        pytest.skip("an unencoded @ or : is not valid in a query value")
+    masked = mask_url(f"cannot open the store {text}: refused")
+    assert pw not in masked and "***" in masked, masked
+    if "://" in text and "@" not in pw:
+        parsed = sqlalchemy.engine.make_url(text)
+        for secret in (parsed.password, *(v for k, v in parsed.query.items() if "pass" in k.lower())):
+            if secret:
+                assert str(secret) not in masked, masked
 
 
 @pytest.mark.postgres
@@ -54,21 +84,43 @@ def test_hpo_connects_through_psycopg2_whatever_the_scheme_says():
 
 def test_server_engines_are_sized_for_one_worker():
     kw = engine_kwargs("postgresql://u@h/d")
-    assert kw["pool_pre_ping"] and kw["pool_size"] == 1 and kw["connect_args"]["connect_timeout"] > 0
+    assert kw["pool_pre_ping"] and kw["pool_size"] == 1 and kw["max_overflow"] == 0
+    assert kw["connect_args"]["connect_timeout"] > 0
 
 
 @pytest.mark.parametrize("url, secret", [
     ("postgresql+psycopg2://nobody:s3cretPW@127.0.0.1:5432/test", "s3cretPW"),  # unknown role
-    ("postgresql://u:s3cretPW@127.0.0.1:1/test", "s3cretPW"),  # nothing listens on port 1
+    ("postgresql+psycopg2://postgres:s3cretPW@127.0.0.1:5432/no_such_db", "s3cretPW"),  # missing database
+    ("postgresql://u:s3cretPW@no-such-host.invalid:5432/test", "s3cretPW"),  # wrong host name
     ("mysql+pymysql://root:s3cretPW@127.0.0.1:3306/test", "s3cretPW"),  # wrong password
+    ("mysql+pymysql://root@127.0.0.1:3306/no_such_db", "root@"),  # missing database
 ])
 def test_bad_store_is_one_masked_line_and_exit_2(url, secret, cli_env):
+    """A store URL that is wrong fails at once (no retry), in one line, password masked."""
     start = time.monotonic()
     proc = run_hpo("studies", "--storage", url, env=cli_env, check=2)
     assert time.monotonic() - start < 20
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpo: error: cannot open the store"), proc.stderr
-    assert secret not in proc.stderr + proc.stdout and "***" in lines[0]
+    assert "retrying" not in proc.stderr
+    if secret != "root@":
+        assert secret not in proc.stderr + proc.stdout and "***" in lines[0]
+
+
+def test_an_unreachable_store_says_at_once_that_it_retries_then_exits_75(cli_env):
+    """Nothing listens on the port: a server starting up or failing over looks the same, so
+    opening retries for HPO_STORE_RETRY, saying so on its first line, then exits 75."""
+    env = dict(cli_env, HPO_STORE_RETRY="3")
+    proc = subprocess.Popen([*HPO, "worker", "--study", "x", "--storage", "postgresql://u:s3cretPW@127.0.0.1:1/test"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()  # before the window ends: said at once
+    assert proc.poll() is None, first
+    assert "store unreachable" in first and "retrying for up to 3 s (HPO_STORE_RETRY sets it)" in first, first
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 75, first + rest
+    lines = rest.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpo: error: cannot open the store postgresql://u:***@"), rest
+    assert "unreachable since" in lines[0] and "s3cretPW" not in first + rest
 
 
 def test_claims_are_atomic_and_bounded(any_url):
@@ -112,9 +164,11 @@ def test_transient_errors_are_retried_then_given_up(tmp_path):
         raise locked
 
     start = time.monotonic()
-    with pytest.raises(sqlalchemy.exc.OperationalError):
+    with pytest.raises(StoreUnreachable, match=r"unreachable since .* UTC .*HPO_STORE_RETRY=1\): database is locked") as e:
         call_retrying(1.0, always)
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 3 and e.value.exit_code == 75
+    assert isinstance(e.value.__cause__, sqlalchemy.exc.OperationalError)
+    assert not is_transient(e.value)  # an outer retry loop does not wait the window again
 
     def bug():
         calls.append(1)

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
 
+from hpo.store import optuna_private
 from hpo.store.config import driver_url
 from hpo.store.retry import is_transient
 from hpo.store.storage import open_storage
@@ -79,11 +80,12 @@ def test_a_schema_error_is_raised_at_once_not_retried(store_url, monkeypatch):
     not after HPO_STORE_RETRY seconds."""
     monkeypatch.setenv("HPO_STORE_RETRY", "30")
     storage = open_storage(store_url, heartbeat=False)
-    study_id = optuna.create_study(study_name="s", storage=storage)._study_id
+    trial = optuna.create_study(study_name="s", storage=storage).ask()
     with storage.engine.begin() as conn:
         conn.exec_driver_sql("DROP TABLE trial_heartbeats")
     start = time.monotonic()
-    with pytest.raises(Exception) as raised:
-        storage.record_heartbeat(optuna.load_study(study_name="s", storage=storage).ask()._trial_id)
+    with pytest.raises(optuna.exceptions.StorageInternalError) as raised:  # Optuna's wrapping of the driver's error
+        storage.record_heartbeat(optuna_private.trial_id(trial))
     assert time.monotonic() - start < 5 and not is_transient(raised.value)
-    assert study_id is not None
+    cause = raised.value.__cause__
+    assert isinstance(cause, sqlalchemy.exc.OperationalError) and "no such table: trial_heartbeats" in str(cause)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from optuna.trial import TrialState
 
 from hpo.running.worker import Worker
-from hpo.search.study import MedianPruner
+from hpo.search.study import CachingMedianPruner
 from hpo.store import budget
 from hpo.store.queries import upsert
 from hpo.store.storage import WorkerStorage, open_storage
@@ -32,7 +32,7 @@ class Statements:
 def _study(url: str) -> tuple[WorkerStorage, optuna.Study]:
     storage = open_storage(url)
     assert isinstance(storage, WorkerStorage)
-    return storage, optuna.create_study(study_name="wb", storage=storage, pruner=MedianPruner())
+    return storage, optuna.create_study(study_name="wb", storage=storage, pruner=CachingMedianPruner())
 
 
 def _stored(url: str, trial_id: int) -> optuna.trial.FrozenTrial:

@@ -239,12 +239,12 @@ def test_checkpoint_file_round_trip_replace_and_refusals(tmp_path):
     store = CheckpointStore(tmp_path / "ck", warn=warnings.append)
     meta = {"study": "s", "trial": 3, "params": {"lr": 0.001, "optimizer": "Adam"}}
     payload = {"train": {"w": torch.arange(5.0), "epoch": 4, "history": [{"loss": float("inf")}]}}
-    assert store.load("trial-3", expect=meta) is None and warnings == []  # none yet: no warning
+    assert store.read("trial-3", expect=meta) is None and warnings == []  # none yet: no warning
     store.save("trial-3", payload, meta={**meta, "epoch": 4})
     payload["train"]["epoch"] = 5
     path = store.save("trial-3", payload, meta={**meta, "epoch": 5})  # replaces: one file, no temporary left
     assert sorted(p.name for p in path.parent.iterdir()) == ["trial-3.ckpt"] and store.keys() == ["trial-3"]
-    loaded, stored_meta = store.load("trial-3", expect=meta)
+    loaded, stored_meta = store.read("trial-3", expect=meta)
     assert torch.equal(loaded["train"]["w"], torch.arange(5.0)) and loaded["train"]["epoch"] == 5
     assert stored_meta["epoch"] == 5 and store.meta("trial-3")["epoch"] == 5
     good = path.read_bytes()
@@ -252,7 +252,7 @@ def test_checkpoint_file_round_trip_replace_and_refusals(tmp_path):
     def refused(raw: bytes, expect=meta) -> str:
         path.write_bytes(raw)
         warnings.clear()
-        assert store.load("trial-3", expect=expect) is None
+        assert store.read("trial-3", expect=expect) is None
         assert not path.exists()  # removed: the next save starts clean
         (message,) = warnings
         assert message.startswith(f"checkpoint {path} ignored: ") and message.endswith("; training starts over")

@@ -7,6 +7,7 @@ K workers sharing the task's GPU); the store URL reaches it through the environm
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from hpo.errors import HpoError
@@ -55,3 +56,18 @@ def dns_name(text: str, *, limit: int = 63) -> str:
     if not name:
         raise HpoError(f"study name {text!r} has no letter or digit to name the job by")
     return name
+
+
+def unique_dns_name(text: str, *, limit: int = 63) -> str:
+    """``dns_name(text)``, with 8 hex digits of ``text``'s SHA-256 added whenever that name lost
+    something (upper case, ``_`` or ``.``, a cut): studies ``My_Study`` and ``my-study`` get two
+    names, so their Jobs cannot replace each other.
+
+    Raises:
+        HpoError: when nothing usable is left of ``text``.
+    """
+    name = dns_name(text, limit=limit)
+    if name == text:
+        return name
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{dns_name(text, limit=limit - 9)}-{digest}"

@@ -44,6 +44,7 @@ class SlurmPlan:
     time: str | None = None
     account: str | None = None
     sbatch_args: tuple[str, ...] = ()
+    artifacts: str | None = None  # absolute; the tasks' --artifacts
 
     @property
     def workers(self) -> int:
@@ -53,12 +54,14 @@ class SlurmPlan:
 def plan(*, study: str, workers: int, gpus_per_worker: int | None = None, device: str | None = None,
          workers_per_gpu: int = 1, partition: str | None = None, time: str | None = None,
          account: str | None = None, sbatch_args: tuple[str, ...] = (), grace: int = GRACE,
-         python: str | None = None) -> SlurmPlan:
+         python: str | None = None, artifacts: str | None = None) -> SlurmPlan:
     """Check the options and lay the workers out as array tasks.
 
     ``workers`` counts workers: with ``workers_per_gpu`` K there are ``workers / K`` tasks, each one
     GPU running ``hpo fleet`` of K workers. ``python`` (default: this interpreter) runs
     ``-m hpo.cli`` in the tasks, so they run the same hpo as the command that submits them.
+    ``artifacts`` (made absolute here: a task may start elsewhere) is the tasks' artifact folder,
+    where they checkpoint running trials; it should be on a filesystem every node shares.
 
     Raises:
         HpoError: on fewer than 1 worker, a worker count that is not a multiple of K, K workers on
@@ -83,7 +86,8 @@ def plan(*, study: str, workers: int, gpus_per_worker: int | None = None, device
             raise HpoError(f"--sbatch-arg {arg!r}: give one sbatch option per --sbatch-arg, e.g. --sbatch-arg=--mem=8G")
     return SlurmPlan(study=study, tasks=workers // workers_per_gpu, workers_per_task=workers_per_gpu, gpus=gpus,
                      device=dev, python=python or sys.executable, grace=grace, partition=partition, time=time,
-                     account=account, sbatch_args=tuple(sbatch_args))
+                     account=account, sbatch_args=tuple(sbatch_args),
+                     artifacts=str(Path(artifacts).expanduser().resolve()) if artifacts else None)
 
 
 def task_command(p: SlurmPlan) -> list[str]:
@@ -93,9 +97,10 @@ def task_command(p: SlurmPlan) -> list[str]:
     ``cuda``, i.e. the GPU SLURM made visible to the task (``CUDA_VISIBLE_DEVICES``).
     """
     hpo = [p.python, "-m", "hpo.cli"]
+    artifacts = ["--artifacts", p.artifacts] if p.artifacts else []
     if p.workers_per_task == 1:
-        return [*hpo, "worker", "--study", p.study, "--device", p.device]
-    return [*hpo, "fleet", "--study", p.study, "--device", p.device, "--workers", str(p.workers_per_task)]
+        return [*hpo, "worker", "--study", p.study, "--device", p.device, *artifacts]
+    return [*hpo, "fleet", "--study", p.study, "--device", p.device, "--workers", str(p.workers_per_task), *artifacts]
 
 
 def job_name(p: SlurmPlan) -> str:
@@ -152,12 +157,12 @@ def study_budget(url: str, study: str) -> int:
     Raises:
         StoreError: when the store cannot be opened or has no study ``study``.
     """
-    from hpo.search.study import load
+    from hpo.search.study import open_study
     from hpo.store.storage import open_storage
 
     storage = open_storage(url, heartbeat=False)
     try:
-        _, spec = load(study, storage)
+        _, spec = open_study(study, storage)
     finally:
         storage.engine.dispose()
     return spec.budget.n_trials
@@ -203,3 +208,40 @@ def submit(script: Path, *, url: str, sbatch: str) -> str:
         raise HpoError(f"sbatch refused the job script {script}: {mask_url(reason)}")
     return proc.stdout.strip().split(";")[0]
 
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What :func:`launch` submitted (or, on a dry run, would submit)."""
+
+    what: str  # one line: workers, study, budget, tasks, device, store (password masked)
+    script: str  # the job script's text
+    path: Path | None = None  # where the script was written (None: dry run)
+    job: str | None = None  # SLURM's job id (None: dry run)
+    logs: str | None = None  # the tasks' log files, ``<task>`` standing for the array index
+
+
+def launch(p: SlurmPlan, *, storage_url: str | None, jobs_dir: Path | None = None, allow_sqlite: bool = False,
+           dry_run: bool = False) -> Submission:
+    """Check the store and the study, write the job script and submit it with ``sbatch`` (a dry run
+    writes and submits nothing).
+
+    Raises:
+        HpoError: a store the nodes may not share (SQLite without ``allow_sqlite``), no such study,
+            no ``sbatch`` on PATH, or sbatch refusing the job.
+    """
+    from hpo.store.config import mask_url, resolve_url
+    url = resolve_url(storage_url)
+    check_shared(url, allow_sqlite=allow_sqlite)
+    sbatch = None if dry_run else sbatch_path()
+    budget = study_budget(url, p.study)
+    jobs_dir = jobs_dir or JOBS_DIR
+    script = job_script(p, log_dir=jobs_dir)
+    what = (f"{p.workers} workers of study {p.study!r} (budget {budget} trials) as {p.tasks} array tasks "
+            f"on {p.device}, store {mask_url(url)}")
+    if dry_run:
+        return Submission(what=what, script=script)
+    path = write_script(script, p, jobs_dir=jobs_dir)
+    job = submit(path, url=url, sbatch=sbatch)
+    return Submission(what=what, script=script, path=path, job=job,
+                      logs=f"{(jobs_dir / job_name(p)).resolve()}-{job}_<task>.out")

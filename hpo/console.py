@@ -122,7 +122,10 @@ def summary_text(s: Summary) -> str:
     elif s.best_trial is None:
         lines.append("  Best trial: none complete yet")
     else:
-        lines.append(f"  Best trial: #{s.best_trial}  value {_num(s.best_value)}")
+        spread = ""
+        if s.best_cv is not None and s.best_cv.get("std") is not None:
+            spread = f" ± {_num(s.best_cv['std'])} (mean ± std of {s.best_cv['folds']} folds)"
+        lines.append(f"  Best trial: #{s.best_trial}  value {_num(s.best_value)}{spread}")
         lines.append("  Best params:")
         lines += [f"    {k}: {v:.6g}" if isinstance(v, float) else f"    {k}: {v}" for k, v in s.best_params.items()]
     return "\n".join(lines)

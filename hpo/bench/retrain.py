@@ -14,9 +14,9 @@ from hpo.bench.trainer import sync
 from hpo.data.sources import load_dataset
 from hpo.data.splits import split_folds
 from hpo.retrain import ensemble
-from hpo.retrain.run import fold_models
 from hpo.spec.hyperparams import resolve
 from hpo.spec.schema import find_spec_file, load_spec_file
+from hpo.training.folds import fold_models
 from hpo.training.stacked import Fold, train_stacked
 from hpo.training.trainer import predict, train
 
@@ -49,7 +49,7 @@ def stacked_vs_sequential(data: BenchData, *, device: torch.device, folds: int, 
     out = {}
     for name, epochs in (("stacked", stacked_epochs), ("sequential", sequential_epochs)):
         hp = resolve({**spec.fixed, **SEED_HP, "epochs": epochs})
-        models = fold_models(spec, hp, ds, seeds=seeds, device=device)
+        models = fold_models(spec.model, hp, ds, seeds=seeds, device=device)
         sync(device)
         start = time.perf_counter()
         if name == "stacked":

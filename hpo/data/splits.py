@@ -1,8 +1,10 @@
 """Every split of the data, as index arrays with the seed passed explicitly (in the manner of
 scikit-learn's ``model_selection``, which does the splitting): the train/validation split of a
-study and the K folds of a retrain."""
+study, the K folds of a retrain and the K folds of a cross-validated trial."""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -57,3 +59,32 @@ def split_folds(n: int, *, folds: int, seed: int, labels: np.ndarray | None = No
     else:
         splits = KFold(n_splits=folds, shuffle=True, random_state=seed).split(pool)
     return [(np.sort(tr), np.sort(va)) for tr, va in splits]
+
+
+def kfold_indices(pool: np.ndarray, *, folds: int, seed: int, labels: np.ndarray | None = None,
+                  field: str = "--folds") -> list[tuple[np.ndarray, np.ndarray]]:
+    """K seeded folds of ``pool`` (row indices into the data set): each fold's ``(train, val)``
+    rows, sorted. Stratified by ``labels`` (the class of every row of the data set) when given;
+    the folds are :func:`split_folds` of ``len(pool)`` mapped back to the pool's rows.
+
+    Raises:
+        HpoError: when there are too few rows (or rows of some class) for K folds; the message
+            names ``field``.
+    """
+    pool = np.asarray(pool)
+    pool_labels = labels[pool] if labels is not None else None
+    return [(np.sort(pool[tr]), np.sort(pool[va]))
+            for tr, va in split_folds(len(pool), folds=folds, seed=seed, labels=pool_labels, flag=field)]
+
+
+def splitter_name(task: str) -> str:
+    """The scikit-learn splitter the folds of a ``task`` use: ``StratifiedKFold`` for classification."""
+    return "StratifiedKFold" if task == "classification" else "KFold"
+
+
+def folds_digest(splits: list[tuple[np.ndarray, np.ndarray]]) -> str:
+    """sha256 of the folds' validation rows: two runs with the same digest used the same folds."""
+    h = hashlib.sha256()
+    for _, val in splits:
+        h.update(np.asarray(val, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()

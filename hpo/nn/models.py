@@ -15,21 +15,22 @@ from hpo.nn.layers import activation, init_weights, per_layer
 
 
 def build_mlp(hp: dict[str, Any], *, in_shape: tuple[int, ...], out_features: int) -> nn.Sequential:
-    """An MLP: ``n_layers`` hidden layers of ``width[i]`` units, each followed by the activation and
-    ``dropout[i]``; the input is flattened, so images work too."""
+    """An MLP: ``n_layers`` hidden layers of ``width[i]`` units, each followed by ``activation[i]``
+    and ``dropout[i]``; the input is flattened, so images work too."""
     n = int(hp["n_layers"])
     widths = per_layer(hp["width"], n, "width")
     dropouts = per_layer(hp["dropout"], n, "dropout")
+    activations = per_layer(hp["activation"], n, "activation")
     layers: list[nn.Module] = [nn.Flatten()]
     fan_in = math.prod(in_shape)
-    for width, p in zip(widths, dropouts):
-        layers += [nn.Linear(fan_in, int(width)), activation(hp["activation"])]
+    for width, p, act in zip(widths, dropouts, activations):
+        layers += [nn.Linear(fan_in, int(width)), activation(act)]
         if p > 0:
             layers.append(nn.Dropout(p))
         fan_in = int(width)
     layers.append(nn.Linear(fan_in, out_features))
     model = nn.Sequential(*layers)
-    init_weights(model, hp["init"], hp["activation"])
+    init_weights(model, hp["init"], activations[0] if activations else "relu")
     return model
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,7 +21,6 @@ from hpo.data.sources import load_dataset, on_device
 from hpo.data.splits import split_folds
 from hpo.errors import HpoError
 from hpo.nn import registry
-from hpo.nn.models import build_model
 from hpo.report.dashboard import save_retrain_note
 from hpo.retrain import outputs as retrain_outputs
 from hpo.retrain.checkpoint import RetrainCheckpoint
@@ -38,16 +37,10 @@ from hpo.store.artifacts import open_artifact_store
 from hpo.store.storage import open_storage
 from hpo.training.boundary import EpochBoundary
 from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
-from hpo.training.seeds import fold_seed, trial_seed
-from hpo.training.stacked import Fold, StackedResult, stack_problem, train_stacked
-from hpo.training.state import (
-    TrainState,
-    cpu_copy,
-    load_model_in_place,
-    rng_state,
-    set_rng_state,
-)
-from hpo.training.trainer import TrainResult, predict, train
+from hpo.training.folds import device_folds, fold_models, train_sequential, train_stacked_folds
+from hpo.training.seeds import trial_seed
+from hpo.training.stacked import Fold, stack_problem
+from hpo.training.trainer import TrainResult, predict
 
 
 def _choose_trial(study, trial_number: int | None, budget: int | None = None):
@@ -136,7 +129,7 @@ def run_retrain(
 
     data, pool = _training_pool(spec, storage, full_data=bool(full_data), data_dir=data_dir, device=device)
     fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec.seed, trial.number), device=device)
-    models = fold_models(spec, hp, data, seeds=[f.seed for f in fold_list], device=device)
+    models = fold_models(spec.model, hp, data, seeds=[f.seed for f in fold_list], device=device)
     unstackable = None if registry.family(spec.model).stackable else \
         f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
     use_stacked, reason = _choose_path(models, stacked, device, unstackable=unstackable)
@@ -261,8 +254,7 @@ def make_folds(data: Dataset, *, folds: int, seed: int, base_seed: int, device: 
     """
     labels = data.y.cpu().numpy() if data.task == "classification" else None
     splits = split_folds(len(data.x), folds=folds, seed=seed, labels=labels)
-    return [Fold(train_idx=torch.from_numpy(tr).to(device), val_idx=torch.from_numpy(va).to(device),
-                 seed=fold_seed(base_seed, i)) for i, (tr, va) in enumerate(splits)]
+    return device_folds(splits, base_seed=base_seed, device=device)
 
 
 def _choose_path(models: list[torch.nn.Module], stacked: bool | None, device: torch.device, *,
@@ -346,70 +338,3 @@ def _train_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any
         torch.cuda.synchronize(device)
     return _Trained(results, cuda_graph, notes, time.perf_counter() - start)
 
-
-def train_stacked_folds(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
-                        on_epoch: Callable[[int, int, dict[str, float]], None],
-                        checkpoint: RetrainCheckpoint | None, boundary: EpochBoundary, saved: dict[str, Any] | None,
-                        bar) -> StackedResult:
-    """Train the K fold models together (``hpo.training.stacked.train_stacked``), checkpointing
-    and stopping as ``boundary`` says; with ``saved`` (a checkpoint's payload), from its epoch."""
-    resume_state = saved["stacked"] if saved is not None else None
-    if resume_state is not None:
-        bar.update(sum(len(r["history"]) for r in resume_state["results"]))
-
-    def at_boundary(done: int, state) -> None:
-        where = f"epoch {done} of all folds"
-        write = None if checkpoint is None else lambda: checkpoint.save({"stacked": state()}, where=where)
-        boundary.check(where, epochs=done, write=write)
-
-    return train_stacked(models, data, hp, folds=folds, on_epoch=on_epoch, resume=resume_state, checkpoint=at_boundary)
-
-
-def train_sequential(models: list[torch.nn.Module], data: Dataset, hp: dict[str, Any], folds: list[Fold], *,
-                     on_epoch: Callable[[int, int, dict[str, float]], None],
-                     on_fold: Callable[[int, TrainResult], None], checkpoint: RetrainCheckpoint | None,
-                     boundary: EpochBoundary, saved: dict[str, Any] | None, bar) -> list[TrainResult]:
-    """Train fold model i on fold i, one after another, checkpointing and stopping as ``boundary``
-    says (and after every fold); with ``saved`` (a checkpoint's payload), finished folds get their weights back and the
-    fold in training resumes."""
-    device = data.x.device
-    done: list[dict[str, Any]] = list(saved["done"]) if saved is not None else []
-    results = [TrainResult(**{**d["result"], "resumed_from_epoch": d["result"]["epochs_run"]}) for d in done]
-    for model, d in zip(models, done):
-        load_model_in_place(model, d["model"])
-    current = TrainState.from_dict(saved["current"]) if saved is not None and saved["current"] else None
-    if saved is not None and current is None:
-        set_rng_state(saved["rng"], device)  # where the next fold starts
-    bar.update(sum(r.epochs_run for r in results) + (current.epoch if current else 0))
-    bar.total -= sum(int(hp["epochs"]) - r.epochs_run for r in results)
-    first = len(done)
-    for i in range(first, len(models)):
-        f = folds[i]
-
-        def at_boundary(epochs_done: int, state, i=i) -> None:
-            where = f"fold {i}, epoch {epochs_done}"
-            write = None if checkpoint is None else lambda: checkpoint.save(
-                {"done": done, "rng": None, "current": state().to_dict()}, where=where)
-            boundary.check(where, epochs=epochs_done, write=write)
-
-        result = train(models[i], data, hp, seed=f.seed, train_idx=f.train_idx, val_idx=f.val_idx,
-                       on_epoch=lambda epoch, stats, i=i: on_epoch(i, epoch, stats),
-                       resume=current if i == first else None,
-                       checkpoint=at_boundary)
-        results.append(result)
-        on_fold(i, result)
-        done.append({"model": cpu_copy(models[i].state_dict()), "result": asdict(result)})
-        if checkpoint is not None and i + 1 < len(models):  # a finished fold is never trained again
-            boundary.save(lambda i=i: checkpoint.save({"done": done, "rng": rng_state(device), "current": None},
-                                                      where=f"fold {i} done"))
-    return results
-
-
-def fold_models(spec: StudySpec, hp: dict[str, Any], data: Dataset, *, seeds: list[int],
-                device: torch.device) -> list[torch.nn.Module]:
-    """One freshly initialised model per fold, each from its own seed."""
-    models = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        models.append(build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device))
-    return models

@@ -26,6 +26,7 @@ from hpo.nn.models import build_model
 from hpo.running.devices import gpu_sharing
 from hpo.running.progress import QUIET, Progress
 from hpo.search import objectives as outcomes
+from hpo.search.cv import cv_splits, run_cv_trial
 from hpo.search.pareto import PRUNED_BY_ATTR
 from hpo.search.space import suggest
 from hpo.spec.schema import StudySpec
@@ -77,6 +78,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     device = data.x.device
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
+    splits = cv_splits(spec, data) if spec.cv is not None else None  # the same folds for every trial
 
     def objective(trial: optuna.Trial) -> float | list[float]:
         hp = suggest(trial, spec)
@@ -84,14 +86,16 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         seed = trial_seed(spec.seed, lineage)  # a retry is the same trial: its original's seed
         torch.manual_seed(seed)
         meta = {"study": spec.name, "trial": lineage, "params": dict(trial.params), "spec": spec_fingerprint}
+        trial.set_user_attr("device", device_name)
+        if sharing:
+            trial.set_user_attr("gpu_sharing", sharing)
+        if splits is not None:
+            return _cv_objective(trial, hp, lineage, seed, meta)
         resume = _resume(checkpoints, trial, lineage, meta)
         if resume is not None:
             _report_resumed(trial, resume, spec)
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
         model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
-        trial.set_user_attr("device", device_name)
-        if sharing:
-            trial.set_user_attr("gpu_sharing", sharing)
         measures = outcomes.measure_model(trial, spec, model, data, device_name)
         outcomes.check_before_training(trial, spec, measures)
         with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
@@ -105,6 +109,29 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
                 raise
         _record_result(trial, result)
         return outcomes.outcome(trial, spec, result, measures)
+
+    def _cv_objective(trial: optuna.Trial, hp: dict, lineage: int, seed: int, meta: dict) -> float:
+        """A cross-validated trial (``hpo.search.cv``): K fold models, scored by their mean."""
+        saved = _resume_payload(checkpoints, trial, lineage, meta, "cv")
+        trial_id = optuna_private.trial_id(trial)
+        # n_params, as every trial records (spec checks keep constraints and objectives out of CV studies)
+        outcomes.measure_model(trial, spec, build_model(spec.model, hp, in_shape=data.in_shape,
+                                                        out_features=data.out_features), data, device_name)
+
+        def check_abandoned(done: int) -> None:
+            if is_abandoned is not None and is_abandoned(trial_id):
+                raise Abandoned(f"finished elsewhere after {done} epochs")
+
+        boundary = EpochBoundary(should_stop=should_stop, every_seconds=spec.checkpoint.every_seconds,
+                                 label=f"trial {trial.number}", **({"warn": checkpoints.warn} if checkpoints else {}))
+
+        def write(payload: dict, *, where: str, epoch: int) -> None:
+            checkpoints.save(trial_key(lineage), payload, meta={**meta, "epoch": epoch, "at": where, "writer": trial.number})
+
+        with progress.bar(total=spec.cv.folds * int(hp["epochs"]), desc=f"trial {trial.number} ({spec.cv.folds} folds)") as bar:
+            return run_cv_trial(trial, spec, data, hp, splits=splits, seed=seed, boundary=boundary,
+                                write=None if checkpoints is None else write, saved=saved,
+                                check_abandoned=check_abandoned, bar=bar).value
 
     return objective
 
@@ -171,13 +198,28 @@ def _record_result(trial: optuna.Trial, result: TrainResult) -> None:
 def _resume(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: int, meta: dict) -> TrainState | None:
     """The trainer state a retry resumes from: its lineage's checkpoint, when there is a sound
     one written for this study, trial and parameters (anything else is ignored with a warning)."""
+    saved = _resume_payload(checkpoints, trial, lineage, meta, "train")
+    if saved is None:
+        return None
+    try:
+        return TrainState.from_dict(saved)
+    except (ValueError, KeyError, TypeError) as e:
+        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: {e}; training starts over")
+        return None
+
+
+def _resume_payload(checkpoints: CheckpointStore | None, trial: optuna.Trial, lineage: int, meta: dict,
+                    part: str) -> dict | None:
+    """The ``part`` of the lineage's checkpoint a retry resumes from (``train``: one model's,
+    ``cv``: a cross-validated trial's folds), when there is a sound one written for this study,
+    trial and parameters."""
     if checkpoints is None or lineage == trial.number:
         return None
     found = checkpoints.read(trial_key(lineage), expect=meta)
     if found is None:
         return None
-    try:
-        return TrainState.from_dict(found[0]["train"])
-    except (ValueError, KeyError, TypeError) as e:
-        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: {e}; training starts over")
+    if part not in found[0]:
+        checkpoints.warn(f"checkpoint {checkpoints.path(trial_key(lineage))} ignored: it holds no {part!r} state; "
+                         f"training starts over")
         return None
+    return found[0][part]

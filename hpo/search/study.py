@@ -147,6 +147,12 @@ def build_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
                             n_warmup_steps=p.n_warmup_steps)
     if p.kind == "none":
         return optuna.pruners.NopPruner()
+    if p.kind == "wilcoxon":
+        # Its steps are fold indices, not epochs (hpo.search.cv): it pairs each fold's value with
+        # the best trial's value on the same fold.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=p.p_threshold, n_startup_steps=p.n_startup_steps)
     if p.kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=last_step(spec),
                                               reduction_factor=p.reduction_factor)
@@ -344,6 +350,10 @@ def create_from_file(spec: str, *, storage_url: str | None = None, force: bool =
     parsed = load_spec_file(path)
     check_buildable(parsed, source=str(path))  # before the data are read and the store opened: a refusal leaves nothing
     parsed = store_arrays(embed_csv(parsed), cache=cache_dir())
+    if parsed.cv is not None and parsed.data.source == "csv":
+        from hpo.search.cv import check_folds_fit  # torch: only CV studies pay its import
+
+        check_folds_fit(parsed, source=str(path))
     family = registry.family(parsed.model)
     warnings = []
     if family.check is not None:

@@ -23,7 +23,9 @@ DATA_SOURCES = ("csv", "fashion_mnist", "mnist")
 TASKS = ("regression", "classification")
 FAMILIES = ("mlp", "cnn")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
-PRUNERS = ("median", "none", "hyperband", "pareto")
+PRUNERS = ("median", "none", "hyperband", "pareto", "wilcoxon")
+CV_SCORES = ("mean", "mean_best")  # the folds' final values; each fold's best value over epochs
+CV_PATHS = ("auto", "stacked", "sequential")
 SCHEDULES = ("free", "constant", "decreasing", "search")
 # metric -> the direction that improves it
 METRICS = {
@@ -213,6 +215,11 @@ DOMAINS: dict[str, Domain] = {
     "pruner.interval_steps": integer(1),
     "pruner.min_resource": integer(1),
     "pruner.reduction_factor": integer(2),
+    "pruner.p_threshold": number(0, 1, low_open=True, high_open=True),
+    "pruner.n_startup_steps": integer(0),
+    "cv.folds": integer(2),
+    "cv.score": one_of(CV_SCORES),
+    "cv.path": one_of(CV_PATHS),
     "budget.n_trials": integer(1, optional=True),  # null: no limit (stop workers with --n-trials or a signal)
     "budget.timeout": number(0, low_open=True, optional=True),  # seconds
     "budget.max_minutes": number(0, low_open=True, optional=True),
@@ -232,7 +239,8 @@ DOMAINS: dict[str, Domain] = {
 # Which settings each pruner / sampler kind takes (Optuna's constructor arguments of that name).
 PRUNER_SETTINGS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
                    "hyperband": ("min_resource", "reduction_factor"), "none": (),
-                   "pareto": ("n_startup_trials", "n_warmup_steps")}
+                   "pareto": ("n_startup_trials", "n_warmup_steps"),
+                   "wilcoxon": ("p_threshold", "n_startup_steps")}
 SAMPLER_SETTINGS = {"tpe": ("n_startup_trials", "multivariate"), "nsga2": ("population_size",), "random": (),
                     "grid": ()}
 # Pruners a study of several objectives takes (Optuna's own refuse them: optuna/optuna#3450).

@@ -47,7 +47,7 @@ HYPERPARAMETERS: dict[str, Hyperparameter] = {
     "early_stopping": Hyperparameter(),  # patience in epochs on validation loss; 0 = off
     "augment": Hyperparameter(),
     # shared by the networks
-    "activation": Hyperparameter(_ANY_NET),
+    "activation": Hyperparameter(_ANY_NET, {"mlp": "n_layers"}),  # per layer in an MLP (the seed: selu, sigmoid)
     "init": Hyperparameter(_ANY_NET),
     # MLP
     "n_layers": Hyperparameter(_MLP),

@@ -31,6 +31,7 @@ from hpo.spec.domains import (
     PRUNER_SETTINGS,
     SAMPLER_SETTINGS,
     Domain,
+    show,
 )
 
 PARAM_KINDS = ("int", "float", "choice")
@@ -121,6 +122,8 @@ class PrunerSpec:
     interval_steps: int = 1
     min_resource: int = 1
     reduction_factor: int = 3
+    p_threshold: float = 0.1
+    n_startup_steps: int = 2
 
     def to_dict(self) -> dict:
         """The kind and the settings that kind takes."""
@@ -188,6 +191,21 @@ class RetrainSpec:
 
 
 @dataclass(frozen=True)
+class CvSpec:
+    """Cross-validated trials (``hpo.search.cv``): every trial trains ``folds`` models of its
+    configuration on seeded folds of the training pool and is scored by their mean (``score``:
+    ``mean`` of the folds' final values, ``mean_best`` of each fold's best value over epochs);
+    ``path``: the K models trained together (``stacked``), one after another, or ``auto``."""
+
+    folds: int
+    score: str = "mean"
+    path: str = "auto"
+
+    def to_dict(self) -> dict:
+        return {"folds": self.folds, "score": self.score, "path": self.path}
+
+
+@dataclass(frozen=True)
 class CheckpointSpec:
     """Trial and retrain checkpoints (``hpo.training.checkpoint``): ``checkpoint: false`` turns them off."""
 
@@ -223,6 +241,7 @@ class StudySpec:
     checkpoint: CheckpointSpec = CheckpointSpec()
     report_every: int = 1
     description: str = ""
+    cv: CvSpec | None = None
     # Several objectives (``objectives:`` in the spec); empty: the one objective ``metric``/``direction``.
     # With several, ``metric``/``direction`` are the learning metric: the first val_* objective, which
     # training reports each step and pruning judges.
@@ -255,13 +274,16 @@ class StudySpec:
 
     def to_dict(self) -> dict:
         """The canonical plain-dict form; ``parse_spec(spec.to_dict())`` gives back an equal spec."""
+        data = self.data.to_dict()
+        if self.cv is not None:
+            del data["val_fraction"]  # the folds split the pool: no single validation split
         d = {
             "name": self.name,
             "description": self.description,
             **({"objectives": [o.to_dict() for o in self.objectives]} if self.objectives else
                {"direction": self.direction, "metric": self.metric}),
             "seed": self.seed,
-            "data": self.data.to_dict(),
+            "data": data,
             "model": self.model,
             "space": {p.name: p.to_dict() for p in self.space},
             "fixed": dict(self.fixed),
@@ -272,6 +294,8 @@ class StudySpec:
             "checkpoint": self.checkpoint.to_dict(),
             "report_every": self.report_every,
         }
+        if self.cv is not None:
+            d["cv"] = self.cv.to_dict()
         if self.constraints:
             d["constraints"] = {c.metric: c.to_dict() for c in self.constraints}
         return d
@@ -333,7 +357,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         raise c.refuse("top level", raw, "a mapping of spec fields (name, data, model, space, ...)")
     c.unknown_keys(raw, ("name", "description", "direction", "metric", "objectives", "constraints", "seed", "data",
                          "model", "space", "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint",
-                         "report_every"), "")
+                         "report_every", "cv"), "")
     name = c.value("name", raw.get("name"))
     model = _parse_model(c, raw.get("model", "mlp"))
     vocab = registry.vocabulary(model)
@@ -397,6 +421,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
     c.unknown_keys(retrain_raw, ("folds", "epochs"), "retrain.")
     retrain = RetrainSpec(folds=c.value("retrain.folds", retrain_raw.get("folds", 5)),
                           epochs=c.value("retrain.epochs", retrain_raw.get("epochs")))
+    cv = _parse_cv(c, raw, pruner, several=len(objectives) > 1 or bool(constraints))
     description = raw.get("description")
     return StudySpec(
         name=name,
@@ -416,7 +441,46 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         report_every=c.value("report_every", raw.get("report_every", 1)),
         objectives=objectives,
         constraints=constraints,
+        cv=cv,
     )
+
+
+def _parse_cv(c: Checker, raw: dict, pruner: PrunerSpec, *, several: bool) -> CvSpec | None:
+    """``cv: {folds: K, score: mean|mean_best, path: auto|stacked|sequential}``, or None. The folds
+    replace the single validation split, so a split field beside it is refused; the Wilcoxon
+    pruner compares trials fold by fold, so it needs ``cv`` and a threshold it can reach.
+    ``several``: the study has several objectives or constraints, which CV trials do not score yet."""
+    if raw.get("cv") is None:
+        if pruner.kind == "wilcoxon":
+            raise c.refuse("pruner.kind", "wilcoxon", "median, hyperband or none without cv (the Wilcoxon "
+                           "pruner compares trials fold by fold: add cv: {folds: K})")
+        return None
+    cv_raw = c.mapping(raw["cv"], "cv")
+    if several:
+        raise c.refuse("cv", cv_raw, "nothing in a study with several objectives or constraints (a CV trial "
+                       "is scored by one metric, the folds' mean)")
+    c.unknown_keys(cv_raw, ("folds", "score", "path"), "cv.")
+    score, path = c.value("cv.score", cv_raw.get("score", "mean")), c.value("cv.path", cv_raw.get("path", "auto"))
+    if "folds" not in cv_raw:
+        raise c.refuse("cv.folds", None, "an integer >= 2 (how many fold models score each trial)")
+    cv = CvSpec(folds=c.value("cv.folds", cv_raw["folds"]), score=score, path=path)
+    data_raw = raw.get("data") or {}
+    for key in ("val_fraction", "val_subset"):
+        if data_raw.get(key) is not None:
+            raise c.refuse(f"data.{key}", data_raw[key], f"nothing with cv (its {cv.folds} folds are the "
+                           f"validation sets; leave data.{key} out)")
+    if pruner.kind == "wilcoxon":
+        if cv.path == "stacked":
+            raise c.refuse("cv.path", "stacked", "auto or sequential with the wilcoxon pruner (it prunes "
+                           "between folds, so the folds train one after another)")
+        # After n folds the one-sided signed-rank test's smallest p is 2**-n: to prune before the
+        # last fold it must beat the threshold after K - 1 folds.
+        smallest = 2.0 ** -(cv.folds - 1)
+        if pruner.p_threshold <= smallest:
+            raise c.refuse("pruner.p_threshold", pruner.p_threshold,
+                           f"a number in ({show(smallest)}, 1) with cv.folds {cv.folds} (after {cv.folds - 1} "
+                           f"folds the Wilcoxon test's smallest p is {show(smallest)}: it could never prune)")
+    return cv
 
 
 def _parse_model(c: Checker, raw: Any) -> str:

@@ -46,6 +46,7 @@ from hpo.store.optuna_private import (
 )
 
 IN_CHUNK = 500  # trial numbers per IN (...) list
+CV_ATTRS = ("cv_fold_values", "cv_std")  # trial user attrs of a cross-validated trial (hpo.search.cv)
 GPU_SHARING_ATTR = "gpu_sharing"  # trial user attr set by the objective (hpo.running.devices.gpu_sharing)
 LATENCY_DEVICE_ATTR = "latency_device"  # trial user attr: where latency_ms was timed (hpo.search.objectives)
 FEASIBLE_ATTR = "feasible"  # trial user attr of a constrained study (hpo.search.objectives)
@@ -74,6 +75,8 @@ class Summary:
     # number (None for a study of one objective); metric is then the objectives' names joined by "/".
     pareto: list[dict[str, Any]] | None = None
     infeasible: int = 0  # trials that broke a constraint (user attr feasible: false)
+    # A cross-validated best trial's folds (hpo.search.cv): {"folds": K, "std": ..., "values": [...]}
+    best_cv: dict[str, Any] | None = None
     latency_devices: dict[str, int] | None = None  # trials by the device their latency_ms was timed on
     stopped: dict[str, Any] | None = None  # the study's stop ({"rule", "reason", "now", "at"}), hpo.store.control
 
@@ -112,8 +115,10 @@ def _params(conn: sa.Connection, trial_id: int) -> dict[str, Any]:
     return params
 
 
-def _best(conn: sa.Connection, study_id: int, direction: StudyDirection) -> tuple[float, int, dict[str, Any]] | None:
-    """(value, number, params) of the best feasible COMPLETE trial, or None when there is none."""
+def _best(conn: sa.Connection, study_id: int,
+          direction: StudyDirection) -> tuple[float, int, dict[str, Any], dict[str, Any] | None] | None:
+    """(value, number, params, its folds when cross-validated) of the best feasible COMPLETE trial,
+    or None when there is none."""
     row = conn.execute(
         sa.select(TRIALS.c.trial_id, TRIALS.c.number, TRIAL_VALUES.c.value, TRIAL_VALUES.c.value_type)
         .join(TRIAL_VALUES, TRIAL_VALUES.c.trial_id == TRIALS.c.trial_id)
@@ -122,7 +127,17 @@ def _best(conn: sa.Connection, study_id: int, direction: StudyDirection) -> tupl
         .order_by(*_best_order(direction)).limit(1)).first()
     if row is None:
         return None
-    return trial_value(row.value, row.value_type), row.number, _params(conn, row.trial_id)
+    return trial_value(row.value, row.value_type), row.number, _params(conn, row.trial_id), _folds(conn, row.trial_id)
+
+
+def _folds(conn: sa.Connection, trial_id: int) -> dict[str, Any] | None:
+    """A cross-validated trial's folds: {"folds": K, "std": ..., "values": [...]}, else None."""
+    attrs = {key: json.loads(value) for key, value in conn.execute(
+        sa.select(TRIAL_USER_ATTRS.c.key, TRIAL_USER_ATTRS.c.value_json)
+        .where(TRIAL_USER_ATTRS.c.trial_id == trial_id, TRIAL_USER_ATTRS.c.key.in_(CV_ATTRS)))}
+    if "cv_fold_values" not in attrs:
+        return None
+    return {"folds": len(attrs["cv_fold_values"]), "std": attrs.get("cv_std"), "values": attrs["cv_fold_values"]}
 
 
 def _pareto(conn: sa.Connection, study_id: int, directions: list[StudyDirection]) -> list[dict[str, Any]]:
@@ -183,7 +198,7 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
 
     Cost: five queries for all the studies (names, directions, metrics, counts by state, trials by
     GPU sharing), then
-    per study at most two for the best trial and its parameters and two for the re-queued trials:
+    per study at most three for the best trial, its parameters and its folds, and two for the re-queued trials:
     the trials' own rows are only counted.
     """
     selected = (lambda column: column.in_(study_ids)) if study_ids is not None else (lambda column: sa.true())
@@ -243,6 +258,7 @@ def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None =
                 wall_seconds=(max(ends[sid]) - min(starts[sid])).total_seconds() if starts[sid] and ends[sid] else None,
                 gpu_sharing=dict(sorted(sharing[sid].items())),
                 pareto=pareto,
+                best_cv=best[3] if best else None,
                 infeasible=infeasible.get(sid, 0),
                 stopped=stops.get(sid) or None,
                 latency_devices=dict(sorted(latency[sid].items())) or None,

@@ -330,6 +330,7 @@ def train_stacked(
     cuda_graph: bool = True,
     resume: dict[str, Any] | None = None,
     checkpoint: StackedCheckpoint | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> StackedResult:
     """Train ``models[k]`` on ``folds[k]`` for every k, all at once, in place.
 
@@ -341,6 +342,8 @@ def train_stacked(
         cuda_graph: capture the step in a CUDA graph when the data are on a CUDA device.
         resume: a state offered to ``checkpoint`` by an earlier run of the same models, folds and
             ``hp``: training goes on from its epoch.
+        on_epoch_end: called with the epoch once every running model has had its ``on_epoch``
+            (before ``checkpoint``); it may raise to stop training (pruning).
         checkpoint: called at every epoch boundary where a model still trains with ``(epochs
             done, state)``, ``state`` a function returning the state (plain containers of CPU
             tensors, for ``torch.save``); it may raise to stop training.
@@ -368,6 +371,8 @@ def train_stacked(
             break
         train_losses, val_rows = _train_epoch(step, batches, data.task)
         per_fold.end_epoch(epoch, train_losses, val_rows, on_epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
         if checkpoint is not None and any(per_fold.active) and epoch + 1 < epochs:
             checkpoint(epoch + 1, functools.partial(_state, epoch + 1, step, per_fold, batches))
     seconds = time.perf_counter() - start

@@ -85,3 +85,12 @@ def test_mlp_gradients_match_finite_differences():
         return ((out - y) ** 2).mean()
 
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5)
+
+
+def test_activation_per_layer_as_the_regression_seed_has_it():
+    model = mlp(n_layers=2, width=[8, 8], activation=["selu", "sigmoid"])
+    assert [type(m) for m in model if not isinstance(m, (nn.Linear, nn.Flatten))] == [nn.SELU, nn.Sigmoid]
+    from hpo.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"activation has 1 values for 2 layers"):
+        mlp(n_layers=2, width=[8, 8], activation=["selu"])

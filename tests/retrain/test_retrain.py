@@ -155,21 +155,21 @@ def test_regression_ensemble_mean_and_grid(tmp_path, store_url):
 
 
 def test_sequential_retrain_records_the_path_its_folds_took(tmp_path, store_url, monkeypatch):
-    import hpo.retrain.run
+    import hpo.training.folds
 
     make_study(blobs_spec(tmp_path), store_url, n_trials=1)
     artifacts = tmp_path / "artifacts"
     record = run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False)
     assert record.metrics.cuda_graph is False  # eager on the CPU
 
-    real_train = hpo.retrain.run.train
+    real_train = hpo.training.folds.train
 
     def graphed(*args, **kwargs):  # what train() reports after a CUDA-graph run
         result = real_train(*args, **kwargs)
         result.path, result.path_reason = "cuda_graph", ""
         return result
 
-    monkeypatch.setattr(hpo.retrain.run, "train", graphed)
+    monkeypatch.setattr(hpo.training.folds, "train", graphed)
     record = run_retrain("blobs", storage_url=store_url, artifacts=str(artifacts), folds=2, device=CPU, stacked=False)
     assert record.metrics.cuda_graph is True
     # the record's metrics are the saved metrics.json, key for key (the seven keys it once left undocumented too)
@@ -267,17 +267,17 @@ def subset_blobs_spec(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("full_data", [None, True], ids=["search-data", "full-data"])
 def test_retrain_trains_on_the_search_data_unless_told_full_data(tmp_path, store_url, monkeypatch, full_data):
-    import hpo.retrain.run
+    import hpo.training.folds
 
     make_study(subset_blobs_spec(tmp_path), store_url, n_trials=1)
     seen: list[tuple[torch.Tensor, int, int]] = []  # (the pool trained on, fold train size, fold val size)
-    real_train = hpo.retrain.run.train
+    real_train = hpo.training.folds.train
 
     def watched(model, data, hp, **kwargs):
         seen.append((data.x.clone(), len(kwargs["train_idx"]), len(kwargs["val_idx"]), hp["epochs"]))
         return real_train(model, data, hp, **kwargs)
 
-    monkeypatch.setattr(hpo.retrain.run, "train", watched)
+    monkeypatch.setattr(hpo.training.folds, "train", watched)
     lines: list[str] = []
     metrics = run_retrain("blobs", storage_url=store_url, artifacts=str(tmp_path / "a"), folds=2, device=CPU,
                           stacked=False, full_data=full_data, epochs=3, echo=lines.append).metrics

@@ -115,3 +115,26 @@ def test_grid_with_constant_schedule_has_no_duplicate_points():
 
     study.optimize(objective, n_trials=20)  # the grid sampler stops the study once the grid is done
     assert len(seen) == 6 and len(set(seen)) == 6
+
+
+def test_activation_searched_per_layer():
+    spec = spec_with({"n_layers": {"int": [1, 3]},
+                      "activation": {"choice": ["selu", "sigmoid", "relu"], "per_layer": "n_layers"}})
+    seen = set()
+    for trial, hp in sample(spec, 40):
+        n = hp["n_layers"]
+        assert len(hp["activation"]) == n
+        assert sorted(k for k in trial.params if k.startswith("activation")) == [f"activation_l{i}" for i in range(n)]
+        seen.update(hp["activation"])
+    assert seen == {"selu", "sigmoid", "relu"}
+    fixed = spec_with({"lr": {"float": [1e-3, 1e-2]}}, fixed={"n_layers": 2, "activation": ["selu", "sigmoid"]})
+    assert hyperparams_from_params(fixed, {"lr": 1e-3})["activation"] == ["selu", "sigmoid"]
+
+
+def test_activation_is_one_value_in_a_cnn():
+    from hpo.errors import SpecError
+
+    raw = yaml.safe_load((STUDIES / "fmnist.yaml").read_text())
+    raw["fixed"]["activation"] = ["relu", "tanh"]
+    with pytest.raises(SpecError, match=r"fixed.activation: got \['relu', 'tanh'\]; allowed: one value"):
+        parse_spec(raw, base_dir=STUDIES)

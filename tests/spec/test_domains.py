@@ -26,6 +26,7 @@ from hpo.spec.hyperparams import HYPERPARAMETERS
 from hpo.spec.schema import (
     BudgetSpec,
     CheckpointSpec,
+    CvSpec,
     DataSpec,
     PrunerSpec,
     RetrainSpec,
@@ -110,7 +111,7 @@ def base_for(name: str) -> dict:
 def test_every_field_has_a_domain():
     assert set(HYPERPARAMETERS) <= set(DOMAINS)
     sections = {"sampler": SamplerSpec, "pruner": PrunerSpec, "budget": BudgetSpec, "retrain": RetrainSpec,
-                "data": DataSpec, "checkpoint": CheckpointSpec}
+                "data": DataSpec, "checkpoint": CheckpointSpec, "cv": CvSpec}
     for section, cls in sections.items():
         for f in dataclasses.fields(cls):
             # written by hpo itself, not by the spec's author (checkpoint.enabled: `checkpoint: false`)

@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO / "examples" / "resnet_small"))  # the family's code
 from hpo_resnet_small.family import build  # noqa: E402
 
 from hpo.data.builtin_sources import read_image_folder  # noqa: E402
-from hpo.data.dataset import Dataset, split_indices  # noqa: E402
+from hpo.data.dataset import Dataset  # noqa: E402
+from hpo.data.splits import split_indices  # noqa: E402
 from hpo.spec.hyperparams import resolve  # noqa: E402
 from hpo.training.trainer import train  # noqa: E402
 

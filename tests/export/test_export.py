@@ -526,8 +526,9 @@ def test_malformed_export_files_are_one_line_naming_the_file(tmp_path, retrained
     """A manifest or model.json that is not JSON, not UTF-8, or of the wrong shape (checksums made to
     match): one line naming the file, never a traceback."""
     import hpo
+    from hpo.data.checksum import sha256_file as sha256
     from hpo.errors import HpoError
-    from hpo.export.folder import export_best, sha256
+    from hpo.export.folder import export_best
 
     good = export_best("regression", storage_url=store_env(retrained)["HPO_STORAGE"], out=tmp_path / "export")
     manifest = json.loads((good / "manifest.json").read_text())

@@ -157,6 +157,7 @@ def spec_schema(*, families: tuple[str, ...] = FAMILIES, sources: tuple[str, ...
         "pruner": _kinds("pruner", PRUNERS, PRUNER_SETTINGS, "median"),
         "budget": _closed(_section("budget", ("n_trials", "timeout", "max_minutes", "patience", "target"))),
         "retrain": _closed(_section("retrain", ("folds", "epochs"))),
+        "cv": _closed(_section("cv", ("folds", "score", "path")), required=["folds"]),
         "checkpoint": {"anyOf": [{"type": "boolean"}, _closed(_section("checkpoint", ("every_seconds",)))]},
         "report_every": domain_schema(DOMAINS["report_every"]),
     }

@@ -39,14 +39,7 @@ def csv_arrays(d: DataSpec, part: str, *, storage: optuna.storages.RDBStorage | 
     else:
         path = getattr(d, part)
         if d.files:
-            from hpo.data.cache import local_copy
-
-            if storage is None:
-                path = local_copy(d.files[part], None, original=path)
-            else:  # a dropped connection mid-fetch fetches again, within the store's retry window
-                from hpo.store.queries import retried
-
-                path = retried(storage, local_copy, d.files[part], storage.engine, original=path)
+            path = _fetched(d.files[part], storage, original=path)
         table = read_csv_table(str(path), (*d.features, d.target))
     rows = np.asarray(table["rows"], dtype=np.float32)
     return rows[:, :-1], rows[:, -1]
@@ -96,14 +89,25 @@ def data_title(spec: StudySpec) -> str:
     return Path(d.train).name if d.train else "the CSV data"
 
 
+def _fetched(ref: dict, storage, *, original=None):
+    """The local copy of the stored file ``ref`` (``hpo.data.cache.local_copy``); a dropped
+    connection mid-fetch fetches again, within the store's retry window."""
+    from hpo.data.cache import local_copy
+
+    if storage is None:
+        return local_copy(ref, None, original=original)
+    from hpo.store.queries import retried
+
+    return retried(storage, local_copy, ref, storage.engine, original=original)
+
+
 def _load_arrays(spec: StudySpec, storage) -> Dataset:
     """A registry source's data set (``hpo.data.arrays``): images scaled to [0, 1] and normalised
     per channel, features per column, with the training pool's statistics."""
     from hpo.data.arrays import read_arrays
-    from hpo.data.cache import local_copy
 
     d = spec.data
-    a = read_arrays(local_copy(d.files["arrays"], storage.engine if storage is not None else None))
+    a = read_arrays(_fetched(d.files["arrays"], storage))
     images = a.x.ndim == 4
     scale = 1 / 255 if images else 1.0
     x, x_test = a.x.astype(np.float32) * scale, a.x_test.astype(np.float32) * scale

@@ -44,6 +44,7 @@ from hpo.store.optuna_private import (
     stored_trial_value,
     trial_value,
 )
+from hpo.store.queries import retried
 
 IN_CHUNK = 500  # trial numbers per IN (...) list
 CV_ATTRS = ("cv_fold_values", "cv_std")  # trial user attrs of a cross-validated trial (hpo.search.cv)
@@ -194,13 +195,18 @@ def _retried_fails(conn: sa.Connection, study_id: int) -> int:
 
 
 def summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None = None) -> list[Summary]:
-    """Statistics of the studies ``study_ids`` (default: every study in the store), by study name.
+    """Statistics of the studies ``study_ids`` (default: every study in the store), by study name;
+    read again from the start after a dropped connection, within the store's retry window.
 
     Cost: five queries for all the studies (names, directions, metrics, counts by state, trials by
     GPU sharing), then
     per study at most three for the best trial, its parameters and its folds, and two for the re-queued trials:
     the trials' own rows are only counted.
     """
+    return retried(storage, _summaries, storage, study_ids)
+
+
+def _summaries(storage: optuna.storages.RDBStorage, study_ids: list[int] | None) -> list[Summary]:
     selected = (lambda column: column.in_(study_ids)) if study_ids is not None else (lambda column: sa.true())
     with storage.engine.connect() as conn:
         studies = {sid: name for sid, name in conn.execute(

@@ -82,17 +82,20 @@ class RetryingRDBStorage(optuna_private.RDBStorage):
                                    .values(**changes)).rowcount
             if not changed:
                 current = conn.execute(sa.select(TRIALS.c.state).where(TRIALS.c.trial_id == trial_id)).scalar()
-                if current is None:
-                    raise KeyError(f"no trial with id {trial_id}")
-                self.check_trial_is_updatable(trial_id, current)
-                return False
-            if values is not None:
+            elif values is not None:
                 rows = []
                 for objective, value in enumerate(values):
                     stored, kind = optuna_private.stored_trial_value(value)
                     rows.append({"trial_id": trial_id, "objective": objective, "value": stored, "value_type": kind})
                 upsert(conn, TRIAL_VALUES, rows, ("trial_id", "objective"))
-        return True
+        if changed:
+            return True
+        # Outside the transaction: Optuna's check reads the trial on a connection of its own, and
+        # a process holds one (a nested checkout would wait for itself until the pool times out).
+        if current is None:
+            raise KeyError(f"no trial with id {trial_id}")
+        self.check_trial_is_updatable(trial_id, current)
+        return False
 
     def read_trials(self, study_id, states, included_trial_ids, trial_id_greater_than):
         """Optuna's read, one query per table instead of its ORM's: a worker's first read of a

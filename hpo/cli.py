@@ -8,6 +8,7 @@ on one line with exit code 2; a store that stays unreachable longer than ``HPO_S
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -45,6 +46,10 @@ def main(ctx: click.Context, debug: bool) -> None:
 
     ctx.meta["hpo_debug"] = debug
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A per-layer choice is a list (filters: {choice: [[6, 16], [32, 64]]}): Optuna warns that it
+    # may not persist, but its JSON storage gives such a choice back equal (tests/search/test_space.py).
+    warnings.filterwarnings("ignore", message="Choices for a categorical distribution should be a tuple",
+                            category=UserWarning)
 
 
 def _register_commands() -> None:

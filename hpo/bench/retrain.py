@@ -49,7 +49,7 @@ def stacked_vs_sequential(data: BenchData, *, device: torch.device, folds: int, 
     out = {}
     for name, epochs in (("stacked", stacked_epochs), ("sequential", sequential_epochs)):
         hp = resolve({**spec.fixed, **SEED_HP, "epochs": epochs})
-        models = fold_models(spec.model, hp, ds, seeds=seeds, device=device)
+        models = fold_models(spec.family_of(hp), hp, ds, seeds=seeds, device=device)
         sync(device)
         start = time.perf_counter()
         if name == "stacked":

@@ -95,6 +95,8 @@ def family_problem(name: str, obj: object) -> str:
     for hp_name, p in obj.hyperparameters.items():
         if hp_name in TRAINING:
             return f"hyperparameter {hp_name!r} is a training setting every family shares: rename it"
+        if hp_name == "model":
+            return "hyperparameter 'model' is reserved (the parameter of a searched family): rename it"
         if p.per_layer is not None:
             count = obj.hyperparameters.get(p.per_layer)
             if count is None or count.domain.kind != "int":

@@ -24,6 +24,7 @@ import optuna
 import plotly.graph_objects as go
 import torch
 import yaml
+from optuna.trial import TrialState
 
 import hpo
 from hpo.console import sharing_text
@@ -33,7 +34,7 @@ from hpo.report.pareto_figures import pareto_sections
 from hpo.report.study_figures import optuna_sections
 from hpo.report.trials_table import trials_section
 from hpo.search.study import SPEC_TEXT_ATTR, open_study
-from hpo.spec.schema import StudySpec
+from hpo.spec.schema import FAMILY, StudySpec
 from hpo.store import optuna_private
 from hpo.store.artifacts import open_artifact_store
 from hpo.store.config import STORAGE_ROOT
@@ -141,6 +142,35 @@ def spec_text(spec: StudySpec) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
+def _spread(s: Summary) -> str:
+    """`` ± std (mean ± std of K folds: v1, v2, ...)`` for a cross-validated best trial, else ""."""
+    cv = s.best_cv
+    if not cv or cv.get("std") is None:
+        return ""
+    return f" ± {_num(cv['std'])} (mean ± std of {cv['folds']} folds: {', '.join(_num(v) for v in cv['values'])})"
+
+
+def families_table(spec: StudySpec, trials: list[optuna.trial.FrozenTrial]) -> str:
+    """One row per searched model family: its trials, its best value and trial, and the parameter
+    counts (``n_params``) of that trial and of the family's median trial."""
+    maximize = spec.direction == "maximize"
+    head = "".join(f"<th>{h}</th>" for h in ("family", "complete / pruned / failed", "best value", "best trial",
+                                               "n_params of the best", "median n_params"))
+    body = []
+    for family in spec.families:
+        own = [t for t in trials if t.params.get(FAMILY) == family]
+        done = [t for t in own if t.state == TrialState.COMPLETE and t.values]
+        best = (max if maximize else min)(done, key=lambda t: t.values[0]) if done else None
+        sizes = sorted(t.user_attrs["n_params"] for t in own if "n_params" in t.user_attrs)
+        counts = " / ".join(str(sum(t.state == st for t in own))
+                            for st in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+        cells = (family, counts, _num(best.values[0]) if best else "-", f"#{best.number}" if best else "-",
+                 f"{best.user_attrs['n_params']:,}" if best and "n_params" in best.user_attrs else "-",
+                 f"{sizes[len(sizes) // 2]:,}" if sizes else "-")
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return f'<table class="families"><tr>{head}</tr>{"".join(body)}</table>'
+
+
 def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[optuna.trial.FrozenTrial], *,
                        spec_written: str | None = None) -> None:
     sec = page.section("statistics", "Study statistics")
@@ -150,7 +180,7 @@ def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[opt
             ("complete trials", s.counts["COMPLETE"]), ("failed trials", s.failed),
             ("interrupted (re-queued)", s.interrupted),
             ("running / waiting", f"{s.counts['RUNNING']} / {s.counts['WAITING']}"),
-            ("best value", f"{_num(s.best_value)}" + (f" (trial #{s.best_trial})" if s.best_trial is not None else "")
+            ("best value", f"{_num(s.best_value)}{_spread(s)}" + (f" (trial #{s.best_trial})" if s.best_trial is not None else "")
              if s.pareto is None else f"a Pareto set of {len(s.pareto)} trials (below)"),
             *([("constraints", ", ".join(f"{c.metric} {c.to_dict()}" for c in spec.constraints)
                 + f"; infeasible trials: {s.infeasible} (never best)")] if spec.constraints else []),
@@ -161,6 +191,9 @@ def statistics_section(page: Page, s: Summary, spec: StudySpec, trials: list[opt
             ("versions", f"hpo {hpo.__version__}, torch {torch.__version__}, optuna {optuna.__version__}, "
                          f"plotly {_version('plotly')}, python {platform.python_version()}")]
     sec.parts.append(table(rows))
+    if spec.searches_family:
+        sec.parts.append("<h3>Model families</h3>")
+        sec.parts.append(families_table(spec, trials))
     if s.pareto:
         sec.parts.append("<h3>Pareto set</h3>")
         names = s.metric.split("/")

@@ -93,11 +93,13 @@ def _number(value: float | None) -> float | str | None:
 
 def trial_rows(trials: list[FrozenTrial]) -> dict[str, Any]:
     """The table's columns and one row per trial (in trial order): number, state, the value (one
-    column per objective), duration in seconds, worker, then every parameter any trial has (empty
+    column per objective; cross-validated trials: then the folds' standard deviation), duration in seconds, worker, then every parameter any trial has (empty
     where a trial has not sampled it)."""
     retried = retried_numbers(trials)
     n_values = max((len(t.values) for t in trials if t.values), default=1)
     values = ["value"] if n_values == 1 else [f"value {i}" for i in range(n_values)]
+    cv = any("cv_std" in t.user_attrs for t in trials)  # cross-validated trials: the folds' spread beside the mean
+    values += ["± std (folds)"] if cv else []
     params = list(dict.fromkeys(name for t in trials for name in t.params))
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
@@ -105,7 +107,8 @@ def trial_rows(trials: list[FrozenTrial]) -> dict[str, Any]:
         duration = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
         own = list(t.values) if t.values else [None] * n_values
-        rows.append([t.number, state, *(_number(v) for v in own + [None] * (n_values - len(own))),
+        spread = [_number(t.user_attrs.get("cv_std"))] if cv else []
+        rows.append([t.number, state, *(_number(v) for v in own + [None] * (n_values - len(own))), *spread,
                      None if duration is None else round(duration, 3), t.user_attrs.get("worker"),
                      *(t.params.get(p) if not isinstance(t.params.get(p), float) else _number(t.params[p])
                        for p in params)])

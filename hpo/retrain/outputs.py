@@ -107,9 +107,9 @@ def write_files(folder: Path, spec: StudySpec, data: Dataset, hp: dict, metrics:
     files["metrics.json"].write_text(strict_dumps(metrics.to_dict()))
     files["curves.json"].write_text(strict_dumps({"folds": curves}, indent=None))
     np.savez_compressed(files["predictions.npz"], **arrays)
-    given = registry.entry(spec.model).provenance  # the code that trained these weights
+    given = registry.entry(spec.family_of(hp)).provenance  # the code that trained these weights
     files["model.json"].write_text(strict_dumps({
-        "family": spec.model, "distribution": given["distribution"], "version": given["version"],
+        "family": spec.family_of(hp), "distribution": given["distribution"], "version": given["version"],
         "in_shape": list(data.in_shape), "out_features": data.out_features,
         "task": data.task, "hyperparams": hp, "normalization": data.normalization, "classes": list(data.classes),
         "input_stats": raw_input_stats(data),

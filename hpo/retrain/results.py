@@ -29,6 +29,7 @@ from typing import Any
 
 import optuna
 from optuna.artifacts import download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from hpo.errors import HpoError
 from hpo.store import optuna_private
@@ -158,7 +159,11 @@ def load_retrain(study: optuna.Study, retrain_id: str | None = None) -> RetrainR
 def fetch_files(artifact_store, record: RetrainRecord, dest: Path | None = None, *,
                 names: Iterable[str] | None = None) -> Path:
     """Download the files of a retrain (all, or those of ``names`` it has) into ``dest`` (a new
-    temporary folder by default)."""
+    temporary folder by default).
+
+    Raises:
+        HpoError: a file is not in ``artifact_store`` (one line: the store looked in, and the fix).
+    """
     dest = Path(dest or tempfile.mkdtemp(prefix="hpo-retrain-"))
     dest.mkdir(parents=True, exist_ok=True)
     wanted = None if names is None else set(names)
@@ -168,7 +173,13 @@ def fetch_files(artifact_store, record: RetrainRecord, dest: Path | None = None,
         target = name_in(dest, name, what=f"retrain {record.id!r} in the store: file name")
         if target.exists():
             target.unlink()
-        download_artifact(artifact_store=artifact_store, artifact_id=artifact_id, file_path=str(target))
+        try:
+            download_artifact(artifact_store=artifact_store, artifact_id=artifact_id, file_path=str(target))
+        except ArtifactNotFound:
+            where = getattr(artifact_store, "folder", None)
+            raise HpoError(f"retrain {record.id!r}: its file {name} is not in the artifact store"
+                           f"{f' {where}' if where else ''}; pass --artifacts with the folder hpo retrain "
+                           f"saved it to") from None
     return dest
 
 

@@ -129,9 +129,10 @@ def run_retrain(
 
     data, pool = _training_pool(spec, storage, full_data=bool(full_data), data_dir=data_dir, device=device)
     fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec.seed, trial.number), device=device)
-    models = fold_models(spec.model, hp, data, seeds=[f.seed for f in fold_list], device=device)
-    unstackable = None if registry.family(spec.model).stackable else \
-        f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
+    family = spec.family_of(hp)
+    models = fold_models(family, hp, data, seeds=[f.seed for f in fold_list], device=device)
+    unstackable = None if registry.family(family).stackable else \
+        f"model family {family!r} declares its modules unstackable (Family.stackable=False)"
     use_stacked, reason = _choose_path(models, stacked, device, unstackable=unstackable)
     path = "stacked" if use_stacked else "sequential"
     echo(f"retrain of trial #{trial.number} of {study_name!r}: {k} folds, {hp['epochs']} epochs, "

@@ -93,11 +93,11 @@ def check_folds_fit(spec: StudySpec, *, source: str) -> None:
         raise SpecError(f"{source}: {e}") from e
 
 
-def choose_path(spec: StudySpec, models: list[torch.nn.Module]) -> tuple[bool, str]:
-    """Whether a trial's fold models train stacked, and why."""
+def choose_path(spec: StudySpec, models: list[torch.nn.Module], family: str) -> tuple[bool, str]:
+    """Whether a trial's fold models (of model ``family``) train stacked, and why."""
     problem = stack_problem(models)
-    if problem is None and not registry.family(spec.model).stackable:
-        problem = f"model family {spec.model!r} declares its modules unstackable (Family.stackable=False)"
+    if problem is None and not registry.family(family).stackable:
+        problem = f"model family {family!r} declares its modules unstackable (Family.stackable=False)"
     if spec.pruner.kind == "wilcoxon":
         return False, "the wilcoxon pruner prunes between folds"
     if spec.cv.path == "sequential":
@@ -172,8 +172,8 @@ def run_cv_trial(trial: optuna.Trial, spec: StudySpec, data: Dataset, hp: dict[s
     """
     device, k = data.x.device, len(splits)
     folds = device_folds(splits, base_seed=seed, device=device)
-    models = fold_models(spec.model, hp, data, seeds=[f.seed for f in folds], device=device)
-    stacked, reason = choose_path(spec, models)
+    models = fold_models(spec.family_of(hp), hp, data, seeds=[f.seed for f in folds], device=device)
+    stacked, reason = choose_path(spec, models, spec.family_of(hp))
     _record_folds(trial, spec, data, splits, stacked=stacked, reason=reason)
     maximize = spec.direction == "maximize"
     curves = _Curves(k, spec.metric, maximize, spec.cv.score)

@@ -95,7 +95,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         if resume is not None:
             _report_resumed(trial, resume, spec)
         # A failure's reason (fail_reason) is recorded by the worker, which sees every exception.
-        model = build_model(spec.model, hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
+        model = build_model(spec.family_of(hp), hp, in_shape=data.in_shape, out_features=data.out_features).to(device)
         measures = outcomes.measure_model(trial, spec, model, data, device_name)
         outcomes.check_before_training(trial, spec, measures)
         with progress.bar(total=int(hp["epochs"]), desc=f"trial {trial.number}",
@@ -115,7 +115,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
         saved = _resume_payload(checkpoints, trial, lineage, meta, "cv")
         trial_id = optuna_private.trial_id(trial)
         # n_params, as every trial records (spec checks keep constraints and objectives out of CV studies)
-        outcomes.measure_model(trial, spec, build_model(spec.model, hp, in_shape=data.in_shape,
+        outcomes.measure_model(trial, spec, build_model(spec.family_of(hp), hp, in_shape=data.in_shape,
                                                         out_features=data.out_features), data, device_name)
 
         def check_abandoned(done: int) -> None:

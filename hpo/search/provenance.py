@@ -14,7 +14,9 @@ from typing import Any
 from hpo.errors import SpecError
 from hpo.nn import registry
 
-ATTR = "hpo:plugins"  # study system attr: {"model": {name, distribution, version}, "data": {...}}
+# Study system attr: {"model": {name, distribution, version}, "data": {...}}; a searched family
+# records every candidate under "models" (a list of the same records) besides its first as "model".
+ATTR = "hpo:plugins"
 BUILTIN_SOURCES = ("csv", "fashion_mnist", "mnist")
 
 
@@ -25,8 +27,9 @@ def _hpo_version() -> str:
         return "?"
 
 
-def record(model: str, source: str) -> dict[str, dict[str, str]]:
-    """The record of a study of family ``model`` on data source ``source``, as installed here.
+def record(families: tuple[str, ...], source: str) -> dict[str, Any]:
+    """The record of a study of the model ``families`` (one, or a searched family's candidates) on
+    data source ``source``, as installed here.
 
     Raises:
         SpecError: as ``hpo.nn.registry.entry``.
@@ -35,7 +38,13 @@ def record(model: str, source: str) -> dict[str, dict[str, str]]:
 
     data = ({"name": source, "distribution": "hpo", "version": _hpo_version()} if source in BUILTIN_SOURCES
             else sources.entry(source).provenance)
-    return {"model": registry.entry(model).provenance, "data": data}
+    models = [registry.entry(f).provenance for f in families]
+    return {"model": models[0], "data": data, **({"models": models} if len(models) > 1 else {})}
+
+
+def _family_records(recorded: dict[str, Any] | None) -> list[dict[str, str]]:
+    recorded = recorded or {}
+    return recorded.get("models") or ([recorded["model"]] if recorded.get("model") else [])
 
 
 def _install_hint(rec: dict[str, str]) -> str:
@@ -48,10 +57,10 @@ def check_installed(recorded: dict[str, Any] | None, *, study: str) -> None:
     Raises:
         SpecError: one line.
     """
-    rec = (recorded or {}).get("model")
-    if rec and rec["name"] not in registry.names():
-        raise SpecError(f"study {study!r} uses model family {rec['name']!r} from {rec['distribution']} "
-                        f"{rec['version']}, which is not installed here: {_install_hint(rec)}")
+    for rec in _family_records(recorded):
+        if rec["name"] not in registry.names():
+                raise SpecError(f"study {study!r} uses model family {rec['name']!r} from {rec['distribution']} "
+                            f"{rec['version']}, which is not installed here: {_install_hint(rec)}")
 
 
 def mismatches(recorded: dict[str, Any] | None, *, study: str, allow: bool) -> list[str]:
@@ -63,14 +72,14 @@ def mismatches(recorded: dict[str, Any] | None, *, study: str, allow: bool) -> l
             and the package to install), or the family is not installed (see :func:`check_installed`).
     """
     check_installed(recorded, study=study)
-    rec = (recorded or {}).get("model")
-    if not rec:
-        return []
-    here = registry.entry(rec["name"]).provenance
-    if (here["distribution"], here["version"]) == (rec["distribution"], rec["version"]):
-        return []
-    note = (f"model family {rec['name']!r}: the study was created with {rec['distribution']} {rec['version']}, "
-            f"this machine has {here['distribution']} {here['version']}")
-    if not allow:
-        raise SpecError(f"study {study!r}: {note}: {_install_hint(rec)}, or pass --allow-version-mismatch")
-    return [note]
+    notes = []
+    for rec in _family_records(recorded):
+        here = registry.entry(rec["name"]).provenance
+        if (here["distribution"], here["version"]) == (rec["distribution"], rec["version"]):
+            continue
+        note = (f"model family {rec['name']!r}: the study was created with {rec['distribution']} {rec['version']}, "
+                f"this machine has {here['distribution']} {here['version']}")
+        if not allow:
+            raise SpecError(f"study {study!r}: {note}: {_install_hint(rec)}, or pass --allow-version-mismatch")
+        notes.append(note)
+    return notes

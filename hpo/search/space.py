@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 
 from hpo.nn.registry import resolved
-from hpo.spec.schema import ParamSpec, StudySpec
+from hpo.spec.schema import FAMILY, ParamSpec, StudySpec
 
 
 def _suggest_one(trial: optuna.trial.BaseTrial, p: ParamSpec, name: str, high: float | None = None) -> Any:
@@ -48,9 +48,15 @@ def suggest(trial: optuna.trial.BaseTrial, spec: StudySpec) -> dict[str, Any]:
     """Sample one configuration: the fixed settings, then each searched parameter in spec order.
 
     Conditional parameters (``when``) are only suggested when their condition holds, so e.g.
-    momentum never appears in an Adam trial. Returns the full hyperparameter dict, defaults filled.
+    momentum never appears in an Adam trial. A searched family (``model: {choice: [...]}``) is
+    drawn first, as the parameter ``model``; only its parameters follow, and ``hp["model"]`` names
+    it. Returns the full hyperparameter dict, defaults filled.
     """
-    chosen: dict[str, Any] = dict(spec.fixed)
+    chosen: dict[str, Any] = {}
+    if spec.searches_family:
+        chosen[FAMILY] = trial.suggest_categorical(FAMILY, list(spec.families))
+        spec = spec.for_family(chosen[FAMILY])
+    chosen.update(spec.fixed)
     for p in spec.space:
         if not _active(p, chosen):
             continue
@@ -58,7 +64,7 @@ def suggest(trial: optuna.trial.BaseTrial, spec: StudySpec) -> dict[str, Any]:
             chosen[p.name] = _suggest_layers(trial, p, int(chosen[p.per_layer]))
         else:
             chosen[p.name] = _suggest_one(trial, p, p.name)
-    return resolved(spec.model, chosen)
+    return resolved(spec.families[0], chosen)
 
 
 def hyperparams_from_params(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:

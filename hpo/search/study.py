@@ -264,7 +264,7 @@ def create(spec: StudySpec, storage: optuna.storages.RDBStorage, *, force: bool 
         if text is not None:
             study.set_user_attr(SPEC_TEXT_ATTR, text)
         storage.set_study_system_attr(optuna_private.study_id(study), provenance.ATTR,
-                                      provenance.record(spec.model, spec.data.source))
+                                      provenance.record(spec.families, spec.data.source))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(spec.metric_names)
@@ -354,16 +354,17 @@ def create_from_file(spec: str, *, storage_url: str | None = None, force: bool =
         from hpo.search.cv import check_folds_fit  # torch: only CV studies pay its import
 
         check_folds_fit(parsed, source=str(path))
-    family = registry.family(parsed.model)
     warnings = []
-    if family.check is not None:
-        warning = family.check(parsed)  # the built-in cnn's: raises when no configuration fits the images
-        warnings += [warning] if warning else []
     images = parsed.data.source in ("fashion_mnist", "mnist") or len(
         (parsed.data.files or {}).get("arrays", {}).get("shape", [])) == 3
-    if family.image_input and not images:
-        raise SpecError(f"{path}: model: {parsed.model} takes images (channels, height, width); "
-                        f"data.source {parsed.data.source} gives rows of features")
+    for name in parsed.families:
+        family, one = registry.family(name), parsed.for_family(name)
+        if family.check is not None:
+            warning = family.check(one)  # the built-in cnn's: raises when no configuration fits the images
+            warnings += [warning] if warning else []
+        if family.image_input and not images:
+            raise SpecError(f"{path}: model: {name} takes images (channels, height, width); "
+                            f"data.source {parsed.data.source} gives rows of features")
     study = create(parsed, open_storage(storage_url, heartbeat=False), force=force, heartbeat=heartbeat,
                    source=str(path), text=path.read_text())
     return study, parsed, warnings

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo.errors import SpecError
 from hpo.spec.checks import Checker
 from hpo.spec.domains import show
-from hpo.spec.schema import ParamSpec, StudySpec
+from hpo.spec.schema import FAMILY, ParamSpec, StudySpec
 
 
 def _parameters(spec: StudySpec) -> dict[str, ParamSpec | None]:
@@ -31,6 +31,8 @@ def _parameters(spec: StudySpec) -> dict[str, ParamSpec | None]:
     most = {p.name: int(p.high if p.kind == "int" else max(p.choices)) for p in spec.space if p.name in counts}
     most.update({k: int(v) for k, v in spec.fixed.items() if k in counts})
     names: dict[str, ParamSpec | None] = {}
+    if spec.searches_family:  # drawn first (hpo.search.space)
+        names[FAMILY] = ParamSpec(name=FAMILY, kind="choice", choices=spec.families)
     for p in spec.space:
         if not p.per_layer:
             names[p.name] = p

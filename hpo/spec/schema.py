@@ -35,6 +35,7 @@ from hpo.spec.domains import (
 )
 
 PARAM_KINDS = ("int", "float", "choice")
+FAMILY = "model"  # the Optuna parameter of a searched model family (``model: {choice: [mlp, cnn]}``)
 
 
 @dataclass(frozen=True)
@@ -220,8 +221,8 @@ class CheckpointSpec:
 class StudySpec:
     """A study as its YAML spec describes it, parsed and checked once (:func:`parse_spec`) and
     frozen: its name, what it optimises (``metric`` and ``direction``, or ``objectives``), the data
-    (``data``), the model family (``model``) with its search ``space`` and ``fixed``
-    hyperparameters, the sampler, pruner, budget, retrain and checkpoint settings, and ``seed``
+    (``data``), the model family (``model``; ``families``: one, or the candidates of a searched
+    family) with its search ``space`` and ``fixed`` hyperparameters, the sampler, pruner, budget, retrain and checkpoint settings, and ``seed``
     (every seed hpo uses derives from it: ``hpo.training.seeds``). The store keeps it as JSON
     (``to_dict``) in the study's user attrs: workers read it from there, not from the file.
     """
@@ -230,7 +231,7 @@ class StudySpec:
     direction: str
     metric: str
     data: DataSpec
-    model: str
+    families: tuple[str, ...]  # the model family; several: the family is searched, a trial's is hp["model"]
     space: tuple[ParamSpec, ...]
     fixed: dict
     seed: int = 0
@@ -253,6 +254,36 @@ class StudySpec:
         return self.data.task
 
     @property
+    def model(self) -> str:
+        """The model family's name; for a searched family the candidates joined by ``|`` (to show,
+        not to build: a trial's own family is :meth:`family_of` its hyperparameters)."""
+        return "|".join(self.families)
+
+    @property
+    def searches_family(self) -> bool:
+        return len(self.families) > 1
+
+    def family_of(self, hp: dict) -> str:
+        """The family that a trial's resolved hyperparameters ``hp`` build."""
+        return hp[FAMILY] if self.searches_family else self.families[0]
+
+    def for_family(self, name: str) -> StudySpec:
+        """This spec as a study of family ``name`` alone: the searched parameters active for it
+        (their ``when: {model: ...}`` dropped) and the fixed settings it knows.
+
+        Raises:
+            SpecError: ``name`` is not one of the spec's families (or not installed).
+        """
+        if name not in self.families:
+            raise SpecError(f"study {self.name!r} searches model {self.model}, not {name!r}")
+        if not self.searches_family:
+            return self
+        vocab = registry.vocabulary(name)
+        space = tuple(replace(p, when={k: v for k, v in p.when.items() if k != FAMILY})
+                      for p in self.space if name in p.when.get(FAMILY, (name,)))
+        return replace(self, families=(name,), space=space, fixed={k: v for k, v in self.fixed.items() if k in vocab})
+
+    @property
     def targets(self) -> tuple[ObjectiveSpec, ...]:
         """The study's objectives in order (one for a single-objective study)."""
         return self.objectives or (ObjectiveSpec(self.metric, self.direction),)
@@ -269,6 +300,17 @@ class StudySpec:
     def metric_names(self) -> list[str]:
         return [o.metric for o in self.targets]
 
+    def space_param(self, name: str) -> ParamSpec:
+        """The searched parameter ``name``.
+
+        Raises:
+            KeyError: ``name`` is not searched.
+        """
+        for p in self.space:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
     def with_data(self, data: DataSpec) -> StudySpec:
         return replace(self, data=data)
 
@@ -284,7 +326,7 @@ class StudySpec:
                {"direction": self.direction, "metric": self.metric}),
             "seed": self.seed,
             "data": data,
-            "model": self.model,
+            "model": self.families[0] if not self.searches_family else {"choice": list(self.families)},
             "space": {p.name: p.to_dict() for p in self.space},
             "fixed": dict(self.fixed),
             "sampler": self.sampler.to_dict(),
@@ -359,7 +401,10 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
                          "model", "space", "fixed", "sampler", "pruner", "budget", "retrain", "checkpoint",
                          "report_every", "cv"), "")
     name = c.value("name", raw.get("name"))
-    model = _parse_model(c, raw.get("model", "mlp"))
+    families = _parse_model(c, raw.get("model", "mlp"))
+    if len(families) > 1:
+        return _parse_family_choice(c, raw, families, source=source, base_dir=base_dir)
+    model = families[0]
     vocab = registry.vocabulary(model)
 
     data = _parse_data(c, c.mapping(raw.get("data"), "data"), base_dir)
@@ -430,7 +475,7 @@ def parse_spec(raw: Any, *, source: str = "<spec>", base_dir: Path | None = None
         metric=metric,
         seed=c.value("seed", raw.get("seed", 0)),
         data=data,
-        model=model,
+        families=families,
         space=space,
         fixed=fixed,
         sampler=sampler,
@@ -483,18 +528,92 @@ def _parse_cv(c: Checker, raw: dict, pruner: PrunerSpec, *, several: bool) -> Cv
     return cv
 
 
-def _parse_model(c: Checker, raw: Any) -> str:
-    """The name of an installed, usable model family (``hpo.nn.registry``)."""
+def _parse_model(c: Checker, raw: Any) -> tuple[str, ...]:
+    """The installed, usable model families (``hpo.nn.registry``) ``model`` names: one name, or
+    ``{choice: [name, name, ...]}`` (at least two, none repeated) for a searched family."""
     domain = Domain("choice", choices=registry.names())
-    model = domain.canonical(raw)
-    if not domain.contains(model):
-        raise c.refuse("model", model, f"{domain} (the installed model families: a package's family needs "
-                                       f"that package installed; hpo families lists them)")
-    try:
-        registry.entry(model)
-    except SpecError as e:
-        raise c.fail("model", str(e)) from None
-    return model
+    if isinstance(raw, dict):
+        c.unknown_keys(raw, ("choice",), "model.")
+        names, where = raw.get("choice"), "model.choice"
+        if not isinstance(names, list) or len(names) < 2 or len(set(map(repr, names))) != len(names):
+            raise c.refuse(where, names, f"a list of at least two different families among {domain}")
+    else:
+        names, where = [raw], "model"
+    families = []
+    for i, name in enumerate(names):
+        at = f"{where}[{i}]" if where == "model.choice" else where
+        model = domain.canonical(name)
+        if not domain.contains(model):
+            raise c.refuse(at, model, f"{domain} (the installed model families: a package's family needs "
+                                      f"that package installed; hpo families lists them)")
+        try:
+            registry.entry(model)
+        except SpecError as e:
+            raise c.fail(at, str(e)) from None
+        families.append(model)
+    return tuple(families)
+
+
+def _parse_family_choice(c: Checker, raw: dict, families: tuple[str, ...], *, source: str,
+                         base_dir: Path | None) -> StudySpec:
+    """A spec whose family is searched (``model: {choice: [...]}``): a trial draws its family
+    first, as the Optuna parameter ``model``. A parameter some of the families lack must say which
+    families it is for (``when: {model: [...]}``); a fixed setting applies to the families that know
+    it. The spec restricted to each family is checked as a one-family spec (every field, every
+    range); the errors name the family."""
+    vocabs = {f: registry.vocabulary(f) for f in families}
+    if c.value("sampler.kind", c.mapping(raw.get("sampler"), "sampler").get("kind", "tpe")) == "grid":
+        raise c.refuse("sampler.kind", "grid", "tpe or random with a searched model family (a grid would run "
+                       "every point of each family's parameters for the other family too)")
+    space_raw, fixed_raw = c.mapping(raw.get("space"), "space"), c.mapping(raw.get("fixed"), "fixed")
+    union = {n: p for f in families for n, p in vocabs[f].items()}
+    for key in fixed_raw:
+        if key == FAMILY:
+            raise c.fail(f"fixed.{FAMILY}", "is the searched family: give model a single name instead")
+        known_name(c, union, key, " or ".join(families), f"fixed.{key}")
+    active: dict[str, tuple[str, ...]] = {}
+    for key, param in space_raw.items():
+        where = f"space.{key}"
+        if key == FAMILY:
+            raise c.fail(where, "is searched by model: {choice: [...]}; leave it out of space")
+        known_name(c, union, key, " or ".join(families), where)
+        have = tuple(f for f in families if key in vocabs[f])
+        when = c.mapping(param, where).get("when") or {}
+        named = c.mapping(when, f"{where}.when").get(FAMILY)
+        if named is None:
+            if len(have) < len(families):
+                raise c.fail(where, f"is a parameter of model {' and '.join(have)} only: add "
+                                    f"when: {{model: [{', '.join(have)}]}}")
+            active[key] = families
+            continue
+        named = [Domain("choice", choices=families).canonical(v) for v in (named if isinstance(named, list) else [named])]
+        for i, f in enumerate(named):
+            if f not in have:
+                raise c.refuse(f"{where}.when.{FAMILY}[{i}]", f, f"{', '.join(have)} (the searched families "
+                                                                 f"that have {key})")
+        active[key] = tuple(f for f in families if f in named)
+    parsed = {}
+    for f in families:
+        space = {}
+        for key, param in space_raw.items():
+            if f in active[key]:
+                param = dict(param)
+                when = {k: v for k, v in (param.get("when") or {}).items() if k != FAMILY}
+                param.pop("when", None)
+                space[key] = {**param, **({"when": when} if when else {})}
+        one = {**raw, "model": f, "space": space, "fixed": {k: v for k, v in fixed_raw.items() if k in vocabs[f]}}
+        try:
+            parsed[f] = parse_spec(one, source=source, base_dir=base_dir)
+        except SpecError as e:
+            raise SpecError(f"{e} (in the trials of model {f})") from None
+    first = parsed[families[0]]
+    space = []
+    for key in space_raw:
+        p = next(parsed[f].space_param(key) for f in active[key])
+        restricted = active[key] != families
+        space.append(replace(p, when={**({FAMILY: active[key]} if restricted else {}), **p.when}))
+    fixed = {k: v for f in families for k, v in parsed[f].fixed.items()}
+    return replace(first, families=families, space=tuple(space), fixed={k: fixed[k] for k in fixed_raw})
 
 
 def _parse_objectives(c: Checker, raw: Any, metrics: dict[str, str]) -> tuple[ObjectiveSpec, ...]:

@@ -18,7 +18,15 @@ def artifact_dir(url: str | None = None, flag: str | None = None) -> Path:
     return (path.parent if path is not None else STORAGE_ROOT) / "artifacts"
 
 
-def open_artifact_store(url: str | None = None, flag: str | None = None) -> FileSystemArtifactStore:
+class ArtifactFolder(FileSystemArtifactStore):
+    """Optuna's file-system artifact store, saying which ``folder`` it keeps the files in."""
+
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self.folder = folder
+
+
+def open_artifact_store(url: str | None = None, flag: str | None = None) -> ArtifactFolder:
     path = artifact_dir(url, flag)
     path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(path))
+    return ArtifactFolder(path)

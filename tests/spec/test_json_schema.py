@@ -141,7 +141,11 @@ def test_a_typo_gets_the_nearest_key_in_one_line():
 def test_cli_prints_the_schema_of_what_is_installed(tmp_path):
     proc = run_hpo("schema", check=0)
     schema = json.loads(proc.stdout)
-    assert {"mlp", "cnn"} <= set(schema["properties"]["model"]["enum"])
+    assert {"mlp", "cnn"} <= set(schema["properties"]["model"]["anyOf"][0]["enum"])
     jsonschema.Draft202012Validator.check_schema(schema)
+    model = jsonschema.Draft202012Validator({**schema, "required": []})
+    assert model.is_valid({"model": {"choice": ["mlp", "cnn"]}}) and model.is_valid({"model": "cnn"})
+    for bad in ({"choice": ["mlp"]}, {"choice": ["mlp", "mlp"]}, {"choice": ["mlp", "nope"]}, {"pick": ["mlp", "cnn"]}):
+        assert not model.is_valid({"model": bad}), bad
     run_hpo("schema", "--builtin", "--out", str(tmp_path / "s.json"), check=0)
     assert (tmp_path / "s.json").read_text() == SCHEMA_FILE.read_text()

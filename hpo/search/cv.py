@@ -93,8 +93,14 @@ def check_folds_fit(spec: StudySpec, *, source: str) -> None:
         raise SpecError(f"{source}: {e}") from e
 
 
-def choose_path(spec: StudySpec, models: list[torch.nn.Module], family: str) -> tuple[bool, str]:
-    """Whether a trial's fold models (of model ``family``) train stacked, and why."""
+def choose_path(spec: StudySpec, models: list[torch.nn.Module], family: str,
+                device: torch.device) -> tuple[bool, str]:
+    """Whether a trial's fold models (of model ``family``, on ``device``) train stacked, and why.
+
+    ``cv.path: auto``: stacked on a GPU (the K models in one step each) and wherever the pruner
+    judges the folds' mean curve as they train (only K models in lockstep give one); sequential on
+    the CPU when nothing prunes during training, where one model at a time measured faster (the
+    regression seed's network 5x, benchmarks/README.md "Cross-validated trials")."""
     problem = stack_problem(models)
     if problem is None and not registry.family(family).stackable:
         problem = f"model family {family!r} declares its modules unstackable (Family.stackable=False)"
@@ -104,9 +110,13 @@ def choose_path(spec: StudySpec, models: list[torch.nn.Module], family: str) -> 
         return False, "cv.path: sequential"
     if problem is not None:
         return False, problem
-    # Stacked on the CPU too: only K models in lockstep give a mean curve the pruner can act on
-    # while they train (benchmarks/README.md has the CPU speeds of both paths).
-    return True, "cv.path: stacked" if spec.cv.path == "stacked" else "the folds' mean curve needs them in lockstep"
+    if spec.cv.path == "stacked":
+        return True, "cv.path: stacked"
+    if device.type == "cuda":
+        return True, "CUDA device"
+    if spec.pruner.kind == "none":
+        return False, "CPU device and no pruner: one model at a time is faster here"
+    return True, "the pruner judges the folds' mean curve, which needs them in lockstep"
 
 
 class _Curves:
@@ -173,7 +183,7 @@ def run_cv_trial(trial: optuna.Trial, spec: StudySpec, data: Dataset, hp: dict[s
     device, k = data.x.device, len(splits)
     folds = device_folds(splits, base_seed=seed, device=device)
     models = fold_models(spec.family_of(hp), hp, data, seeds=[f.seed for f in folds], device=device)
-    stacked, reason = choose_path(spec, models, spec.family_of(hp))
+    stacked, reason = choose_path(spec, models, spec.family_of(hp), device)
     _record_folds(trial, spec, data, splits, stacked=stacked, reason=reason)
     maximize = spec.direction == "maximize"
     curves = _Curves(k, spec.metric, maximize, spec.cv.score)

@@ -204,6 +204,9 @@ def retrain_table(metrics: dict) -> str:
 def trained_line(metrics: dict) -> str:
     """How many models trained, how, how long, and at how many model-epochs per second (3 significant
     digits: a slow CPU retrain's 0.0333 is not 0.0)."""
+    if "--reuse-cv" in metrics.get("path_reason", ""):
+        return (f"reused the {metrics['folds']} fold models of trial #{metrics['trial_number']} (trained "
+                f"{metrics['path']} during the search; --reuse-cv)")
     rate = metrics["model_epochs_per_s"]
     return (f"trained {metrics['folds']} models ({metrics['path']}) in {metrics['train_seconds']:.1f}s"
             + (f", {_sig(rate, 3)} model-epochs/s" if rate else ""))

@@ -33,11 +33,14 @@ from hpo.commands.options import (
               help="Continue the study's latest unfinished retrain from its checkpoint (finished folds are kept).")
 @click.option("--allow-version-mismatch", is_flag=True,
               help="Retrain with the study's model family installed here at another version (recorded in metrics.json).")
+@click.option("--reuse-cv", is_flag=True,
+              help="A cross-validated study: take the trial's own fold models (kept for the study's best trial) "
+                   "instead of training them again; refused when its folds or epochs differ.")
 @storage_option
 @artifacts_option
 def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: int | None, device: str | None,
             stacked: bool | None, full_data: bool | None, epochs: int | None, data_dir: str | None, resume: bool,
-            allow_version_mismatch: bool, storage: str | None, artifacts: str | None) -> None:
+            allow_version_mismatch: bool, reuse_cv: bool, storage: str | None, artifacts: str | None) -> None:
     """Retrain a trial on K folds of the data the search used (or all of it with --full-data); save
     fold models, predictions and ensembles.
 
@@ -54,7 +57,7 @@ def retrain(study_name: str, folds: int | None, trial_number: int | None, gpu: i
                              trial_number=trial_number, device=resolve_device(gpu=gpu, device=device),
                              data_dir=data_dir, stacked=stacked, resume=resume, full_data=full_data,
                              epochs=epochs, echo=click.echo, progress=Progress(),
-                             allow_version_mismatch=allow_version_mismatch)
+                             allow_version_mismatch=allow_version_mismatch, reuse_cv=reuse_cv)
     except Interrupted as e:
         click.echo(f"retrain {e}; continue it with: hpo retrain --study {study_name} --resume" if e.saved
                    else f"retrain {e}; nothing to resume", err=True)

@@ -23,6 +23,7 @@ from hpo.errors import HpoError
 from hpo.nn import registry
 from hpo.report.dashboard import save_retrain_note
 from hpo.retrain import outputs as retrain_outputs
+from hpo.retrain import reuse
 from hpo.retrain.checkpoint import RetrainCheckpoint
 from hpo.retrain.results import RetrainMetrics, RetrainRecord
 from hpo.running.progress import QUIET, Progress
@@ -40,6 +41,7 @@ from hpo.training.checkpoint import RETRAIN_KEY, CheckpointStore, fingerprint
 from hpo.training.folds import device_folds, fold_models, train_sequential, train_stacked_folds
 from hpo.training.seeds import trial_seed
 from hpo.training.stacked import Fold, stack_problem
+from hpo.training.state import load_model_in_place
 from hpo.training.trainer import TrainResult, predict
 
 
@@ -78,6 +80,7 @@ def run_retrain(
     echo: Callable[[str], None] | None = None,
     progress: Progress | None = None,
     allow_version_mismatch: bool = False,
+    reuse_cv: bool = False,
 ) -> RetrainRecord:
     """Retrain a trial's configuration on K folds and save the results as artifacts of the study.
 
@@ -99,6 +102,8 @@ def run_retrain(
             left (default: nothing).
         allow_version_mismatch: go on with the study's model family at another version here
             (``metrics.json`` records the difference as ``version_mismatch``).
+        reuse_cv: take a cross-validated trial's own fold models instead of training them again
+            (``hpo.retrain.reuse``: the trial's folds, epochs and spec must match).
 
     Returns:
         The new record, with its :class:`~hpo.retrain.results.RetrainMetrics` (the run's ``metrics.json``) in ``metrics`` (``hpo.retrain.results.load_retrain`` reads it back); a re-run makes a new one.
@@ -106,7 +111,7 @@ def run_retrain(
     Raises:
         HpoError: no such study, no complete trial, bad fold count, training failed, or
             ``resume`` without an unfinished retrain (or with --trial/--folds/--stacked/--full-data/
-            --epochs that differ from it).
+            --epochs that differ from it), or ``reuse_cv`` without fold models to reuse.
         hpo.training.boundary.Interrupted: told to stop (SIGINT/SIGTERM) at an epoch boundary, after
             the checkpoint was saved (its ``saved`` says whether; None when checkpoints are off).
     """
@@ -116,6 +121,8 @@ def run_retrain(
                                        study=study_name, allow=allow_version_mismatch)
     study, spec = open_study(study_name, storage)
     store = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
+    if reuse_cv:
+        reuse.check_flags(folds=None, resume=resume, full_data=full_data, stacked=stacked)
     if resume:
         trial_number, folds, stacked, full_data, epochs = _unfinished_retrain(
             store, study_name, trial_number=trial_number, folds=folds, stacked=stacked, full_data=full_data,
@@ -126,6 +133,10 @@ def run_retrain(
         raise HpoError(f"--folds: got {k}; allowed: {domain_of('retrain.folds')}")
     hp = _retrain_hyperparams(spec, trial.params, epochs=epochs)
     artifact_store = open_artifact_store(storage_url, artifacts)
+    if reuse_cv:
+        return _finish(study, spec, trial, hp, _reused(store, spec, trial, hp, storage, folds=folds, data_dir=data_dir,
+                                                       device=device, echo=echo),
+                       artifact_store=artifact_store, device=device, mismatches=mismatches)
 
     data, pool = _training_pool(spec, storage, full_data=bool(full_data), data_dir=data_dir, device=device)
     fold_list = make_folds(data, folds=k, seed=spec.seed, base_seed=trial_seed(spec.seed, trial.number), device=device)
@@ -153,18 +164,62 @@ def run_retrain(
                                saved=saved, device=device, progress=progress or QUIET, echo=echo)
     for note in trained.notes:
         echo(f"  note: {note}")
+    folds_done = _Folds(data=data, pool=pool, fold_seeds=[f.seed for f in fold_list], models=models, trained=trained,
+                        path=path, reason=reason, resumed_from=resumed_from)
+    record = _finish(study, spec, trial, hp, folds_done, artifact_store=artifact_store, device=device,
+                     mismatches=mismatches)
+    if ckpt is not None:
+        ckpt.discard()  # saved: nothing left to resume
+    return record
 
+
+@dataclass
+class _Folds:
+    """The K fold models of a retrain, trained or reused, with what ``metrics.json`` says of them."""
+
+    data: Dataset
+    pool: dict[str, Any]  # samples, of, full_data, says
+    fold_seeds: list[int]
+    models: list[torch.nn.Module]
+    trained: _Trained
+    path: str
+    reason: str
+    resumed_from: str | None
+
+
+def _reused(store: CheckpointStore | None, spec: StudySpec, trial, hp: dict[str, Any], storage, *, folds: int | None,
+            data_dir: str | None, device: torch.device, echo: Callable[[str], None]) -> _Folds:
+    """The fold models of CV trial ``trial``, loaded instead of trained (``hpo.retrain.reuse``)."""
+    data = on_device(load_dataset(spec, storage=storage, data_dir=data_dir), device)
+    reused = reuse.reused_folds(store, spec, trial, data, folds=folds, epochs=int(hp["epochs"]))
+    models = fold_models(spec.family_of(hp), hp, data, seeds=reused.fold_seeds, device=device)
+    for model, state in zip(models, reused.states, strict=True):
+        load_model_in_place(model, state)
+    total, samples = len(data.x), len(reused.pool)
+    says = f"the {samples:,} training samples trial #{trial.number}'s {len(models)} folds split (--reuse-cv)"
+    echo(f"retrain of trial #{trial.number} of {spec.name!r}: its {len(models)} fold models reused, "
+         f"{hp['epochs']} epochs each")
+    echo(f"  data: {says}")
+    return _Folds(data=data, pool={"samples": samples, "of": total, "full_data": samples == total, "says": says},
+                  fold_seeds=reused.fold_seeds, models=models, trained=_Trained(reused.results, False, [], 0.0),
+                  path=reused.path, reason=f"reused trial #{trial.number}'s fold models (--reuse-cv)", resumed_from=None)
+
+
+def _finish(study, spec: StudySpec, trial, hp: dict[str, Any], folds: _Folds, *, artifact_store,
+            device: torch.device, mismatches: list[str]) -> RetrainRecord:
+    """Test predictions, ensembles and ``metrics.json`` of the fold models, saved as a retrain."""
+    data, models, trained, k = folds.data, folds.models, folds.trained, len(folds.models)
     outputs = torch.stack([predict(m, data.x_test) for m in models])  # (K, N, C)
     per_fold, best = retrain_outputs.fold_scores(data, outputs, trained.results)
     metrics = {
         "task": data.task, "folds": k, "seed": spec.seed, "trial_number": trial.number,
-        "params": dict(trial.params), "hyperparams": hp, "path": path, "path_reason": reason,
+        "params": dict(trial.params), "hyperparams": hp, "path": folds.path, "path_reason": folds.reason,
         "cuda_graph": trained.cuda_graph, "device": str(device), **_speed(trained),
         "per_fold": per_fold, "best_fold": best, "metric": retrain_outputs.metric_name(data.task),
-        "classes": list(data.classes), "fold_seeds": [f.seed for f in fold_list],
+        "classes": list(data.classes), "fold_seeds": folds.fold_seeds,
         "split": "StratifiedKFold" if data.task == "classification" else "KFold",
-        "resumed_from": resumed_from,  # where a resumed retrain's checkpoint was taken, else None
-        "data": {key: v for key, v in pool.items() if key != "says"},  # samples, of, full_data
+        "resumed_from": folds.resumed_from,  # where a resumed retrain's checkpoint was taken, else None
+        "data": {key: v for key, v in folds.pool.items() if key != "says"},  # samples, of, full_data
     }
     arrays = retrain_outputs.ensembles(data, outputs, best, metrics, models)
     # RetrainMetrics is the documented metrics.json: a key missing or extra fails here, not in a reader.
@@ -173,8 +228,6 @@ def run_retrain(
                                   curves=retrain_outputs.curves(trained.results, measured.metric), arrays=arrays,
                                   models=models)
     save_retrain_note(study, metrics, record)  # fold scores and votes, readable in optuna-dashboard
-    if ckpt is not None:
-        ckpt.discard()  # saved: nothing left to resume
     return replace(record, metrics=measured)
 
 

@@ -38,7 +38,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -51,8 +51,10 @@ from hpo.errors import HpoError, SpecError
 from hpo.nn import registry
 from hpo.spec.schema import StudySpec
 from hpo.training.boundary import EpochBoundary, Interrupted
+from hpo.training.checkpoint import fingerprint
 from hpo.training.folds import device_folds, fold_models, train_sequential, train_stacked_folds
 from hpo.training.stacked import stack_problem
+from hpo.training.state import cpu_copy
 from hpo.training.trainer import TrainResult
 
 
@@ -158,6 +160,8 @@ class FoldCheckpoint:
 class CvOutcome:
     value: float
     results: list[TrainResult]
+    models: list[torch.nn.Module]  # the K fold models as trained (the best epoch's weights under early stopping)
+    fold_seeds: list[int]
 
 
 def run_cv_trial(trial: optuna.Trial, spec: StudySpec, data: Dataset, hp: dict[str, Any], *,
@@ -251,7 +255,47 @@ def run_cv_trial(trial: optuna.Trial, spec: StudySpec, data: Dataset, hp: dict[s
         curves.values = [[h[spec.metric] for h in r.history] for r in results]
         longest = max(r.epochs_run for r in results)
         trial.set_user_attr("cv_curve", [round(curves.mean_at(e), 6) for e in range(longest)])
-    return CvOutcome(value=value, results=results)
+    return CvOutcome(value=value, results=results, models=models, fold_seeds=[f.seed for f in folds])
+
+
+KEPT_PREFIX = "cv-models-"
+
+
+def kept_key(trial_number: int) -> str:
+    """The checkpoint key of trial ``trial_number``'s kept fold models."""
+    return f"{KEPT_PREFIX}{trial_number}"
+
+
+def kept_meta(spec: StudySpec, trial_number: int) -> dict[str, Any]:
+    """What a kept file of trial ``trial_number`` must say it is (``CheckpointStore.read``'s ``expect``)."""
+    return {"kind": "cv-models", "study": spec.name, "trial": trial_number}
+
+
+def best_so_far(trial: optuna.Trial, value: float, direction: str) -> bool:
+    """Whether ``value`` is at least as good as every other complete trial's of the study."""
+    others = [t.value for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+              if t.number != trial.number and t.value is not None]
+    if not others:
+        return True
+    return value >= max(others) if direction == "maximize" else value <= min(others)
+
+
+def keep_fold_models(store, trial: optuna.Trial, spec: StudySpec, hp: dict[str, Any], outcome: CvOutcome,
+                     digest: str) -> str:
+    """Save a finished CV trial's K fold models and their results in the study's checkpoint folder
+    (``store``: ``hpo.training.checkpoint.CheckpointStore``), for ``hpo retrain --reuse-cv``; returns
+    the key. A worker keeps those of a trial that ends as the study's best so far, and deletes the
+    ones it kept before (so a study holds about one set per worker, not one per trial).
+
+    Raises:
+        OSError: the file system refused the write.
+    """
+    payload = {"models": [cpu_copy(m.state_dict()) for m in outcome.models],
+               "results": [asdict(r) for r in outcome.results]}
+    meta = {**kept_meta(spec, trial.number), "params": dict(trial.params), "folds_sha256": digest,
+            "epochs": int(hp["epochs"]), "fold_seeds": outcome.fold_seeds, "spec": fingerprint(spec.to_dict())}
+    store.save(kept_key(trial.number), payload, meta=meta)
+    return kept_key(trial.number)
 
 
 def _resumed(trial: optuna.Trial, spec: StudySpec, saved: dict[str, Any], curves: _Curves, *, stacked: bool,

@@ -22,11 +22,12 @@ import optuna
 import torch
 
 from hpo.data.dataset import Dataset
+from hpo.data.splits import folds_digest
 from hpo.nn.models import build_model
 from hpo.running.devices import gpu_sharing
 from hpo.running.progress import QUIET, Progress
 from hpo.search import objectives as outcomes
-from hpo.search.cv import cv_splits, run_cv_trial
+from hpo.search.cv import best_so_far, cv_splits, keep_fold_models, run_cv_trial
 from hpo.search.pareto import PRUNED_BY_ATTR
 from hpo.search.space import suggest
 from hpo.spec.schema import StudySpec
@@ -79,6 +80,7 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
     device_name = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
     sharing = gpu_sharing(device)  # mps | time-slice | exclusive, as the fleet says; None on the CPU
     splits = cv_splits(spec, data) if spec.cv is not None else None  # the same folds for every trial
+    kept: list[str] = []  # the checkpoint keys of the fold models this worker kept (at most one)
 
     def objective(trial: optuna.Trial) -> float | list[float]:
         hp = suggest(trial, spec)
@@ -129,9 +131,24 @@ def make_objective(spec: StudySpec, data: Dataset, *, should_stop: Callable[[], 
             checkpoints.save(trial_key(lineage), payload, meta={**meta, "epoch": epoch, "at": where, "writer": trial.number})
 
         with progress.bar(total=spec.cv.folds * int(hp["epochs"]), desc=f"trial {trial.number} ({spec.cv.folds} folds)") as bar:
-            return run_cv_trial(trial, spec, data, hp, splits=splits, seed=seed, boundary=boundary,
-                                write=None if checkpoints is None else write, saved=saved,
-                                check_abandoned=check_abandoned, bar=bar).value
+            outcome = run_cv_trial(trial, spec, data, hp, splits=splits, seed=seed, boundary=boundary,
+                                   write=None if checkpoints is None else write, saved=saved,
+                                   check_abandoned=check_abandoned, bar=bar)
+        if checkpoints is not None and best_so_far(trial, outcome.value, spec.direction):
+            _keep(trial, hp, outcome)
+        return outcome.value
+
+    def _keep(trial: optuna.Trial, hp: dict, outcome) -> None:
+        """Keep the fold models of the study's best CV trial so far (``hpo retrain --reuse-cv``)."""
+        try:
+            key = keep_fold_models(checkpoints, trial, spec, hp, outcome, digest=folds_digest(splits))
+        except OSError as e:
+            checkpoints.warn(f"the fold models of trial {trial.number} were not kept ({e.strerror or e}); "
+                             f"hpo retrain trains them again")
+            return
+        for older in kept:
+            checkpoints.delete(older)
+        kept[:] = [key]
 
     return objective
 

@@ -99,10 +99,9 @@ def choose_path(spec: StudySpec, models: list[torch.nn.Module], family: str,
                 device: torch.device) -> tuple[bool, str]:
     """Whether a trial's fold models (of model ``family``, on ``device``) train stacked, and why.
 
-    ``cv.path: auto``: stacked on a GPU (the K models in one step each) and wherever the pruner
-    judges the folds' mean curve as they train (only K models in lockstep give one); sequential on
-    the CPU when nothing prunes during training, where one model at a time measured faster (the
-    regression seed's network 5x, benchmarks/README.md "Cross-validated trials")."""
+    ``cv.path: auto``: stacked wherever the models stack: on a GPU the K models take one step
+    each; on the CPU too, as only K models in lockstep give the pruner the folds' mean curve as
+    they train (the CPU speeds of both paths: benchmarks/README.md, "Cross-validated trials")."""
     problem = stack_problem(models)
     if problem is None and not registry.family(family).stackable:
         problem = f"model family {family!r} declares its modules unstackable (Family.stackable=False)"
@@ -116,9 +115,7 @@ def choose_path(spec: StudySpec, models: list[torch.nn.Module], family: str,
         return True, "cv.path: stacked"
     if device.type == "cuda":
         return True, "CUDA device"
-    if spec.pruner.kind == "none":
-        return False, "CPU device and no pruner: one model at a time is faster here"
-    return True, "the pruner judges the folds' mean curve, which needs them in lockstep"
+    return True, "the folds' mean curve needs them in lockstep"
 
 
 class _Curves:

@@ -42,6 +42,6 @@ def test_the_regression_cv_grid_runs_trials_to_the_end(tmp_path):
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         assert len(t.user_attrs["cv_fold_values"]) == 5 and t.user_attrs["cv_score"] == "mean_best"
-        assert t.user_attrs["cv_path"] == "sequential"  # auto, on the CPU with no pruner
+        assert t.user_attrs["cv_path"] == "stacked"
         assert t.value == pytest.approx(sum(t.user_attrs["cv_fold_values"]) / 5)
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # grid points, each once

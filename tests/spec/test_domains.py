@@ -119,9 +119,11 @@ def test_every_field_has_a_domain():
                 assert f"{section}.{f.name}" in DOMAINS, f"{section}.{f.name}"
     for f in dataclasses.fields(StudySpec):
         # objectives and constraints: lists checked item by item (their metrics against the task's
-        # and MODEL_METRICS, directions against "direction", bounds against constraints.min/max)
-        if f.name not in (*sections, "space", "fixed", "objectives", "constraints"):
+        # and MODEL_METRICS, directions against "direction", bounds against constraints.min/max);
+        # families: the spec's `model`, a name or a choice of names, each checked against "model"
+        if f.name not in (*sections, "space", "fixed", "objectives", "constraints", "families"):
             assert f.name in DOMAINS, f.name
+    assert "model" in DOMAINS
     for kind, settings in {**PRUNER_SETTINGS, **SAMPLER_SETTINGS}.items():
         section = "pruner" if kind in PRUNER_SETTINGS else "sampler"
         assert all(f"{section}.{s}" in DOMAINS for s in settings)

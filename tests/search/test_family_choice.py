@@ -63,6 +63,16 @@ def test_both_families_run_in_one_study_and_each_winner_exports_and_predicts(tmp
         assert t.user_attrs["n_params"] == n_params(net)  # the trial trained the family it drew
     assert set(by_family) == {"mlp", "cnn"}
 
+    report = tmp_path / "report.html"
+    run_hpo("report", "--study", "families", "--out", str(report), env=cli_env, check=0)
+    table = re.search(r'<table class="families">(.*?)</table>', report.read_text()).group(1)
+    rows = {cells[0]: cells for cells in (re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tr>")) if cells}
+    assert set(rows) == {"mlp", "cnn"}
+    for family, own in by_family.items():
+        best = max(own, key=lambda t: t.value)
+        assert rows[family][1] == f"{len(own)} / 0 / 0" and rows[family][3] == f"#{best.number}"
+        assert rows[family][4] == f"{best.user_attrs['n_params']:,}"
+
     images = np.random.default_rng(0).integers(0, 256, size=(12, 1, 28, 28)).astype(np.float32)
     np.save(tmp_path / "images.npy", images)
     for family, own in by_family.items():

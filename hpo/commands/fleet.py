@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hpo.commands.options import artifacts_option, storage_option, study_option
+from hpo.commands.options import artifacts_option, storage_option, study_option, version_mismatch_option
 
 
 @click.command("fleet")
@@ -22,10 +22,11 @@ from hpo.commands.options import artifacts_option, storage_option, study_option
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=3, show_default=True,
               help="Restart a crashed worker at most this many times.")
+@version_mismatch_option
 @artifacts_option
 def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, device: str | None,
           workers: int | None, mps: bool | None, n_trials: int | None, timeout: float | None, data_dir: str | None,
-          max_restarts: int, artifacts: str | None) -> None:
+          max_restarts: int, allow_version_mismatch: bool, artifacts: str | None) -> None:
     """Start several `hpo worker` processes on this machine and supervise them.
 
     Ctrl-C or SIGTERM stops them all cleanly (running trials are re-queued); a second one kills them.
@@ -40,7 +41,8 @@ def fleet(study_name: str, storage: str | None, gpus: str | None, per_gpu: int, 
     members = plan(gpus=gpus, per_gpu=per_gpu, device=device, workers=workers)
     check_study(study_name, storage)  # fail fast, once, on a bad store or name
     click.echo(f"fleet: {len(members)} workers on study {study_name!r}")
-    command = worker_command(study_name, n_trials=n_trials, timeout=timeout, data_dir=data_dir, artifacts=artifacts)
+    command = worker_command(study_name, n_trials=n_trials, timeout=timeout, data_dir=data_dir, artifacts=artifacts,
+                             allow_version_mismatch=allow_version_mismatch)
     result = run_fleet(members, command, mps=mps, max_restarts=max_restarts, echo=click.echo, storage=storage)
     failed = [f"w{i}={exit_text(c)}" for i, c in enumerate(result.codes) if c != 0]
     restarted = [f"w{i} {n}x" for i, n in enumerate(result.restarts) if n]

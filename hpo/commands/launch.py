@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hpo.commands.options import artifacts_option, storage_option, study_option
+from hpo.commands.options import artifacts_option, storage_option, study_option, version_mismatch_option
 from hpo.running.launch import GRACE
 
 workers_option = click.option("--workers", type=int, required=True, metavar="N", help="Number of workers.")
@@ -39,12 +39,13 @@ def launch() -> None:
               help="Folder for the job script and the tasks' logs (default storage/jobs).")
 @click.option("--allow-sqlite", is_flag=True, help="Accept a SQLite store (only on a filesystem all nodes share).")
 @click.option("--dry-run", is_flag=True, help="Print the job script; write and submit nothing.")
+@version_mismatch_option
 @storage_option
 @artifacts_option
 def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: str | None, workers_per_gpu: int,
           partition: str | None, time_limit: str | None, account: str | None, sbatch_args: tuple[str, ...],
           grace: int, python: str | None, jobs_dir: Path | None, allow_sqlite: bool, dry_run: bool,
-          storage: str | None, artifacts: str | None) -> None:
+          allow_version_mismatch: bool, storage: str | None, artifacts: str | None) -> None:
     """Submit N workers of a study as a SLURM job array (sbatch).
 
     Give --artifacts a folder every node shares: the tasks checkpoint their running trials there,
@@ -52,7 +53,8 @@ def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: st
     from hpo.running.launch import slurm as sl
     p = sl.plan(study=study_name, workers=workers, gpus_per_worker=gpus_per_worker, device=device,
                 workers_per_gpu=workers_per_gpu, partition=partition, time=time_limit, account=account,
-                sbatch_args=sbatch_args, grace=grace, python=python, artifacts=artifacts)
+                sbatch_args=sbatch_args, grace=grace, python=python, artifacts=artifacts,
+                allow_version_mismatch=allow_version_mismatch)
     done = sl.launch(p, storage_url=storage, jobs_dir=jobs_dir, allow_sqlite=allow_sqlite, dry_run=dry_run)
     if dry_run:
         click.echo(done.script, nl=False)
@@ -88,9 +90,10 @@ def slurm(study_name: str, workers: int, gpus_per_worker: int | None, device: st
               help="Seconds Kubernetes keeps the finished Job and its pods (ttlSecondsAfterFinished; default 7 days).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
               help="Write the manifest to DIR instead of printing it.")
+@version_mismatch_option
 def k8s(study_name: str, workers: int, gpus_per_worker: int | None, image: str, namespace: str | None,
         store_secret: str | None, grace: int, tolerations: tuple[str, ...], node_selectors: tuple[str, ...],
-        artifacts_pvc: str | None, ttl: int | None, out: Path | None) -> None:
+        artifacts_pvc: str | None, ttl: int | None, out: Path | None, allow_version_mismatch: bool) -> None:
     """Print a Kubernetes Indexed Job of N workers (pipe it to kubectl apply -f -)."""
     from hpo.running.launch import k8s as kube
 
@@ -98,7 +101,8 @@ def k8s(study_name: str, workers: int, gpus_per_worker: int | None, image: str, 
                           image=image, namespace=namespace, store_secret=store_secret or kube.STORE_SECRET,
                           grace=grace, tolerations=[kube.toleration(t) for t in tolerations],
                           node_selector=kube.node_selector(node_selectors), artifacts_pvc=artifacts_pvc,
-                          ttl=kube.TTL_AFTER_FINISHED if ttl is None else ttl)
+                          ttl=kube.TTL_AFTER_FINISHED if ttl is None else ttl,
+                          allow_version_mismatch=allow_version_mismatch)
     if out is None:
         click.echo(kube.render([job]), nl=False)
         return

@@ -21,5 +21,9 @@ study_option = click.option("--study", "study_name", required=True, metavar="NAM
                             help="Study name in the store.")
 optional_study_option = click.option("--study", "study_name", default=None, metavar="NAME", callback=_study_name,
                                      help="Print the URL of this study's page first.")
+version_mismatch_option = click.option(
+    "--allow-version-mismatch", is_flag=True,
+    help="Run a study whose model family is installed here at another version than it was created with "
+         "(each trial, or a retrain's metrics.json, records the difference).")
 gpu_option = click.option("--gpu", type=int, default=None, metavar="K", help="Run on CUDA device K.")
 device_option = click.option("--device", default=None, metavar="DEV", help="cpu, cuda or cuda:K (default cpu).")

@@ -10,6 +10,7 @@ from hpo.commands.options import (
     gpu_option,
     storage_option,
     study_option,
+    version_mismatch_option,
 )
 
 
@@ -31,8 +32,7 @@ from hpo.commands.options import (
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 @click.option("--resume", is_flag=True,
               help="Continue the study's latest unfinished retrain from its checkpoint (finished folds are kept).")
-@click.option("--allow-version-mismatch", is_flag=True,
-              help="Retrain with the study's model family installed here at another version (recorded in metrics.json).")
+@version_mismatch_option
 @click.option("--reuse-cv", is_flag=True,
               help="A cross-validated study: take the trial's own fold models (kept for the study's best trial) "
                    "instead of training them again; refused when its folds or epochs differ.")

@@ -8,6 +8,7 @@ from hpo.commands.options import (
     gpu_option,
     storage_option,
     study_option,
+    version_mismatch_option,
 )
 
 
@@ -23,9 +24,7 @@ from hpo.commands.options import (
               help="Extra sampler-seed offset; workers already get distinct seeds from the store.")
 @click.option("--data-dir", default=None, metavar="DIR", help="Folder holding the data set files (image studies).")
 @artifacts_option
-@click.option("--allow-version-mismatch", is_flag=True,
-              help="Run a study whose model family is installed here at another version than it was created "
-                   "with (each trial records the difference).")
+@version_mismatch_option
 @click.option("--summary/--no-summary", default=True, hidden=True,
               help="Print the study's statistics at the end (hpo fleet prints them once for all its workers).")
 def worker(study_name: str, storage: str | None, n_trials: int | None, timeout: float | None, gpu: int | None,

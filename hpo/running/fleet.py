@@ -103,7 +103,8 @@ def check_study(study_name: str, storage_url: str | None) -> None:
 
 
 def worker_command(study_name: str, *, n_trials: int | None, timeout: float | None,
-                   data_dir: str | None, artifacts: str | None = None) -> list[str]:
+                   data_dir: str | None, artifacts: str | None = None,
+                   allow_version_mismatch: bool = False) -> list[str]:
     """The ``hpo worker`` command line shared by every member (without ``--device``/``--worker-index``).
     It never holds the store URL: command lines are readable by every local user (``ps``), so the
     URL goes through the environment (:func:`worker_env`). The members print no statistics: the
@@ -113,7 +114,7 @@ def worker_command(study_name: str, *, n_trials: int | None, timeout: float | No
                         ("--artifacts", artifacts)):
         if value is not None:
             command += [flag, str(value)]
-    return command
+    return command + (["--allow-version-mismatch"] if allow_version_mismatch else [])
 
 
 def worker_env(member: Member, *, sharing: str | None, mps_env: dict[str, str | None],

@@ -81,7 +81,7 @@ def test_worker_job(tmp_path, gpus):
     args = ["--study", "regression", "--workers", "4", "--namespace", "ml", "--store-secret", "my-store",
             "--image", "registry.example/hpo-worker:1.0", "--grace", "300"]
     if gpus:
-        args += ["--gpus-per-worker", str(gpus)]
+        args += ["--gpus-per-worker", str(gpus), "--allow-version-mismatch"]
     proc = launch_k8s(*args)
     docs = list(yaml.safe_load_all(proc.stdout))
     assert len(docs) == 1 and proc.stderr == ""
@@ -110,6 +110,7 @@ def test_worker_job(tmp_path, gpus):
     name, params = parse_hpo(worker["args"])
     assert name == "worker" and params["study_name"] == "regression"
     assert params["device"] == ("cuda" if gpus else "cpu") and params["storage"] is None
+    assert params["allow_version_mismatch"] is bool(gpus)  # passed on to every worker when given
     store = next(v for v in worker["env"] if v["name"] == "HPO_STORAGE")
     assert store["valueFrom"]["secretKeyRef"] == {"name": "my-store", "key": "url"}
     check_no_secret_inline(job)

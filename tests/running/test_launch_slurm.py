@@ -136,7 +136,7 @@ def test_dry_run_script(tmp_path, pg_url):
     assert argv[:3] == [sys.executable, "-m", "hpo.cli"]
     name, params = parse_hpo(argv[3:])
     assert name == "worker" and params["study_name"] == "regression" and params["device"] == "cpu"
-    assert "--storage" not in argv
+    assert "--storage" not in argv and params["allow_version_mismatch"] is False
     # No password, nor the URL, anywhere; nothing written, nothing submitted.
     everything = proc.stdout + proc.stderr
     assert PASSWORD not in everything and "postgres:***@" in proc.stderr
@@ -147,12 +147,14 @@ def test_dry_run_script(tmp_path, pg_url):
 def test_gpu_tasks_share_a_gpu_through_fleet(tmp_path, pg_url):
     create(fast_spec(tmp_path, 4), pg_url)
     proc = run_hpo("launch", "slurm", "--study", "regression", "--workers", "8", "--gpus-per-worker", "1",
-                   "--workers-per-gpu", "4", "--dry-run", "--artifacts", "shared/artifacts", env=env_for(pg_url),
+                   "--workers-per-gpu", "4", "--dry-run", "--artifacts", "shared/artifacts",
+                   "--allow-version-mismatch", env=env_for(pg_url),
                    check=0, cwd=tmp_path)
     sbatch = [line.split(None, 1)[1] for line in proc.stdout.splitlines() if line.startswith("#SBATCH ")]
     assert "--array=0-1" in sbatch and "--gres=gpu:1" in sbatch and "--cpus-per-task=4" in sbatch
     name, params = parse_hpo(exec_argv(proc.stdout)[3:])
     assert name == "fleet" and params["device"] == "cuda" and params["workers"] == 4
+    assert params["allow_version_mismatch"] is True  # and the fleet passes it to its workers (test_worker_output)
     # The fleet's workers checkpoint where the submitter said, whatever folder the task starts in.
     assert params["artifacts"] == str(tmp_path / "shared" / "artifacts")
 

@@ -50,7 +50,9 @@ def test_budget_progress_rate_comes_from_trials_finished_since_it_started(monkey
 def test_fleet_workers_get_the_artifact_folder_and_print_no_statistics():
     command = worker_command("s", n_trials=None, timeout=None, data_dir=None, artifacts="/shared/art")
     assert command[:3] == [sys.executable, "-m", "hpo.cli"] and "--no-summary" in command
-    assert command[command.index("--artifacts") + 1] == "/shared/art"
+    assert command[command.index("--artifacts") + 1] == "/shared/art" and "--allow-version-mismatch" not in command
+    allowed = worker_command("s", n_trials=None, timeout=None, data_dir=None, allow_version_mismatch=True)
+    assert allowed[-1] == "--allow-version-mismatch"
 
 
 @pytest.mark.slow

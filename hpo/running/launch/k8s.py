@@ -70,15 +70,16 @@ def store_env(secret: str) -> list[dict]:
     ]
 
 
-def worker_args(study: str, device: str) -> list[str]:
+def worker_args(study: str, device: str, *, allow_version_mismatch: bool = False) -> list[str]:
     """The container's args after the image's ``hpo`` entrypoint."""
-    return ["worker", "--study", study, "--device", device]
+    return ["worker", "--study", study, "--device", device, *(["--allow-version-mismatch"] if allow_version_mismatch else [])]
 
 
 def worker_job(*, study: str, workers: int, image: str, gpus_per_worker: int | None = None,
                namespace: str | None = None, store_secret: str = STORE_SECRET, grace: int = GRACE,
                tolerations: list[dict] | None = None, node_selector: dict[str, str] | None = None,
-               artifacts_pvc: str | None = None, ttl: int = TTL_AFTER_FINISHED) -> dict:
+               artifacts_pvc: str | None = None, ttl: int = TTL_AFTER_FINISHED,
+               allow_version_mismatch: bool = False) -> dict:
     """The Indexed Job of ``workers`` pods, each one ``hpo worker --study study`` (a manifest as a dict).
 
     Args:
@@ -91,6 +92,8 @@ def worker_job(*, study: str, workers: int, image: str, gpus_per_worker: int | N
         artifacts_pvc: a PersistentVolumeClaim mounted as the artifact folder (``/artifacts``),
             where running trials checkpoint (default: the container's own disk, lost with the pod).
         ttl: seconds the finished Job is kept before Kubernetes deletes it (``ttlSecondsAfterFinished``).
+        allow_version_mismatch: the workers run the study with its model family at another version
+            than it was created with (``hpo worker --allow-version-mismatch``).
 
     Raises:
         HpoError: on fewer than 1 worker, more than 1 GPU per worker, a grace under 1 s, a
@@ -113,7 +116,7 @@ def worker_job(*, study: str, workers: int, image: str, gpus_per_worker: int | N
     container = {
         "name": CONTAINER,
         "image": image,
-        "args": worker_args(study, device),
+        "args": worker_args(study, device, allow_version_mismatch=allow_version_mismatch),
         "env": [*store_env(store_secret), {"name": "PYTHONUNBUFFERED", "value": "1"},
                 {"name": "HPO_ARTIFACTS", "value": ARTIFACTS_MOUNT}],
         "resources": resources,

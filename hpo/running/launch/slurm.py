@@ -45,6 +45,7 @@ class SlurmPlan:
     account: str | None = None
     sbatch_args: tuple[str, ...] = ()
     artifacts: str | None = None  # absolute; the tasks' --artifacts
+    allow_version_mismatch: bool = False  # the tasks' --allow-version-mismatch
 
     @property
     def workers(self) -> int:
@@ -54,7 +55,7 @@ class SlurmPlan:
 def plan(*, study: str, workers: int, gpus_per_worker: int | None = None, device: str | None = None,
          workers_per_gpu: int = 1, partition: str | None = None, time: str | None = None,
          account: str | None = None, sbatch_args: tuple[str, ...] = (), grace: int = GRACE,
-         python: str | None = None, artifacts: str | None = None) -> SlurmPlan:
+         python: str | None = None, artifacts: str | None = None, allow_version_mismatch: bool = False) -> SlurmPlan:
     """Check the options and lay the workers out as array tasks.
 
     ``workers`` counts workers: with ``workers_per_gpu`` K there are ``workers / K`` tasks, each one
@@ -87,7 +88,8 @@ def plan(*, study: str, workers: int, gpus_per_worker: int | None = None, device
     return SlurmPlan(study=study, tasks=workers // workers_per_gpu, workers_per_task=workers_per_gpu, gpus=gpus,
                      device=dev, python=python or sys.executable, grace=grace, partition=partition, time=time,
                      account=account, sbatch_args=tuple(sbatch_args),
-                     artifacts=str(Path(artifacts).expanduser().resolve()) if artifacts else None)
+                     artifacts=str(Path(artifacts).expanduser().resolve()) if artifacts else None,
+                     allow_version_mismatch=allow_version_mismatch)
 
 
 def task_command(p: SlurmPlan) -> list[str]:
@@ -98,6 +100,7 @@ def task_command(p: SlurmPlan) -> list[str]:
     """
     hpo = [p.python, "-m", "hpo.cli"]
     artifacts = ["--artifacts", p.artifacts] if p.artifacts else []
+    artifacts += ["--allow-version-mismatch"] if p.allow_version_mismatch else []
     if p.workers_per_task == 1:
         return [*hpo, "worker", "--study", p.study, "--device", p.device, *artifacts]
     return [*hpo, "fleet", "--study", p.study, "--device", p.device, "--workers", str(p.workers_per_task), *artifacts]

@@ -73,7 +73,7 @@ class Timer:
         self.wrap(train_state, "capture")
         self.wrap(checkpoint.CheckpointStore, "save", count_save=True)
         self.wrap(checkpoint.CheckpointStore, "delete")
-        self.wrap(checkpoint.CheckpointStore, "load")
+        self.wrap(checkpoint.CheckpointStore, "read")
         return self
 
     def __exit__(self, *exc) -> None:

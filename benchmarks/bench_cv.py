@@ -48,11 +48,11 @@ def paths(args) -> dict:
 
     device = torch.device(args.device)
     if args.what == "lenet":
-        spec = load_spec_file(find_spec_file("fmnist"))
+        spec = load_spec_file(find_spec_file(str(REPO / "studies" / "fmnist.yaml")))
         spec = replace(spec, cv=CvSpec(folds=4), data=replace(spec.data, val_subset=None))
         hp = resolve({**spec.fixed, **SEED_HP, "epochs": args.epochs})
     else:
-        spec = load_spec_file(find_spec_file("regression-cv"))
+        spec = load_spec_file(find_spec_file(str(REPO / "studies" / "regression-cv.yaml")))
         hp = resolve({**spec.fixed, "lr": 1e-3, "weight_decay": 1e-5, "batch_size": 25, "epochs": args.epochs})
     k = spec.cv.folds
     data = load_dataset(spec, data_dir=args.data_dir).to(device)
@@ -107,7 +107,7 @@ def regression(args) -> dict:
     url = f"sqlite:///{folder / 'hpo.db'}"
     start = time.perf_counter()
     if not args.store:  # a fresh store: run the grid (60 points x 5 folds); --store: a grid run before, stopped or not
-        create_from_file("regression-cv", storage_url=url)
+        create_from_file(str(REPO / "studies" / "regression-cv.yaml"), storage_url=url)
         run_worker("regression-cv", storage_url=url, echo=lambda line: None)
     search_seconds = time.perf_counter() - start
     storage = open_storage(url, heartbeat=False)
@@ -117,7 +117,7 @@ def regression(args) -> dict:
     seed_trial = next((t for t in trials if all(abs(t.params[k] - v) < 1e-12 for k, v in SEED_POINT.items())), None)
     seed_study = "regression-cv"
     if seed_trial is None:  # not reached by the grid run: one CV trial of the seed's point, in its own study
-        raw = yaml.safe_load(find_spec_file("regression-cv").read_text())
+        raw = yaml.safe_load(find_spec_file(str(REPO / "studies" / "regression-cv.yaml")).read_text())
         raw["name"], raw["space"] = "regression-cv-seed", {k: {"choice": [v]} for k, v in SEED_POINT.items()}
         raw["budget"] = {"n_trials": 1}
         raw["data"].update(train=str(REPO / "studies/data/regression_train.csv"),

@@ -79,10 +79,11 @@ def memory_summary(study: optuna.Study) -> Summary:
     best = study.best_trial if counts["COMPLETE"] else None
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    failed = sum(t.state == TrialState.FAIL and t.number not in retried for t in trials)
     return Summary(name=study.study_name, direction=study.direction.name.lower(),
                    metric=study.user_attrs.get(SPEC_ATTR, {}).get("metric", "value"), counts=counts,
-                   finished=counts["COMPLETE"] + counts["PRUNED"] + sum(
-                       t.state == TrialState.FAIL and t.number not in retried for t in trials),
+                   finished=counts["COMPLETE"] + counts["PRUNED"] + failed, failed=failed,
+                   interrupted=counts["FAIL"] - failed,
                    best_value=best.value if best else None, best_trial=best.number if best else None,
                    best_params=best.params if best else {},
                    wall_seconds=(max(ends) - min(starts)).total_seconds() if starts and ends else None,

@@ -132,3 +132,22 @@ def test_bench_mps_daemon_that_cannot_serve_is_skipped_with_the_reason(tmp_path:
     with mps_daemon(tmp_path / "scratch", "cpu") as (env, why):
         assert env is None and why.startswith(reason)
     assert log.read_text().splitlines()[-1] == ("quit" if start_code == 0 else f"start {tmp_path / 'scratch' / 'mps-pipe'}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv, says", [
+    (["bench_cv.py", "mlp", "--epochs", "2", "--repeat", "1"], '"stacked_over_sequential"'),
+    (["bench_scale.py", "--sizes", "10", "--backends", "sqlite", "--worker-trials", "1"], "| sqlite | 10 |"),
+    (["bench_data.py", "--mb", "0.2", "sqlite:///{tmp}/data.db"], "sqlite"),
+])
+def test_the_benchmark_scripts_still_run_against_the_code(tmp_path, argv, says):
+    """The scripts under benchmarks/ call hpo's modules directly: run each at its smallest so a
+    renamed function or a new field breaks a test, not the next measurement (it did, twice)."""
+    import subprocess
+    import sys
+
+    args = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / args[0]), *args[1:]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert says in proc.stdout, proc.stdout[-2000:]

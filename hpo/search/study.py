@@ -64,9 +64,15 @@ def build_sampler(spec: StudySpec, *, seed_offset: int = 0) -> optuna.samplers.B
         return optuna.samplers.RandomSampler(seed=seed)
     if spec.sampler.kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=spec.sampler.population_size)
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
-        multivariate=spec.sampler.multivariate, constant_liar=True)
+    # A space that changes from trial to trial (a searched family, `when:` conditions) is modelled
+    # per group of parameters that appear together (Optuna's `group`); plain multivariate TPE
+    # would model only the parameters every trial has and sample the rest independently.
+    group = spec.sampler.multivariate and (spec.searches_family or any(p.when for p in spec.space))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # `group`
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+            multivariate=spec.sampler.multivariate, group=group, constant_liar=True)
 
 
 class _RecentTrials:

@@ -111,3 +111,24 @@ def test_create_study_refuses_with_exit_2_and_writes_nothing(tmp_path, cli_env):
     proc = run_hpo("create-study", str(spec), env=cli_env, check=2)
     assert proc.stderr.count("\n") == 1 and "space.n_conv" in proc.stderr
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+
+
+@pytest.mark.parametrize("multivariate", [True, False])
+def test_multivariate_tpe_models_each_familys_own_parameters_together(multivariate):
+    """With ``sampler: {kind: tpe, multivariate: true}`` a searched family's parameters are modelled
+    jointly per family (Optuna's ``group``), not only those every trial has."""
+    from hpo.search.study import build_sampler
+
+    raw = with_(sampler={"kind": "tpe", "n_startup_trials": 4, "multivariate": multivariate})
+    spec = parse_spec(raw)
+    sampler = build_sampler(spec)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    for i in range(12):
+        trial = study.ask()
+        hp = suggest(trial, spec)
+        study.tell(trial, float(i % 5) + (0.5 if hp["model"] == "cnn" else 0.0))
+    relative = set(sampler.infer_relative_search_space(study, study.ask()))
+    if multivariate:  # each family's own parameters are modelled too, not only the shared ones
+        assert {"model", "lr", "n_layers", "n_conv"} <= relative, relative
+    else:
+        assert relative == set()

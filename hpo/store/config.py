@@ -177,11 +177,16 @@ def prepare_sqlite(path: Path) -> None:
 def engine_kwargs(url: str, *, sqlite_timeout: float = SQLITE_TIMEOUT) -> dict:
     """SQLAlchemy engine settings: SQLite waits ``sqlite_timeout`` seconds for its lock; a server
     store keeps one pooled connection per process (no overflow), pre-pinged."""
+    from hpo.store.pool import OneConnectionPerThread  # sqlalchemy: only what opens a store pays its import
+
     if url.startswith("sqlite"):
-        return {"connect_args": {"timeout": sqlite_timeout}}
+        # A file's store: the same guard against a thread's nested checkout as a server's (an
+        # in-memory database keeps SQLAlchemy's own pool, which it needs).
+        pool = {"poolclass": OneConnectionPerThread} if sqlite_path(url) is not None else {}
+        return {**pool, "connect_args": {"timeout": sqlite_timeout}}
     connect_timeout = int(env_seconds("HPO_CONNECT_TIMEOUT", 5))
     # At most one connection per process: the worker's thread and its heartbeat take turns on it
     # (each holds it for one short transaction), so N workers hold at most N connections and a
     # role limited to N connections runs N workers. Pre-ping replaces connections a restart killed.
-    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 0, "pool_recycle": 3600,
-            "connect_args": {"connect_timeout": connect_timeout}}
+    return {"poolclass": OneConnectionPerThread, "pool_pre_ping": True, "pool_size": 1, "max_overflow": 0,
+            "pool_recycle": 3600, "connect_args": {"connect_timeout": connect_timeout}}

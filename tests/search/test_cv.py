@@ -24,6 +24,7 @@ from hpo.data.sources import load_dataset
 from hpo.data.splits import folds_digest
 from hpo.nn.models import build_model
 from hpo.running.worker import run_worker
+from hpo.search.cv import kept_key
 from hpo.search.space import hyperparams_from_params
 from hpo.spec.schema import load_spec_file
 from hpo.store.config import Heartbeat
@@ -167,8 +168,8 @@ def test_a_killed_cv_trial_resumes_on_another_worker_with_the_uninterrupted_valu
     left = store.meta(trial_key(0))["epoch"]
     second = start_worker(env, "cv", tmp_path / "second.log")
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
-    assert store.keys() == []
     original, retry = trials_of(url, "cv")
+    assert store.keys() == [kept_key(retry.number)]  # the checkpoint is gone; the best trial's folds are kept
     assert original.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.user_attrs["resumed_from_epoch"] == left
     assert left < reference.user_attrs["model_epochs"] and retry.user_attrs["cv_path"] == path

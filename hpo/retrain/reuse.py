@@ -40,7 +40,7 @@ class Reused:
     path: str
 
 
-def check_flags(*, folds: int | None, resume: bool, full_data: bool | None, stacked: bool | None) -> None:
+def check_flags(*, resume: bool, full_data: bool | None, stacked: bool | None) -> None:
     """Refuse the flags that --reuse-cv cannot honour (one line each).
 
     Raises:

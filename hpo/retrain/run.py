@@ -122,7 +122,7 @@ def run_retrain(
     study, spec = open_study(study_name, storage)
     store = CheckpointStore.for_spec(spec, storage_url=storage_url, artifacts=artifacts)
     if reuse_cv:
-        reuse.check_flags(folds=None, resume=resume, full_data=full_data, stacked=stacked)
+        reuse.check_flags(resume=resume, full_data=full_data, stacked=stacked)
     if resume:
         trial_number, folds, stacked, full_data, epochs = _unfinished_retrain(
             store, study_name, trial_number=trial_number, folds=folds, stacked=stacked, full_data=full_data,

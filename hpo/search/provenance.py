@@ -59,7 +59,7 @@ def check_installed(recorded: dict[str, Any] | None, *, study: str) -> None:
     """
     for rec in _family_records(recorded):
         if rec["name"] not in registry.names():
-                raise SpecError(f"study {study!r} uses model family {rec['name']!r} from {rec['distribution']} "
+            raise SpecError(f"study {study!r} uses model family {rec['name']!r} from {rec['distribution']} "
                             f"{rec['version']}, which is not installed here: {_install_hint(rec)}")
 
 

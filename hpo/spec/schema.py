@@ -222,7 +222,8 @@ class StudySpec:
     """A study as its YAML spec describes it, parsed and checked once (:func:`parse_spec`) and
     frozen: its name, what it optimises (``metric`` and ``direction``, or ``objectives``), the data
     (``data``), the model family (``model``; ``families``: one, or the candidates of a searched
-    family) with its search ``space`` and ``fixed`` hyperparameters, the sampler, pruner, budget, retrain and checkpoint settings, and ``seed``
+    family) with its search ``space`` and ``fixed`` hyperparameters, the sampler, pruner, budget,
+    retrain and checkpoint settings, and ``seed``
     (every seed hpo uses derives from it: ``hpo.training.seeds``). The store keeps it as JSON
     (``to_dict``) in the study's user attrs: workers read it from there, not from the file.
     """
@@ -299,17 +300,6 @@ class StudySpec:
     @property
     def metric_names(self) -> list[str]:
         return [o.metric for o in self.targets]
-
-    def space_param(self, name: str) -> ParamSpec:
-        """The searched parameter ``name``.
-
-        Raises:
-            KeyError: ``name`` is not searched.
-        """
-        for p in self.space:
-            if p.name == name:
-                return p
-        raise KeyError(name)
 
     def with_data(self, data: DataSpec) -> StudySpec:
         return replace(self, data=data)
@@ -609,7 +599,7 @@ def _parse_family_choice(c: Checker, raw: dict, families: tuple[str, ...], *, so
     first = parsed[families[0]]
     space = []
     for key in space_raw:
-        p = next(parsed[f].space_param(key) for f in active[key])
+        p = next(q for q in parsed[active[key][0]].space if q.name == key)  # as the first family that has it parsed it
         restricted = active[key] != families
         space.append(replace(p, when={**({FAMILY: active[key]} if restricted else {}), **p.when}))
     fixed = {k: v for f in families for k, v in parsed[f].fixed.items()}
